@@ -1,0 +1,62 @@
+"""Domain errors shared by every layer below ``cri/``.
+
+Handlers and libraries raise these; ``cri/errors.py`` maps them to gRPC status
+codes in exactly one place.  Messages are written for a person reading them in
+``crictl`` output: say what was wrong and, where possible, what to do.
+"""
+
+from __future__ import annotations
+
+
+class MoorageError(Exception):
+    """Base class: an error with a message meant for the API caller."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MoorageError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(MoorageError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(MoorageError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(MoorageError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(MoorageError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MoorageError):
+    code = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(MoorageError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(MoorageError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(MoorageError):
+    code = "UNAVAILABLE"
+
+
+class Unimplemented(MoorageError):
+    code = "UNIMPLEMENTED"
+
+
+class Internal(MoorageError):
+    code = "INTERNAL"
