@@ -1,0 +1,84 @@
+"""Content digests (``algorithm:hex``) as used by OCI descriptors.
+
+Only the algorithms the OCI image spec registers are accepted: ``sha256``
+(64 lowercase hex characters) and ``sha512`` (128).  Anything else is
+rejected with :class:`~runtime.errors.InvalidArgument`, because a digest we
+cannot verify is as good as no digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from runtime.errors import InvalidArgument
+
+# algorithm -> number of hex characters in an encoded digest
+ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
+
+_ALGORITHM_GRAMMAR = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*")
+_HEX = re.compile(r"[a-f0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    algorithm: str
+    hex: str
+
+    @classmethod
+    def parse(cls, value: "str | Digest") -> "Digest":
+        """Parse and validate ``sha256:<64 hex>`` / ``sha512:<128 hex>``."""
+        if isinstance(value, Digest):
+            return value
+        if not isinstance(value, str):
+            raise InvalidArgument(f"invalid digest {value!r}: expected a string like \"sha256:<hex>\"")
+        algorithm, sep, encoded = value.partition(":")
+        if not sep or not algorithm or not encoded:
+            raise InvalidArgument(
+                f"invalid digest \"{value}\": expected the form \"<algorithm>:<hex>\", e.g. \"sha256:<64 hex characters>\""
+            )
+        if not _ALGORITHM_GRAMMAR.fullmatch(algorithm):
+            raise InvalidArgument(f"invalid digest \"{value}\": malformed algorithm \"{algorithm}\"")
+        expected_len = ALGORITHMS.get(algorithm)
+        if expected_len is None:
+            raise InvalidArgument(
+                f"invalid digest \"{value}\": unsupported algorithm \"{algorithm}\" (supported: {', '.join(ALGORITHMS)})"
+            )
+        if not _HEX.fullmatch(encoded):
+            raise InvalidArgument(
+                f"invalid digest \"{value}\": the encoded part must be lowercase hexadecimal [a-f0-9]"
+            )
+        if len(encoded) != expected_len:
+            raise InvalidArgument(
+                f"invalid digest \"{value}\": {algorithm} needs {expected_len} hex characters, got {len(encoded)}"
+            )
+        return cls(algorithm, encoded)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+        if algorithm not in ALGORITHMS:
+            raise InvalidArgument(f"unsupported digest algorithm \"{algorithm}\"")
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self):
+        """A fresh hashlib object for this digest's algorithm."""
+        return hashlib.new(self.algorithm)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    @property
+    def short(self) -> str:
+        """``sha256:0123456789ab`` – for log lines, not for lookups."""
+        return f"{self.algorithm}:{self.hex[:12]}"
+
+
+def parse_digest(value: "str | Digest") -> Digest:
+    return Digest.parse(value)
+
+
+def new_hasher(algorithm: str = "sha256"):
+    if algorithm not in ALGORITHMS:
+        raise InvalidArgument(f"unsupported digest algorithm \"{algorithm}\"")
+    return hashlib.new(algorithm)
