@@ -1,0 +1,143 @@
+"""The ``moorage`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+
+from cri import config as configmod
+from runtime.errors import MoorageError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cri import logs, server, tracing
+
+    cfg = configmod.load(args.config)
+    if args.log_level:
+        cfg.log_level = args.log_level
+    if args.socket:
+        cfg.socket = args.socket
+    if args.root:
+        cfg.root_dir = args.root
+    if args.state:
+        cfg.state_dir = args.state
+    configmod.validate(cfg, args.config or "command line")
+    logs.setup(cfg.log_level, cfg.log_format)
+    tracing.setup(cfg.tracing.enabled, cfg.tracing.endpoint, cfg.tracing.sampling_ratio, cfg.tracing.service_name)
+    try:
+        asyncio.run(server.run(cfg))
+    finally:
+        tracing.shutdown()
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config_cmd == "default":
+        sys.stdout.write(configmod.dumps(configmod.Config()))
+        return 0
+    configmod.load(args.path)
+    print(f"{args.path}: ok")
+    return 0
+
+
+def _check_items(cfg: configmod.Config) -> list[tuple[str, bool, str]]:
+    items: list[tuple[str, bool, str]] = []
+
+    def binary(label: str, path: str, pkg: str) -> None:
+        found = path if os.path.isabs(path) and os.access(path, os.X_OK) else shutil.which(path)
+        items.append((label, bool(found), found or f"not found; install the Debian package {pkg}"))
+
+    for name, h in sorted(cfg.runtime.handlers.items()):
+        binary(f"runtime handler {name}", h.path, name)
+    binary("conmon", cfg.runtime.conmon, "conmon")
+    binary("catatonit (pod infra process)", cfg.runtime.infra_binary, "catatonit")
+    plugins = [d for d in cfg.cni.bin_dirs if os.path.isfile(os.path.join(d, "bridge"))]
+    items.append(("CNI plugins", bool(plugins), ", ".join(plugins) if plugins else
+                  f"no bridge plugin in {':'.join(cfg.cni.bin_dirs)}; install containernetworking-plugins"))
+    try:
+        with open("/proc/filesystems") as f:
+            overlay = any(line.split()[-1] == "overlay" for line in f if line.strip())
+    except OSError:
+        overlay = False
+    items.append(("overlayfs", overlay or cfg.images.snapshotter == "native",
+                  "available" if overlay else "missing; `modprobe overlay` or set images.snapshotter = \"native\""))
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        items.append(("cgroups", True, "v2 (unified)"))
+    elif os.path.isdir("/sys/fs/cgroup/memory"):
+        items.append(("cgroups", True, "v1"))
+    else:
+        items.append(("cgroups", False, "no cgroup v1 or v2 hierarchy under /sys/fs/cgroup; mount cgroups"))
+    missing = [ns for ns in ("net", "ipc", "uts", "pid", "mnt") if not os.path.exists(f"/proc/self/ns/{ns}")]
+    items.append(("kernel namespaces", not missing, "net ipc uts pid mnt" if not missing else
+                  f"missing: {' '.join(missing)}; the kernel lacks namespace support"))
+    binary("iptables (portmap plugin)", "iptables", "iptables")
+    return items
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    items = _check_items(cfg)
+    width = max(len(label) for label, _, _ in items)
+    for label, ok, hint in items:
+        print(f"{'ok     ' if ok else 'missing'}  {label.ljust(width)}  {hint}")
+    return 0 if all(ok for _, ok, _ in items) else 1
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from cri.server import CRI_API_VERSION, VERSION
+
+    print(f"moorage {VERSION} (CRI {CRI_API_VERSION})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moorage", description="A Kubernetes CRI runtime on runc/crun and conmon.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--config", help=f"TOML config file (default {configmod.DEFAULT_CONFIG_PATH} if present)")
+    s.add_argument("--log-level", choices=configmod.LOG_LEVELS)
+    s.add_argument("--socket", help="override the gRPC socket path")
+    s.add_argument("--root", help="override root_dir")
+    s.add_argument("--state", help="override state_dir")
+    s.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser("config", help="print or check configuration")
+    csub = c.add_subparsers(dest="config_cmd", required=True)
+    csub.add_parser("default", help="print the full default config")
+    chk = csub.add_parser("check", help="validate a config file")
+    chk.add_argument("path")
+    c.set_defaults(func=_cmd_config)
+
+    k = sub.add_parser("check", help="preflight: are this host's dependencies present?")
+    k.add_argument("--config")
+    k.set_defaults(func=_cmd_check)
+
+    v = sub.add_parser("version", help="print the version")
+    v.set_defaults(func=_cmd_version)
+
+    try:
+        from cri import cli_images
+
+        cli_images.register(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoorageError as e:
+        print(f"moorage: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

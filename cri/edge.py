@@ -1,0 +1,157 @@
+"""The gRPC edge: every CRI call passes through ``instrument`` exactly once.
+
+It gates on readiness, opens a span (continuing a ``traceparent`` sent in the
+call's metadata), records the latency and result metric, writes one structured
+log line, and maps domain errors to gRPC status codes (via ``cri.errors``).
+Handlers below it raise typed errors only.
+
+Services are registered from the proto's descriptors, so an RPC the servicer
+does not implement still answers, with UNIMPLEMENTED naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from cri.api import api_pb2
+from cri.errors import status_for
+from cri.metrics import METRICS
+
+log = logging.getLogger("moorage.cri")
+
+# Calls the kubelet makes every second or so: logged at debug level only.
+_POLLED = ("List", "Status", "Version", "ImageFsInfo", "ContainerStats", "PodSandboxStats", "RuntimeConfig")
+
+
+class _Unimplemented:
+    def __init__(self, service: str, method: str) -> None:
+        self.what = f"{service}/{method}"
+
+    async def __call__(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"moorage does not implement {self.what} yet")
+
+
+def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    md = context.invocation_metadata() or ()
+    return {k: v for k, v in md if isinstance(v, str)}
+
+
+class Edge:
+    def __init__(self, ready: Callable[[], str | None]) -> None:
+        # ready() returns None when calls may proceed, else the reason they may not.
+        self.ready = ready
+
+    def _begin(self, service: str, method: str, context: grpc.aio.ServicerContext):
+        tracer = trace.get_tracer("moorage")
+        ctx = propagate.extract(_carrier(context))
+        span = tracer.start_span(f"{service}/{method}", context=ctx, kind=SpanKind.SERVER,
+                                 attributes={"rpc.system": "grpc", "rpc.service": f"runtime.v1.{service}",
+                                             "rpc.method": method})
+        return span
+
+    def _finish(self, service: str, method: str, span, start: float, code: grpc.StatusCode, msg: str) -> None:
+        elapsed = time.perf_counter() - start
+        METRICS.rpc_seconds.labels(service, method).observe(elapsed)
+        METRICS.rpc_total.labels(service, method, code.name).inc()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, msg))
+        span.end()
+        level = logging.DEBUG if method.startswith(_POLLED) and code is grpc.StatusCode.OK else logging.INFO
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            level = logging.ERROR
+        if log.isEnabledFor(level):
+            fields = {"method": f"{service}/{method}", "code": code.name, "ms": round(elapsed * 1000, 3)}
+            if msg:
+                fields["error"] = msg
+            log.log(level, "cri call", extra={"fields": fields})
+
+    def unary(self, service: str, method: str, fn: Callable) -> Callable:
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            not_ready = self.ready()
+            if not_ready:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, not_ready)
+            start = time.perf_counter()
+            span = self._begin(service, method, context)
+            code, msg = grpc.StatusCode.OK, ""
+            METRICS.rpc_in_flight.inc()
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    return await fn(request, context)
+            except asyncio.CancelledError:
+                code, msg = grpc.StatusCode.CANCELLED, "call cancelled by the client"
+                raise
+            except grpc.aio.AbortError:
+                code, msg = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+                code, msg = status_for(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("internal error in %s/%s", service, method)
+                await context.abort(code, msg)
+            finally:
+                METRICS.rpc_in_flight.dec()
+                self._finish(service, method, span, start, code, msg)
+
+        return handler
+
+    def stream(self, service: str, method: str, fn: Callable) -> Callable:
+        async def handler(request: Any, context: grpc.aio.ServicerContext):
+            not_ready = self.ready()
+            if not_ready:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, not_ready)
+            start = time.perf_counter()
+            span = self._begin(service, method, context)
+            code, msg = grpc.StatusCode.OK, ""
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    async for item in fn(request, context):
+                        yield item
+            except asyncio.CancelledError:
+                code, msg = grpc.StatusCode.CANCELLED, "stream cancelled by the client"
+                raise
+            except grpc.aio.AbortError:
+                code, msg = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+                raise
+            except Exception as exc:  # noqa: BLE001
+                code, msg = status_for(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("internal error in %s/%s", service, method)
+                await context.abort(code, msg)
+            finally:
+                self._finish(service, method, span, start, code, msg)
+
+        return handler
+
+    def service_handler(self, service: str, impl: object) -> grpc.GenericRpcHandler:
+        """A generic handler for ``runtime.v1.<service>`` backed by ``impl``'s methods."""
+        desc = api_pb2.DESCRIPTOR.services_by_name[service]
+        handlers = {}
+        for m in desc.methods:
+            req = getattr(api_pb2, m.input_type.name)
+            resp = getattr(api_pb2, m.output_type.name)
+            fn = getattr(impl, m.name, None)
+            if m.server_streaming:
+                if fn is None:
+                    unimpl = _Unimplemented(service, m.name)
+
+                    async def fn(request, context, _u=unimpl):  # type: ignore[misc]
+                        await _u(request, context)
+                        yield  # pragma: no cover
+                handlers[m.name] = grpc.unary_stream_rpc_method_handler(
+                    self.stream(service, m.name, fn), request_deserializer=req.FromString,
+                    response_serializer=resp.SerializeToString,
+                )
+            else:
+                handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                    self.unary(service, m.name, fn or _Unimplemented(service, m.name)),
+                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                )
+        return grpc.method_handlers_generic_handler(desc.full_name, handlers)

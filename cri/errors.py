@@ -1,0 +1,20 @@
+"""The one place where domain errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from runtime.errors import MoorageError
+
+_CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map an exception raised below ``cri/`` to (code, message)."""
+    if isinstance(exc, MoorageError):
+        return _CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "operation timed out"
+    if isinstance(exc, PermissionError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

@@ -1,0 +1,77 @@
+"""Prometheus metrics for the daemon, in one registry served at /metrics."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _StateCollector:
+    """Sandboxes and containers by state, read from the runtime's caches at scrape time."""
+
+    def __init__(self) -> None:
+        self.sandbox_states: Callable[[], dict[str, int]] = dict
+        self.container_states: Callable[[], dict[str, int]] = dict
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        sb = GaugeMetricFamily("moorage_sandboxes", "Pod sandboxes by state", labels=["state"])
+        for state, n in sorted(self.sandbox_states().items()):
+            sb.add_metric([state], n)
+        yield sb
+        ct = GaugeMetricFamily("moorage_containers", "Containers by state", labels=["state"])
+        for state, n in sorted(self.container_states().items()):
+            ct.add_metric([state], n)
+        yield ct
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        self.states = _StateCollector()
+        r.register(self.states)
+        self.rpc_total = Counter(
+            "moorage_grpc_requests", "CRI calls by method and gRPC code", ["service", "method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "moorage_grpc_request_duration_seconds", "CRI call latency", ["service", "method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.rpc_in_flight = Gauge("moorage_grpc_requests_in_flight", "CRI calls being served", registry=r)
+        self.image_pulls = Counter("moorage_image_pulls", "Image pulls by result", ["result"], registry=r)
+        self.image_pull_bytes = Counter("moorage_image_pull_bytes", "Bytes downloaded by image pulls", registry=r)
+        self.image_pull_seconds = Histogram(
+            "moorage_image_pull_duration_seconds", "Image pull duration", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.cni_seconds = Histogram(
+            "moorage_cni_operation_duration_seconds", "CNI plugin calls", ["operation"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.oci_seconds = Histogram(
+            "moorage_oci_operation_duration_seconds", "runc/crun and conmon calls", ["operation"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, address: str) -> int:
+        """Serve /metrics on ``host:port``; returns the bound port."""
+        host, _, port = address.rpartition(":")
+        server, thread = start_http_server(int(port), addr=host, registry=self.registry)
+        self._server, self._thread = server, thread
+        return server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+METRICS = Metrics()

@@ -1,0 +1,167 @@
+"""Daemon assembly: lock, store, services, gRPC on the unix socket, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+
+import grpc
+
+from cri import config as configmod
+from cri.edge import Edge
+from cri.metrics import METRICS
+from runtime.errors import FailedPrecondition
+from runtime.store import Store
+
+log = logging.getLogger("moorage.server")
+
+VERSION = "0.1.0"
+CRI_API_VERSION = "v1"
+
+
+class DaemonLock:
+    """An exclusive lock on the root dir, so two daemons never share one store."""
+
+    def __init__(self, root_dir: str) -> None:
+        self.path = os.path.join(root_dir, "moorage.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o711, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise FailedPrecondition(
+                    f"another moorage daemon (pid {holder}) is already running with root dir "
+                    f"{os.path.dirname(self.path)}; stop it first or use another root_dir"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _prepare_socket(path: str) -> None:
+    """Remove a stale socket left by a crashed daemon; refuse one that is alive."""
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    if not os.path.lexists(path):
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        log.info("removed stale socket", extra={"fields": {"socket": path}})
+        return
+    finally:
+        s.close()
+    raise FailedPrecondition(f"socket {path} is in use by another process; is another moorage running?")
+
+
+class Daemon:
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.cfg = cfg
+        self.lock = DaemonLock(cfg.root_dir)
+        self.store: Store | None = None
+        self.server: grpc.aio.Server | None = None
+        self.services: list[object] = []
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self.components: list = []  # objects with async start()/stop(), in start order
+
+    def not_ready(self) -> str | None:
+        if self._stopping:
+            return "moorage is shutting down"
+        return None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.lock.acquire()
+        try:
+            for d in (cfg.root_dir, cfg.state_dir):
+                os.makedirs(d, mode=0o711, exist_ok=True)
+            self.store = Store(cfg.root_dir, cfg.namespace)
+            from cri.services import build_services
+
+            runtime_svc, image_svc, self.components = build_services(self)
+            for comp in self.components:
+                await comp.start()
+            _prepare_socket(cfg.socket)
+            edge = Edge(self.not_ready)
+            self.server = grpc.aio.server(
+                options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                         ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+            )
+            self.server.add_generic_rpc_handlers(
+                (edge.service_handler("RuntimeService", runtime_svc), edge.service_handler("ImageService", image_svc))
+            )
+            self.server.add_insecure_port(f"unix://{cfg.socket}")
+            await self.server.start()
+            os.chmod(cfg.socket, int(cfg.socket_mode, 8))
+            if cfg.metrics.enabled:
+                try:
+                    port = METRICS.serve(cfg.metrics.address)
+                    log.info("metrics listening", extra={"fields": {"address": cfg.metrics.address, "port": port}})
+                except OSError as e:
+                    log.warning("metrics endpoint disabled: cannot listen on %s: %s", cfg.metrics.address, e.strerror)
+            log.info("moorage ready", extra={"fields": {"socket": cfg.socket, "root": cfg.root_dir, "pid": os.getpid()}})
+        except BaseException:
+            await self._teardown()
+            raise
+
+    def request_stop(self) -> None:
+        self._stop_event.set()
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop_event.wait()
+        log.info("shutting down")
+        await self.stop()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        if self.server is not None:
+            await self.server.stop(grace)  # refuses new calls, lets in-flight ones finish
+        await self._teardown()
+        log.info("moorage stopped")
+
+    async def _teardown(self) -> None:
+        for comp in reversed(self.components):
+            try:
+                await comp.stop()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("error stopping %s", type(comp).__name__)
+        self.components = []
+        METRICS.close()
+        if self.server is not None and os.path.lexists(self.cfg.socket):
+            try:
+                os.unlink(self.cfg.socket)
+            except OSError:
+                pass
+        self.server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.lock.release()
+
+
+async def run(cfg: configmod.Config) -> None:
+    d = Daemon(cfg)
+    await d.start()
+    await d.wait()

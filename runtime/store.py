@@ -1,0 +1,414 @@
+"""The metadata store: one SQLite database, every row under a namespace.
+
+Everything the runtime knows (sandboxes, containers, images, snapshots, leases)
+lives here; in-memory indexes elsewhere are caches rebuilt from it.  The
+database runs in WAL mode with ``synchronous=NORMAL`` (a committed transaction
+survives a process crash; only an OS crash can lose the last few).
+
+Records are dataclasses.  Each table keeps the columns it is queried by and a
+JSON ``data`` column holding the whole record, so adding a field to a record
+does not need a migration; changing what is indexed does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, TypeVar
+
+from runtime.errors import AlreadyExists, FailedPrecondition, NotFound
+
+DEFAULT_NAMESPACE = "k8s.io"
+DB_NAME = "meta.db"
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    name: str  # the reserved unique name: <name>_<namespace>_<uid>_<attempt>
+    state: str = "NOTREADY"  # READY | NOTREADY
+    created_at: int = 0
+    metadata: dict = field(default_factory=dict)  # name, uid, namespace, attempt
+    config: dict = field(default_factory=dict)  # the PodSandboxConfig as a dict
+    runtime_handler: str = "runc"
+    labels: dict = field(default_factory=dict)
+    annotations: dict = field(default_factory=dict)
+    netns_path: str = ""
+    ip: str = ""
+    additional_ips: list = field(default_factory=list)
+    pid: int = 0
+    cgroup_parent: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    name: str  # reserved unique name: <name>_<sandbox name>_<attempt>
+    sandbox_id: str
+    state: str = "CREATED"  # CREATED | RUNNING | EXITED | UNKNOWN
+    created_at: int = 0
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    metadata: dict = field(default_factory=dict)  # name, attempt
+    config: dict = field(default_factory=dict)  # the ContainerConfig as a dict
+    image_ref: str = ""  # image id the container was created from
+    image_name: str = ""  # what the caller asked for
+    labels: dict = field(default_factory=dict)
+    annotations: dict = field(default_factory=dict)
+    log_path: str = ""
+    pid: int = 0
+    runtime_handler: str = "runc"
+    snapshot_key: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ImageRecord:
+    id: str  # config digest, "sha256:..."
+    repo_tags: list = field(default_factory=list)
+    repo_digests: list = field(default_factory=list)
+    size: int = 0
+    manifest_digest: str = ""
+    config: dict = field(default_factory=dict)  # the OCI image config
+    chain_id: str = ""  # top snapshot
+    layers: list = field(default_factory=list)  # layer digests (content refs)
+    pinned: bool = False
+    created_at: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SnapshotRecord:
+    key: str
+    kind: str  # committed | active | view
+    parent: str = ""
+    dir_id: str = ""
+    labels: dict = field(default_factory=dict)
+    created_at: int = 0
+
+
+R = TypeVar("R")
+
+# Each migration takes the schema from version i to i+1.  Never edit one that
+# has shipped; append a new one.
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema.
+    """
+    CREATE TABLE sandboxes (
+        namespace TEXT NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL,
+        state TEXT NOT NULL, created_at INTEGER NOT NULL, data TEXT NOT NULL,
+        PRIMARY KEY (namespace, id), UNIQUE (namespace, name));
+    CREATE TABLE containers (
+        namespace TEXT NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL,
+        sandbox_id TEXT NOT NULL, state TEXT NOT NULL, created_at INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (namespace, id), UNIQUE (namespace, name));
+    CREATE INDEX containers_by_sandbox ON containers (namespace, sandbox_id);
+    CREATE TABLE images (
+        namespace TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL,
+        PRIMARY KEY (namespace, id));
+    """,
+    # 1 -> 2: image references get their own table (one tag or digest points at
+    # one image), snapshots and leases join the store.
+    """
+    CREATE TABLE image_refs (
+        namespace TEXT NOT NULL, ref TEXT NOT NULL, image_id TEXT NOT NULL,
+        PRIMARY KEY (namespace, ref));
+    CREATE INDEX image_refs_by_image ON image_refs (namespace, image_id);
+    CREATE TABLE snapshots (
+        namespace TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,
+        parent TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (namespace, key));
+    CREATE INDEX snapshots_by_parent ON snapshots (namespace, parent);
+    CREATE TABLE leases (
+        namespace TEXT NOT NULL, id TEXT NOT NULL, resource TEXT NOT NULL,
+        created_at INTEGER NOT NULL, PRIMARY KEY (namespace, id, resource));
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(FailedPrecondition):
+    pass
+
+
+def _to_json(rec: Any) -> str:
+    return json.dumps(dataclasses.asdict(rec), separators=(",", ":"), sort_keys=True)
+
+
+def _from_json(cls: type[R], data: str) -> R:
+    raw = json.loads(data)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+class Store:
+    """Typed access to the metadata database.  Thread-safe; calls are short."""
+
+    def __init__(self, root: str, namespace: str = DEFAULT_NAMESPACE, *, target_version: int = SCHEMA_VERSION):
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.path = os.path.join(root, DB_NAME)
+        self.namespace = namespace
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate(target_version)
+
+    # -- schema -------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self, target: int) -> None:
+        with self._lock:
+            current = self.schema_version()
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"metadata store {self.path} has schema version {current}, but this moorage "
+                    f"understands up to {SCHEMA_VERSION}; run a newer moorage or move the root dir aside"
+                )
+            for version in range(current, target):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in MIGRATIONS[version].split(";"):
+                        if stmt.strip():
+                            self._db.execute(stmt)
+                    if version == 1:
+                        self._migrate_image_refs()
+                    self._db.execute(f"PRAGMA user_version = {version + 1}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    def _migrate_image_refs(self) -> None:
+        # Schema 1 kept tags and digests only inside the image's JSON.
+        for ns, iid, data in self._db.execute("SELECT namespace, id, data FROM images").fetchall():
+            rec = _from_json(ImageRecord, data)
+            for ref in list(rec.repo_tags) + list(rec.repo_digests):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO image_refs (namespace, ref, image_id) VALUES (?,?,?)", (ns, ref, iid)
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; everything inside commits or nothing does."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- sandboxes ------------------------------------------------------------------
+
+    def add_sandbox(self, rec: SandboxRecord) -> None:
+        with self.transaction() as db:
+            holder = db.execute(
+                "SELECT id FROM sandboxes WHERE namespace=? AND name=?", (self.namespace, rec.name)
+            ).fetchone()
+            if holder:
+                raise AlreadyExists(f"pod sandbox name {rec.name!r} is already in use by sandbox {holder[0]}")
+            try:
+                db.execute(
+                    "INSERT INTO sandboxes (namespace, id, name, state, created_at, data) VALUES (?,?,?,?,?,?)",
+                    (self.namespace, rec.id, rec.name, rec.state, rec.created_at, _to_json(rec)),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"pod sandbox id {rec.id} already exists") from None
+
+    def update_sandbox(self, rec: SandboxRecord) -> None:
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE sandboxes SET state=?, data=? WHERE namespace=? AND id=?",
+                (rec.state, _to_json(rec), self.namespace, rec.id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"pod sandbox {rec.id} not found")
+
+    def get_sandbox(self, sid: str) -> SandboxRecord:
+        rows = self._query("SELECT data FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid))
+        if not rows:
+            raise NotFound(f"pod sandbox {sid} not found")
+        return _from_json(SandboxRecord, rows[0][0])
+
+    def list_sandboxes(self) -> list[SandboxRecord]:
+        rows = self._query("SELECT data FROM sandboxes WHERE namespace=? ORDER BY created_at", (self.namespace,))
+        return [_from_json(SandboxRecord, r[0]) for r in rows]
+
+    def delete_sandbox(self, sid: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid)).rowcount > 0
+
+    # -- containers ---------------------------------------------------------------------
+
+    def add_container(self, rec: ContainerRecord) -> None:
+        with self.transaction() as db:
+            holder = db.execute(
+                "SELECT id FROM containers WHERE namespace=? AND name=?", (self.namespace, rec.name)
+            ).fetchone()
+            if holder:
+                raise AlreadyExists(f"container name {rec.name!r} is already in use by container {holder[0]}")
+            db.execute(
+                "INSERT INTO containers (namespace, id, name, sandbox_id, state, created_at, data)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (self.namespace, rec.id, rec.name, rec.sandbox_id, rec.state, rec.created_at, _to_json(rec)),
+            )
+
+    def update_container(self, rec: ContainerRecord) -> None:
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE containers SET state=?, data=? WHERE namespace=? AND id=?",
+                (rec.state, _to_json(rec), self.namespace, rec.id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"container {rec.id} not found")
+
+    def get_container(self, cid: str) -> ContainerRecord:
+        rows = self._query("SELECT data FROM containers WHERE namespace=? AND id=?", (self.namespace, cid))
+        if not rows:
+            raise NotFound(f"container {cid} not found")
+        return _from_json(ContainerRecord, rows[0][0])
+
+    def list_containers(self, sandbox_id: str | None = None) -> list[ContainerRecord]:
+        if sandbox_id is None:
+            rows = self._query("SELECT data FROM containers WHERE namespace=? ORDER BY created_at", (self.namespace,))
+        else:
+            rows = self._query(
+                "SELECT data FROM containers WHERE namespace=? AND sandbox_id=? ORDER BY created_at",
+                (self.namespace, sandbox_id),
+            )
+        return [_from_json(ContainerRecord, r[0]) for r in rows]
+
+    def delete_container(self, cid: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0
+
+    # -- images ----------------------------------------------------------------------
+
+    def put_image(self, rec: ImageRecord) -> None:
+        """Insert or replace an image and point its tags and digests at it.
+
+        A tag that pointed at another image moves here; that image keeps its
+        other references (an image left with none is the caller's to remove).
+        """
+        with self.transaction() as db:
+            self._put_image(db, rec)
+
+    def _put_image(self, db: sqlite3.Connection, rec: ImageRecord) -> None:
+        ns = self.namespace
+        for ref in list(rec.repo_tags) + list(rec.repo_digests):
+            row = db.execute("SELECT image_id FROM image_refs WHERE namespace=? AND ref=?", (ns, ref)).fetchone()
+            if row and row[0] != rec.id:
+                other = self._get_image(db, row[0])
+                if other is not None:
+                    other.repo_tags = [t for t in other.repo_tags if t != ref]
+                    other.repo_digests = [d for d in other.repo_digests if d != ref]
+                    db.execute("UPDATE images SET data=? WHERE namespace=? AND id=?", (_to_json(other), ns, other.id))
+        db.execute("DELETE FROM image_refs WHERE namespace=? AND image_id=?", (ns, rec.id))
+        for ref in list(rec.repo_tags) + list(rec.repo_digests):
+            db.execute("INSERT OR REPLACE INTO image_refs (namespace, ref, image_id) VALUES (?,?,?)", (ns, ref, rec.id))
+        db.execute("INSERT OR REPLACE INTO images (namespace, id, data) VALUES (?,?,?)", (ns, rec.id, _to_json(rec)))
+
+    def _get_image(self, db: sqlite3.Connection, iid: str) -> ImageRecord | None:
+        row = db.execute("SELECT data FROM images WHERE namespace=? AND id=?", (self.namespace, iid)).fetchone()
+        return _from_json(ImageRecord, row[0]) if row else None
+
+    def get_image(self, iid: str) -> ImageRecord:
+        with self._lock:
+            rec = self._get_image(self._db, iid)
+        if rec is None:
+            raise NotFound(f"image {iid} not found")
+        return rec
+
+    def image_by_ref(self, ref: str) -> ImageRecord | None:
+        rows = self._query("SELECT image_id FROM image_refs WHERE namespace=? AND ref=?", (self.namespace, ref))
+        if not rows:
+            return None
+        with self._lock:
+            return self._get_image(self._db, rows[0][0])
+
+    def list_images(self) -> list[ImageRecord]:
+        rows = self._query("SELECT data FROM images WHERE namespace=? ORDER BY id", (self.namespace,))
+        return [_from_json(ImageRecord, r[0]) for r in rows]
+
+    def delete_image(self, iid: str) -> bool:
+        with self.transaction() as db:
+            db.execute("DELETE FROM image_refs WHERE namespace=? AND image_id=?", (self.namespace, iid))
+            return db.execute("DELETE FROM images WHERE namespace=? AND id=?", (self.namespace, iid)).rowcount > 0
+
+    # -- snapshots (implements the snapshotter's metadata protocol) -----------------------
+
+    def put_snapshot(self, rec: SnapshotRecord) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO snapshots (namespace, key, kind, parent, data) VALUES (?,?,?,?,?)",
+                (self.namespace, rec.key, rec.kind, rec.parent, _to_json(rec)),
+            )
+
+    def get_snapshot(self, key: str) -> SnapshotRecord | None:
+        rows = self._query("SELECT data FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key))
+        return _from_json(SnapshotRecord, rows[0][0]) if rows else None
+
+    def list_snapshots(self) -> list[SnapshotRecord]:
+        rows = self._query("SELECT data FROM snapshots WHERE namespace=?", (self.namespace,))
+        return [_from_json(SnapshotRecord, r[0]) for r in rows]
+
+    def snapshot_children(self, key: str) -> list[str]:
+        rows = self._query("SELECT key FROM snapshots WHERE namespace=? AND parent=?", (self.namespace, key))
+        return [r[0] for r in rows]
+
+    def delete_snapshot(self, key: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key)).rowcount > 0
+
+    # -- leases: resources (blob digests, snapshot keys) held by work in flight ----------------
+
+    def add_lease(self, lease_id: str, resources: list[str]) -> None:
+        with self.transaction() as db:
+            for r in resources:
+                db.execute(
+                    "INSERT OR IGNORE INTO leases (namespace, id, resource, created_at) VALUES (?,?,?,?)",
+                    (self.namespace, lease_id, r, now_ns()),
+                )
+
+    def release_lease(self, lease_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM leases WHERE namespace=? AND id=?", (self.namespace, lease_id))
+
+    def leased_resources(self) -> set[str]:
+        return {r[0] for r in self._query("SELECT resource FROM leases WHERE namespace=?", (self.namespace,))}
+
+    def clear_leases(self) -> int:
+        """Drop every lease: at start-up no pull is in flight any more."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM leases WHERE namespace=?", (self.namespace,)).rowcount

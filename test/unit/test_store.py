@@ -1,0 +1,133 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from runtime.errors import AlreadyExists, NotFound
+from runtime.store import (SCHEMA_VERSION, ContainerRecord, ImageRecord, SandboxRecord, SchemaTooNew,
+                           SnapshotRecord, Store)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_round_trip_every_record(tmp_path):
+    s = Store(str(tmp_path))
+    sb = SandboxRecord(id="s1", name="web_default_uid_0", state="READY", created_at=5,
+                       metadata={"name": "web"}, labels={"app": "x"}, netns_path="/run/x")
+    s.add_sandbox(sb)
+    c = ContainerRecord(id="c1", name="app_web_0", sandbox_id="s1", created_at=6, config={"image": "busybox"})
+    s.add_container(c)
+    img = ImageRecord(id="sha256:aa", repo_tags=["docker.io/library/busybox:latest"], size=10)
+    s.put_image(img)
+    s.put_snapshot(SnapshotRecord(key="k", kind="committed", parent="", dir_id="1"))
+    s.close()
+
+    s = Store(str(tmp_path))
+    assert s.get_sandbox("s1") == sb
+    assert s.get_container("c1") == c
+    assert s.list_containers("s1") == [c] and s.list_containers("other") == []
+    assert s.image_by_ref("docker.io/library/busybox:latest") == img
+    assert s.get_snapshot("k").dir_id == "1"
+    c.state = "RUNNING"
+    s.update_container(c)
+    assert s.get_container("c1").state == "RUNNING"
+    assert s.delete_container("c1") and not s.delete_container("c1")
+    with pytest.raises(NotFound, match="container c1 not found"):
+        s.get_container("c1")
+
+
+def test_names_are_unique_and_name_the_holder(tmp_path):
+    s = Store(str(tmp_path))
+    s.add_sandbox(SandboxRecord(id="s1", name="n"))
+    with pytest.raises(AlreadyExists, match="in use by sandbox s1"):
+        s.add_sandbox(SandboxRecord(id="s2", name="n"))
+    assert [r.id for r in s.list_sandboxes()] == ["s1"]
+
+
+def test_namespaces_are_separate(tmp_path):
+    a = Store(str(tmp_path), namespace="k8s.io")
+    b = Store(str(tmp_path), namespace="other")
+    a.add_sandbox(SandboxRecord(id="s1", name="n"))
+    b.add_sandbox(SandboxRecord(id="s1", name="n"))
+    assert len(a.list_sandboxes()) == 1 and len(b.list_sandboxes()) == 1
+    a.delete_sandbox("s1")
+    assert b.get_sandbox("s1").id == "s1"
+
+
+def test_moving_a_tag_keeps_the_other_image_consistent(tmp_path):
+    s = Store(str(tmp_path))
+    s.put_image(ImageRecord(id="sha256:old", repo_tags=["r:latest", "r:1"]))
+    s.put_image(ImageRecord(id="sha256:new", repo_tags=["r:latest"]))
+    assert s.image_by_ref("r:latest").id == "sha256:new"
+    assert s.get_image("sha256:old").repo_tags == ["r:1"]
+
+
+def test_failed_transaction_leaves_nothing(tmp_path):
+    s = Store(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with s.transaction() as db:
+            db.execute("INSERT INTO images (namespace, id, data) VALUES ('k8s.io', 'x', '{\"id\": \"x\"}')")
+            raise RuntimeError("boom")
+    assert s.list_images() == []
+
+
+def test_kill9_mid_transaction_loses_nothing_committed(tmp_path):
+    # A writer commits 50 sandboxes, starts a 51st in an open transaction and
+    # is SIGKILLed.  The committed ones survive; the open one never appears.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {REPO!r})
+        from runtime.store import Store, SandboxRecord
+        s = Store({str(tmp_path)!r})
+        for i in range(50):
+            s.add_sandbox(SandboxRecord(id=f"s{{i}}", name=f"n{{i}}"))
+        with s.transaction() as db:
+            db.execute("INSERT INTO sandboxes (namespace,id,name,state,created_at,data) "
+                       "VALUES ('k8s.io','half','half','READY',0,'{{\\"id\\":\\"half\\",\\"name\\":\\"half\\"}}')")
+            print("ready", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "ready" in p.stdout
+    s = Store(str(tmp_path))
+    ids = {r.id for r in s.list_sandboxes()}
+    assert ids == {f"s{i}" for i in range(50)}
+
+
+def test_migration_from_schema_1(tmp_path):
+    old = Store(str(tmp_path), target_version=1)
+    assert old.schema_version() == 1
+    with old.transaction() as db:
+        db.execute(
+            "INSERT INTO images (namespace, id, data) VALUES ('k8s.io', 'sha256:aa', ?)",
+            ('{"id": "sha256:aa", "repo_tags": ["busybox:latest"], "repo_digests": ["busybox@sha256:bb"]}',),
+        )
+    old.close()
+    s = Store(str(tmp_path))
+    assert s.schema_version() == SCHEMA_VERSION
+    assert s.image_by_ref("busybox:latest").id == "sha256:aa"
+    assert s.image_by_ref("busybox@sha256:bb").id == "sha256:aa"
+    s.put_snapshot(SnapshotRecord(key="k", kind="committed"))  # tables of schema 2 exist
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Store(str(tmp_path)).close()
+    db = sqlite3.connect(str(tmp_path / "meta.db"))
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(SchemaTooNew, match="run a newer moorage"):
+        Store(str(tmp_path))
+
+
+def test_leases(tmp_path):
+    s = Store(str(tmp_path))
+    s.add_lease("pull-1", ["sha256:a", "sha256:b"])
+    s.add_lease("pull-2", ["sha256:b"])
+    s.release_lease("pull-1")
+    assert s.leased_resources() == {"sha256:b"}
+    assert s.clear_leases() == 1 and s.leased_resources() == set()
