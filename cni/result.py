@@ -111,8 +111,10 @@ def parse_result(data: bytes | str | Mapping[str, Any], where: str = "plugin") -
             obj = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _err(where, f"not JSON ({exc})") from None
-    else:
+    elif isinstance(data, Mapping):
         obj = dict(data)
+    else:
+        obj = data
     if not isinstance(obj, dict):
         raise _err(where, "expected a JSON object")
     raw = obj
@@ -163,7 +165,8 @@ def parse_result(data: bytes | str | Mapping[str, Any], where: str = "plugin") -
             )
         )
 
-    d = obj.get("dns") or {}
+    d = obj.get("dns")
+    d = {} if d is None else d
     if not isinstance(d, dict):
         raise _err(where, "dns must be an object")
     dns = DNS(
