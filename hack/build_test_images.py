@@ -1,0 +1,482 @@
+#!/usr/bin/env python3
+"""Build moorage's test images offline, as OCI image layouts.
+
+No network and no docker: every image is made from the host's static busybox
+(``busybox-static``, one symlink per applet) and ``catatonit``.  Output is
+deterministic (fixed mtimes, numeric owners, sorted entries, gzip mtime 0, fixed
+compression levels), so digests only change when the inputs do.
+
+Images (one OCI layout directory each, ``<out>/<name>/``):
+
+==============  ================================================================
+busybox         one gzip layer; /etc/passwd and /etc/group with root, nobody and
+                ``tester`` (1234:1234); tags ``latest``, ``1.0``, ``alias``
+multilayer      busybox + a zstd layer (whiteout of a lower file, opaque dir) + an
+                uncompressed layer that overwrites a lower file
+multiarch       OCI index: linux/amd64, linux/arm64, linux/arm/v7 (plus the host's
+                platform if it is none of those); all share the busybox layer, each
+                config names its architecture and carries label ``moorage.test.arch``
+nonroot         busybox with config ``User: tester`` and WorkingDir /home/tester
+dockerv2        busybox as a Docker schema 2 manifest (Docker media types)
+digestonly      busybox with a distinct label; meant to be pushed by digest only
+evil-*          (``build_all(include_evil=True)``) one hostile layer each, for unpack tests
+==============  ================================================================
+
+Library use::
+
+    from hack.build_test_images import build_all
+    images = build_all("/tmp/layouts")      # name -> LayoutInfo
+
+CLI: ``python hack/build_test_images.py OUT_DIR [--evil]`` prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from images import oci  # noqa: E402
+from images.platform import host_platform  # noqa: E402
+
+BUSYBOX = "/bin/busybox"
+CATATONIT = "/usr/bin/catatonit"
+MTIME = 946684800  # 2000-01-01T00:00:00Z
+CREATED = "2000-01-01T00:00:00Z"
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TESTER_UID = 1234
+TESTER_GID = 1234
+BUSYBOX_TAGS = ("latest", "1.0", "alias")
+
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    f"tester:x:{TESTER_UID}:{TESTER_GID}:tester:/home/tester:/bin/sh\n"
+)
+GROUP = (
+    "root:x:0:\n"
+    "nobody:x:65534:\n"
+    f"tester:x:{TESTER_GID}:\n"
+)
+
+
+# --- tar building ---------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One tar member: kind is "file", "dir", "symlink", "hardlink", "char" or "fifo"."""
+
+    path: str
+    kind: str = "file"
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    target: str = ""      # symlink / hardlink target
+    devmajor: int = 0
+    devminor: int = 0
+
+
+def tar_bytes(entries: Iterable[Entry], sort: bool = True) -> bytes:
+    """A deterministic tar (PAX format) of *entries* (sorted by path unless sort=False)."""
+    items = list(entries)
+    if sort:
+        items.sort(key=lambda e: e.path)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for e in items:
+            ti = tarfile.TarInfo(e.path)
+            ti.mtime = MTIME
+            ti.mode = e.mode
+            ti.uid, ti.gid = e.uid, e.gid
+            ti.uname = ti.gname = ""
+            if e.kind == "file":
+                ti.type = tarfile.REGTYPE
+                ti.size = len(e.data)
+                tf.addfile(ti, io.BytesIO(e.data))
+                continue
+            if e.kind == "dir":
+                ti.type = tarfile.DIRTYPE
+            elif e.kind == "symlink":
+                ti.type, ti.linkname = tarfile.SYMTYPE, e.target
+            elif e.kind == "hardlink":
+                ti.type, ti.linkname = tarfile.LNKTYPE, e.target
+            elif e.kind == "char":
+                ti.type, ti.devmajor, ti.devminor = tarfile.CHRTYPE, e.devmajor, e.devminor
+            elif e.kind == "fifo":
+                ti.type = tarfile.FIFOTYPE
+            else:
+                raise ValueError(f"unknown entry kind {e.kind!r}")
+            tf.addfile(ti)
+    return buf.getvalue()
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
+        gz.write(data)
+    return out.getvalue()
+
+
+def zstd_bytes(data: bytes) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor(level=3, write_content_size=True).compress(data)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def busybox_applets() -> list[str]:
+    out = subprocess.run([BUSYBOX, "--list"], check=True, capture_output=True, text=True).stdout
+    return sorted({a.strip() for a in out.split() if a.strip() and "/" not in a and a.strip() != "busybox"})
+
+
+def busybox_entries() -> list[Entry]:
+    ents = [
+        Entry("bin", "dir", mode=0o755),
+        Entry("bin/busybox", data=_read(BUSYBOX), mode=0o755),
+        Entry("dev", "dir", mode=0o755),
+        Entry("etc", "dir", mode=0o755),
+        Entry("etc/passwd", data=PASSWD.encode()),
+        Entry("etc/group", data=GROUP.encode()),
+        Entry("etc/hostname", data=b"busybox\n"),
+        Entry("etc/hosts", data=b"127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
+        Entry("home", "dir", mode=0o755),
+        Entry("home/tester", "dir", mode=0o755, uid=TESTER_UID, gid=TESTER_GID),
+        Entry("proc", "dir", mode=0o555),
+        Entry("root", "dir", mode=0o700),
+        Entry("sys", "dir", mode=0o555),
+        Entry("tmp", "dir", mode=0o1777),
+        Entry("usr", "dir", mode=0o755),
+        Entry("usr/bin", "dir", mode=0o755),
+        Entry("usr/sbin", "dir", mode=0o755),
+        Entry("sbin", "dir", mode=0o755),
+        Entry("var", "dir", mode=0o755),
+        Entry("var/tmp", "dir", mode=0o1777),
+    ]
+    if os.path.exists(CATATONIT):
+        ents.append(Entry("usr/bin/catatonit", data=_read(CATATONIT), mode=0o755))
+    for a in busybox_applets():
+        ents.append(Entry(f"bin/{a}", "symlink", mode=0o777, target="busybox"))
+    return ents
+
+
+# --- layouts --------------------------------------------------------------------------------
+
+@dataclass
+class ManifestInfo:
+    digest: str
+    size: int
+    media_type: str
+    platform: str
+    config_digest: str
+    layers: list[str]
+
+
+@dataclass
+class LayoutInfo:
+    """What build_all made for one image."""
+
+    name: str                     # image name, also the default repository suffix ("test/<name>")
+    path: str                     # the OCI layout directory
+    media_type: str               # of the root (index or manifest)
+    digest: str                   # root digest
+    size: int
+    tags: list[str]               # tags to push; empty means "push by digest only"
+    manifests: list[ManifestInfo] = field(default_factory=list)
+    blobs: list[str] = field(default_factory=list)   # every digest in the layout, dependencies first
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _LayoutWriter:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.blob_dir = os.path.join(path, "blobs", "sha256")
+        os.makedirs(self.blob_dir, exist_ok=True)
+        self.order: list[str] = []
+
+    def put(self, data: bytes) -> str:
+        digest = oci.sha256_digest(data)
+        p = os.path.join(self.blob_dir, digest.split(":", 1)[1])
+        if not os.path.exists(p):
+            tmp = p + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        if digest not in self.order:
+            self.order.append(digest)
+        return digest
+
+    def finish(self, root: oci.Descriptor, tags: list[str]) -> None:
+        entries = []
+        if tags:
+            for t in tags:
+                d = root.to_json()
+                d["annotations"] = {"org.opencontainers.image.ref.name": t}
+                entries.append(d)
+        else:
+            entries.append(root.to_json())
+        index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": entries}
+        with open(os.path.join(self.path, "index.json"), "wb") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+        with open(os.path.join(self.path, "oci-layout"), "wb") as f:
+            f.write(b'{"imageLayoutVersion":"1.0.0"}\n')
+
+
+@dataclass
+class _Layer:
+    tar: bytes
+    blob: bytes
+    media_type: str
+
+    @property
+    def diff_id(self) -> str:
+        return oci.sha256_digest(self.tar)
+
+
+def _layer(tar: bytes, compression: str, docker: bool = False) -> _Layer:
+    if compression == "gzip":
+        return _Layer(tar, gzip_bytes(tar), oci.DOCKER_LAYER_GZIP if docker else oci.OCI_LAYER_GZIP)
+    if compression == "zstd":
+        return _Layer(tar, zstd_bytes(tar), oci.OCI_LAYER_ZSTD)
+    if compression == "":
+        return _Layer(tar, tar, oci.OCI_LAYER)
+    raise ValueError(compression)
+
+
+def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: str = "",
+                 config_extra: dict | None = None, labels: dict | None = None,
+                 docker: bool = False, history: list[str] | None = None) -> tuple[oci.Descriptor, ManifestInfo]:
+    cfg = {"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"}
+    if labels:
+        cfg["Labels"] = dict(labels)
+    cfg.update(config_extra or {})
+    config = {
+        "architecture": arch,
+        "os": "linux",
+        "created": CREATED,
+        "config": cfg,
+        "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in layers]},
+        "history": [{"created": CREATED, "created_by": h} for h in (history or
+                                                                     [f"layer {i}" for i in range(len(layers))])],
+    }
+    if variant:
+        config["variant"] = variant
+    config_bytes = oci.canonical_json(config)
+    config_digest = w.put(config_bytes)
+    layer_descs = []
+    for l in layers:
+        d = w.put(l.blob)
+        layer_descs.append({"mediaType": l.media_type, "digest": d, "size": len(l.blob)})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.DOCKER_MANIFEST if docker else oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG,
+                   "digest": config_digest, "size": len(config_bytes)},
+        "layers": layer_descs,
+    }
+    mbytes = oci.canonical_json(manifest)
+    mdigest = w.put(mbytes)
+    plat = oci.Platform("linux", arch, variant)
+    desc = oci.Descriptor(manifest["mediaType"], mdigest, len(mbytes), platform=plat)
+    info = ManifestInfo(mdigest, len(mbytes), manifest["mediaType"], str(plat), config_digest,
+                        [d["digest"] for d in layer_descs])
+    return desc, info
+
+
+class Builder:
+    """Builds the test images; caches the busybox layer across images."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.native = host_platform()
+        self._busybox_tar: bytes | None = None
+
+    def busybox_tar(self) -> bytes:
+        if self._busybox_tar is None:
+            self._busybox_tar = tar_bytes(busybox_entries())
+        return self._busybox_tar
+
+    def _single(self, name: str, layers: list[_Layer], tags: list[str], **kw) -> LayoutInfo:
+        w = _LayoutWriter(os.path.join(self.out_dir, name))
+        desc, info = _write_image(w, layers, arch=self.native.architecture, variant=self.native.variant, **kw)
+        root = oci.Descriptor(desc.media_type, desc.digest, desc.size)
+        w.finish(root, tags)
+        return LayoutInfo(name, w.path, desc.media_type, desc.digest, desc.size, tags, [info], list(w.order))
+
+    def busybox(self) -> LayoutInfo:
+        return self._single("busybox", [_layer(self.busybox_tar(), "gzip")], list(BUSYBOX_TAGS),
+                            history=["busybox-static with applet symlinks"])
+
+    def nonroot(self) -> LayoutInfo:
+        return self._single("nonroot", [_layer(self.busybox_tar(), "gzip")], ["latest"],
+                            config_extra={"User": "tester", "WorkingDir": "/home/tester"})
+
+    def dockerv2(self) -> LayoutInfo:
+        return self._single("dockerv2", [_layer(self.busybox_tar(), "gzip", docker=True)], ["latest"],
+                            docker=True)
+
+    def digestonly(self) -> LayoutInfo:
+        return self._single("digestonly", [_layer(self.busybox_tar(), "gzip")], [],
+                            labels={"moorage.test": "digest-only"})
+
+    def multilayer(self) -> LayoutInfo:
+        d = Entry
+        l1 = tar_bytes(busybox_entries() + [
+            d("data", "dir", mode=0o755),
+            d("data/keep.txt", data=b"v1\n"),
+            d("data/delete-me.txt", data=b"to be deleted\n"),
+            d("opaque", "dir", mode=0o755),
+            d("opaque/old1.txt", data=b"old1\n"),
+            d("opaque/sub", "dir", mode=0o755),
+            d("opaque/sub/old2.txt", data=b"old2\n"),
+        ])
+        l2 = tar_bytes([
+            d("data", "dir", mode=0o755),
+            d("data/.wh.delete-me.txt", data=b"", mode=0o600),
+            d("opaque", "dir", mode=0o755),
+            d("opaque/.wh..wh..opq", data=b"", mode=0o600),
+            d("opaque/new.txt", data=b"new\n"),
+            d("layer2.txt", data=b"layer2\n"),
+        ])
+        l3 = tar_bytes([
+            d("data", "dir", mode=0o755),
+            d("data/keep.txt", data=b"v3\n"),
+            d("layer3.txt", data=b"layer3\n"),
+        ])
+        return self._single("multilayer", [_layer(l1, "gzip"), _layer(l2, "zstd"), _layer(l3, "")], ["latest"],
+                            history=["busybox + data", "whiteout + opaque (zstd)", "overwrite (plain tar)"])
+
+    def multiarch(self) -> LayoutInfo:
+        w = _LayoutWriter(os.path.join(self.out_dir, "multiarch"))
+        plats = [("amd64", ""), ("arm64", ""), ("arm", "v7")]
+        native = (self.native.architecture, self.native.variant)
+        if native not in plats:
+            plats.append(native)
+        layer = _layer(self.busybox_tar(), "gzip")
+        descs, infos = [], []
+        for arch, variant in plats:
+            label = f"{arch}/{variant}" if variant else arch
+            desc, info = _write_image(w, [layer], arch=arch, variant=variant,
+                                      labels={"moorage.test.arch": label})
+            descs.append(desc)
+            infos.append(info)
+        index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [d.to_json() for d in descs]}
+        ibytes = oci.canonical_json(index)
+        idigest = w.put(ibytes)
+        root = oci.Descriptor(oci.OCI_INDEX, idigest, len(ibytes))
+        w.finish(root, ["latest"])
+        return LayoutInfo("multiarch", w.path, oci.OCI_INDEX, idigest, len(ibytes), ["latest"], infos, list(w.order))
+
+    def evil(self) -> dict[str, LayoutInfo]:
+        out = {}
+        for kind, tar in evil_layers().items():
+            name = f"evil-{kind}"
+            out[name] = self._single(name, [_layer(self.busybox_tar(), "gzip"), _layer(tar, "")], ["latest"],
+                                     labels={"moorage.test.evil": kind})
+        return out
+
+
+def build_all(out_dir: str, include_evil: bool = False) -> dict[str, LayoutInfo]:
+    """Build every test image under *out_dir*; returns name -> LayoutInfo."""
+    b = Builder(out_dir)
+    images = {
+        "busybox": b.busybox(),
+        "multilayer": b.multilayer(),
+        "multiarch": b.multiarch(),
+        "nonroot": b.nonroot(),
+        "dockerv2": b.dockerv2(),
+        "digestonly": b.digestonly(),
+    }
+    if include_evil:
+        images.update(b.evil())
+    return images
+
+
+# --- hostile layers ---------------------------------------------------------------------------
+
+EVIL_TARGET_DIR = "/tmp/moorage-evil-target"
+
+
+def evil_layers() -> dict[str, bytes]:
+    """Uncompressed tar layers that a safe unpacker must refuse or neutralise.
+
+    dotdot            entries named ``../escape.txt`` and ``a/../../escape2.txt``
+    absolute          an entry named ``/abs-escape.txt``
+    symlink-abs       symlink ``link -> /tmp/moorage-evil-target`` then a file ``link/pwned``
+                      (a naive unpacker writes through the link onto the host)
+    symlink-rel       symlink ``rel -> ../../../../../../tmp/moorage-evil-target`` then ``rel/pwned``
+    hardlink-outside  hardlinks to ``/etc/passwd`` and ``../../../../etc/shadow``
+    device            a character device ``dev/evil-mem`` (1, 1) and a fifo
+    """
+    E = Entry
+    return {
+        "dotdot": tar_bytes([E("../escape.txt", data=b"escaped\n"),
+                             E("a", "dir", mode=0o755),
+                             E("a/../../escape2.txt", data=b"escaped\n")], sort=False),
+        "absolute": tar_bytes([E("/abs-escape.txt", data=b"escaped\n")], sort=False),
+        "symlink-abs": tar_bytes([E("link", "symlink", mode=0o777, target=EVIL_TARGET_DIR),
+                                  E("link/pwned", data=b"written through an absolute symlink\n")], sort=False),
+        "symlink-rel": tar_bytes([E("rel", "symlink", mode=0o777, target="../../../../../.." + EVIL_TARGET_DIR),
+                                  E("rel/pwned", data=b"written through a relative symlink\n")], sort=False),
+        "hardlink-outside": tar_bytes([E("hl-passwd", "hardlink", target="/etc/passwd"),
+                                       E("hl-shadow", "hardlink", target="../../../../etc/shadow")], sort=False),
+        "device": tar_bytes([E("dev", "dir", mode=0o755),
+                             E("dev/evil-mem", "char", mode=0o666, devmajor=1, devminor=1),
+                             E("dev/evil-fifo", "fifo", mode=0o644)], sort=False),
+    }
+
+
+def write_evil_layers(out_dir: str) -> dict[str, str]:
+    """Write each evil layer as ``<out_dir>/<kind>.tar``; returns kind -> path."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for kind, data in evil_layers().items():
+        p = os.path.join(out_dir, f"{kind}.tar")
+        with open(p, "wb") as f:
+            f.write(data)
+        paths[kind] = p
+    return paths
+
+
+def read_layout_blob(layout_path: str, digest: str) -> bytes:
+    alg, hexpart = digest.split(":", 1)
+    data = _read(os.path.join(layout_path, "blobs", alg, hexpart))
+    if hashlib.new(alg, data).hexdigest() != hexpart:
+        raise ValueError(f"blob {digest} in {layout_path} is corrupt")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", help="directory to write one OCI layout per image into")
+    ap.add_argument("--evil", action="store_true", help="also build the evil-* images")
+    ap.add_argument("--evil-layers", metavar="DIR", help="also write the raw evil layer tars into DIR")
+    args = ap.parse_args(argv)
+    images = build_all(args.out_dir, include_evil=args.evil)
+    summary = {name: info.to_json() for name, info in images.items()}
+    if args.evil_layers:
+        summary["_evil_layers"] = write_evil_layers(args.evil_layers)
+    json.dump(summary, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
