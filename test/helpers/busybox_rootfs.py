@@ -72,10 +72,17 @@ def oci_config(
     memory_limit: int | None = None,
     readonly_rootfs: bool = False,
     network_namespace: bool = True,
+    pid_namespace: bool = True,
     rootfs: str = "rootfs",
 ) -> dict[str, Any]:
-    """A minimal OCI runtime config (runtime-spec 1.0.2) accepted by runc and crun."""
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    """A minimal OCI runtime config (runtime-spec 1.0.2) accepted by runc and crun.
+
+    ``pid_namespace=False`` keeps the host pid namespace, so the process is not
+    pid 1 and default signal dispositions apply (SIGTERM kills a plain ``sleep``).
+    """
+    namespaces = [{"type": t} for t in ("ipc", "uts", "mount")]
+    if pid_namespace:
+        namespaces.insert(0, {"type": "pid"})
     if network_namespace:
         namespaces.append({"type": "network"})
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
