@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from runtime.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, Unavailable
 
 MAX_OUTPUT = 4 << 20  # a result larger than this is not a result
-_STDERR_TAIL = 2000
+_STDERR_HEAD = 600
 
 # Well-known error codes (CNI spec, "Error" section).
 ERROR_CODES = {
@@ -245,7 +245,8 @@ class PluginExec:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 doc = None
         if rc != 0:
-            stderr_tail = err.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+            # the head of stderr: where a Go panic or a shell error says what happened
+            stderr_head = err.decode("utf-8", "replace").strip()[:_STDERR_HEAD]
             if isinstance(doc, dict) and ("code" in doc or "msg" in doc):
                 code = doc.get("code")
                 code = code if isinstance(code, int) and not isinstance(code, bool) else None
@@ -257,7 +258,7 @@ class PluginExec:
             msg = f"exit status {rc}"
             if rc < 0:
                 msg = f"killed by signal {-rc}"
-            detail = stderr_tail or out.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+            detail = stderr_head or out.decode("utf-8", "replace").strip()[:_STDERR_HEAD]
             raise PluginError(plugin, command, None, msg + (f": {detail}" if detail else ""))
         if not text:
             return None
