@@ -1,0 +1,1156 @@
+"""The OCI runtime spec builder: (CRI config, image config, runtime config) → ``config.json``.
+
+Everything here is a pure function of its arguments (DESIGN.md, principle 6).
+The few facts that need the host - does a mount source exist, what are a device
+node's major/minor numbers, which devices does a privileged container get, what
+does a ``Localhost`` seccomp profile say - come through :class:`HostLookups`,
+whose defaults do the real look-ups and which tests replace with fakes.
+
+Behaviour follows containerd's CRI plugin where Kubernetes depends on it
+(command/args rules, capability add/drop with ``ALL``, the default mount set,
+masked paths, mount propagation, namespace joining) and deviates only where
+moorage's design asks (an empty infra rootfs running ``catatonit -P``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat as _stat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from runtime import seccomp as _seccomp
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtime.model import (
+    NAMESPACE_MODES,
+    PROFILE_TYPES,
+    PROPAGATIONS,
+    Capability,
+    ContainerConfig,
+    IDMapping,
+    ImageConfig,
+    LinuxContainerResources,
+    LinuxContainerSecurityContext,
+    LinuxSandboxSecurityContext,
+    Mount,
+    NamespaceOption,
+    PodSandboxConfig,
+    SecurityProfile,
+    SELinuxOption,
+)
+
+OCI_VERSION = "1.0.2"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Where the infra binary is bind-mounted inside the (empty) sandbox rootfs.
+INFRA_PATH_IN_CONTAINER = "/catatonit"
+SANDBOX_OOM_SCORE_ADJ = -998
+
+# Annotation keys (the same ones containerd sets, which tools such as
+# cAdvisor and NRI plugins read).
+ANN_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+ANN_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+ANN_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
+ANN_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+ANN_SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"
+ANN_SANDBOX_LOG_DIR = "io.kubernetes.cri.sandbox-log-directory"
+ANN_CONTAINER_NAME = "io.kubernetes.cri.container-name"
+ANN_IMAGE_NAME = "io.kubernetes.cri.image-name"
+
+#: Annotation prefixes that OCI runtimes (crun, runc, CRIU) interpret.  CRI
+#: annotations under them are dropped unless allowed in RuntimeSpecConfig,
+#: so that a pod author cannot steer the low-level runtime.
+RESERVED_ANNOTATION_PREFIXES = ("io.kubernetes.cri.", "run.oci.", "org.criu.", "module.wasm.image/")
+
+#: containerd's default capability set for non-privileged containers.
+DEFAULT_CAPABILITIES: tuple[str, ...] = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
+#: Every capability Linux knows (numbers 0..40), in kernel order.
+ALL_CAPABILITIES: tuple[str, ...] = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+_CAP_ORDER = {c: i for i, c in enumerate(ALL_CAPABILITIES)}
+
+#: Paths hidden from non-privileged containers (bind-mounted over with /dev/null or an empty tmpfs).
+DEFAULT_MASKED_PATHS: tuple[str, ...] = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+#: Paths made read-only in non-privileged containers.
+DEFAULT_READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+# Sysctl name prefixes isolated by a namespace (the kernel's namespaced sysctls,
+# as Kubernetes classifies them).
+_IPC_SYSCTL_PREFIXES = ("kernel.shm", "kernel.msg", "fs.mqueue.")
+_IPC_SYSCTLS = ("kernel.sem",)
+_NET_SYSCTL_PREFIX = "net."
+
+# Host /dev entries a privileged container does not get as device nodes
+# (runc provides its own console, pts, shm and mqueue).
+_PRIVILEGED_DEV_SKIP = ("/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/console", "/dev/fd",
+                        "/dev/.lxc", "/dev/.udev")
+
+
+# --- configuration and host look-ups -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    """A device node on the host, as ``stat`` reports it."""
+
+    path: str
+    type: str  # "c", "b" or "p"
+    major: int
+    minor: int
+    file_mode: int = 0o666
+    uid: int = 0
+    gid: int = 0
+
+
+def _real_devices_at(path: str) -> list[HostDevice] | None:
+    """Device nodes at ``path`` (one) or beneath it (a directory); None if it doesn't exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    dev = _device_from_stat(path, st)
+    if dev is not None:
+        return [dev]
+    out: list[HostDevice] = []
+    if _stat.S_ISDIR(st.st_mode):
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                try:
+                    lst = os.lstat(p)
+                except OSError:
+                    continue
+                d = _device_from_stat(p, lst)
+                if d is not None:
+                    out.append(d)
+            dirnames.sort()
+    return out
+
+
+def _device_from_stat(path: str, st: os.stat_result) -> HostDevice | None:
+    mode = st.st_mode
+    if _stat.S_ISCHR(mode):
+        kind = "c"
+    elif _stat.S_ISBLK(mode):
+        kind = "b"
+    elif _stat.S_ISFIFO(mode):
+        kind = "p"
+    else:
+        return None
+    return HostDevice(
+        path=path,
+        type=kind,
+        major=os.major(st.st_rdev),
+        minor=os.minor(st.st_rdev),
+        file_mode=_stat.S_IMODE(mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+    )
+
+
+@dataclass(frozen=True)
+class HostLookups:
+    """The spec builder's only window onto the host; replace with fakes in tests."""
+
+    #: Does this host path exist (mount sources)?
+    path_exists: Callable[[str], bool] = os.path.exists
+    #: Device node(s) at a host path: ``None`` if absent, ``[]`` if not a device.
+    devices_at: Callable[[str], list[HostDevice] | None] = _real_devices_at
+    #: Read a Localhost seccomp profile: ``(path, capabilities) -> linux.seccomp``.
+    load_seccomp: Callable[[str, Iterable[str]], dict] = _seccomp.load_localhost
+
+
+@dataclass(frozen=True)
+class RuntimeSpecConfig:
+    """Runtime-wide knobs that shape every spec (filled from the daemon config)."""
+
+    #: Capabilities of a non-privileged container before CRI add/drop.
+    default_capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+    #: Sysctls set in every sandbox (pod sysctls override; a sysctl whose
+    #: namespace the pod shares with the host is skipped).
+    default_sysctls: Mapping[str, str] = field(default_factory=dict)
+    #: Apply RuntimeDefault seccomp when the CRI request leaves seccomp unset.
+    seccomp_default: bool = False
+    #: Machine name for the RuntimeDefault profile (None: this host).
+    seccomp_arch: str | None = None
+    #: AppArmor profile name for RuntimeDefault ("" = no AppArmor).
+    apparmor_default_profile: str = ""
+    #: Produce SELinux labels from CRI selinux_options.
+    selinux_enabled: bool = False
+    #: Give containers a private cgroup namespace (set on cgroup v2 hosts).
+    cgroupns: bool = False
+    masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
+    readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
+    #: Size of the tmpfs /dev and default /dev/shm.
+    tmpfs_size: str = "65536k"
+    #: cpu.shares for the infra process (it does nothing).
+    sandbox_cpu_shares: int = 2
+    #: Privileged containers do not get the host's /dev (e.g. for VM runtimes).
+    privileged_without_host_devices: bool = False
+    #: POSIX rlimits for every process: (type, soft, hard), e.g. ("RLIMIT_NOFILE", 1024, 1024).
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+    #: Glob patterns of otherwise reserved annotations allowed through from CRI.
+    allowed_annotations: tuple[str, ...] = ()
+    #: Pod annotations (glob patterns) copied into sandbox and container specs.
+    pod_annotations: tuple[str, ...] = ()
+    #: Prefix of systemd scope names ("<prefix>-<id>.scope").
+    systemd_scope_prefix: str = "moorage"
+
+
+# --- small helpers ----------------------------------------------------------------
+
+
+def _clean_abs(path: str, what: str) -> str:
+    if not path or not path.startswith("/"):
+        raise InvalidArgument(f"{what} {path!r} must be an absolute path")
+    if "\x00" in path:
+        raise InvalidArgument(f"{what} {path!r} contains a NUL byte")
+    if ".." in path.split("/"):
+        raise InvalidArgument(f"{what} {path!r} must not contain '..'")
+    return posixpath.normpath(path).replace("//", "/")
+
+
+def normalize_capability(name: str) -> str:
+    c = name.strip().upper()
+    if not c:
+        raise InvalidArgument("empty capability name")
+    return c if c.startswith("CAP_") else "CAP_" + c
+
+
+def _check_cap(c: str) -> str:
+    if c not in _CAP_ORDER:
+        raise InvalidArgument(
+            f"unknown capability {c!r}; use a Linux capability name such as NET_ADMIN or ALL"
+        )
+    return c
+
+
+def _sorted_caps(caps: Iterable[str]) -> list[str]:
+    return sorted(set(caps), key=lambda c: _CAP_ORDER.get(c, 999))
+
+
+def compute_capabilities(
+    cap: Capability | None, defaults: Sequence[str], privileged: bool
+) -> tuple[list[str], list[str]]:
+    """Return ``(capabilities, ambient)`` for a container.
+
+    ``ALL`` in ``add`` starts from every capability, ``ALL`` in ``drop`` from
+    none; individual adds then drops apply on top, so ``drop: [ALL], add:
+    [NET_BIND_SERVICE]`` yields just that one.  Privileged containers get all
+    capabilities and ignore add/drop.
+    """
+    if privileged:
+        return list(ALL_CAPABILITIES), []
+    caps = {_check_cap(normalize_capability(c)) for c in defaults}
+    if cap is None:
+        return _sorted_caps(caps), []
+    adds = [normalize_capability(c) for c in cap.add_capabilities]
+    drops = [normalize_capability(c) for c in cap.drop_capabilities]
+    if "CAP_ALL" in adds:
+        caps = set(ALL_CAPABILITIES)
+    if "CAP_ALL" in drops:
+        caps = set()
+    for c in adds:
+        if c != "CAP_ALL":
+            caps.add(_check_cap(c))
+    for c in drops:
+        if c != "CAP_ALL":
+            caps.discard(_check_cap(c))
+    ambient: list[str] = []
+    for c in cap.add_ambient_capabilities:
+        n = normalize_capability(c)
+        if n == "CAP_ALL":
+            raise InvalidArgument("ambient capabilities must be named one by one; ALL is not allowed")
+        ambient.append(_check_cap(n))
+        caps.add(n)  # an ambient capability must also be permitted
+    return _sorted_caps(caps), _sorted_caps(ambient)
+
+
+def _caps_object(caps: list[str], ambient: list[str]) -> dict:
+    return {
+        "bounding": list(caps),
+        "effective": list(caps),
+        "permitted": list(caps),
+        # Inheritable stays empty (CVE-2022-24769) except for ambient capabilities,
+        # which the kernel only keeps when they are inheritable too.
+        "inheritable": list(ambient),
+        "ambient": list(ambient),
+    }
+
+
+def linux_resources(res: LinuxContainerResources | None) -> dict:
+    """``linux.resources`` (cpu, memory, hugepages, unified) from CRI resources.
+
+    Zero means "not set" for every CRI field, so only non-zero values appear:
+    the same dict serves CreateContainer and UpdateContainerResources.
+    """
+    out: dict = {}
+    if res is None:
+        return out
+    if res.cpu_shares < 0:
+        raise InvalidArgument(f"cpu_shares {res.cpu_shares} must not be negative")
+    if res.cpu_period < 0:
+        raise InvalidArgument(f"cpu_period {res.cpu_period} must not be negative")
+    if res.cpu_quota < -1:
+        raise InvalidArgument(f"cpu_quota {res.cpu_quota} must be -1 (no limit) or more")
+    if res.memory_limit_in_bytes < 0:
+        raise InvalidArgument(f"memory_limit_in_bytes {res.memory_limit_in_bytes} must not be negative")
+    if res.memory_swap_limit_in_bytes < -1:
+        raise InvalidArgument(
+            f"memory_swap_limit_in_bytes {res.memory_swap_limit_in_bytes} must be -1 (no limit) or more"
+        )
+    cpu: dict = {}
+    if res.cpu_shares:
+        cpu["shares"] = res.cpu_shares
+    if res.cpu_quota:
+        cpu["quota"] = res.cpu_quota
+    if res.cpu_period:
+        cpu["period"] = res.cpu_period
+    if res.cpuset_cpus:
+        cpu["cpus"] = res.cpuset_cpus
+    if res.cpuset_mems:
+        cpu["mems"] = res.cpuset_mems
+    if cpu:
+        out["cpu"] = cpu
+    mem: dict = {}
+    if res.memory_limit_in_bytes:
+        mem["limit"] = res.memory_limit_in_bytes
+    if res.memory_swap_limit_in_bytes:
+        if (
+            res.memory_swap_limit_in_bytes > 0
+            and res.memory_limit_in_bytes
+            and res.memory_swap_limit_in_bytes < res.memory_limit_in_bytes
+        ):
+            raise InvalidArgument(
+                "memory_swap_limit_in_bytes is memory plus swap and cannot be below "
+                f"memory_limit_in_bytes ({res.memory_swap_limit_in_bytes} < {res.memory_limit_in_bytes})"
+            )
+        mem["swap"] = res.memory_swap_limit_in_bytes
+    if mem:
+        out["memory"] = mem
+    if res.hugepage_limits:
+        hp = []
+        for h in res.hugepage_limits:
+            if not h.page_size:
+                raise InvalidArgument("hugepage limit without a page size (e.g. \"2MB\")")
+            if h.limit < 0:
+                raise InvalidArgument(f"hugepage limit for {h.page_size} must not be negative")
+            hp.append({"pageSize": h.page_size, "limit": h.limit})
+        out["hugepageLimits"] = hp
+    if res.unified:
+        for k in res.unified:
+            if not k or "/" in k or k.startswith("."):
+                raise InvalidArgument(f"unified cgroup key {k!r} is not a cgroup v2 file name")
+        out["unified"] = dict(res.unified)
+    return out
+
+
+def cgroups_path(driver: str, parent: str, id: str, *, scope_prefix: str = "moorage") -> str:
+    """``linux.cgroupsPath`` for a sandbox or container.
+
+    ``cgroupfs``: ``<parent>/<id>`` (parent defaults to ``/moorage``).
+    ``systemd``: ``<slice>:<prefix>:<id>``; the parent must name a ``.slice``
+    (the kubelet passes e.g. ``kubepods-besteffort-pod<uid>.slice``; a path of
+    slices is reduced to its last element), default ``system.slice``.
+    """
+    if not id or "/" in id or ":" in id or id in (".", ".."):
+        raise InvalidArgument(f"invalid id {id!r} for a cgroup name")
+    if driver == "cgroupfs":
+        p = parent or "/moorage"
+        if ":" in p:
+            raise InvalidArgument(
+                f"cgroup parent {parent!r} looks like a systemd name but the cgroup driver is cgroupfs"
+            )
+        if ".." in p.split("/"):
+            raise InvalidArgument(f"cgroup parent {parent!r} must not contain '..'")
+        if not p.startswith("/"):
+            p = "/" + p
+        return posixpath.join(posixpath.normpath(p), id)
+    if driver == "systemd":
+        p = (parent or "system.slice").rstrip("/")
+        slice_name = p.rsplit("/", 1)[-1]
+        if not slice_name.endswith(".slice") or ".." in p.split("/"):
+            raise InvalidArgument(
+                f"cgroup parent {parent!r} is not a systemd slice (expected e.g. "
+                "\"kubepods.slice\"); is the kubelet configured with the same cgroup driver?"
+            )
+        return f"{slice_name}:{scope_prefix}:{id}"
+    raise InvalidArgument(f"unknown cgroup driver {driver!r}; expected \"cgroupfs\" or \"systemd\"")
+
+
+def normalize_sysctl_name(name: str) -> str:
+    """Accept ``net/ipv4/ip_forward`` as well as ``net.ipv4.ip_forward``.
+
+    In the slash form dots belong to a component (``net/ipv4/conf/eth0.100/...``),
+    so separators and dots swap.
+    """
+    if not name:
+        raise InvalidArgument("empty sysctl name")
+    first_dot, first_slash = name.find("."), name.find("/")
+    if first_slash != -1 and (first_dot == -1 or first_slash < first_dot):
+        name = name.translate(str.maketrans("./", "/."))
+    parts = name.split(".")
+    if any(p in ("", "..") for p in parts) or "\x00" in name or "\n" in name:
+        raise InvalidArgument(f"invalid sysctl name {name!r}")
+    return name
+
+
+def _sysctl_namespace(name: str) -> str | None:
+    if name.startswith(_NET_SYSCTL_PREFIX):
+        return "network"
+    if name in _IPC_SYSCTLS or name.startswith(_IPC_SYSCTL_PREFIXES):
+        return "ipc"
+    return None
+
+
+def validate_sysctls(
+    sysctls: Mapping[str, str], *, host_network: bool, host_ipc: bool
+) -> dict[str, str]:
+    """Check pod sysctls: only namespaced ones, and not in a namespace shared with the host."""
+    out: dict[str, str] = {}
+    for raw, value in sysctls.items():
+        name = normalize_sysctl_name(raw)
+        if not isinstance(value, str) or "\n" in value or "\x00" in value:
+            raise InvalidArgument(f"invalid value {value!r} for sysctl {name}")
+        ns = _sysctl_namespace(name)
+        if ns is None:
+            raise InvalidArgument(
+                f"sysctl {name} is not namespaced: setting it would change the whole node, "
+                "so it cannot be set for a pod (set it on the node instead)"
+            )
+        if ns == "network" and host_network:
+            raise InvalidArgument(
+                f"sysctl {name} cannot be set in a pod that uses the host network (hostNetwork: true)"
+            )
+        if ns == "ipc" and host_ipc:
+            raise InvalidArgument(
+                f"sysctl {name} cannot be set in a pod that uses the host IPC namespace (hostIPC: true)"
+            )
+        out[name] = value
+    return out
+
+
+def _ns_mode(v: str, what: str) -> str:
+    if v not in NAMESPACE_MODES:
+        raise InvalidArgument(f"unknown {what} namespace mode {v!r}; expected one of {NAMESPACE_MODES}")
+    return v
+
+
+def _profile(p: SecurityProfile | None, what: str) -> SecurityProfile | None:
+    if p is not None and p.profile_type not in PROFILE_TYPES:
+        raise InvalidArgument(f"unknown {what} profile type {p.profile_type!r}; expected one of {PROFILE_TYPES}")
+    return p
+
+
+def _seccomp_for(
+    profile: SecurityProfile | None,
+    *,
+    privileged: bool,
+    caps: Iterable[str],
+    runtime_cfg: RuntimeSpecConfig,
+    host: HostLookups,
+) -> dict | None:
+    _profile(profile, "seccomp")
+    if privileged:
+        return None
+    if profile is None:
+        if not runtime_cfg.seccomp_default:
+            return None
+        return _seccomp.default_profile(caps, arch=runtime_cfg.seccomp_arch)
+    if profile.profile_type == "Unconfined":
+        return None
+    if profile.profile_type == "RuntimeDefault":
+        return _seccomp.default_profile(caps, arch=runtime_cfg.seccomp_arch)
+    return host.load_seccomp(profile.localhost_ref, caps)
+
+
+def _apparmor_for(
+    profile: SecurityProfile | None, *, privileged: bool, runtime_cfg: RuntimeSpecConfig
+) -> str:
+    _profile(profile, "apparmor")
+    if profile is None:
+        return "" if privileged else runtime_cfg.apparmor_default_profile
+    if profile.profile_type == "Unconfined":
+        return ""
+    if profile.profile_type == "RuntimeDefault":
+        return runtime_cfg.apparmor_default_profile
+    ref = profile.localhost_ref
+    if ref.startswith("localhost/"):
+        ref = ref[len("localhost/"):]
+    if not ref:
+        raise InvalidArgument("AppArmor profile type Localhost needs a localhost_ref (a profile name)")
+    return ref
+
+
+def _selinux_label(opts: SELinuxOption | None, runtime_cfg: RuntimeSpecConfig) -> tuple[str, str]:
+    """(process label, mount label) or ("", "")."""
+    if not runtime_cfg.selinux_enabled or opts is None:
+        return "", ""
+    user = opts.user or "system_u"
+    role = opts.role or "system_r"
+    typ = opts.type or "container_t"
+    label = f"{user}:{role}:{typ}"
+    mount = f"{user}:object_r:container_file_t"
+    if opts.level:
+        label += f":{opts.level}"
+        mount += f":{opts.level}"
+    return label, mount
+
+
+def _filter_annotations(
+    annotations: Mapping[str, str], allowed: Sequence[str], *, only_allowed: bool = False
+) -> dict[str, str]:
+    out = {}
+    for k, v in annotations.items():
+        ok = any(fnmatchcase(k, pat) for pat in allowed)
+        if only_allowed and not ok:
+            continue
+        if not ok and k.startswith(RESERVED_ANNOTATION_PREFIXES):
+            continue
+        out[k] = v
+    return out
+
+
+def _merge_env(base: list[str], updates: Iterable[str]) -> list[str]:
+    """Replace ``KEY=...`` entries by key, append new keys (order kept)."""
+    out = list(base)
+    index = {e.split("=", 1)[0]: i for i, e in enumerate(out)}
+    for e in updates:
+        k = e.split("=", 1)[0]
+        if k in index:
+            out[index[k]] = e
+        else:
+            index[k] = len(out)
+            out.append(e)
+    return out
+
+
+def _user_obj(uid: int, gid: int, additional_gids: Sequence[int]) -> dict:
+    for v, what in ((uid, "uid"), (gid, "gid")):
+        if not (0 <= v <= 0xFFFFFFFE):
+            raise InvalidArgument(f"{what} {v} is out of range")
+    user: dict = {"uid": uid, "gid": gid}
+    extra = []
+    for g in additional_gids:
+        if not (0 <= g <= 0xFFFFFFFE):
+            raise InvalidArgument(f"additional gid {g} is out of range")
+        if g not in extra:
+            extra.append(g)
+    if extra:
+        user["additionalGids"] = extra
+    return user
+
+
+def _rlimits(runtime_cfg: RuntimeSpecConfig) -> list[dict]:
+    return [{"type": t, "soft": s, "hard": h} for t, s, h in runtime_cfg.rlimits]
+
+
+def _id_mappings(maps: Sequence[IDMapping]) -> list[dict]:
+    return [{"containerID": m.container_id, "hostID": m.host_id, "size": m.length} for m in maps]
+
+
+def _base_mounts(
+    runtime_cfg: RuntimeSpecConfig, *, privileged: bool, shm_path: str | None, cgroup: bool = True
+) -> list[dict]:
+    size = runtime_cfg.tmpfs_size
+    ro = [] if privileged else ["ro"]
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", f"size={size}"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", *ro]},
+    ]
+    if cgroup:
+        mounts.append(
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", *ro],
+            }
+        )
+    if shm_path:
+        mounts.append(
+            {"destination": "/dev/shm", "type": "bind", "source": shm_path, "options": ["rbind", "rprivate", "rw"]}
+        )
+    else:
+        mounts.append(
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", f"size={size}"],
+            }
+        )
+    return mounts
+
+
+def _file_bind(dest: str, source: str, readonly: bool) -> dict:
+    return {"destination": dest, "type": "bind", "source": source,
+            "options": ["rbind", "rprivate", "ro" if readonly else "rw"]}
+
+
+def _resources_with_devices(res: dict, device_rules: list[dict]) -> dict:
+    out = dict(res)
+    out["devices"] = device_rules
+    return out
+
+
+# --- sandbox ------------------------------------------------------------------------
+
+
+def build_sandbox_spec(
+    cfg: PodSandboxConfig,
+    *,
+    sandbox_id: str,
+    rootfs: str,
+    infra_binary_path: str,
+    netns_path: str | None,
+    cgroups_path: str,
+    runtime_cfg: RuntimeSpecConfig = RuntimeSpecConfig(),
+    shm_path: str | None = None,
+    resolv_conf_path: str | None = None,
+    hosts_path: str | None = None,
+    hostname_path: str | None = None,
+    host: HostLookups = HostLookups(),
+) -> dict:
+    """The spec of a pod's infra process: ``catatonit -P`` in an empty read-only rootfs.
+
+    Namespace modes come from ``cfg.linux.security_context.namespace_options``:
+    network NODE = host network (no network or UTS namespace, ``netns_path``
+    must be None); POD = join ``netns_path`` (a pinned namespace from the CNI
+    layer) or, when it is None, a fresh one.  IPC and PID get a new namespace
+    unless NODE.
+    """
+    if not sandbox_id:
+        raise InvalidArgument("sandbox id is empty")
+    linux = cfg.linux
+    sc = (linux.security_context if linux else None) or LinuxSandboxSecurityContext()
+    nso = sc.namespace_options or NamespaceOption()
+    net_mode = _ns_mode(nso.network, "network")
+    pid_mode = _ns_mode(nso.pid, "pid")
+    ipc_mode = _ns_mode(nso.ipc, "ipc")
+    for mode, what in ((net_mode, "network"), (ipc_mode, "ipc"), (pid_mode, "pid")):
+        if mode == "TARGET":
+            raise InvalidArgument(f"a pod sandbox cannot use {what} namespace mode TARGET")
+    host_network = net_mode == "NODE"
+    host_ipc = ipc_mode == "NODE"
+    host_pid = pid_mode == "NODE"
+    if host_network and netns_path:
+        raise InvalidArgument("the pod uses the host network but a network namespace path was given")
+    privileged = sc.privileged
+
+    # Namespaces.
+    namespaces: list[dict] = [{"type": "mount"}]
+    if not host_network:
+        namespaces.append({"type": "network", "path": netns_path} if netns_path else {"type": "network"})
+        namespaces.append({"type": "uts"})
+    if not host_ipc:
+        namespaces.append({"type": "ipc"})
+    if not host_pid:
+        namespaces.append({"type": "pid"})
+    if runtime_cfg.cgroupns:
+        namespaces.append({"type": "cgroup"})
+    userns = nso.userns_options
+    uid_maps: list[dict] = []
+    gid_maps: list[dict] = []
+    if userns is not None and userns.mode == "POD":
+        if not userns.uids or not userns.gids:
+            raise InvalidArgument("a pod user namespace needs uid and gid mappings")
+        namespaces.append({"type": "user"})
+        uid_maps, gid_maps = _id_mappings(userns.uids), _id_mappings(userns.gids)
+
+    # Sysctls: runtime defaults that apply here, then the pod's (validated).
+    sysctls: dict[str, str] = {}
+    for k, v in runtime_cfg.default_sysctls.items():
+        name = normalize_sysctl_name(k)
+        ns = _sysctl_namespace(name)
+        if (ns == "network" and host_network) or (ns == "ipc" and host_ipc) or ns is None:
+            continue
+        sysctls[name] = v
+    sysctls.update(validate_sysctls(linux.sysctls if linux else {}, host_network=host_network, host_ipc=host_ipc))
+
+    # Mounts.
+    mounts = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path, cgroup=False)
+    mounts.append(_file_bind(INFRA_PATH_IN_CONTAINER, infra_binary_path, True))
+    for dest, src in (("/etc/resolv.conf", resolv_conf_path), ("/etc/hosts", hosts_path),
+                      ("/etc/hostname", hostname_path)):
+        if src:
+            mounts.append(_file_bind(dest, src, True))
+
+    # Process.
+    caps = list(ALL_CAPABILITIES) if privileged else []
+    uid = sc.run_as_user if sc.run_as_user is not None else 0
+    gid = sc.run_as_group if sc.run_as_group is not None else 0
+    process: dict = {
+        "terminal": False,
+        "user": _user_obj(uid, gid, [gid, *sc.supplemental_groups]),
+        "args": [INFRA_PATH_IN_CONTAINER, "-P"],
+        "env": [f"PATH={DEFAULT_PATH}"],
+        "cwd": "/",
+        "capabilities": _caps_object(caps, []),
+        "noNewPrivileges": True,
+        "oomScoreAdj": SANDBOX_OOM_SCORE_ADJ,
+    }
+    if runtime_cfg.rlimits:
+        process["rlimits"] = _rlimits(runtime_cfg)
+    apparmor = _apparmor_for(sc.apparmor, privileged=privileged, runtime_cfg=runtime_cfg)
+    if apparmor:
+        process["apparmorProfile"] = apparmor
+    label, mount_label = _selinux_label(sc.selinux_options, runtime_cfg)
+    if label:
+        process["selinuxLabel"] = label
+
+    resources: dict = {"devices": [{"allow": False, "access": "rwm"}]}
+    if runtime_cfg.sandbox_cpu_shares:
+        resources["cpu"] = {"shares": runtime_cfg.sandbox_cpu_shares}
+
+    linux_obj: dict = {
+        "namespaces": namespaces,
+        "resources": resources,
+        "cgroupsPath": cgroups_path,
+    }
+    if uid_maps:
+        linux_obj["uidMappings"], linux_obj["gidMappings"] = uid_maps, gid_maps
+    if sysctls:
+        linux_obj["sysctls"] = sysctls
+    if not privileged:
+        linux_obj["maskedPaths"] = list(runtime_cfg.masked_paths)
+        linux_obj["readonlyPaths"] = list(runtime_cfg.readonly_paths)
+    seccomp = _seccomp_for(sc.seccomp, privileged=privileged, caps=caps, runtime_cfg=runtime_cfg, host=host)
+    if seccomp is not None:
+        linux_obj["seccomp"] = seccomp
+    if mount_label:
+        linux_obj["mountLabel"] = mount_label
+
+    md = cfg.metadata
+    annotations = _filter_annotations(cfg.annotations, runtime_cfg.pod_annotations, only_allowed=True)
+    annotations.update(
+        {
+            ANN_CONTAINER_TYPE: "sandbox",
+            ANN_SANDBOX_ID: sandbox_id,
+            ANN_SANDBOX_NAME: md.name,
+            ANN_SANDBOX_NAMESPACE: md.namespace,
+            ANN_SANDBOX_UID: md.uid,
+            ANN_SANDBOX_LOG_DIR: cfg.log_directory,
+        }
+    )
+
+    spec: dict = {
+        "ociVersion": OCI_VERSION,
+        "process": process,
+        "root": {"path": rootfs, "readonly": True},
+        "mounts": mounts,
+        "annotations": annotations,
+        "linux": linux_obj,
+    }
+    if not host_network and cfg.hostname:
+        spec["hostname"] = cfg.hostname
+    return spec
+
+
+# --- container ----------------------------------------------------------------------
+
+
+def container_args(cfg: ContainerConfig, image: ImageConfig) -> list[str]:
+    """Kubernetes command/args against the image's Entrypoint/Cmd.
+
+    command set → command + args (image Cmd ignored); only args → Entrypoint +
+    args; neither → Entrypoint + Cmd.
+    """
+    if cfg.command:
+        args = list(cfg.command) + list(cfg.args)
+    elif cfg.args:
+        args = list(image.entrypoint) + list(cfg.args)
+    else:
+        args = list(image.entrypoint) + list(image.cmd)
+    if not args or not args[0]:
+        raise InvalidArgument(
+            "no command specified: the container sets no command and the image "
+            f"{cfg.image or '(unknown)'} has no Entrypoint or Cmd"
+        )
+    return args
+
+
+def container_env(
+    cfg: ContainerConfig, image: ImageConfig, *, hostname: str = "", home: str | None = None
+) -> list[str]:
+    env = [f"PATH={DEFAULT_PATH}"]
+    if hostname:
+        env.append(f"HOSTNAME={hostname}")
+    env = _merge_env(env, [e for e in image.env if e and not e.startswith("=")])
+    cri: list[str] = []
+    for k, v in cfg.envs:
+        if not k or "=" in k or "\x00" in k or "\x00" in v:
+            raise InvalidArgument(f"invalid environment variable name {k!r}")
+        cri.append(f"{k}={v}")
+    env = _merge_env(env, cri)
+    if home and not any(e.startswith("HOME=") for e in env):
+        env.append(f"HOME={home}")
+    return env
+
+
+def _cri_mount(m: Mount, host: HostLookups) -> dict:
+    dest = _clean_abs(m.container_path, "mount container path")
+    if not m.host_path:
+        if m.image is not None:
+            raise InvalidArgument(
+                f"image volume {m.image.image!r} at {dest} was not mounted before building the spec"
+            )
+        raise InvalidArgument(f"mount at {dest} has no host path")
+    src = _clean_abs(m.host_path, f"host path of the mount at {dest}:")
+    if not host.path_exists(src):
+        raise NotFound(f"mount source {src} (for {dest}) does not exist on this node")
+    if m.propagation not in PROPAGATIONS:
+        raise InvalidArgument(f"unknown mount propagation {m.propagation!r} for {dest}; expected one of {PROPAGATIONS}")
+    if m.recursive_read_only:
+        if not m.readonly:
+            raise InvalidArgument(f"recursive read-only mount at {dest} must also be read-only")
+        if m.propagation != "private":
+            raise InvalidArgument(f"recursive read-only mount at {dest} needs private propagation")
+    options = ["rbind", "r" + m.propagation if m.propagation == "private" else m.propagation]
+    if m.recursive_read_only:
+        options.append("rro")
+    else:
+        options.append("ro" if m.readonly else "rw")
+    out: dict = {"destination": dest, "type": "bind", "source": src, "options": options}
+    if m.uid_mappings or m.gid_mappings:
+        out["uidMappings"] = _id_mappings(m.uid_mappings)
+        out["gidMappings"] = _id_mappings(m.gid_mappings)
+    return out
+
+
+def _depth(path: str) -> int:
+    return len([p for p in path.split("/") if p])
+
+
+def build_container_spec(
+    cfg: ContainerConfig,
+    image: ImageConfig,
+    *,
+    container_id: str,
+    sandbox_id: str,
+    sandbox_cfg: PodSandboxConfig,
+    rootfs: str,
+    sandbox_pid: int | None,
+    netns_path: str | None,
+    uid: int,
+    gid: int,
+    additional_gids: Sequence[int] = (),
+    cgroups_path: str,
+    runtime_cfg: RuntimeSpecConfig = RuntimeSpecConfig(),
+    hostname_path: str | None = None,
+    hosts_path: str | None = None,
+    resolv_conf_path: str | None = None,
+    shm_path: str | None = None,
+    target_pid: int | None = None,
+    home: str | None = None,
+    hostname: str | None = None,
+    host: HostLookups = HostLookups(),
+) -> dict:
+    """The spec of an application container in a running sandbox.
+
+    ``sandbox_pid`` is the infra process (host pid); the container joins its
+    namespaces as ``/proc/<pid>/ns/<type>`` - except the network namespace,
+    which is ``netns_path`` when given.  ``target_pid`` is the process of the
+    container named by ``NamespaceOption.target_id`` (pid mode TARGET).
+    ``uid``/``gid``/``additional_gids``/``home`` come from ``users.resolve_user``.
+    """
+    if not container_id:
+        raise InvalidArgument("container id is empty")
+    lc = cfg.linux
+    sc = (lc.security_context if lc else None) or LinuxContainerSecurityContext()
+    res = lc.resources if lc else None
+    sb_linux = sandbox_cfg.linux
+    sb_sc = (sb_linux.security_context if sb_linux else None) or LinuxSandboxSecurityContext()
+    privileged = sc.privileged
+    if privileged and not sb_sc.privileged:
+        raise InvalidArgument(
+            "a privileged container needs a privileged pod sandbox; "
+            "the sandbox was created without privileged: true"
+        )
+
+    # --- process -----------------------------------------------------------------
+    args = container_args(cfg, image)
+    host_name = hostname if hostname is not None else sandbox_cfg.hostname
+    env = container_env(cfg, image, hostname=host_name, home=home)
+    cwd = cfg.working_dir or image.working_dir or "/"
+    if not cwd.startswith("/"):
+        raise InvalidArgument(f"working directory {cwd!r} must be an absolute path")
+
+    caps, ambient = compute_capabilities(sc.capabilities, runtime_cfg.default_capabilities, privileged)
+    process: dict = {
+        "terminal": bool(cfg.tty),
+        "user": _user_obj(uid, gid, additional_gids),
+        "args": args,
+        "env": env,
+        "cwd": cwd,
+        "capabilities": _caps_object(caps, ambient),
+        "noNewPrivileges": bool(sc.no_new_privs),
+    }
+    if res is not None:
+        if not (-1000 <= res.oom_score_adj <= 1000):
+            raise InvalidArgument(f"oom_score_adj {res.oom_score_adj} must be within -1000..1000")
+        process["oomScoreAdj"] = res.oom_score_adj
+    if runtime_cfg.rlimits:
+        process["rlimits"] = _rlimits(runtime_cfg)
+    apparmor = _apparmor_for(sc.apparmor, privileged=privileged, runtime_cfg=runtime_cfg)
+    if apparmor:
+        process["apparmorProfile"] = apparmor
+    label, mount_label = _selinux_label(sc.selinux_options or sb_sc.selinux_options, runtime_cfg)
+    if label and not privileged:
+        process["selinuxLabel"] = label
+
+    # --- namespaces ----------------------------------------------------------------
+    nso = sc.namespace_options or NamespaceOption()
+    net_mode = _ns_mode(nso.network, "network")
+    pid_mode = _ns_mode(nso.pid, "pid")
+    ipc_mode = _ns_mode(nso.ipc, "ipc")
+
+    def sandbox_ns(kind: str) -> str:
+        if sandbox_pid is None or sandbox_pid <= 0:
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} has no running infra process to share its {kind} namespace with; "
+                "is the pod sandbox ready?"
+            )
+        return f"/proc/{sandbox_pid}/ns/{kind}"
+
+    namespaces: list[dict] = [{"type": "mount"}]
+    if net_mode == "POD":
+        namespaces.append({"type": "network", "path": netns_path or sandbox_ns("net")})
+        namespaces.append({"type": "uts", "path": sandbox_ns("uts")})
+    elif net_mode == "NODE":
+        pass  # host network and host UTS
+    else:
+        raise InvalidArgument(f"network namespace mode {net_mode} is not supported for containers; use POD or NODE")
+    if ipc_mode == "POD":
+        namespaces.append({"type": "ipc", "path": sandbox_ns("ipc")})
+    elif ipc_mode == "CONTAINER":
+        namespaces.append({"type": "ipc"})
+    elif ipc_mode == "TARGET":
+        raise InvalidArgument("ipc namespace mode TARGET is not supported; use POD, CONTAINER or NODE")
+    if pid_mode == "POD":
+        namespaces.append({"type": "pid", "path": sandbox_ns("pid")})
+    elif pid_mode == "CONTAINER":
+        namespaces.append({"type": "pid"})
+    elif pid_mode == "TARGET":
+        if not nso.target_id:
+            raise InvalidArgument("pid namespace mode TARGET needs a target container id")
+        if target_pid is None or target_pid <= 0:
+            raise FailedPrecondition(
+                f"target container {nso.target_id} is not running; cannot share its pid namespace"
+            )
+        namespaces.append({"type": "pid", "path": f"/proc/{target_pid}/ns/pid"})
+    if runtime_cfg.cgroupns:
+        namespaces.append({"type": "cgroup"})
+    uid_maps: list[dict] = []
+    gid_maps: list[dict] = []
+    userns = nso.userns_options
+    if userns is not None and userns.mode == "POD":
+        namespaces.append({"type": "user", "path": sandbox_ns("user")})
+        uid_maps, gid_maps = _id_mappings(userns.uids), _id_mappings(userns.gids)
+
+    # --- mounts ------------------------------------------------------------------------
+    cri_mounts: list[dict] = []
+    seen: set[str] = set()
+    for m in cfg.mounts:
+        cm = _cri_mount(m, host)
+        if cm["destination"] in seen:
+            raise InvalidArgument(f"duplicate mount point {cm['destination']}")
+        seen.add(cm["destination"])
+        cri_mounts.append(cm)
+    # Deeper mounts after shallower ones, so a parent never hides a child.
+    cri_mounts.sort(key=lambda mm: _depth(mm["destination"]))
+
+    defaults = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path)
+    for dest, src in (("/etc/hostname", hostname_path), ("/etc/hosts", hosts_path),
+                      ("/etc/resolv.conf", resolv_conf_path)):
+        if src:
+            defaults.append(_file_bind(dest, src, bool(sc.readonly_rootfs)))
+    mounts = [d for d in defaults if d["destination"] not in seen] + cri_mounts
+
+    rootfs_propagation = ""
+    if any("rshared" in mm["options"] for mm in cri_mounts):
+        rootfs_propagation = "rshared"
+    elif any("rslave" in mm["options"] for mm in cri_mounts):
+        rootfs_propagation = "rslave"
+
+    # --- devices -------------------------------------------------------------------------
+    devices: dict[str, dict] = {}
+    device_rules: list[dict] = [{"allow": False, "access": "rwm"}]
+    if privileged:
+        device_rules = [{"allow": True, "access": "rwm"}]
+        if not runtime_cfg.privileged_without_host_devices:
+            for hd in host.devices_at("/dev") or []:
+                if hd.type == "p" or hd.path in _PRIVILEGED_DEV_SKIP or hd.path.startswith(
+                    tuple(p + "/" for p in _PRIVILEGED_DEV_SKIP)
+                ):
+                    continue
+                devices[hd.path] = _device_obj(hd.path, hd)
+    for d in cfg.devices:
+        hp = _clean_abs(d.host_path, "device host path")
+        cp = _clean_abs(d.container_path or d.host_path, "device container path")
+        perms = d.permissions or "rwm"
+        if not set(perms) <= set("rwm") or len(set(perms)) != len(perms):
+            raise InvalidArgument(f"device {hp}: permissions {perms!r} must be a combination of r, w and m")
+        found = host.devices_at(hp)
+        if found is None:
+            raise NotFound(f"device {hp} does not exist on this node")
+        found = [hd for hd in found if hd.type in ("c", "b")]
+        if not found:
+            raise InvalidArgument(f"{hp} is not a device node (nor a directory of device nodes)")
+        for hd in found:
+            dest = cp if hd.path == hp else posixpath.join(cp, posixpath.relpath(hd.path, hp))
+            devices[dest] = _device_obj(dest, hd)
+            if not privileged:
+                device_rules.append(
+                    {"allow": True, "type": hd.type, "major": hd.major, "minor": hd.minor, "access": perms}
+                )
+
+    # --- linux -------------------------------------------------------------------------
+    linux_obj: dict = {
+        "namespaces": namespaces,
+        "resources": _resources_with_devices(linux_resources(res), device_rules),
+        "cgroupsPath": cgroups_path,
+    }
+    if devices:
+        linux_obj["devices"] = sorted(devices.values(), key=lambda dd: dd["path"])
+    if uid_maps:
+        linux_obj["uidMappings"], linux_obj["gidMappings"] = uid_maps, gid_maps
+    if not privileged:
+        masked = sc.masked_paths if sc.masked_paths is not None else runtime_cfg.masked_paths
+        readonly = sc.readonly_paths if sc.readonly_paths is not None else runtime_cfg.readonly_paths
+        linux_obj["maskedPaths"] = [_clean_abs(p, "masked path") for p in masked]
+        linux_obj["readonlyPaths"] = [_clean_abs(p, "read-only path") for p in readonly]
+    seccomp = _seccomp_for(sc.seccomp, privileged=privileged, caps=caps, runtime_cfg=runtime_cfg, host=host)
+    if seccomp is not None:
+        linux_obj["seccomp"] = seccomp
+    if rootfs_propagation:
+        linux_obj["rootfsPropagation"] = rootfs_propagation
+    if mount_label and not privileged:
+        linux_obj["mountLabel"] = mount_label
+
+    # --- annotations -------------------------------------------------------------------
+    md = sandbox_cfg.metadata
+    annotations = _filter_annotations(sandbox_cfg.annotations, runtime_cfg.pod_annotations, only_allowed=True)
+    annotations.update(_filter_annotations(cfg.annotations, runtime_cfg.allowed_annotations))
+    annotations.update(
+        {
+            ANN_CONTAINER_TYPE: "container",
+            ANN_SANDBOX_ID: sandbox_id,
+            ANN_SANDBOX_NAME: md.name,
+            ANN_SANDBOX_NAMESPACE: md.namespace,
+            ANN_SANDBOX_UID: md.uid,
+            ANN_CONTAINER_NAME: cfg.metadata.name,
+            ANN_IMAGE_NAME: cfg.image,
+        }
+    )
+
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": process,
+        "root": {"path": rootfs, "readonly": bool(sc.readonly_rootfs)},
+        "mounts": mounts,
+        "annotations": annotations,
+        "linux": linux_obj,
+    }
+
+
+def _device_obj(path: str, hd: HostDevice) -> dict:
+    return {
+        "path": path,
+        "type": hd.type,
+        "major": hd.major,
+        "minor": hd.minor,
+        "fileMode": hd.file_mode,
+        "uid": hd.uid,
+        "gid": hd.gid,
+    }
