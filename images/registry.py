@@ -499,7 +499,20 @@ class RegistryClient:
             try:
                 resp = await client.send(req, stream=stream, follow_redirects=follow_redirects)
             except httpx.TransportError as e:
+                if _is_cert_error(e):
+                    raise Unavailable(
+                        f"TLS verification of registry {host.netloc} failed: {_cert_error_text(e)}; add the "
+                        f"registry's CA with ca = \"/path/ca.crt\" in certs.d/{host.namespace or host.netloc}"
+                        "/hosts.toml (or set skip_verify = true)") from None
                 raise _Retryable(f"{method} {url}: {_exc_text(e)}") from e
+            if resp.status_code == 400 and host.scheme == "http":
+                body = await _read_bounded(resp, _MAX_ERROR_BODY)
+                if b"HTTP request to an HTTPS server" in body:
+                    await resp.aclose()
+                    raise Unavailable(f"registry {host.netloc} speaks HTTPS but was contacted over plain HTTP; "
+                                      f"set server = \"https://{host.netloc}\" in certs.d/"
+                                      f"{host.namespace or host.netloc}/hosts.toml")
+                resp._content = body  # keep it readable for the caller
             if resp.status_code in RETRY_STATUSES:
                 body = await _read_bounded(resp, _MAX_ERROR_BODY)
                 await resp.aclose()
@@ -519,8 +532,10 @@ class RegistryClient:
             given_token = authz is not None and creds is not None and bool(creds.registry_token)
             if authed or given_token or (authz is not None and not usable):
                 if has_creds:
+                    pair = creds.basic() if creds is not None and not creds.registry_token else None
+                    whose = f" for user {pair[0]!r}" if pair and pair[0] else ""
                     raise Unauthenticated(f"authentication to registry {host.netloc} failed: "
-                                          f"the registry rejected the credentials{_error_detail(body)}")
+                                          f"the registry rejected the credentials{whose}{_error_detail(body)}")
                 raise Unauthenticated(f"authentication to registry {host.netloc} failed: access to "
                                       f"{scope or url} was refused{_error_detail(body)}; "
                                       "check the image name and supply credentials if it is private")
@@ -937,6 +952,23 @@ async def _read_bounded(resp: httpx.Response, limit: int, strict: bool = False) 
                 raise
         return bytes(buf[:limit])
     return resp.content[:limit]
+
+
+def _is_cert_error(e: BaseException) -> bool:
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 10:
+        if isinstance(cur, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+def _cert_error_text(e: BaseException) -> str:
+    s = str(e)
+    m = re.search(r"certificate verify failed: ([^(]+)", s)
+    return f"certificate verify failed: {m.group(1).strip()}" if m else s
 
 
 def _exc_text(e: BaseException) -> str:
