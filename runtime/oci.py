@@ -150,18 +150,21 @@ class OCIRuntimeAPI(Protocol):
     def conmon_pid(self, cid: str) -> int | None: ...
 
 
-def _classify(text: str, cid: str, action: str) -> MoorageError:
+def _classify(text: str, cid: str, action: str, root: str = "") -> MoorageError:
     """Map a runtime's error text to a domain error; the runtime's words stay in the message."""
     low = text.lower()
     msg = f"{action} container {cid}: {text}" if text else f"{action} container {cid} failed"
-    if "does not exist" in low or "container not found" in low or (
-        "no such file or directory" in low and ("/status" in low or "state.json" in low)
+    # runc: "container does not exist"; crun: "error opening file `<root>/<cid>/status`: No such file
+    # or directory" or "cannot open directory '<root>/<cid>': No such file or directory".
+    state_path = os.path.join(root, cid) if root else f"/{cid}"
+    if "container does not exist" in low or "container not found" in low or (
+        "no such file or directory" in low and (f"{state_path}/status" in text or f"{state_path}'" in text)
     ):
         return NotFound(f"container {cid} is not known to the OCI runtime ({text})")
     if "already exists" in low or "exists already" in low:
         return AlreadyExists(msg)
     if "not running" in low or "is stopped" in low or "stopped container" in low or "not stopped" in low \
-            or "cannot delete container" in low or "is paused" in low:
+            or "cannot delete container" in low or "is paused" in low or "not in `created` or `stopped`" in low:
         return FailedPrecondition(msg)
     return OCIRuntimeError(msg, stderr=text)
 
@@ -354,7 +357,7 @@ class OCIRuntime:
             ) from None
         if proc.returncode != 0:
             text = clean_runtime_error(err) or clean_runtime_error(out)
-            raise _classify(text, cid, f"{self.handler.name} {action}")
+            raise _classify(text, cid, f"{self.handler.name} {action}", self.root)
         return out
 
     # ------------------------------------------------------------------ lifecycle
@@ -450,7 +453,7 @@ class OCIRuntime:
             else:
                 text = self._read_text(conmon_log) or f"conmon exited with status {proc.returncode}"
             await self._abort_create(cid, None)
-            err = _classify(text, cid, f"{self.handler.name} create")
+            err = _classify(text, cid, f"{self.handler.name} create", self.root)
             if isinstance(err, NotFound):  # "does not exist" from inside create is about a path, not the id
                 err = OCIRuntimeError(f"{self.handler.name} create container {cid}: {text}", stderr=text)
             raise err
@@ -773,7 +776,7 @@ class OCIRuntime:
                 text = (clean_runtime_error((result.message or "") if result else "")
                         or clean_runtime_error(bytes(err)) or clean_runtime_error(bytes(out))
                         or f"conmon exited with status {proc.returncode}")
-                e = _classify(text, cid, f"{self.handler.name} exec {cmd[0]!r} in")
+                e = _classify(text, cid, f"{self.handler.name} exec {cmd[0]!r} in", self.root)
                 raise e
             if result is None:
                 raise OCIRuntimeError(
@@ -846,7 +849,7 @@ class OCIRuntime:
 
     async def reopen_log(self, cid: str) -> None:
         """Ask conmon to reopen (re-create) the container's log file at its original path."""
-        self._check_cid(cid)
+        self._meta(cid)  # NotFound for containers we do not know
         if self.conmon_pid(cid) is None:
             raise FailedPrecondition(f"container {cid} is not running (no conmon); nothing to reopen")
         self._write_ctl(cid, ctl_message(REOPEN_LOGS_EVENT), "reopen the log")
