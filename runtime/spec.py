@@ -46,6 +46,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Where the infra binary is bind-mounted inside the (empty) sandbox rootfs.
 INFRA_PATH_IN_CONTAINER = "/catatonit"
 SANDBOX_OOM_SCORE_ADJ = -998
+#: The node's shared memory, bind-mounted into pods that use the host IPC namespace.
+HOST_DEV_SHM = "/dev/shm"
 
 # Annotation keys (the same ones containerd sets, which tools such as
 # cAdvisor and NRI plugins read).
@@ -758,7 +760,9 @@ def build_sandbox_spec(
         sysctls[name] = v
     sysctls.update(validate_sysctls(linux.sysctls if linux else {}, host_network=host_network, host_ipc=host_ipc))
 
-    # Mounts.
+    # Mounts.  With host IPC the pod shares the node's /dev/shm unless told otherwise.
+    if host_ipc and not shm_path:
+        shm_path = HOST_DEV_SHM
     mounts = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path, cgroup=False)
     mounts.append(_file_bind(INFRA_PATH_IN_CONTAINER, infra_binary_path, True))
     for dest, src in (("/etc/resolv.conf", resolv_conf_path), ("/etc/hosts", hosts_path),
@@ -1050,6 +1054,8 @@ def build_container_spec(
     # Deeper mounts after shallower ones, so a parent never hides a child.
     cri_mounts.sort(key=lambda mm: _depth(mm["destination"]))
 
+    if ipc_mode == "NODE" and not shm_path:
+        shm_path = HOST_DEV_SHM
     defaults = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path)
     for dest, src in (("/etc/hostname", hostname_path), ("/etc/hosts", hosts_path),
                       ("/etc/resolv.conf", resolv_conf_path)):

@@ -690,6 +690,13 @@ def test_pid_node_and_ipc_node_and_host_network():
     assert n == {"mount": None}
 
 
+def test_host_ipc_shares_node_dev_shm():
+    spec = build(with_ns(ipc="NODE"), shm_path=None)
+    assert mount_at(spec, "/dev/shm") == {
+        "destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind", "rprivate", "rw"],
+    }
+
+
 def test_ipc_container_is_private():
     assert ns(build(with_ns(ipc="CONTAINER")))["ipc"] is None
 

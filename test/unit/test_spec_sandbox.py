@@ -140,8 +140,11 @@ def test_host_network():
 
 
 def test_host_ipc_and_pid():
-    n = ns(build(pod(ipc="NODE", pid="NODE")))
+    spec = build(pod(ipc="NODE", pid="NODE"), shm_path=None)
+    n = ns(spec)
     assert "ipc" not in n and "pid" not in n
+    shm = mount_at(spec, "/dev/shm")
+    assert shm["type"] == "bind" and shm["source"] == "/dev/shm"
 
 
 def test_pid_pod_mode_still_gets_own_pid_namespace():
