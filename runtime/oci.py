@@ -161,7 +161,7 @@ def _classify(text: str, cid: str, action: str, root: str = "") -> MoorageError:
         "no such file or directory" in low and (f"{state_path}/status" in text or f"{state_path}'" in text)
     ):
         return NotFound(f"container {cid} is not known to the OCI runtime ({text})")
-    if "already exists" in low or "exists already" in low:
+    if "already exists" in low or "exists already" in low or "with id exists" in low:
         return AlreadyExists(msg)
     if "not running" in low or "is stopped" in low or "stopped container" in low or "not stopped" in low \
             or "cannot delete container" in low or "is paused" in low or "not in `created` or `stopped`" in low:
