@@ -19,14 +19,21 @@ class StreamClosedError(ConnectionError):
 
 
 class SpdyStream:
-    def __init__(self, session: SpdySession, stream_id: int, headers: spdy.Headers) -> None:
+    def __init__(self, session: SpdySession, stream_id: int, headers: spdy.Headers, local: bool = False) -> None:
         self.session = session
         self.id = stream_id
         self.headers = headers
         self.reply_headers: spdy.Headers | None = None
         self.was_reset = False
+        self.ended = False  # the peer finished the stream normally (FIN)
         self.incoming = ByteQueue(on_consumed=self._consumed)
-        self.replied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Streams we open wait for the peer's SYN_REPLY.
+        self.replied: asyncio.Future[None] | None = asyncio.get_running_loop().create_future() if local else None
+
+    def _fail_reply(self, message: str) -> None:
+        if self.replied is not None and not self.replied.done():
+            self.replied.set_exception(StreamClosedError(message))
+            self.replied.exception()  # retrieved: the opener may already have given up
 
     def header(self, name: str, default: str | None = None) -> str | None:
         return spdy.header_value(self.headers, name, default)
@@ -62,19 +69,21 @@ class SpdyStream:
         if not self.was_reset and not self.session.closed.is_set() and self.session.conn.is_open(self.id):
             self.session.conn.end_stream(self.id)
             self.session.flush()
+            self.session.forget_if_done(self)
 
     def reset(self, status: int = spdy.RstStatus.CANCEL) -> None:
         if not self.was_reset and not self.session.closed.is_set():
             self.was_reset = True
             self.session.conn.reset_stream(self.id, status)
             self.session.flush()
+            self.session.streams.pop(self.id, None)
         self.incoming.feed_eof()
 
 
 class SpdySession:
     """Runs the read loop; new peer streams come out of :meth:`accept`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: bool, initial: bytes = b"") -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: bool) -> None:
         self.reader = reader
         self.writer = writer
         self.conn = spdy.SpdyConnection(client=client)
@@ -82,7 +91,6 @@ class SpdySession:
         self.closed = asyncio.Event()
         self._accept: asyncio.Queue[SpdyStream | None] = asyncio.Queue()
         self._window = asyncio.Event()
-        self._initial = initial
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -102,6 +110,10 @@ class SpdySession:
             self._mark_closed()
             raise StreamClosedError(str(e)) from None
 
+    def forget_if_done(self, stream: SpdyStream) -> None:
+        if not self.conn.is_open(stream.id):
+            self.streams.pop(stream.id, None)
+
     async def window_changed(self) -> None:
         ev = self._window
         await ev.wait()
@@ -120,7 +132,7 @@ class SpdySession:
         if self.closed.is_set():
             raise StreamClosedError("connection closed")
         sid = self.conn.open_stream(headers)
-        stream = self.streams[sid] = SpdyStream(self, sid, headers)
+        stream = self.streams[sid] = SpdyStream(self, sid, headers, local=True)
         self.flush()
         await self.drain()
         await stream.replied
@@ -148,22 +160,16 @@ class SpdySession:
         self.closed.set()
         for s in self.streams.values():
             s.incoming.feed_eof()
-            if not s.replied.done():
-                s.replied.set_exception(StreamClosedError("connection closed"))
+            s._fail_reply("connection closed")
         self._accept.put_nowait(None)
         self._wake_writers()
 
     async def _read_loop(self) -> None:
         try:
-            data = self._initial
-            while True:
-                if data:
-                    for ev in self.conn.receive_data(data):
-                        await self._dispatch(ev)
-                    self.flush()
-                data = await self.reader.read(READ_CHUNK)
-                if not data:
-                    break
+            while data := await self.reader.read(READ_CHUNK):
+                for ev in self.conn.receive_data(data):
+                    await self._dispatch(ev)
+                self.flush()
         except spdy.SpdyProtocolError as e:
             log.info("closing SPDY connection: %s", e)
             self.conn.goaway(spdy.GoAwayStatus.PROTOCOL_ERROR)
@@ -177,6 +183,7 @@ class SpdySession:
         if isinstance(ev, spdy.StreamOpened):
             stream = self.streams[ev.stream_id] = SpdyStream(self, ev.stream_id, ev.headers)
             if ev.fin:
+                stream.ended = True
                 stream.incoming.feed_eof()
             self._accept.put_nowait(stream)
         elif isinstance(ev, spdy.DataReceived):
@@ -185,28 +192,31 @@ class SpdySession:
                 return
             stream.incoming.feed(ev.data)
             if ev.fin:
+                stream.ended = True
                 stream.incoming.feed_eof()
+                self.forget_if_done(stream)
             elif stream.incoming.over_limit:
                 # Peer ignores flow control: stop reading the socket until drained.
                 await stream.incoming.drained()
         elif isinstance(ev, spdy.StreamReplied):
             stream = self.streams.get(ev.stream_id)
-            if stream is not None and not stream.replied.done():
+            if stream is not None and stream.replied is not None and not stream.replied.done():
                 stream.reply_headers = ev.headers
                 stream.replied.set_result(None)
             if stream is not None and ev.fin:
+                stream.ended = True
                 stream.incoming.feed_eof()
         elif isinstance(ev, spdy.HeadersReceived):
             stream = self.streams.get(ev.stream_id)
             if stream is not None and ev.fin:
+                stream.ended = True
                 stream.incoming.feed_eof()
         elif isinstance(ev, spdy.StreamReset):
             stream = self.streams.pop(ev.stream_id, None)
             if stream is not None:
                 stream.was_reset = True
                 stream.incoming.feed_eof()
-                if not stream.replied.done():
-                    stream.replied.set_exception(StreamClosedError(f"stream {ev.stream_id} reset ({ev.status})"))
+                stream._fail_reply(f"stream {ev.stream_id} was reset (status {ev.status})")
             self._wake_writers()
         elif isinstance(ev, (spdy.WindowUpdated, spdy.SettingsReceived)):
             self._wake_writers()
