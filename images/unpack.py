@@ -31,7 +31,8 @@ outside the target directory:
   whiteout only hides lower layers).  Other ``.wh..wh.*`` (aufs metadata) are skipped.
 * xattrs come from PAX ``SCHILY.xattr.*`` records; ``trusted.overlay.*`` from a
   layer is dropped (it would let a layer forge overlayfs metadata).
-* Bounded: number of entries, uncompressed bytes, size of any single file.
+* Bounded: number of entries, uncompressed bytes, size of any single file,
+  name length and directory depth.
 
 The uncompressed stream is hashed while it is read (the whole stream, including
 the trailing padding after the end-of-archive marker), giving the layer's
@@ -96,6 +97,7 @@ class UnpackLimits:
     max_bytes: int = 256 << 30          # uncompressed tar stream
     max_file_size: int | None = None    # defaults to max_bytes (also bounds sparse files)
     max_name_length: int = 4096
+    max_depth: int = 256                # path components; keeps tree walks far from recursion limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +422,8 @@ class _Applier:
                 raise self.bad("escapes the root (\"..\" path component)")
             if not comps:
                 continue  # the root directory itself
+            if len(comps) > self.limits.max_depth:
+                raise self.bad(f"is nested deeper than {self.limits.max_depth} directories")
             base = comps[-1]
             if base.startswith(WHITEOUT_PREFIX):
                 self._whiteout(comps)
@@ -772,3 +776,51 @@ def apply_layer(
                 "in the image config; the image is corrupt or was tampered with"
             )
     return UnpackResult(diff_id=diff_id, entries=count, size=hashing.count, compression=compression)
+
+
+def unpack_to_snapshot(
+    snapshotter,
+    src: BinaryIO,
+    *,
+    chain_id: "Digest | str",
+    parent: "Digest | str | None",
+    expected_diff_id: "Digest | str",
+    label: str,
+    allow_devices: bool = False,
+    limits: UnpackLimits = UnpackLimits(),
+    labels: dict[str, str] | None = None,
+) -> UnpackResult | None:
+    """Unpack one layer as the committed snapshot ``chain_id`` on top of ``parent``.
+
+    Returns None when that snapshot already exists (shared layer).  Works in a
+    temporary active snapshot and commits it only after the diff_id matched; on
+    any error the temporary snapshot is removed.  When another pull commits the
+    same chain ID first, ours is discarded and the result still returned.
+    (``snapshotter`` is an ``images.snapshotter.Snapshotter``.)
+    """
+    from runtime.errors import AlreadyExists
+
+    name = str(chain_id)
+    if snapshotter.exists(name):
+        return None
+    key = f"extract-{os.urandom(6).hex()}-{name}"
+    snapshotter.prepare(key, str(parent) if parent is not None else None,
+                        labels={"moorage.io/extract": name})
+    try:
+        mode = snapshotter.unpack_mode
+        result = apply_layer(
+            src, snapshotter.upper_dir(key), mode=mode,
+            parents=snapshotter.parent_dirs(key) if mode == MODE_OVERLAY else (),
+            label=label, allow_devices=allow_devices, limits=limits, expected_diff_id=expected_diff_id,
+        )
+        try:
+            snapshotter.commit(name, key, labels=labels)
+        except AlreadyExists:
+            snapshotter.remove(key)
+        return result
+    except BaseException:
+        try:
+            snapshotter.remove(key)
+        except Exception:  # keep the original error; cleanup() retries at start-up
+            log.exception("removing failed extract snapshot %s", key)
+        raise

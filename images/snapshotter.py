@@ -1,0 +1,853 @@
+"""Snapshots: layered root filesystems, shared between images by chain ID.
+
+Layout under ``root``::
+
+    snapshots/<n>/fs     the snapshot's own files (overlay: its upper dir;
+                         native: a full copy of the tree)
+    snapshots/<n>/work   overlay work dir, only while the snapshot is active
+
+``<n>`` is a short number so that overlay lowerdir lists stay short.  Metadata
+(``SnapshotRecord``) lives behind the small :class:`MetaStore` protocol; the
+daemon's SQLite store implements it, :class:`MemoryMetaStore` and
+:class:`JsonFileMetaStore` are provided for tests and early wiring.
+
+Kinds (containerd semantics):
+
+* ``active``    writable, made by :meth:`Snapshotter.prepare`; becomes
+  ``committed`` by :meth:`Snapshotter.commit` (under a new key, e.g. a chain ID)
+* ``view``      read-only, made by :meth:`Snapshotter.view`
+* ``committed`` immutable, may be the parent of others
+
+Two backends (``kind``):
+
+* ``overlay``: an active snapshot with a parent mounts as overlayfs with
+  ``lowerdir`` = the parent chain (nearest first).  Without a parent it is a
+  bind mount.  A read-only view of one layer is a read-only bind mount, of
+  several an overlay without upper dir.  When the option string would not fit
+  in the single page the kernel copies (``lowerdir`` lists of dozens of
+  layers), the lower dirs are written relative to ``<root>/snapshots`` and the
+  mount is made from a thread that unshared its cwd (``unshare(CLONE_FS)``) and
+  chdir'ed there, as containerd does – the rest of the process keeps its cwd.
+* ``native``: ``prepare`` copies the parent tree (hardlinks, owners, modes,
+  xattrs, times, devices) into the new dir and mounts are bind mounts.  A view
+  binds the committed parent read-only instead of copying it.
+
+Crash safety: a snapshot dir is created (and, for native, filled) before its
+record is written, and a record is deleted before its dir; :meth:`cleanup`
+at start-up removes dirs that have no record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+from runtime.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+
+from images.digest import Digest
+
+log = logging.getLogger(__name__)
+
+KIND_ACTIVE = "active"
+KIND_VIEW = "view"
+KIND_COMMITTED = "committed"
+
+BACKEND_OVERLAY = "overlay"
+BACKEND_NATIVE = "native"
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------- chain id
+def chain_id(diff_ids: Sequence["Digest | str"]) -> Digest:
+    """OCI ChainID: ChainID(L0) = DiffID(L0); ChainID(L0..n) = sha256(ChainID(L0..n-1) + " " + DiffID(Ln))."""
+    if not diff_ids:
+        raise InvalidArgument("chain ID of an empty layer list is undefined")
+    current = Digest.parse(diff_ids[0])
+    for d in diff_ids[1:]:
+        nxt = Digest.parse(d)
+        current = Digest("sha256", hashlib.sha256(f"{current} {nxt}".encode()).hexdigest())
+    return current
+
+
+def chain_ids(diff_ids: Sequence["Digest | str"]) -> list[Digest]:
+    """Chain IDs of every prefix: [ChainID(L0), ChainID(L0..1), ...]."""
+    out: list[Digest] = []
+    for d in diff_ids:
+        nxt = Digest.parse(d)
+        out.append(nxt if not out else
+                   Digest("sha256", hashlib.sha256(f"{out[-1]} {nxt}".encode()).hexdigest()))
+    return out
+
+
+# --------------------------------------------------------------------------- metadata
+@dataclass
+class SnapshotRecord:
+    key: str
+    kind: str                     # active | view | committed
+    parent: str | None
+    dir_id: str                   # name of the directory under <root>/snapshots
+    labels: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SnapshotRecord":
+        return cls(key=d["key"], kind=d["kind"], parent=d.get("parent"), dir_id=str(d["dir_id"]),
+                   labels=dict(d.get("labels") or {}), created=float(d.get("created", 0.0)),
+                   updated=float(d.get("updated", 0.0)))
+
+
+@runtime_checkable
+class MetaStore(Protocol):
+    """What the snapshotter needs from its metadata store.
+
+    Every method is one transaction.  Implementations must be thread-safe.
+    """
+
+    def get(self, key: str) -> SnapshotRecord | None:
+        """The record for ``key`` or None."""
+
+    def add(self, record: SnapshotRecord) -> None:
+        """Insert; raise AlreadyExists if ``record.key`` exists."""
+
+    def commit(self, key: str, name: str, labels: dict[str, str] | None) -> SnapshotRecord:
+        """Atomically turn the active ``key`` into committed ``name`` (same dir_id and
+        parent; labels replaced when given); raise NotFound for ``key``,
+        AlreadyExists when ``name`` exists.  Returns the new record."""
+
+    def remove(self, key: str) -> SnapshotRecord:
+        """Delete and return the record; raise NotFound."""
+
+    def children(self, key: str) -> list[str]:
+        """Keys of records whose parent is ``key``."""
+
+    def list(self) -> list[SnapshotRecord]:
+        """All records."""
+
+
+class MemoryMetaStore:
+    """In-memory MetaStore (tests, and a cache-less default)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, SnapshotRecord] = {}
+        self._lock = threading.RLock()
+
+    def _copy(self, r: SnapshotRecord) -> SnapshotRecord:
+        return SnapshotRecord.from_dict(r.to_dict())
+
+    def get(self, key: str) -> SnapshotRecord | None:
+        with self._lock:
+            r = self._records.get(key)
+            return self._copy(r) if r else None
+
+    def add(self, record: SnapshotRecord) -> None:
+        with self._lock:
+            if record.key in self._records:
+                raise AlreadyExists(f"snapshot \"{record.key}\" already exists")
+            self._records[record.key] = self._copy(record)
+            self._changed()
+
+    def commit(self, key: str, name: str, labels: dict[str, str] | None) -> SnapshotRecord:
+        with self._lock:
+            r = self._records.get(key)
+            if r is None:
+                raise NotFound(f"snapshot \"{key}\" not found")
+            if name in self._records:
+                raise AlreadyExists(f"snapshot \"{name}\" already exists")
+            new = SnapshotRecord(key=name, kind=KIND_COMMITTED, parent=r.parent, dir_id=r.dir_id,
+                                 labels=dict(labels) if labels is not None else dict(r.labels),
+                                 created=r.created, updated=time.time())
+            del self._records[key]
+            self._records[name] = new
+            self._changed()
+            return self._copy(new)
+
+    def remove(self, key: str) -> SnapshotRecord:
+        with self._lock:
+            r = self._records.pop(key, None)
+            if r is None:
+                raise NotFound(f"snapshot \"{key}\" not found")
+            self._changed()
+            return r
+
+    def children(self, key: str) -> list[str]:
+        with self._lock:
+            return [r.key for r in self._records.values() if r.parent == key]
+
+    def list(self) -> list[SnapshotRecord]:
+        with self._lock:
+            return [self._copy(r) for r in self._records.values()]
+
+    def _changed(self) -> None:
+        pass
+
+
+class JsonFileMetaStore(MemoryMetaStore):
+    """MetaStore persisted to one JSON file, rewritten atomically on each change."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {"snapshots": []}
+        except (OSError, ValueError) as e:
+            raise Internal(f"snapshot metadata {path} is unreadable: {e}") from None
+        for d in data.get("snapshots", []):
+            r = SnapshotRecord.from_dict(d)
+            self._records[r.key] = r
+
+    def _changed(self) -> None:
+        tmp = f"{self.path}.tmp"
+        payload = json.dumps({"snapshots": [r.to_dict() for r in self._records.values()]},
+                             sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# --------------------------------------------------------------------------- mounts
+@dataclass(frozen=True)
+class Mount:
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+    def __init__(self, type: str, source: str, options: Iterable[str] = ()) -> None:
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "options", tuple(options))
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int     # bytes allocated (st_blocks * 512), hardlinks counted once
+    inodes: int
+
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+MNT_DETACH = 0x2
+CLONE_FS = 0x200
+
+_FLAG_OPTIONS: dict[str, tuple[bool, int]] = {
+    # option: (clear?, flag)
+    "ro": (False, MS_RDONLY), "rw": (True, MS_RDONLY),
+    "nosuid": (False, MS_NOSUID), "suid": (True, MS_NOSUID),
+    "nodev": (False, MS_NODEV), "dev": (True, MS_NODEV),
+    "noexec": (False, MS_NOEXEC), "exec": (True, MS_NOEXEC),
+    "sync": (False, MS_SYNCHRONOUS), "async": (True, MS_SYNCHRONOUS),
+    "noatime": (False, MS_NOATIME), "atime": (True, MS_NOATIME),
+    "nodiratime": (False, MS_NODIRATIME), "diratime": (True, MS_NODIRATIME),
+    "relatime": (False, MS_RELATIME), "norelatime": (True, MS_RELATIME),
+    "strictatime": (False, MS_STRICTATIME),
+    "bind": (False, MS_BIND), "rbind": (False, MS_BIND | MS_REC),
+    "defaults": (False, 0),
+}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def _sys_mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def parse_mount_options(options: Iterable[str]) -> tuple[int, list[str]]:
+    """Split options into mount(2) flags and filesystem data options."""
+    flags = 0
+    data: list[str] = []
+    for opt in options:
+        known = _FLAG_OPTIONS.get(opt)
+        if known is None:
+            data.append(opt)
+            continue
+        clear, flag = known
+        flags = (flags & ~flag) if clear else (flags | flag)
+    return flags, data
+
+
+def compact_lowerdirs(data: list[str]) -> tuple[str | None, list[str]]:
+    """Rewrite ``lowerdir=`` with paths relative to their common parent directory.
+
+    Returns (directory to chdir into, new data options); (None, data) when
+    there is nothing to shorten.
+    """
+    idx = next((i for i, o in enumerate(data) if o.startswith("lowerdir=")), None)
+    if idx is None:
+        return None, data
+    dirs = data[idx][len("lowerdir="):].split(":")
+    if len(dirs) < 2 or not all(os.path.isabs(d) for d in dirs):
+        return None, data
+    common = os.path.commonpath(dirs)
+    if common in ("", "/"):
+        return None, data
+    # if one lowerdir is the common path itself, step up so every entry stays non-empty
+    if any(os.path.normpath(d) == common for d in dirs):
+        common = os.path.dirname(common)
+    rel = [os.path.relpath(d, common) for d in dirs]
+    new = list(data)
+    new[idx] = "lowerdir=" + ":".join(rel)
+    return common, new
+
+
+def _mount_in_dir(chdir: str, source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2) with relative paths resolved against ``chdir``, without changing
+    the cwd of the rest of the process: a dedicated thread unshares its fs
+    attributes (CLONE_FS) first, so its chdir is private."""
+    result: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            if _libc.unshare(CLONE_FS) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"unshare(CLONE_FS): {os.strerror(e)}")
+            os.chdir(chdir)
+            _sys_mount(source, target, fstype, flags, data)
+        except BaseException as e:  # reported to the caller
+            result["error"] = e
+
+    t = threading.Thread(target=run, name="moorage-mount", daemon=True)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+
+
+def mount(mounts: Sequence[Mount], target: str) -> None:
+    """Mount ``mounts`` in order onto ``target`` (mount(2) via libc; no mount binary)."""
+    done = 0
+    try:
+        for m in mounts:
+            _mount_one(m, target)
+            done += 1
+    except BaseException:
+        for _ in range(done):
+            with contextlib.suppress(OSError, Internal):
+                unmount(target, detach=True)
+        raise
+
+
+def _mount_one(m: Mount, target: str) -> None:
+    flags, data_opts = parse_mount_options(m.options)
+    try:
+        if flags & MS_BIND:
+            _sys_mount(m.source, target, None, flags & (MS_BIND | MS_REC), None)
+            rest = flags & ~(MS_BIND | MS_REC)
+            if rest:
+                # bind mounts ignore most flags on creation: apply them with a remount
+                try:
+                    _sys_mount(None, target, None, MS_REMOUNT | MS_BIND | rest, None)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        _umount(target, MNT_DETACH)
+                    raise
+            return
+        data = ",".join(data_opts)
+        if len(data) >= PAGE_SIZE - 512:
+            chdir, compacted = compact_lowerdirs(data_opts)
+            cdata = ",".join(compacted)
+            if chdir is None or len(cdata) >= PAGE_SIZE - 1:
+                raise Internal(
+                    f"mount options for {target} are {len(data)} bytes, more than fit in a page "
+                    f"({PAGE_SIZE}); too many layers for one overlay mount"
+                )
+            _mount_in_dir(chdir, m.source, target, m.type, flags, cdata)
+        else:
+            _sys_mount(m.source, target, m.type, flags, data or None)
+    except OSError as e:
+        raise Internal(f"mount {m.type} {m.source} on {target} failed: {e.strerror or e}") from None
+
+
+def _umount(target: str, flags: int) -> None:
+    if _libc.umount2(_b(target), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def unmount(target: str, *, detach: bool = False) -> None:
+    """Unmount the top mount at ``target``; NotFound-free: a target that is not
+    mounted is ignored."""
+    try:
+        _umount(target, MNT_DETACH if detach else 0)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT):
+            return  # not a mount point (any more)
+        raise Internal(f"unmount {target} failed: {e.strerror}") from None
+
+
+def unmount_all(target: str, *, detach: bool = False) -> None:
+    """Unmount every mount stacked on ``target``."""
+    for _ in range(1000):
+        try:
+            _umount(target, MNT_DETACH if detach else 0)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                return
+            raise Internal(f"unmount {target} failed: {e.strerror}") from None
+    raise Internal(f"unmount {target}: still mounted after 1000 unmounts")
+
+
+def _mountinfo_unescape(s: str) -> str:
+    return (s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mount_point: str
+    root: str          # path inside the source filesystem that is mounted
+    dev: int
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+
+def read_mountinfo() -> list[MountInfo]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            pre, sep, post = line.rstrip("\n").partition(" - ")
+            pf = pre.split(" ")
+            if not sep or len(pf) < 5:
+                continue
+            major, _, minor = pf[2].partition(":")
+            rest = post.split(" ", 2)
+            while len(rest) < 3:
+                rest.append("")
+            out.append(MountInfo(
+                mount_point=_mountinfo_unescape(pf[4]), root=_mountinfo_unescape(pf[3]),
+                dev=os.makedev(int(major), int(minor)), fstype=rest[0],
+                source=_mountinfo_unescape(rest[1]), super_options=tuple(rest[2].split(","))))
+    return out
+
+
+def mount_points() -> list[str]:
+    """Mount points of this mount namespace (from /proc/self/mountinfo)."""
+    return [m.mount_point for m in read_mountinfo()]
+
+
+def _fs_relative(path: str, infos: list[MountInfo]) -> tuple[int, str] | None:
+    """(device, path inside its filesystem) for an existing directory ``path``."""
+    try:
+        dev = os.stat(path).st_dev
+    except FileNotFoundError:
+        return None
+    best = None
+    for m in infos:
+        if m.dev != dev:
+            continue
+        mp = m.mount_point.rstrip("/")
+        if path == mp or path.startswith(mp + "/"):
+            if best is None or len(mp) > len(best.mount_point.rstrip("/")):
+                best = m
+    if best is None:
+        return None
+    rel = path[len(best.mount_point.rstrip("/")):]
+    return dev, os.path.normpath(best.root.rstrip("/") + rel) if rel else best.root
+
+
+def mounts_using(dirs: Sequence[str]) -> list[str]:
+    """Mount points that show one of ``dirs`` (bind mounts of them or below them,
+    overlays using them as upperdir/workdir, or mounts placed inside them)."""
+    infos = read_mountinfo()
+    wanted = [os.path.abspath(d) for d in dirs]
+    rels = [r for r in (_fs_relative(d, infos) for d in wanted) if r is not None]
+    out = []
+    for m in infos:
+        if any(m.mount_point == d or m.mount_point.startswith(d + "/") for d in wanted):
+            out.append(m.mount_point)
+            continue
+        if m.fstype == "overlay":
+            for o in m.super_options:
+                k, _, v = o.partition("=")
+                if k in ("upperdir", "workdir") and any(v == d or v.startswith(d + "/") for d in wanted):
+                    out.append(m.mount_point)
+                    break
+            continue
+        for dev, rel in rels:
+            if m.dev == dev and (m.root == rel or m.root.startswith(rel + "/")):
+                out.append(m.mount_point)
+                break
+    return out
+
+
+# --------------------------------------------------------------------------- tree copy
+def copy_tree(src: str, dst: str) -> None:
+    """Copy the contents of ``src`` into the existing directory ``dst``.
+
+    Preserves file types (incl. devices and fifos), hardlinks, owners, modes
+    (set-id bits too), xattrs and times.  Never follows symlinks.  Iterative,
+    so deep trees cannot exhaust the interpreter stack.
+    """
+    links: dict[tuple[int, int], str] = {}
+    dir_meta: list[tuple[str, str, os.stat_result]] = [(src, dst, os.lstat(src))]
+    stack = [(src, dst)]
+    while stack:
+        sdir, ddir = stack.pop()
+        with os.scandir(sdir) as it:
+            entries = list(it)
+        for e in entries:
+            s = e.path
+            d = os.path.join(ddir, e.name)
+            st = e.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                os.mkdir(d, 0o700)
+                dir_meta.append((s, d, st))
+                stack.append((s, d))
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+                first = links.get((st.st_dev, st.st_ino))
+                if first is not None:
+                    os.link(first, d, follow_symlinks=False)
+                    continue
+                links[(st.st_dev, st.st_ino)] = d
+            if stat.S_ISREG(mode):
+                sfd = os.open(s, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                    try:
+                        _copy_data(sfd, dfd, st.st_size)
+                    finally:
+                        os.close(dfd)
+                finally:
+                    os.close(sfd)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(s), d)
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+                os.mknod(d, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            else:
+                log.warning("copy_tree: skipping %s (unsupported file type)", s)
+                continue
+            _copy_meta(s, d, st)
+    for s, d, st in reversed(dir_meta):  # children first, so their writes don't touch parent times
+        _copy_meta(s, d, st)
+
+
+def _copy_data(sfd: int, dfd: int, size: int) -> None:
+    remaining = size
+    while remaining > 0:
+        try:
+            n = os.copy_file_range(sfd, dfd, min(remaining, 1 << 30))
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = os.sendfile(dfd, sfd, None, min(remaining, 1 << 30))
+        if n == 0:
+            break
+        remaining -= n
+
+
+def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
+    if os.geteuid() == 0:
+        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)  # before chmod: chown clears set-id
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+        except OSError as e:
+            log.warning("copy_tree: cannot copy xattr %s of %s: %s", name, src, e.strerror)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+# --------------------------------------------------------------------------- snapshotter
+def _overlay_index_off() -> bool:
+    """containerd passes index=off when the overlay module knows the option."""
+    return os.path.exists("/sys/module/overlay/parameters/index")
+
+
+class Snapshotter:
+    def __init__(self, root: str, meta: MetaStore | None = None, *, backend: str = BACKEND_OVERLAY) -> None:
+        if backend not in (BACKEND_OVERLAY, BACKEND_NATIVE):
+            raise InvalidArgument(f"unknown snapshotter \"{backend}\" (use \"overlay\" or \"native\")")
+        self.root = os.path.abspath(root)
+        self.backend = backend
+        self.snapshots_dir = os.path.join(self.root, "snapshots")
+        os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
+        self.meta: MetaStore = meta if meta is not None else MemoryMetaStore()
+        self._lock = threading.RLock()
+        self._in_flight: set[str] = set()   # dir ids created but not yet recorded
+        self._next_id = 1 + max((int(n) for n in os.listdir(self.snapshots_dir) if n.isdigit()), default=0)
+        self._next_id = max(self._next_id, 1 + max(
+            (int(r.dir_id) for r in self.meta.list() if r.dir_id.isdigit()), default=0))
+        self._index_off = backend == BACKEND_OVERLAY and _overlay_index_off()
+
+    # -- paths
+    @property
+    def unpack_mode(self) -> str:
+        """How images.unpack must write layers into this snapshotter's dirs."""
+        return "overlay" if self.backend == BACKEND_OVERLAY else "copy"
+
+    def _dir(self, dir_id: str) -> str:
+        return os.path.join(self.snapshots_dir, dir_id)
+
+    def _fs(self, rec: SnapshotRecord) -> str:
+        return os.path.join(self._dir(rec.dir_id), "fs")
+
+    def _work(self, rec: SnapshotRecord) -> str:
+        return os.path.join(self._dir(rec.dir_id), "work")
+
+    def _get(self, key: str) -> SnapshotRecord:
+        rec = self.meta.get(key)
+        if rec is None:
+            raise NotFound(f"snapshot \"{key}\" not found")
+        return rec
+
+    def _chain(self, key: str | None) -> list[SnapshotRecord]:
+        """Records from ``key`` down to the base layer (nearest first)."""
+        out: list[SnapshotRecord] = []
+        seen: set[str] = set()
+        while key is not None:
+            if key in seen:
+                raise Internal(f"snapshot metadata has a parent cycle at \"{key}\"")
+            seen.add(key)
+            rec = self.meta.get(key)
+            if rec is None:
+                raise Internal(f"snapshot metadata is inconsistent: parent \"{key}\" is missing")
+            out.append(rec)
+            key = rec.parent
+        return out
+
+    def upper_dir(self, key: str) -> str:
+        """Directory to write into for an active snapshot (overlay upper dir / native copy)."""
+        rec = self._get(key)
+        if rec.kind != KIND_ACTIVE:
+            raise FailedPrecondition(f"snapshot \"{key}\" is {rec.kind}, not active; it cannot be written")
+        return self._fs(rec)
+
+    def parent_dirs(self, key: str) -> list[str]:
+        """fs dirs of the parents of ``key``, nearest first (overlay lower dirs)."""
+        rec = self._get(key)
+        return [self._fs(r) for r in self._chain(rec.parent)]
+
+    # -- queries
+    def stat(self, key: str) -> SnapshotRecord:
+        return self._get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.meta.get(key) is not None
+
+    def walk(self) -> Iterator[SnapshotRecord]:
+        yield from sorted(self.meta.list(), key=lambda r: (r.created, r.key))
+
+    # -- lifecycle
+    def prepare(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> list[Mount]:
+        """Create the writable snapshot ``key`` on top of committed ``parent``."""
+        return self._create(key, parent, labels, KIND_ACTIVE)
+
+    def view(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> list[Mount]:
+        """Create the read-only snapshot ``key`` of committed ``parent``."""
+        return self._create(key, parent, labels, KIND_VIEW)
+
+    def _create(self, key: str, parent: str | None, labels: dict[str, str] | None, kind: str) -> list[Mount]:
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        if self.meta.get(key) is not None:
+            raise AlreadyExists(f"snapshot \"{key}\" already exists")
+        if parent is not None:
+            prec = self.meta.get(parent)
+            if prec is None:
+                raise NotFound(f"parent snapshot \"{parent}\" not found")
+            if prec.kind != KIND_COMMITTED:
+                raise FailedPrecondition(
+                    f"parent snapshot \"{parent}\" is {prec.kind}; only committed snapshots can be parents")
+        with self._lock:
+            while True:
+                dir_id = str(self._next_id)
+                self._next_id += 1
+                try:
+                    os.mkdir(self._dir(dir_id), 0o700)
+                    break
+                except FileExistsError:
+                    continue
+            self._in_flight.add(dir_id)
+        try:
+            fs = os.path.join(self._dir(dir_id), "fs")
+            os.mkdir(fs, 0o755)
+            if kind == KIND_ACTIVE and self.backend == BACKEND_OVERLAY and parent is not None:
+                os.mkdir(os.path.join(self._dir(dir_id), "work"), 0o700)
+            if kind == KIND_ACTIVE and self.backend == BACKEND_NATIVE and parent is not None:
+                copy_tree(self._fs(self._get(parent)), fs)
+            now = time.time()
+            rec = SnapshotRecord(key=key, kind=kind, parent=parent, dir_id=dir_id,
+                                 labels=dict(labels or {}), created=now, updated=now)
+            self.meta.add(rec)
+        except BaseException:
+            shutil.rmtree(self._dir(dir_id), ignore_errors=True)
+            raise
+        finally:
+            with self._lock:
+                self._in_flight.discard(dir_id)
+        return self._mounts(rec)
+
+    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> SnapshotRecord:
+        """Turn active ``key`` into the committed, immutable snapshot ``name``.
+
+        The snapshot must not be mounted.  AlreadyExists when ``name`` exists
+        (e.g. another pull committed the same chain ID first): the caller
+        removes its own ``key`` then."""
+        rec = self._get(key)
+        if rec.kind != KIND_ACTIVE:
+            raise FailedPrecondition(f"snapshot \"{key}\" is {rec.kind}; only active snapshots can be committed")
+        if self.meta.get(name) is not None:
+            raise AlreadyExists(f"snapshot \"{name}\" already exists")
+        self._refuse_if_mounted(rec)
+        new = self.meta.commit(key, name, labels)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._work(rec))
+        return new
+
+    def remove(self, key: str) -> None:
+        """Remove a snapshot that has no children (unmount it first)."""
+        rec = self._get(key)
+        children = self.meta.children(key)
+        if children:
+            shown = ", ".join(f"\"{c}\"" for c in sorted(children)[:5])
+            raise FailedPrecondition(
+                f"snapshot \"{key}\" is the parent of {len(children)} other snapshot(s) ({shown}); "
+                "remove those first")
+        d = self._dir(rec.dir_id)
+        self._refuse_if_mounted(rec)
+        self.meta.remove(key)
+        shutil.rmtree(d, ignore_errors=True)
+        if os.path.lexists(d):
+            log.warning("snapshot %s: could not remove %s; cleanup() will retry", key, d)
+
+    def _refuse_if_mounted(self, rec: SnapshotRecord) -> None:
+        users = mounts_using([self._dir(rec.dir_id)])
+        if users:
+            raise FailedPrecondition(
+                f"snapshot \"{rec.key}\" is mounted at {', '.join(users[:3])}; unmount it first")
+
+    def usage(self, key: str) -> Usage:
+        """Space used by the snapshot's own dir (overlay: this layer only)."""
+        rec = self._get(key)
+        return disk_usage(self._fs(rec))
+
+    def cleanup(self) -> list[str]:
+        """Remove snapshot dirs without a metadata record (interrupted work); return their ids."""
+        removed = []
+        with self._lock:
+            known = {r.dir_id for r in self.meta.list()} | set(self._in_flight)
+            for name in os.listdir(self.snapshots_dir):
+                if name in known:
+                    continue
+                path = os.path.join(self.snapshots_dir, name)
+                for mp in mount_points():
+                    if mp == path or mp.startswith(path + "/"):
+                        unmount_all(mp, detach=True)
+                shutil.rmtree(path, ignore_errors=True)
+                if not os.path.lexists(path):
+                    removed.append(name)
+        if removed:
+            log.info("snapshotter: removed %d orphaned snapshot dir(s)", len(removed))
+        return removed
+
+    # -- mounts
+    def mounts(self, key: str) -> list[Mount]:
+        return self._mounts(self._get(key))
+
+    def _mounts(self, rec: SnapshotRecord) -> list[Mount]:
+        if self.backend == BACKEND_NATIVE:
+            if rec.kind == KIND_ACTIVE:
+                return [Mount("bind", self._fs(rec), ["rbind", "rw"])]
+            src = self._fs(rec)
+            if rec.kind == KIND_VIEW and rec.parent is not None:
+                src = self._fs(self._get(rec.parent))  # committed trees are immutable: no copy
+            return [Mount("bind", src, ["rbind", "ro"])]
+
+        if rec.kind == KIND_ACTIVE:
+            if rec.parent is None:
+                return [Mount("bind", self._fs(rec), ["rbind", "rw"])]
+            lowers = [self._fs(r) for r in self._chain(rec.parent)]
+            opts = []
+            if self._index_off:
+                opts.append("index=off")
+            opts += [f"workdir={self._work(rec)}", f"upperdir={self._fs(rec)}",
+                     "lowerdir=" + ":".join(lowers)]
+            return [Mount("overlay", "overlay", opts)]
+        # read-only: a view shows its parent chain; a committed snapshot shows itself and below
+        chain = self._chain(rec.parent) if rec.kind == KIND_VIEW else self._chain(rec.key)
+        if not chain:
+            return [Mount("bind", self._fs(rec), ["rbind", "ro"])]
+        if len(chain) == 1:
+            return [Mount("bind", self._fs(chain[0]), ["rbind", "ro"])]
+        opts = ["index=off"] if self._index_off else []
+        opts.append("lowerdir=" + ":".join(self._fs(r) for r in chain))
+        return [Mount("overlay", "overlay", opts)]
+
+
+def disk_usage(path: str) -> Usage:
+    size = 0
+    inodes = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        st = os.lstat(p)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        inodes += 1
+        size += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(p) as it:
+                stack.extend(e.path for e in it)
+    return Usage(size=size, inodes=inodes)
