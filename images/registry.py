@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -184,7 +185,6 @@ class Credentials:
 
     def identity(self) -> str:
         """A cache key for tokens obtained with these credentials (not reversible to them)."""
-        import hashlib
         h = hashlib.sha256(repr((self.username, self.password, self.auth, self.identity_token,
                                  self.registry_token)).encode()).hexdigest()
         return h[:16]
