@@ -71,6 +71,7 @@ class ConmonOptions:
     systemd_cgroup: bool = False
     sync: bool = False
     exec_process_spec: str | None = None  # set for --exec
+    exec_attach: bool = False  # interactive exec: conmon waits on _OCI_ATTACHPIPE/_OCI_STARTPIPE
     timeout: int | None = None  # conmon -T, seconds
     no_pivot: bool = False
     extra_runtime_args: tuple[str, ...] = ()
@@ -124,6 +125,8 @@ def conmon_argv(o: ConmonOptions) -> list[str]:
         argv.append("--no-pivot")
     if o.exec_process_spec:
         argv += ["--exec", "--exec-process-spec", o.exec_process_spec]
+        if o.exec_attach:
+            argv.append("--exec-attach")
     if o.timeout is not None and o.timeout > 0:
         argv += ["--timeout", str(o.timeout)]
     return argv

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -69,11 +70,26 @@ def make_handler(name: str, workdir: str) -> RuntimeHandler:
     return RuntimeHandler(name, path)
 
 
+class TrackingRuntime(OCIRuntime):
+    """Remembers the conmon of every container it creates, for teardown."""
+
+    conmons: list[int]
+
+    async def create(self, cid, bundle, **kw):
+        try:
+            return await super().create(cid, bundle, **kw)
+        finally:
+            pid = self.conmon_pid(cid)
+            if pid is not None:
+                self.conmons.append(pid)
+
+
 class Env:
     def __init__(self, handler_name: str) -> None:
         self.dir = tempfile.mkdtemp(prefix="moorage-oci-")
         self.handler = make_handler(handler_name, self.dir)
-        self.rt = OCIRuntime(self.handler, os.path.join(self.dir, "state"), log_level="info")
+        self.rt = TrackingRuntime(self.handler, os.path.join(self.dir, "state"), log_level="info")
+        self.rt.conmons = []
         self.cgroup_parent = f"/moorage-test-{uuid.uuid4().hex[:10]}"
         self.cids: list[str] = []
 
@@ -104,10 +120,28 @@ class Env:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        # Our conmons were re-parented to pid 1, which reaps at its own pace; wait (bounded)
+        # so that no zombie of ours outlives the test.
+        for pid in self.rt.conmons:
+            for _ in range(200):
+                if not self._still_our_conmon(pid):
+                    break
+                time.sleep(0.05)
         try:
             cgroups.remove_cgroup(self.cgroup_parent)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def _still_our_conmon(pid: int) -> bool:
+        """True while *pid* is a conmon or a zombie (then it can only be ours: we knew it as conmon)."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()[0]
+        return comm == "conmon" and state in ("Z", "S", "R", "D")
 
 
 @pytest.fixture(params=HANDLERS)
@@ -182,6 +216,7 @@ def test_long_running_state_kill_sigterm_and_delete(env):
         cid, pid = await env.run(["sleep", "1000"], pid_namespace=False)
         st = await env.rt.state(cid)
         assert st.status == "running" and st.pid == pid
+        assert [(c.id, c.status) for c in await env.rt.list()] == [(cid, "running")]
         assert env.rt.exit_code(cid) is None
         assert env.rt.conmon_pid(cid) is not None
         sock = env.rt.attach_socket_path(cid)
@@ -337,6 +372,7 @@ def test_conmon_outlives_the_process_that_created_the_container(runc_env):
     out, err = creator.communicate()
     assert creator.returncode == 0, err
     conmon = json.loads(out)["conmon"]
+    env.rt.conmons.append(conmon)
     assert conmon and env.rt.conmon_pid(cid) == conmon  # still there after its creator is gone
     with open(f"/proc/{conmon}/stat") as f:
         ppid = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -349,5 +385,48 @@ def test_conmon_outlives_the_process_that_created_the_container(runc_env):
         await rt.kill(cid, signal.SIGTERM)
         assert await rt.wait_exit(cid, WAIT) == 143
         await rt.delete(cid)
+
+    run(main())
+
+
+def test_stdin_through_attach_socket_and_stdin_once(runc_env):
+    """conmon's attach socket: what we send is the container's stdin; output comes back prefixed 2/3."""
+    env = runc_env
+    import socket
+
+    async def main():
+        cid, b = env.bundle(["cat"])
+        await env.rt.create(cid, b, log_path=env.log_path(cid), stdin=True, stdin_once=True)
+        await env.rt.start(cid)
+        path = env.rt.attach_socket_path(cid)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.settimeout(WAIT)
+            s.connect(path)
+            s.sendall(b"ping\n")
+            assert s.recv(65536) == b"\x02ping\n"
+            s.shutdown(socket.SHUT_WR)  # stdin_once: conmon closes the container's stdin
+            assert await env.rt.wait_exit(cid, WAIT) == 0
+        finally:
+            s.close()
+        assert [l[1:] for l in read_log(env.log_path(cid))] == [("stdout", "F", "ping")]
+        await env.rt.delete(cid)
+
+    run(main())
+
+
+def test_tty_container_output_is_logged(runc_env):
+    env = runc_env
+
+    async def main():
+        cid, b = env.bundle(["sh", "-c", "tty; echo hello"], terminal=True)
+        await env.rt.create(cid, b, log_path=env.log_path(cid), tty=True)
+        await env.rt.start(cid)
+        assert await env.rt.wait_exit(cid, WAIT) == 0
+        lines = read_log(env.log_path(cid))
+        assert all(l[1] == "stdout" for l in lines)
+        text = [l[3].rstrip("\r") for l in lines]
+        assert text[0].startswith("/dev/pts/") and text[1] == "hello"
+        await env.rt.delete(cid)
 
     run(main())

@@ -68,6 +68,7 @@ def test_exec_argv_uses_passthrough_and_sync():
     assert p["-l"] == "passthrough" and p["--exec-process-spec"] == "/x/process.json"
     assert "--exec" in argv and "--sync" in argv and p["--timeout"] == "7"
     assert "-b" not in argv and "--exit-dir" not in argv  # must not touch the container's ctl fifo or exit file
+    assert "--exec-attach" in conmon_argv(base(exec_process_spec="/p.json", exec_attach=True))
 
 
 def test_bad_log_level():
