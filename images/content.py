@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -39,7 +38,6 @@ from images.digest import ALGORITHMS, Digest
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 
 
 class DigestMismatch(InvalidArgument):

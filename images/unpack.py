@@ -47,14 +47,13 @@ import ctypes.util
 import errno
 import gzip
 import hashlib
-import io
 import logging
 import os
 import shutil
 import stat
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
 import zstandard
