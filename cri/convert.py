@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 import typing
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from runtime import model
+from runtime import model, modelio
 
 # model field name → proto field name, where they differ
 _RENAMED = {"uid_mappings": "uidMappings", "gid_mappings": "gidMappings"}
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, vars(model))
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+_hints = modelio.hints
+_unwrap_optional = modelio.unwrap_optional
 
 
 def _enum_name(fd: FieldDescriptor, value: int) -> str:
@@ -124,36 +114,60 @@ def resources(msg: Message) -> model.LinuxContainerResources:
     return from_pb(model.LinuxContainerResources, msg)
 
 
-# -- model → plain dict (what the store keeps) and back --------------------------------------
+# -- model → plain dict (what the store keeps) and back: runtime.modelio --------------------
+
+to_dict = modelio.to_plain
+from_dict = modelio.from_plain
 
 
-def to_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj)
+# -- model → protobuf ---------------------------------------------------------------------------
+
+_PROPAGATION_TO_CRI = {v: k for k, v in model.PROPAGATION_FROM_CRI.items()}
 
 
-def from_dict(cls: type, data: Any) -> Any:
-    """Rebuild a model dataclass from ``to_dict`` output (tolerates missing keys)."""
-    if data is None:
-        return None
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+def to_pb(msg_cls: type, obj: Any) -> Message:
+    """Build protobuf ``msg_cls`` from a model dataclass (the inverse of ``from_pb``)."""
+    msg = msg_cls()
+    if obj is None:
+        return msg
+    desc = msg.DESCRIPTOR
+    for f in dataclasses.fields(obj):
+        fd = desc.fields_by_name.get(_RENAMED.get(f.name, f.name))
+        value = getattr(obj, f.name)
+        if fd is None or value is None or (obj.__class__, f.name) in _SPECIAL:
             continue
-        kwargs[f.name] = _from_value(hints[f.name], data[f.name])
-    return cls(**kwargs)
+        target = getattr(msg, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            target.update({k: v for k, v in value.items()})
+        elif fd.is_repeated:
+            if fd.message_type is not None:
+                sub = getattr(_api(), fd.message_type.name)
+                target.extend(to_pb(sub, v) for v in value)
+            else:
+                target.extend(_pb_scalar(fd, v) for v in value)
+        elif fd.message_type is not None:
+            if fd.message_type.name in ("Int64Value", "UInt64Value"):
+                target.value = value
+            elif dataclasses.is_dataclass(value):
+                target.CopyFrom(to_pb(getattr(_api(), fd.message_type.name), value))
+        else:
+            setattr(msg, fd.name, _pb_scalar(fd, value))
+    return msg
 
 
-def _from_value(tp: Any, v: Any) -> Any:
-    if v is None:
-        return None
-    tp = _unwrap_optional(tp)
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, v)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return [_from_value(item, x) for x in v]
-    if origin is tuple:
-        return tuple(v)
-    return v
+def _pb_scalar(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        if fd.enum_type.name == "MountPropagation":
+            value = _PROPAGATION_TO_CRI.get(value, "PROPAGATION_PRIVATE")
+        v = fd.enum_type.values_by_name.get(value)
+        return v.number if v is not None else 0
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return value.encode() if isinstance(value, str) else value
+    return value
+
+
+@functools.cache
+def _api():
+    from cri.api import api_pb2
+
+    return api_pb2

@@ -1,29 +1,48 @@
-"""CRI RuntimeService: translates protobuf to calls on ``runtime/`` objects."""
+"""CRI RuntimeService: translates protobuf to calls on ``runtime/`` objects and back.
+
+No business logic here: validation of meaning, state and lifecycle live in
+``runtime/``; this module only moves fields between messages and dataclasses.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from typing import Any, AsyncIterator
 
 from cri import config as configmod
+from cri import convert
 from cri.api import api_pb2 as pb
+from cri.rpc_stats import StatsRPCs
+from cri.rpc_streaming import StreamingRPCs
+from runtime import model
+from runtime.errors import InvalidArgument
+from runtime.modelio import container_config_from, from_plain
 
 RUNTIME_NAME = "moorage"
 
 
-class RuntimeServicer:
-    def __init__(self, cfg: configmod.Config, network_status=None) -> None:
+class RuntimeServicer(StreamingRPCs, StatsRPCs):
+    def __init__(self, cfg: configmod.Config, runtime=None, network=None, streaming=None, stats=None) -> None:
         self.cfg = cfg
-        # network_status() -> (ready, reason, message); replaced once CNI is wired in.
-        self.network_status = network_status or (
-            lambda: (False, "NetworkPluginNotReady", "moorage: pod networking (CNI) is not set up")
-        )
+        self.rt = runtime
+        self.network = network  # CNIManager or None
+        self.streaming = streaming
+        self.stats = stats
+
+    def network_status(self) -> tuple[bool, str, str]:
+        if self.network is None:
+            return False, "NetworkPluginNotReady", "moorage: pod networking (CNI) is not set up"
+        return self.network.status()
+
+    # -- runtime -------------------------------------------------------------------------------
 
     async def Version(self, request: pb.VersionRequest, context) -> pb.VersionResponse:
         from cri.server import CRI_API_VERSION, VERSION
 
-        return pb.VersionResponse(
-            version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=VERSION, runtime_api_version=CRI_API_VERSION
-        )
+        return pb.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=VERSION,
+                                  runtime_api_version=CRI_API_VERSION)
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         net_ok, net_reason, net_msg = self.network_status()
@@ -35,16 +54,181 @@ class RuntimeServicer:
         info = {}
         if request.verbose:
             info["config"] = json.dumps(configmod.as_dict(self.cfg), sort_keys=True)
-        handlers = [
-            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(recursive_read_only_mounts=False,
-                                                                             user_namespaces=False))
-            for name in sorted(self.cfg.runtime.handlers)
-        ]
-        return pb.StatusResponse(
-            status=pb.RuntimeStatus(conditions=conditions), info=info, runtime_handlers=handlers,
-            features=pb.RuntimeFeatures(supplemental_groups_policy=False),
-        )
+        handlers = [pb.RuntimeHandler(name=n, features=pb.RuntimeHandlerFeatures())
+                    for n in sorted(self.cfg.runtime.handlers)]
+        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
+                                 runtime_handlers=handlers, features=pb.RuntimeFeatures())
 
     async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context) -> pb.RuntimeConfigResponse:
         driver = pb.SYSTEMD if self.cfg.runtime.cgroup_driver == "systemd" else pb.CGROUPFS
         return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest, context):
+        cidr = request.runtime_config.network_config.pod_cidr
+        if cidr and self.network is not None and self.cfg.cni.conf_template:
+            await asyncio.to_thread(self.network.write_conf_from_template, self.cfg.cni.conf_template, cidr)
+        return pb.UpdateRuntimeConfigResponse()
+
+    # -- sandboxes -------------------------------------------------------------------------------
+
+    async def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context) -> pb.RunPodSandboxResponse:
+        cfg = convert.sandbox_config(request.config)
+        sid = await self.rt.run_sandbox(cfg, request.runtime_handler)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sid)
+
+    async def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context) -> pb.StopPodSandboxResponse:
+        from runtime.errors import NotFound
+
+        try:
+            await self.rt.stop_sandbox(request.pod_sandbox_id)
+        except NotFound:
+            pass  # stopping what is gone is success, as the CRI asks
+        return pb.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context) -> pb.RemovePodSandboxResponse:
+        await self.rt.remove_sandbox(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    def _sandbox_status(self, rec) -> pb.PodSandboxStatus:
+        cfg = from_plain(model.PodSandboxConfig, rec.config)
+        sc = cfg.linux.security_context if cfg.linux else None
+        nso = (sc.namespace_options if sc else None) or model.NamespaceOption()
+        return pb.PodSandboxStatus(
+            id=rec.id, metadata=convert.to_pb(pb.PodSandboxMetadata, cfg.metadata),
+            state=pb.PodSandboxState.Value(rec.state), created_at=rec.created_at,
+            network=pb.PodSandboxNetworkStatus(ip=rec.ip, additional_ips=[pb.PodIP(ip=i) for i in rec.additional_ips]),
+            linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=convert.to_pb(pb.NamespaceOption, nso))),
+            labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler,
+        )
+
+    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context) -> pb.PodSandboxStatusResponse:
+        rec, info = self.rt.sandbox_status(request.pod_sandbox_id, request.verbose)
+        statuses = [self._container_status(c) for c in self.rt.list_containers(sandbox_id=rec.id)]
+        return pb.PodSandboxStatusResponse(status=self._sandbox_status(rec), info=info,
+                                           containers_statuses=statuses, timestamp=time.time_ns())
+
+    def _sandbox_item(self, rec) -> pb.PodSandbox:
+        return pb.PodSandbox(id=rec.id, metadata=pb.PodSandboxMetadata(**rec.metadata),
+                             state=pb.PodSandboxState.Value(rec.state), created_at=rec.created_at,
+                             labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler)
+
+    def _sandboxes(self, f: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
+        kw: dict[str, Any] = {}
+        if f is not None:
+            kw = dict(id_prefix=f.id, labels=dict(f.label_selector))
+            if f.HasField("state"):
+                kw["state"] = pb.PodSandboxState.Name(f.state.state)
+        return [self._sandbox_item(r) for r in self.rt.list_sandboxes(**kw)]
+
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context) -> pb.ListPodSandboxResponse:
+        return pb.ListPodSandboxResponse(items=self._sandboxes(request.filter if request.HasField("filter") else None))
+
+    async def StreamPodSandboxes(self, request, context) -> AsyncIterator:
+        for item in self._sandboxes(request.filter if request.HasField("filter") else None):
+            yield pb.StreamPodSandboxesResponse(pod_sandbox=item)
+
+    # -- containers --------------------------------------------------------------------------------
+
+    async def CreateContainer(self, request: pb.CreateContainerRequest, context) -> pb.CreateContainerResponse:
+        cfg = convert.container_config(request.config)
+        cid = await self.rt.create_container(request.pod_sandbox_id, cfg)
+        return pb.CreateContainerResponse(container_id=cid)
+
+    async def StartContainer(self, request: pb.StartContainerRequest, context) -> pb.StartContainerResponse:
+        await self.rt.start_container(request.container_id)
+        return pb.StartContainerResponse()
+
+    async def StopContainer(self, request: pb.StopContainerRequest, context) -> pb.StopContainerResponse:
+        await self.rt.stop_container(request.container_id, request.timeout)
+        return pb.StopContainerResponse()
+
+    async def RemoveContainer(self, request: pb.RemoveContainerRequest, context) -> pb.RemoveContainerResponse:
+        await self.rt.remove_container(request.container_id)
+        return pb.RemoveContainerResponse()
+
+    def _image_ref(self, rec) -> tuple[str, str]:
+        """(image_ref, image_id) for a container: the repo digest where there is one."""
+        try:
+            img = self.rt.images.store.get_image(rec.image_ref)
+        except Exception:  # noqa: BLE001 - the image may have been removed since
+            return rec.image_ref, rec.image_ref
+        return (img.repo_digests[0] if img.repo_digests else img.id), img.id
+
+    def _container_item(self, rec) -> pb.Container:
+        ref, iid = self._image_ref(rec)
+        return pb.Container(id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=pb.ContainerMetadata(**rec.metadata),
+                            image=pb.ImageSpec(image=rec.image_name), image_ref=ref, image_id=iid,
+                            state=pb.ContainerState.Value(rec.state), created_at=rec.created_at,
+                            labels=rec.labels, annotations=rec.annotations)
+
+    def _container_status(self, rec) -> pb.ContainerStatus:
+        cfg = container_config_from(rec.config)
+        ref, iid = self._image_ref(rec)
+        res = cfg.linux.resources if cfg.linux and cfg.linux.resources else None
+        user = rec.extra.get("user") or {}
+        sig = (rec.extra.get("stop_signal") or "").upper()
+        if sig and not sig.startswith("SIG"):
+            sig = "SIG" + sig
+        return pb.ContainerStatus(
+            id=rec.id, metadata=pb.ContainerMetadata(**rec.metadata), state=pb.ContainerState.Value(rec.state),
+            created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
+            exit_code=rec.exit_code, image=pb.ImageSpec(image=rec.image_name), image_ref=ref, image_id=iid,
+            reason=rec.reason, message=rec.message, labels=rec.labels, annotations=rec.annotations,
+            mounts=[convert.to_pb(pb.Mount, m) for m in cfg.mounts], log_path=rec.log_path,
+            resources=pb.ContainerResources(linux=convert.to_pb(pb.LinuxContainerResources, res)) if res else None,
+            user=pb.ContainerUser(linux=pb.LinuxContainerUser(uid=user.get("uid", 0), gid=user.get("gid", 0),
+                                                              supplemental_groups=user.get("gids", []))),
+            stop_signal=pb.Signal.Value(f"SIGNAL_{sig}") if f"SIGNAL_{sig}" in pb.Signal.keys() else 0,
+        )
+
+    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context) -> pb.ContainerStatusResponse:
+        rec, info = self.rt.container_status(request.container_id, request.verbose)
+        return pb.ContainerStatusResponse(status=self._container_status(rec), info=info)
+
+    def _containers(self, f: pb.ContainerFilter | None) -> list[pb.Container]:
+        kw: dict[str, Any] = {}
+        if f is not None:
+            kw = dict(id_prefix=f.id, sandbox_id=f.pod_sandbox_id, labels=dict(f.label_selector))
+            if f.HasField("state"):
+                kw["state"] = pb.ContainerState.Name(f.state.state)
+        return [self._container_item(r) for r in self.rt.list_containers(**kw)]
+
+    async def ListContainers(self, request: pb.ListContainersRequest, context) -> pb.ListContainersResponse:
+        return pb.ListContainersResponse(containers=self._containers(request.filter if request.HasField("filter") else None))
+
+    async def StreamContainers(self, request, context) -> AsyncIterator:
+        for item in self._containers(request.filter if request.HasField("filter") else None):
+            yield pb.StreamContainersResponse(container=item)
+
+    async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest, context):
+        if not request.HasField("linux"):
+            raise InvalidArgument("UpdateContainerResources needs linux resources")
+        await self.rt.update_resources(request.container_id, convert.resources(request.linux))
+        return pb.UpdateContainerResourcesResponse()
+
+    async def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest, context):
+        await self.rt.reopen_log(request.container_id)
+        return pb.ReopenContainerLogResponse()
+
+    async def ExecSync(self, request: pb.ExecSyncRequest, context) -> pb.ExecSyncResponse:
+        code, out, err = await self.rt.exec_sync(request.container_id, list(request.cmd), request.timeout)
+        return pb.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    async def GetContainerEvents(self, request: pb.GetEventsRequest, context) -> AsyncIterator:
+        sub = self.rt.events.subscribe()
+        try:
+            while True:
+                ev = await sub.next()
+                sandbox_status = None
+                statuses = []
+                sb = self.rt.sandboxes.get(ev.sandbox_id)
+                if sb is not None:
+                    sandbox_status = self._sandbox_status(sb)
+                    statuses = [self._container_status(c) for c in self.rt.list_containers(sandbox_id=sb.id)]
+                yield pb.ContainerEventResponse(
+                    container_id=ev.container_id, container_event_type=pb.ContainerEventType.Value(ev.type),
+                    created_at=ev.created_at, pod_sandbox_status=sandbox_status, containers_statuses=statuses)
+        finally:
+            sub.close()

@@ -390,8 +390,16 @@ class OCIRuntime:
         pdir = self.persist_dir(cid)
         if self.conmon_pid(cid) is not None:
             raise AlreadyExists(f"container {cid} already has a running conmon")
-        for d in (self.root, self.exit_dir, self.socket_dir, self.conmon_dir, os.path.dirname(log_path)):
-            os.makedirs(d, mode=0o700 if d != os.path.dirname(log_path) else 0o755, exist_ok=True)
+        for d in (self.root, self.exit_dir, self.socket_dir, self.conmon_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(log_path), mode=0o755, exist_ok=True)
+        # Never touch (or, on failure, delete) a container the runtime already has.
+        try:
+            existing = await self.state(cid)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"container {cid} already exists in {self.handler.name} ({existing.status})")
         shutil.rmtree(pdir, ignore_errors=True)
         os.makedirs(pdir, mode=0o700)
         self._remove_quietly(self.exit_file(cid))
@@ -452,8 +460,10 @@ class OCIRuntime:
                 text = clean_runtime_error(msg.message)
             else:
                 text = self._read_text(conmon_log) or f"conmon exited with status {proc.returncode}"
-            await self._abort_create(cid, None)
             err = _classify(text, cid, f"{self.handler.name} create", self.root)
+            if isinstance(err, AlreadyExists):  # lost a race with another create: leave theirs alone
+                raise err
+            await self._abort_create(cid, None)
             if isinstance(err, NotFound):  # "does not exist" from inside create is about a path, not the id
                 err = OCIRuntimeError(f"{self.handler.name} create container {cid}: {text}", stderr=text)
             raise err

@@ -1,0 +1,370 @@
+"""Containers: create, start, stop, remove, status, list, exec-sync, update, reopen log.
+
+As containerd's CRI plugin does, CreateContainer prepares the rootfs snapshot and
+the OCI spec (so bad configs fail early), and StartContainer creates the runc
+container under its conmon and starts it (so a missing executable fails at start,
+leaving the container EXITED with the runtime's message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from runtime import events, spec, users
+from runtime.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
+from runtime.model import ContainerConfig, ImageConfig, LinuxContainerResources
+from runtime.modelio import container_config_from, to_plain
+from runtime.store import ContainerRecord, now_ns
+
+if TYPE_CHECKING:
+    from runtime.service import Runtime
+
+log = logging.getLogger("moorage.container")
+
+CREATED, RUNNING, EXITED, UNKNOWN = "CONTAINER_CREATED", "CONTAINER_RUNNING", "CONTAINER_EXITED", "CONTAINER_UNKNOWN"
+
+
+def _signal_number(name: str) -> int:
+    if not name:
+        return signal.SIGTERM
+    n = name.upper()
+    if n.isdigit():
+        return int(n)
+    if not n.startswith("SIG"):
+        n = "SIG" + n
+    try:
+        return int(signal.Signals[n])
+    except KeyError:
+        return signal.SIGTERM
+
+
+class ContainerOps:
+    # -- CreateContainer ---------------------------------------------------------------------
+
+    async def create_container(self: "Runtime", sandbox_id: str, cfg: ContainerConfig) -> str:
+        if not cfg.metadata.name:
+            raise InvalidArgument("container metadata.name is empty")
+        if not cfg.image:
+            raise InvalidArgument(f"container {cfg.metadata.name!r}: image is empty")
+        sb = self.get_sandbox(sandbox_id)
+        from runtime.sandbox import READY
+
+        if sb.state != READY:
+            raise FailedPrecondition(
+                f"pod sandbox {sb.id} ({sb.metadata.get('name')}) is not ready; cannot create containers in it")
+        name = f"{cfg.metadata.name}_{sb.name}_{cfg.metadata.attempt}"
+        return await self.dedup(name, lambda: self._create_container(sb, cfg, name))
+
+    async def _create_container(self: "Runtime", sb, cfg: ContainerConfig, name: str) -> str:
+        from runtime.service import new_id
+
+        image = self.images.get_local(cfg.image)  # NOT_FOUND with the reference
+        cid = new_id()
+        log_path = ""
+        if cfg.log_path:
+            if os.path.isabs(cfg.log_path) or not sb.config.get("log_directory"):
+                log_path = cfg.log_path if os.path.isabs(cfg.log_path) else ""
+            else:
+                log_path = os.path.join(sb.config["log_directory"], cfg.log_path)
+            if log_path and ".." in log_path.split(os.sep):
+                raise InvalidArgument(f"log path {log_path!r} must not contain '..'")
+        rec = ContainerRecord(
+            id=cid, name=name, sandbox_id=sb.id, state=CREATED, created_at=now_ns(),
+            metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=image.id, image_name=cfg.image,
+            labels=dict(cfg.labels), annotations=dict(cfg.annotations), log_path=log_path,
+            runtime_handler=sb.runtime_handler, snapshot_key=cid, extra={"phase": "creating"},
+        )
+        self.store.add_container(rec)  # reserves the name
+        self.containers[cid] = rec
+        try:
+            async with self.lock(cid):
+                await self._prepare_container(rec, sb, cfg, image)
+        except BaseException:
+            try:
+                await asyncio.shield(self._destroy_container(rec))
+            except Exception:  # noqa: BLE001
+                log.exception("cleanup of failed container %s", cid)
+            raise
+        self.events.publish(cid, events.CREATED, sb.id)
+        return cid
+
+    async def _prepare_container(self: "Runtime", rec: ContainerRecord, sb, cfg: ContainerConfig, image) -> None:
+        cid = rec.id
+        state = self.container_state(cid)
+        bundle = os.path.join(state, "bundle")
+        rootfs = os.path.join(bundle, "rootfs")
+        os.makedirs(rootfs, mode=0o755, exist_ok=True)
+        await self.images.prepare_rootfs(cid, image, rootfs)
+        rec.extra["phase"] = "spec"
+        self.store.update_container(rec)
+        img_cfg = ImageConfig.from_oci(image.config)
+        sc = cfg.linux.security_context if cfg.linux else None
+        uid, gid, gids, home = await asyncio.to_thread(
+            users.resolve_user, rootfs, sc.run_as_user if sc else None, sc.run_as_username if sc else None,
+            sc.run_as_group if sc else None, list(sc.supplemental_groups) if sc else [], img_cfg.user,
+            supplemental_groups_policy=sc.supplemental_groups_policy if sc else "Merge")
+        sb_cfg = self.sandbox_config(sb)
+        target_pid = None
+        nso = sc.namespace_options if sc else None
+        if nso is not None and nso.pid == "TARGET":
+            target = self.containers.get(nso.target_id)
+            if target is None or not target.pid:
+                raise NotFound(f"target container {nso.target_id!r} for the pid namespace is not running")
+            target_pid = target.pid
+        root = self.sandbox_root(sb.id)
+        shm = sb.extra.get("shm") or None
+        c_spec = spec.build_container_spec(
+            cfg, img_cfg, container_id=cid, sandbox_id=sb.id, sandbox_cfg=sb_cfg, rootfs=rootfs,
+            sandbox_pid=sb.pid or None, netns_path=sb.netns_path or None, uid=uid, gid=gid,
+            additional_gids=gids, home=home,
+            cgroups_path=spec.cgroups_path(self.s.cgroup_driver, sb.cgroup_parent or self.s.default_cgroup_parent, cid),
+            runtime_cfg=self.s.spec, hostname_path=os.path.join(root, "hostname"),
+            hosts_path=os.path.join(root, "hosts"), resolv_conf_path=os.path.join(root, "resolv.conf"),
+            shm_path=shm, target_pid=target_pid, hostname=sb.extra.get("hostname"), host=self.host,
+        )
+        from runtime.service import restrict_oom_score_adj
+
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(restrict_oom_score_adj(c_spec), f)
+        rec.extra = {"stop_signal": img_cfg.stop_signal, "user": {"uid": uid, "gid": gid, "gids": gids},
+                     "run_as_username": (sc.run_as_username if sc else "") or ""}
+        self.store.update_container(rec)
+
+    # -- StartContainer ------------------------------------------------------------------------
+
+    def get_container(self: "Runtime", cid: str) -> ContainerRecord:
+        rec = self.containers.get(cid)
+        if rec is not None:
+            return rec
+        if cid:
+            matches = [c for c in self.containers if c.startswith(cid)]
+            if len(matches) == 1:
+                return self.containers[matches[0]]
+            if len(matches) > 1:
+                raise InvalidArgument(f"container id prefix {cid!r} is ambiguous ({len(matches)} containers)")
+        raise NotFound(f"container {cid!r} not found")
+
+    async def start_container(self: "Runtime", cid: str) -> None:
+        rec = self.get_container(cid)
+        async with self.lock(rec.id):
+            if rec.state != CREATED or rec.extra.get("phase"):
+                raise FailedPrecondition(
+                    f"container {rec.id} is {rec.state.removeprefix('CONTAINER_').lower()}, not created; "
+                    "only a created container can be started")
+            sb = self.sandboxes.get(rec.sandbox_id)
+            from runtime.sandbox import READY
+
+            if sb is None or sb.state != READY:
+                raise FailedPrecondition(f"pod sandbox {rec.sandbox_id} of container {rec.id} is not ready")
+            cfg = container_config_from(rec.config)
+            bundle = os.path.join(self.container_state(rec.id), "bundle")
+            rt = self.oci(rec.runtime_handler)
+            log_path = rec.log_path or os.path.join(self.container_state(rec.id), "ctr.log")
+            rec.extra["phase"] = "starting"
+            self.store.update_container(rec)
+            try:
+                rec.pid = await self.timed("oci_create", rt.create(
+                    rec.id, bundle, log_path=log_path, name=rec.name, stdin=cfg.stdin, stdin_once=cfg.stdin_once,
+                    tty=cfg.tty))
+                started = now_ns()
+                await self.timed("oci_start", rt.start(rec.id))
+            except MoorageError as e:
+                try:
+                    await rt.delete(rec.id, force=True)
+                except MoorageError:
+                    pass
+                rec.extra.pop("phase", None)
+                rec.state, rec.exit_code, rec.finished_at = EXITED, 128, now_ns()
+                rec.reason, rec.message = "StartError", e.message
+                self.store.update_container(rec)
+                self.events.publish(rec.id, events.STOPPED, rec.sandbox_id)
+                raise
+            rec.extra.pop("phase", None)
+            rec.state, rec.started_at = RUNNING, started
+            self.store.update_container(rec)
+            self.watch_exit(rec.id, rec.runtime_handler, self._on_container_exit)
+        self.events.publish(rec.id, events.STARTED, rec.sandbox_id)
+
+    async def _on_container_exit(self: "Runtime", cid: str) -> None:
+        rec = self.containers.get(cid)
+        if rec is None or rec.state != RUNNING:
+            return
+        status = self.oci(rec.runtime_handler).exit_status(cid)
+        rec.state = EXITED
+        if status is None:
+            rec.exit_code, rec.finished_at = 255, now_ns()
+            rec.reason, rec.message = "Error", "exit status unavailable: conmon left no exit file"
+        else:
+            rec.exit_code = status.code
+            rec.finished_at = int(status.finished_at.timestamp() * 1e9)
+            if status.oom_killed:
+                rec.reason = "OOMKilled"
+            else:
+                rec.reason = "Completed" if status.code == 0 else "Error"
+        self.store.update_container(rec)
+        self.events.publish(cid, events.STOPPED, rec.sandbox_id)
+        log.info("container exited", extra={"fields": {"id": cid, "exit_code": rec.exit_code, "reason": rec.reason}})
+
+    # -- StopContainer -------------------------------------------------------------------------
+
+    async def stop_container(self: "Runtime", cid: str, timeout: int) -> None:
+        rec = self.get_container(cid)
+        if rec.state != RUNNING:
+            return
+        rt = self.oci(rec.runtime_handler)
+        if timeout > 0:
+            try:
+                await rt.kill(rec.id, _signal_number(rec.extra.get("stop_signal", "")))
+            except NotFound:
+                pass
+            except MoorageError as e:
+                log.info("stop signal to %s: %s", rec.id, e.message)
+            if await self.wait_exited(rec.id, timeout):
+                return
+            log.info("container did not stop within its timeout; killing", extra={"fields": {"id": rec.id,
+                                                                                             "timeout": timeout}})
+        try:
+            await rt.kill(rec.id, signal.SIGKILL)
+        except MoorageError as e:
+            log.info("SIGKILL to %s: %s", rec.id, e.message)
+        if not await self.wait_exited(rec.id, 30):
+            raise FailedPrecondition(f"container {rec.id} did not exit after SIGKILL within 30s")
+
+    # -- RemoveContainer --------------------------------------------------------------------------
+
+    async def remove_container(self: "Runtime", cid: str) -> None:
+        try:
+            rec = self.get_container(cid)
+        except NotFound:
+            return
+        await self.stop_container(rec.id, 0)
+        async with self.lock(rec.id):
+            if rec.id in self.containers:
+                await self._destroy_container(rec)
+                self.events.publish(rec.id, events.DELETED, rec.sandbox_id)
+
+    async def _destroy_container(self: "Runtime", rec: ContainerRecord) -> None:
+        cid = rec.id
+        watcher = self._watchers.pop(cid, None)
+        if watcher is not None:
+            watcher.cancel()
+        try:
+            await self.oci(rec.runtime_handler).delete(cid, force=True)
+        except MoorageError as e:
+            log.warning("deleting container %s: %s", cid, e.message)
+        rootfs = os.path.join(self.container_state(cid), "bundle", "rootfs")
+        await self.images.release_rootfs(rec.snapshot_key or cid, rootfs)
+        from runtime.service import remove_tree
+
+        remove_tree(self.container_state(cid))
+        self.store.delete_container(cid)
+        self.containers.pop(cid, None)
+        self._locks.pop(cid, None)
+        self._exit_events.pop(cid, None)
+
+    # -- status and list ---------------------------------------------------------------------------
+
+    def container_status(self: "Runtime", cid: str, verbose: bool = False) -> tuple[ContainerRecord, dict[str, str]]:
+        rec = self.get_container(cid)
+        info: dict[str, str] = {}
+        if verbose:
+            try:
+                with open(os.path.join(self.container_state(rec.id), "bundle", "config.json")) as f:
+                    runtime_spec = json.load(f)
+            except (OSError, ValueError):
+                runtime_spec = None
+            info["info"] = json.dumps({"pid": rec.pid, "sandboxID": rec.sandbox_id, "runtimeSpec": runtime_spec,
+                                       "runtimeHandler": rec.runtime_handler, "snapshotKey": rec.snapshot_key,
+                                       "config": rec.config})
+        return rec, info
+
+    def list_containers(self: "Runtime", id_prefix: str = "", state: str | None = None, sandbox_id: str = "",
+                        labels: dict[str, str] | None = None) -> list[ContainerRecord]:
+        out = []
+        for rec in self.containers.values():
+            if rec.extra.get("phase") == "creating" or rec.extra.get("phase") == "spec":
+                continue
+            if id_prefix and not rec.id.startswith(id_prefix):
+                continue
+            if state is not None and rec.state != state:
+                continue
+            if sandbox_id and not rec.sandbox_id.startswith(sandbox_id):
+                continue
+            if labels and any(rec.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(rec)
+        return out
+
+    # -- ExecSync, UpdateContainerResources, ReopenContainerLog ---------------------------------------
+
+    def running_container(self: "Runtime", cid: str) -> ContainerRecord:
+        rec = self.get_container(cid)
+        if rec.state != RUNNING:
+            raise FailedPrecondition(f"container {rec.id} is not running (state {rec.state.removeprefix('CONTAINER_')})")
+        return rec
+
+    async def exec_sync(self: "Runtime", cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
+        rec = self.running_container(cid)
+        if not cmd:
+            raise InvalidArgument("exec command is empty")
+        return await self.timed("oci_exec", self.oci(rec.runtime_handler).exec_sync(
+            rec.id, list(cmd), float(timeout) if timeout > 0 else None, max_output=self.s.exec_sync_max_output))
+
+    async def update_resources(self: "Runtime", cid: str, res: LinuxContainerResources) -> None:
+        rec = self.get_container(cid)
+        async with self.lock(rec.id):
+            if rec.state == RUNNING:
+                await self.timed("oci_update", self.oci(rec.runtime_handler).update(rec.id, spec.linux_resources(res)))
+            elif rec.state != CREATED:
+                raise FailedPrecondition(f"container {rec.id} has exited; its resources cannot be updated")
+            # Keep the new values for ContainerStatus and for a later start.
+            linux = rec.config.setdefault("linux", {}) or {}
+            rec.config["linux"] = linux
+            linux["resources"] = to_plain(res)
+            bundle = os.path.join(self.container_state(rec.id), "bundle", "config.json")
+            if rec.state == CREATED and os.path.exists(bundle):
+                with open(bundle) as f:
+                    c_spec = json.load(f)
+                c_spec.setdefault("linux", {})["resources"] = {**c_spec["linux"].get("resources", {}),
+                                                              **spec.linux_resources(res)}
+                with open(bundle, "w") as f:
+                    json.dump(c_spec, f)
+            self.store.update_container(rec)
+
+    async def reopen_log(self: "Runtime", cid: str) -> None:
+        rec = self.running_container(cid)
+        await self.oci(rec.runtime_handler).reopen_log(rec.id)
+
+    # -- recovery -----------------------------------------------------------------------------------
+
+    async def recover_container(self: "Runtime", rec: ContainerRecord) -> None:
+        phase = rec.extra.get("phase")
+        if phase in ("creating", "spec"):
+            log.info("removing container %s left half-made by a crash", rec.id)
+            await self._destroy_container(rec)
+            return
+        if phase == "starting":
+            # The daemon died inside StartContainer: keep it if it really runs.
+            try:
+                st = await self.oci(rec.runtime_handler).state(rec.id)
+                running = st.status == "running"
+            except NotFound:
+                running = False
+            rec.extra.pop("phase", None)
+            if running:
+                rec.state, rec.pid, rec.started_at = RUNNING, st.pid, rec.started_at or now_ns()
+            else:
+                try:
+                    await self.oci(rec.runtime_handler).delete(rec.id, force=True)
+                except MoorageError:
+                    pass
+                rec.state = CREATED
+            self.store.update_container(rec)
+        if rec.state == RUNNING:
+            # wait_exit reads conmon's exit file at once if it exited while we were down.
+            self.watch_exit(rec.id, rec.runtime_handler, self._on_container_exit)

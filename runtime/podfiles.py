@@ -1,0 +1,75 @@
+"""The files a pod sandbox owns and its containers bind-mount: hostname, hosts, resolv.conf.
+
+Pure functions build the contents; ``write_atomic`` puts them on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from runtime.errors import InvalidArgument
+from runtime.model import DNSConfig
+
+MAX_HOST_FILE = 1 << 20
+
+DEFAULT_HOSTS = (
+    "127.0.0.1\tlocalhost\n"
+    "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    "fe00::0\tip6-localnet\n"
+    "fe00::0\tip6-mcastprefix\n"
+    "fe00::1\tip6-allnodes\n"
+    "fe00::2\tip6-allrouters\n"
+)
+
+
+def hosts_content(hostname: str, host_network: bool, host_hosts: str | None = None, pod_ip: str = "") -> str:
+    """The sandbox's /etc/hosts: the node's for host-network pods, else a default."""
+    if host_network and host_hosts is not None:
+        return host_hosts
+    text = DEFAULT_HOSTS
+    if pod_ip and hostname:
+        text += f"{pod_ip}\t{hostname}\n"
+    return text
+
+
+def resolv_conf_content(dns: DNSConfig | None, host_resolv: str | None) -> str:
+    """resolv.conf from the CRI DNSConfig; the node's when the pod asks for nothing."""
+    if dns is None or not (dns.servers or dns.searches or dns.options):
+        return host_resolv or ""
+    for s in dns.servers:
+        if not s or any(c.isspace() for c in s):
+            raise InvalidArgument(f"dns_config: invalid nameserver {s!r}")
+    lines = []
+    if dns.searches:
+        if any(not s or any(c.isspace() for c in s) for s in dns.searches):
+            raise InvalidArgument(f"dns_config: invalid search domain in {dns.searches!r}")
+        lines.append("search " + " ".join(dns.searches))
+    lines += [f"nameserver {s}" for s in dns.servers]
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "\n".join(lines) + "\n"
+
+
+def read_host_file(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(MAX_HOST_FILE)
+    except OSError:
+        return None
+
+
+def write_atomic(path: str, content: str, mode: int = 0o644) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,350 @@
+"""Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and list.
+
+A sandbox owns a pinned network namespace (CNI-configured unless host network),
+the pod's hostname/hosts/resolv.conf files, a /dev/shm tmpfs, and its infra
+process: the host's ``catatonit -P`` in an empty read-only rootfs under conmon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING, Any
+
+from cni import netns as netnsmod
+from runtime import mounts, podfiles, spec
+from runtime.modelio import sandbox_config_from, to_plain
+from runtime.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
+from runtime.model import PodSandboxConfig
+from runtime.store import SandboxRecord, now_ns
+
+if TYPE_CHECKING:
+    from runtime.service import Runtime
+
+log = logging.getLogger("moorage.sandbox")
+
+READY, NOTREADY = "SANDBOX_READY", "SANDBOX_NOTREADY"
+SHM_SIZE = 64 * 1024 * 1024
+
+
+def _ns_modes(cfg: PodSandboxConfig) -> tuple[str, str, str]:
+    sc = cfg.linux.security_context if cfg.linux else None
+    nso = sc.namespace_options if sc else None
+    if nso is None:
+        return "POD", "CONTAINER", "POD"
+    return nso.network, nso.pid, nso.ipc
+
+
+def sandbox_name(cfg: PodSandboxConfig) -> str:
+    md = cfg.metadata
+    return f"{md.name}_{md.namespace}_{md.uid}_{md.attempt}"
+
+
+class SandboxOps:
+    # -- RunPodSandbox ---------------------------------------------------------------------
+
+    async def run_sandbox(self: "Runtime", cfg: PodSandboxConfig, handler: str = "") -> str:
+        md = cfg.metadata
+        missing = [k for k in ("name", "namespace", "uid") if not getattr(md, k)]
+        if missing:
+            raise InvalidArgument(f"pod sandbox metadata is missing {', '.join(missing)}")
+        handler = handler or self.s.default_handler
+        self.oci(handler)  # unknown handler: INVALID_ARGUMENT before anything is made
+        name = sandbox_name(cfg)
+        return await self.dedup(name, lambda: self._run_sandbox(cfg, name, handler))
+
+    async def _run_sandbox(self: "Runtime", cfg: PodSandboxConfig, name: str, handler: str) -> str:
+        sid = self.new_sandbox_id()
+        net_mode, pid_mode, ipc_mode = _ns_modes(cfg)
+        host_net = net_mode == "NODE"
+        parent = (cfg.linux.cgroup_parent if cfg.linux else "") or self.s.default_cgroup_parent
+        rec = SandboxRecord(
+            id=sid, name=name, state=NOTREADY, created_at=now_ns(), metadata=to_plain(cfg.metadata),
+            config=to_plain(cfg), runtime_handler=handler, labels=dict(cfg.labels),
+            annotations=dict(cfg.annotations), cgroup_parent=parent, extra={"phase": "creating"},
+        )
+        self.store.add_sandbox(rec)  # reserves the name, or ALREADY_EXISTS naming the holder
+        self.sandboxes[sid] = rec
+        try:
+            async with self.lock(sid):
+                await self._setup_sandbox(rec, cfg, handler, host_net, pid_mode, ipc_mode, parent)
+        except BaseException as exc:
+            log.warning("RunPodSandbox %s failed, cleaning up: %s", name, getattr(exc, "message", exc))
+            try:
+                await asyncio.shield(self._teardown_sandbox(rec, remove=True))
+            except Exception:  # noqa: BLE001
+                log.exception("cleanup of failed sandbox %s", sid)
+            raise
+        return sid
+
+    def new_sandbox_id(self: "Runtime") -> str:
+        from runtime.service import new_id
+
+        return new_id()
+
+    async def _setup_sandbox(self: "Runtime", rec: SandboxRecord, cfg: PodSandboxConfig, handler: str,
+                             host_net: bool, pid_mode: str, ipc_mode: str, parent: str) -> None:
+        sid = rec.id
+        root, state = self.sandbox_root(sid), self.sandbox_state(sid)
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        os.makedirs(state, mode=0o711, exist_ok=True)
+
+        # Files the pod's containers bind-mount.
+        hostname = cfg.hostname or (os.uname().nodename if host_net else cfg.metadata.name)
+        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n")
+        podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
+            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")))
+        podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
+            hostname, host_net, podfiles.read_host_file("/etc/hosts")))
+
+        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace.
+        shm = None
+        if ipc_mode != "NODE":
+            shm = os.path.join(state, "shm")
+            os.makedirs(shm, exist_ok=True)
+            mounts.mount("shm", shm, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
+                         f"mode=1777,size={SHM_SIZE}")
+        else:
+            shm = "/dev/shm"
+
+        # The network: a pinned namespace, configured by CNI when a network is set up.
+        netns_path = None
+        if not host_net:
+            netns_path = await asyncio.to_thread(netnsmod.create_netns, sid, self.s.netns_dir)
+            rec.netns_path = netns_path
+            rec.extra["phase"] = "network"
+            self.store.update_sandbox(rec)
+            if self.cni is not None and self.cni.status()[0]:
+                res = await self.timed("cni_add", self.cni.setup(
+                    sid, netns_path, pod_namespace=cfg.metadata.namespace, pod_name=cfg.metadata.name,
+                    pod_uid=cfg.metadata.uid, port_mappings=cni_port_mappings(cfg),
+                    bandwidth=cni_bandwidth(cfg), dns=None))
+                ips = list(res.ips)
+                rec.ip = ips[0] if ips else ""
+                rec.additional_ips = ips[1:]
+                podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
+                    hostname, False, None, rec.ip))
+            elif self.cni is not None:
+                log.info("no CNI network configured: pod %s gets loopback only", rec.name)
+
+        # The infra process.
+        bundle = os.path.join(state, "bundle")
+        rootfs = os.path.join(bundle, "rootfs")
+        os.makedirs(rootfs, mode=0o755, exist_ok=True)
+        cg_path = spec.cgroups_path(self.s.cgroup_driver, parent, sid)
+        sb_spec = spec.build_sandbox_spec(
+            cfg, sandbox_id=sid, rootfs=rootfs, infra_binary_path=self.s.infra_binary, netns_path=netns_path,
+            cgroups_path=cg_path, runtime_cfg=self.s.spec, shm_path=shm if ipc_mode != "NODE" else None,
+            resolv_conf_path=os.path.join(root, "resolv.conf"), hosts_path=os.path.join(root, "hosts"),
+            hostname_path=os.path.join(root, "hostname"), host=self.host,
+        )
+        from runtime.service import restrict_oom_score_adj
+
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(restrict_oom_score_adj(sb_spec), f)
+        rt = self.oci(handler)
+        rec.extra.update(phase="infra", cgroups_path=cg_path, hostname=hostname, shm=shm or "")
+        self.store.update_sandbox(rec)
+        pid = await self.timed("oci_create", rt.create(sid, bundle, log_path=os.path.join(state, "infra.log"),
+                                                      name=rec.name))
+        await self.timed("oci_start", rt.start(sid))
+        rec.pid = pid
+        rec.state = READY
+        rec.extra.pop("phase", None)
+        self.store.update_sandbox(rec)
+        self.watch_exit(sid, handler, self._on_infra_exit)
+        log.info("pod sandbox ready", extra={"fields": {"id": sid, "name": rec.name, "pid": pid, "ip": rec.ip}})
+
+    async def _on_infra_exit(self: "Runtime", sid: str) -> None:
+        rec = self.sandboxes.get(sid)
+        if rec is None or rec.state != READY:
+            return
+        rec.state = NOTREADY
+        self.store.update_sandbox(rec)
+        log.info("pod sandbox infra process exited", extra={"fields": {"id": sid}})
+
+    # -- StopPodSandbox -----------------------------------------------------------------------
+
+    def get_sandbox(self: "Runtime", sid: str) -> SandboxRecord:
+        """By full id or unique prefix."""
+        rec = self.sandboxes.get(sid)
+        if rec is not None:
+            return rec
+        if sid:
+            matches = [s for s in self.sandboxes if s.startswith(sid)]
+            if len(matches) == 1:
+                return self.sandboxes[matches[0]]
+            if len(matches) > 1:
+                raise InvalidArgument(f"pod sandbox id prefix {sid!r} is ambiguous ({len(matches)} sandboxes)")
+        raise NotFound(f"pod sandbox {sid!r} not found")
+
+    async def stop_sandbox(self: "Runtime", sid: str) -> None:
+        rec = self.get_sandbox(sid)
+        for c in [c for c in self.containers.values() if c.sandbox_id == rec.id]:
+            await self.stop_container(c.id, 0)
+        async with self.lock(rec.id):
+            await self._teardown_sandbox(rec, remove=False)
+
+    async def _teardown_sandbox(self: "Runtime", rec: SandboxRecord, remove: bool) -> None:
+        """Stop the infra process and release the network and mounts; idempotent."""
+        sid = rec.id
+        rt = self.oci(rec.runtime_handler)
+        try:
+            st = await rt.state(sid)
+            if st.status in ("running", "created", "paused"):
+                await rt.kill(sid, signal.SIGKILL)
+        except NotFound:
+            pass
+        except MoorageError as e:
+            log.warning("killing infra of %s: %s", sid, e.message)
+        await self.wait_exited(sid, 10)
+        if rec.netns_path:
+            if self.cni is not None:
+                try:
+                    await self.timed("cni_del", self.cni.teardown(sid, rec.netns_path))
+                except MoorageError as e:
+                    if not remove:
+                        raise
+                    log.warning("CNI teardown of %s: %s", sid, e.message)
+            await asyncio.to_thread(netnsmod.remove_netns, rec.netns_path, self.s.netns_dir)
+        shm = os.path.join(self.sandbox_state(sid), "shm")
+        if os.path.isdir(shm):
+            mounts.unmount_all(shm)
+        rec.state = NOTREADY
+        if remove:
+            try:
+                await rt.delete(sid, force=True)
+            except MoorageError as e:
+                log.warning("deleting infra of %s: %s", sid, e.message)
+            from runtime.service import remove_tree
+
+            remove_tree(self.sandbox_state(sid))
+            remove_tree(self.sandbox_root(sid))
+            self.store.delete_sandbox(sid)
+            self.sandboxes.pop(sid, None)
+            self._locks.pop(sid, None)
+            self._exit_events.pop(sid, None)
+        else:
+            self.store.update_sandbox(rec)
+
+    # -- RemovePodSandbox -----------------------------------------------------------------------
+
+    async def remove_sandbox(self: "Runtime", sid: str) -> None:
+        try:
+            rec = self.get_sandbox(sid)
+        except NotFound:
+            return  # the CRI asks Remove of an unknown sandbox to succeed
+        for c in [c for c in self.containers.values() if c.sandbox_id == rec.id]:
+            await self.remove_container(c.id)
+        async with self.lock(rec.id):
+            if rec.id in self.sandboxes:
+                await self._teardown_sandbox(rec, remove=True)
+
+    # -- status and list ----------------------------------------------------------------------
+
+    def sandbox_status(self: "Runtime", sid: str, verbose: bool = False) -> tuple[SandboxRecord, dict[str, str]]:
+        rec = self.get_sandbox(sid)
+        info: dict[str, str] = {}
+        if verbose:
+            bundle = os.path.join(self.sandbox_state(rec.id), "bundle", "config.json")
+            try:
+                with open(bundle) as f:
+                    runtime_spec = json.load(f)
+            except (OSError, ValueError):
+                runtime_spec = None
+            info["info"] = json.dumps({
+                "pid": rec.pid, "netNamespacePath": rec.netns_path, "runtimeHandler": rec.runtime_handler,
+                "cgroupParent": rec.cgroup_parent, "config": rec.config, "runtimeSpec": runtime_spec,
+                "image": self.s.infra_binary,
+            })
+        return rec, info
+
+    def list_sandboxes(self: "Runtime", id_prefix: str = "", state: str | None = None,
+                       labels: dict[str, str] | None = None) -> list[SandboxRecord]:
+        out = []
+        for rec in self.sandboxes.values():
+            if rec.extra.get("phase"):
+                continue  # still being created
+            if id_prefix and not rec.id.startswith(id_prefix):
+                continue
+            if state is not None and rec.state != state:
+                continue
+            if labels and any(rec.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(rec)
+        return out
+
+    def sandbox_config(self: "Runtime", rec: SandboxRecord) -> PodSandboxConfig:
+        return sandbox_config_from(rec.config)
+
+    # -- recovery --------------------------------------------------------------------------------
+
+    async def recover_sandbox(self: "Runtime", rec: SandboxRecord) -> None:
+        if rec.extra.get("phase"):
+            log.info("removing sandbox %s left half-made by a crash (phase %s)", rec.id, rec.extra["phase"])
+            await self._teardown_sandbox(rec, remove=True)
+            return
+        if rec.state != READY:
+            return
+        try:
+            st = await self.oci(rec.runtime_handler).state(rec.id)
+            alive = st.status in ("running", "created", "paused")
+        except NotFound:
+            alive = False
+        if alive:
+            self.watch_exit(rec.id, rec.runtime_handler, self._on_infra_exit)
+        else:
+            rec.state = NOTREADY
+            self.store.update_sandbox(rec)
+
+    def collect_stale_netns(self: "Runtime") -> None:
+        try:
+            removed = netnsmod.collect_stale(set(self.sandboxes), self.s.netns_dir)
+        except OSError:
+            return
+        if removed:
+            log.info("removed stale network namespaces", extra={"fields": {"netns": removed}})
+
+
+def cni_port_mappings(cfg: PodSandboxConfig) -> list:
+    from cni.manager import PortMapping
+
+    return [PortMapping(host_port=p.host_port, container_port=p.container_port, protocol=p.protocol.lower(),
+                        host_ip=p.host_ip) for p in cfg.port_mappings if p.host_port]
+
+
+def cni_bandwidth(cfg: PodSandboxConfig) -> Any:
+    """Traffic shaping from the kubernetes.io/{ingress,egress}-bandwidth annotations."""
+    from cni.manager import Bandwidth
+
+    ann = cfg.annotations
+    ingress = parse_quantity(ann.get("kubernetes.io/ingress-bandwidth", ""), "kubernetes.io/ingress-bandwidth")
+    egress = parse_quantity(ann.get("kubernetes.io/egress-bandwidth", ""), "kubernetes.io/egress-bandwidth")
+    if not ingress and not egress:
+        return None
+    unlimited = 2**31 - 1
+    return Bandwidth(ingress_rate=ingress, ingress_burst=unlimited if ingress else 0,
+                     egress_rate=egress, egress_burst=unlimited if egress else 0)
+
+
+_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+def parse_quantity(text: str, what: str) -> int:
+    """A Kubernetes resource quantity such as "10M" or "1Gi" as an integer (0 if empty)."""
+    text = text.strip()
+    if not text:
+        return 0
+    num = text.rstrip("kMGTPi")
+    suffix = text[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if suffix not in _SUFFIXES or value < 0:
+        raise InvalidArgument(f"annotation {what}: {text!r} is not a quantity like 10M or 1Gi")
+    return int(value * _SUFFIXES[suffix])
