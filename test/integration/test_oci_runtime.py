@@ -430,3 +430,19 @@ def test_tty_container_output_is_logged(runc_env):
         await env.rt.delete(cid)
 
     run(main())
+
+
+def test_create_with_an_existing_id_leaves_the_existing_container_alone(runc_env):
+    env = runc_env
+
+    async def main():
+        cid, pid = await env.run(["sleep", "1000"])
+        from runtime.errors import AlreadyExists
+        with pytest.raises(AlreadyExists):
+            await env.rt.create(cid, os.path.join(env.dir, "bundles", cid), log_path=env.log_path(cid))
+        st = await env.rt.state(cid)
+        assert st.status == "running" and st.pid == pid
+        assert env.rt.conmon_pid(cid) is not None
+        await env.rt.delete(cid, force=True)
+
+    run(main())
