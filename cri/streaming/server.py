@@ -22,7 +22,7 @@ from runtime.errors import InvalidArgument, ResourceExhausted
 
 from . import portforward as pf
 from . import remotecommand as rc
-from . import wsframe
+from . import spdy, wsframe
 from .backend import StreamingBackend
 from .spdyio import SpdySession, SpdyStream
 from .wsio import WebSocketChannels
@@ -236,9 +236,12 @@ class StreamingServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
+                async with asyncio.timeout(self.stream_creation_timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 raise BadRequest(431, "request head too large") from None
+            except TimeoutError:
+                return
             req = parse_request_head(head)
             if req.method not in ("GET", "POST"):
                 raise BadRequest(405, f"method {req.method} not allowed")
@@ -290,12 +293,13 @@ class StreamingServer:
                     stream = await session.accept()
                     if stream is None:
                         return
-                    stream.reply()
                     kind = stream.header(rc.HEADER_STREAM_TYPE, "")
                     if kind in wanted and kind not in streams:
+                        stream.reply()
                         streams[kind] = stream
                     else:
-                        log.info("ignoring unexpected %r stream", kind)
+                        log.info("refusing unexpected %r stream", kind)
+                        stream.reset(spdy.RstStatus.REFUSED_STREAM)
         except TimeoutError:
             log.info("timed out waiting for the client to create streams")
             return
@@ -320,7 +324,16 @@ class StreamingServer:
             disconnected=session.closed,
             json_status=rc.uses_json_status(proto),
         )
-        await self._run_command(io, request)
+
+        async def refuse_late_streams() -> None:
+            while (stream := await session.accept()) is not None:
+                stream.reset(spdy.RstStatus.REFUSED_STREAM)
+
+        refuser = asyncio.create_task(refuse_late_streams())
+        try:
+            await self._run_command(io, request)
+        finally:
+            await rc.cancel_and_wait(refuser)
 
     async def _run_command(self, io: rc.CommandIO, request: ExecRequest | AttachRequest) -> None:
         if isinstance(request, ExecRequest):
@@ -384,6 +397,7 @@ class StreamingServer:
         except Exception as e:  # noqa: BLE001 - reported to the client (if it is still there)
             await _write_error(error, pf.error_message(pair.port, sandbox_id, e))
         finally:
+            data.incoming.feed_eof()  # discard anything the client still sends
             data.close()
             error.close()
 
@@ -459,6 +473,8 @@ class StreamingServer:
             except Exception as e:  # noqa: BLE001 - reported to the client (if it is still there)
                 with contextlib.suppress(ConnectionError):
                     await chans.send(2 * i + 1, pf.error_message(port, sandbox_id, e).encode())
+            finally:
+                chans.queues[2 * i].feed_eof()  # discard anything the client still sends
 
         work = asyncio.gather(*(one(i, p) for i, p in enumerate(ports)), return_exceptions=True)
         gone = asyncio.create_task(chans.disconnected.wait())

@@ -14,14 +14,17 @@ import hashlib
 import json
 import os
 import pty
+import ssl
 import struct
+import subprocess
 import termios
 
 import pytest
 import websocket
 
 from cri.streaming import client as sc
-from cri.streaming.remotecommand import RemoteCommandError
+from cri.streaming.remotecommand import V4, RemoteCommandError
+from cri.streaming.spdyio import StreamClosedError
 from cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
 from runtime.errors import NotFound
 
@@ -128,14 +131,14 @@ async def _echo(reader, writer):
     writer.close()
 
 
-def run(test):
+def run(test, **server_options):
     """Run ``test(server, backend, echo_port)`` against a fresh server and echo service."""
 
     async def main():
         backend = FakeBackend()
         echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
         try:
-            async with StreamingServer(backend) as server:
+            async with StreamingServer(backend, **server_options) as server:
                 await test(server, backend, echo.sockets[0].getsockname()[1])
         finally:
             echo.close()
@@ -254,6 +257,39 @@ def test_client_disconnect_kills_process():
             os.kill(pid, 0)
 
     run(t)
+
+
+def test_unexpected_stream_refused_and_missing_streams_time_out():
+    async def t(server, backend, _):
+        session, proto = await sc.spdy_upgrade(server.get_exec_url(ExecRequest("c1", ["true"])), [V4])
+        try:
+            assert proto == V4
+            await session.open_stream([("streamtype", "error")])
+            with pytest.raises(StreamClosedError):
+                await session.open_stream([("streamtype", "bogus")])
+            await session.closed.wait()  # stdout/stderr never came: the server gives up
+            assert backend.started.empty()
+        finally:
+            await session.close()
+
+    run(t, stream_creation_timeout=0.2)
+
+
+def test_exec_over_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def t(server, backend, _):
+        url = server.get_exec_url(ExecRequest("c1", ["echo", "secure"]))
+        assert url.startswith("https://127.0.0.1:")
+        assert (await sc.run(url, ssl=ctx)).stdout == b"secure\n"
+
+    run(t, tls_cert=str(cert), tls_key=str(key))
 
 
 # --------------------------------------------------------------------------- HTTP errors
