@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .backend import InputStream, StreamingBackend, Writer
-
-log = logging.getLogger(__name__)
 
 PROTOCOL = "portforward.k8s.io"
 STREAM_TYPE, PORT, REQUEST_ID = "streamtype", "port", "requestid"  # SPDY header names arrive lowercased

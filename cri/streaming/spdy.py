@@ -360,6 +360,10 @@ class SpdyConnection:
         if fin:
             self._local_close(stream_id)
 
+    def can_send(self, stream_id: int) -> bool:
+        st = self._streams.get(stream_id)
+        return st is not None and not st.local_closed
+
     def send_window(self, stream_id: int) -> int:
         """How many bytes may be sent on ``stream_id`` right now."""
         st = self._streams.get(stream_id)

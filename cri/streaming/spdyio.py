@@ -53,7 +53,7 @@ class SpdyStream:
         """Send data, waiting for flow-control window and transport buffer space."""
         view = memoryview(data)
         while view:
-            if self.was_reset or self.session.closed.is_set():
+            if self.was_reset or self.session.closed.is_set() or not self.session.conn.can_send(self.id):
                 raise StreamClosedError(f"stream {self.id} is closed")
             window = self.session.conn.send_window(self.id)
             if window <= 0:

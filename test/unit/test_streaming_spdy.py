@@ -242,3 +242,13 @@ def test_initial_window_setting_adjusts_open_streams():
     assert s.send_window(sid) == 1000
     s.receive_data(spdy.window_update_frame(sid, 500))
     assert s.send_window(sid) == 1500
+
+
+def test_can_send_only_until_fin():
+    c, s = pair()
+    sid = c.open_stream([])
+    assert c.can_send(sid)
+    c.end_stream(sid)
+    assert not c.can_send(sid) and c.send_window(sid) == 0
+    with pytest.raises(spdy.SpdyProtocolError):
+        c.send_data(sid, b"late")
