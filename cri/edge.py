@@ -12,6 +12,7 @@ does not implement still answers, with UNIMPLEMENTED naming it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Callable
@@ -73,60 +74,46 @@ class Edge:
                 fields["error"] = msg
             log.log(level, "cri call", extra={"fields": fields})
 
+    @contextlib.asynccontextmanager
+    async def _call(self, service: str, method: str, context: grpc.aio.ServicerContext):
+        """Readiness, span, metrics, log line and error mapping around one call."""
+        not_ready = self.ready()
+        if not_ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, not_ready)
+        start = time.perf_counter()
+        span = self._begin(service, method, context)
+        code, msg = grpc.StatusCode.OK, ""
+        METRICS.rpc_in_flight.inc()
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                yield
+        except asyncio.CancelledError:
+            code, msg = grpc.StatusCode.CANCELLED, "call cancelled by the client"
+            raise
+        except grpc.aio.AbortError:
+            code, msg = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+            code, msg = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s/%s", service, method)
+            await context.abort(code, msg)
+        finally:
+            METRICS.rpc_in_flight.dec()
+            self._finish(service, method, span, start, code, msg)
+
     def unary(self, service: str, method: str, fn: Callable) -> Callable:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            not_ready = self.ready()
-            if not_ready:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, not_ready)
-            start = time.perf_counter()
-            span = self._begin(service, method, context)
-            code, msg = grpc.StatusCode.OK, ""
-            METRICS.rpc_in_flight.inc()
-            try:
-                with trace.use_span(span, end_on_exit=False):
-                    return await fn(request, context)
-            except asyncio.CancelledError:
-                code, msg = grpc.StatusCode.CANCELLED, "call cancelled by the client"
-                raise
-            except grpc.aio.AbortError:
-                code, msg = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
-                raise
-            except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
-                code, msg = status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("internal error in %s/%s", service, method)
-                await context.abort(code, msg)
-            finally:
-                METRICS.rpc_in_flight.dec()
-                self._finish(service, method, span, start, code, msg)
+            async with self._call(service, method, context):
+                return await fn(request, context)
 
         return handler
 
     def stream(self, service: str, method: str, fn: Callable) -> Callable:
         async def handler(request: Any, context: grpc.aio.ServicerContext):
-            not_ready = self.ready()
-            if not_ready:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, not_ready)
-            start = time.perf_counter()
-            span = self._begin(service, method, context)
-            code, msg = grpc.StatusCode.OK, ""
-            try:
-                with trace.use_span(span, end_on_exit=False):
-                    async for item in fn(request, context):
-                        yield item
-            except asyncio.CancelledError:
-                code, msg = grpc.StatusCode.CANCELLED, "stream cancelled by the client"
-                raise
-            except grpc.aio.AbortError:
-                code, msg = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
-                raise
-            except Exception as exc:  # noqa: BLE001
-                code, msg = status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("internal error in %s/%s", service, method)
-                await context.abort(code, msg)
-            finally:
-                self._finish(service, method, span, start, code, msg)
+            async with self._call(service, method, context):
+                async for item in fn(request, context):
+                    yield item
 
         return handler
 
