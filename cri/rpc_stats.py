@@ -1,7 +1,287 @@
-"""RuntimeService stats and metrics RPCs."""
+"""RuntimeService stats and metrics RPCs.
+
+ContainerStats / ListContainerStats / PodSandboxStats / ListPodSandboxStats (and
+their Stream* forms) translate ``runtime.stats`` samples into CRI messages.
+ListMetricDescriptors / ListPodSandboxMetrics serve the cAdvisor-named metrics
+the kubelet exposes on /metrics/cadvisor when it takes pod and container
+metrics from the CRI (``PodAndContainerStatsFromCRI``): values are unsigned
+integers as the CRI carries them (CPU seconds are whole seconds), and every
+metric carries the label keys of its descriptor in order.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+from cri.api import api_pb2 as pb
+from runtime import stats as st
+from runtime.errors import NotFound
+
+# cAdvisor's labels as the kubelet's /metrics/cadvisor shows them: id, name, image (cAdvisor's own)
+# plus container, pod and namespace (added by the kubelet).  For pod-level series container="POD".
+BASE_LABELS = ("id", "name", "image", "container", "pod", "namespace")
+
+_C, _G = pb.COUNTER, pb.GAUGE
+
+# name -> (help, extra label keys, type)
+DESCRIPTORS: dict[str, tuple[str, tuple[str, ...], int]] = {
+    "container_cpu_usage_seconds_total": ("Cumulative cpu time consumed in seconds.", ("cpu",), _C),
+    "container_memory_usage_bytes": (
+        "Current memory usage in bytes, including all memory regardless of when it was accessed", (), _G),
+    "container_memory_working_set_bytes": ("Current working set in bytes.", (), _G),
+    "container_memory_rss": ("Size of RSS in bytes.", (), _G),
+    "container_memory_cache": ("Number of bytes of page cache memory.", (), _G),
+    "container_memory_failures_total": ("Cumulative count of memory allocation failures.",
+                                        ("failure_type", "scope"), _C),
+    "container_spec_memory_limit_bytes": ("Memory limit for the container.", (), _G),
+    "container_oom_events_total": ("Count of out of memory events observed for the container", (), _C),
+    "container_processes": ("Number of processes running inside the container.", (), _G),
+    "container_fs_usage_bytes": ("Number of bytes that are consumed by the container on this filesystem.",
+                                 ("device",), _G),
+    "container_fs_inodes_total": ("Number of Inodes", ("device",), _G),
+    "container_last_seen": ("Last time a container was seen by the exporter", (), _G),
+    "container_network_receive_bytes_total": ("Cumulative count of bytes received", ("interface",), _C),
+    "container_network_receive_packets_total": ("Cumulative count of packets received", ("interface",), _C),
+    "container_network_receive_packets_dropped_total": ("Cumulative count of packets dropped while receiving",
+                                                        ("interface",), _C),
+    "container_network_receive_errors_total": ("Cumulative count of errors encountered while receiving",
+                                               ("interface",), _C),
+    "container_network_transmit_bytes_total": ("Cumulative count of bytes transmitted", ("interface",), _C),
+    "container_network_transmit_packets_total": ("Cumulative count of packets transmitted", ("interface",), _C),
+    "container_network_transmit_packets_dropped_total": (
+        "Cumulative count of packets dropped while transmitting", ("interface",), _C),
+    "container_network_transmit_errors_total": ("Cumulative count of errors encountered while transmitting",
+                                                ("interface",), _C),
+}
+
+_NET_FIELDS = (
+    ("container_network_receive_bytes_total", "rx_bytes"),
+    ("container_network_receive_packets_total", "rx_packets"),
+    ("container_network_receive_packets_dropped_total", "rx_dropped"),
+    ("container_network_receive_errors_total", "rx_errors"),
+    ("container_network_transmit_bytes_total", "tx_bytes"),
+    ("container_network_transmit_packets_total", "tx_packets"),
+    ("container_network_transmit_packets_dropped_total", "tx_dropped"),
+    ("container_network_transmit_errors_total", "tx_errors"),
+)
+
+
+def _u(v: int | None) -> pb.UInt64Value | None:
+    return None if v is None else pb.UInt64Value(value=max(0, int(v)))
+
+
+# --------------------------------------------------------------------------- samples -> protobuf
+
+
+def cpu_pb(c: st.CpuSample | None) -> pb.CpuUsage | None:
+    if c is None:
+        return None
+    return pb.CpuUsage(timestamp=c.timestamp_ns, usage_core_nano_seconds=_u(c.usage_core_ns),
+                       usage_nano_cores=_u(c.usage_nano_cores))
+
+
+def memory_pb(m: st.MemorySample | None) -> pb.MemoryUsage | None:
+    if m is None:
+        return None
+    return pb.MemoryUsage(timestamp=m.timestamp_ns, working_set_bytes=_u(m.working_set_bytes),
+                          available_bytes=_u(m.available_bytes), usage_bytes=_u(m.usage_bytes),
+                          rss_bytes=_u(m.rss_bytes), page_faults=_u(m.page_faults),
+                          major_page_faults=_u(m.major_page_faults))
+
+
+def container_stats_pb(s: st.ContainerSample) -> pb.ContainerStats:
+    rec = s.record
+    md = rec.metadata or {}
+    attrs = pb.ContainerAttributes(id=rec.id, metadata=pb.ContainerMetadata(name=md.get("name", ""),
+                                                                           attempt=int(md.get("attempt", 0) or 0)),
+                                   labels=dict(rec.labels), annotations=dict(rec.annotations))
+    wl = None
+    if s.writable_layer is not None:
+        w = s.writable_layer
+        wl = pb.FilesystemUsage(timestamp=w.timestamp_ns, fs_id=pb.FilesystemIdentifier(mountpoint=w.mountpoint),
+                                used_bytes=_u(w.used_bytes), inodes_used=_u(w.inodes_used))
+    return pb.ContainerStats(attributes=attrs, cpu=cpu_pb(s.cpu), memory=memory_pb(s.memory), writable_layer=wl)
+
+
+def _iface_pb(i: st.InterfaceSample) -> pb.NetworkInterfaceUsage:
+    return pb.NetworkInterfaceUsage(name=i.name, rx_bytes=_u(i.rx_bytes), rx_errors=_u(i.rx_errors),
+                                    tx_bytes=_u(i.tx_bytes), tx_errors=_u(i.tx_errors))
+
+
+def pod_stats_pb(p: st.PodSample) -> pb.PodSandboxStats:
+    sb = p.record
+    md = sb.metadata or {}
+    attrs = pb.PodSandboxAttributes(
+        id=sb.id, metadata=pb.PodSandboxMetadata(name=md.get("name", ""), uid=md.get("uid", ""),
+                                                 namespace=md.get("namespace", ""),
+                                                 attempt=int(md.get("attempt", 0) or 0)),
+        labels=dict(sb.labels), annotations=dict(sb.annotations))
+    net = None
+    if p.network is not None:
+        n = p.network
+        net = pb.NetworkUsage(timestamp=n.timestamp_ns,
+                              default_interface=_iface_pb(n.default) if n.default else None,
+                              interfaces=[_iface_pb(i) for i in n.interfaces])
+    proc = None
+    if p.processes is not None:
+        proc = pb.ProcessUsage(timestamp=p.cpu.timestamp_ns if p.cpu else time.time_ns(),
+                               process_count=_u(p.processes))
+    return pb.PodSandboxStats(attributes=attrs, linux=pb.LinuxPodSandboxStats(
+        cpu=cpu_pb(p.cpu), memory=memory_pb(p.memory), network=net, process=proc,
+        containers=[container_stats_pb(c) for c in p.containers]))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def descriptors() -> list[pb.MetricDescriptor]:
+    return [pb.MetricDescriptor(name=n, help=h, label_keys=[*BASE_LABELS, *extra])
+            for n, (h, extra, _t) in DESCRIPTORS.items()]
+
+
+class _MetricBuilder:
+    def __init__(self, base: list[str], ts: int) -> None:
+        self.base = base
+        self.ts = ts
+        self.out: list[pb.Metric] = []
+
+    def add(self, name: str, value: int | None, *extra: str) -> None:
+        if value is None:
+            return
+        self.out.append(pb.Metric(name=name, timestamp=self.ts, metric_type=DESCRIPTORS[name][2],
+                                  label_values=[*self.base, *extra], value=pb.UInt64Value(value=max(0, int(value)))))
+
+
+def container_metrics(s: st.ContainerSample, pod_md: dict, image: str) -> list[pb.Metric]:
+    rec = s.record
+    name = (rec.metadata or {}).get("name", "")
+    b = _MetricBuilder([rec.id, rec.name, image, name, pod_md.get("name", ""), pod_md.get("namespace", "")],
+                       time.time_ns())
+    b.add("container_last_seen", time.time())
+    if s.cpu is not None:
+        b.add("container_cpu_usage_seconds_total", s.cpu.usage_core_ns // 1_000_000_000, "total")
+    m = s.memory
+    if m is not None:
+        b.add("container_memory_usage_bytes", m.usage_bytes)
+        b.add("container_memory_working_set_bytes", m.working_set_bytes)
+        b.add("container_memory_rss", m.rss_bytes)
+        b.add("container_memory_cache", m.cache_bytes)
+        b.add("container_spec_memory_limit_bytes", m.limit_bytes if m.limit_bytes is not None else 0)
+        for ftype, v in (("pgfault", m.page_faults), ("pgmajfault", m.major_page_faults)):
+            b.add("container_memory_failures_total", v, ftype, "container")
+    b.add("container_oom_events_total", s.oom_kills)
+    b.add("container_processes", s.processes)
+    if s.writable_layer is not None:
+        b.add("container_fs_usage_bytes", s.writable_layer.used_bytes, s.writable_layer.mountpoint)
+        b.add("container_fs_inodes_total", s.writable_layer.inodes_used, s.writable_layer.mountpoint)
+    return b.out
+
+
+def pod_metrics(p: st.PodSample, image_names: dict[str, str]) -> pb.PodSandboxMetrics:
+    sb = p.record
+    md = sb.metadata or {}
+    b = _MetricBuilder([sb.id, sb.name, "", "POD", md.get("name", ""), md.get("namespace", "")], time.time_ns())
+    if p.cpu is not None:
+        b.add("container_cpu_usage_seconds_total", p.cpu.usage_core_ns // 1_000_000_000, "total")
+    if p.memory is not None:
+        b.add("container_memory_usage_bytes", p.memory.usage_bytes)
+        b.add("container_memory_working_set_bytes", p.memory.working_set_bytes)
+        b.add("container_memory_rss", p.memory.rss_bytes)
+    b.add("container_processes", p.processes)
+    if p.network is not None:
+        for i in p.network.interfaces:
+            for metric, attr in _NET_FIELDS:
+                b.add(metric, getattr(i, attr), i.name)
+    ctrs = [pb.ContainerMetrics(container_id=c.id,
+                                metrics=container_metrics(c, md, image_names.get(c.id, "")))
+            for c in p.containers if c.record.state == st.RUNNING]
+    return pb.PodSandboxMetrics(pod_sandbox_id=sb.id, metrics=b.out, container_metrics=ctrs)
+
+
+# --------------------------------------------------------------------------- the RPCs
+
+
+def _labels(f: Any) -> dict[str, str]:
+    return dict(f.label_selector) if f is not None else {}
 
 
 class StatsRPCs:
     """Mixed into RuntimeServicer; ``self.rt`` is the Runtime, ``self.stats`` the stats collector."""
+
+    def _collector(self) -> st.StatsCollector:
+        if getattr(self, "stats", None) is None:
+            self.stats = st.StatsCollector(self.rt)
+        return self.stats
+
+    async def ContainerStats(self, request: pb.ContainerStatsRequest, context) -> pb.ContainerStatsResponse:
+        rec = self.rt.get_container(request.container_id)  # NOT_FOUND names it
+        s = await asyncio.to_thread(self._collector().container, rec)
+        return pb.ContainerStatsResponse(stats=container_stats_pb(s))
+
+    async def _list_container_stats(self, f: pb.ContainerStatsFilter | None) -> list[pb.ContainerStats]:
+        col = self._collector()
+        if f is None or not (f.id or f.pod_sandbox_id or f.label_selector):
+            col.forget_gone()
+        recs = self.rt.list_containers(id_prefix=f.id if f is not None else "",
+                                       sandbox_id=f.pod_sandbox_id if f is not None else "", labels=_labels(f))
+
+        def work() -> list[pb.ContainerStats]:
+            return [container_stats_pb(s) for s in col.containers(recs)]
+
+        return await asyncio.to_thread(work)
+
+    async def ListContainerStats(self, request: pb.ListContainerStatsRequest, context):
+        f = request.filter if request.HasField("filter") else None
+        return pb.ListContainerStatsResponse(stats=await self._list_container_stats(f))
+
+    async def StreamContainerStats(self, request: pb.StreamContainerStatsRequest, context) -> AsyncIterator:
+        f = request.filter if request.HasField("filter") else None
+        yield pb.StreamContainerStatsResponse(container_stats=await self._list_container_stats(f))
+
+    async def _pod_stats(self, sbs: list) -> list[pb.PodSandboxStats]:
+        col = self._collector()
+        plan = col.plan_pods(sbs)
+
+        def work() -> list[pb.PodSandboxStats]:
+            return [pod_stats_pb(p) for p in col.pods(plan)]
+
+        return await asyncio.to_thread(work)
+
+    async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest, context) -> pb.PodSandboxStatsResponse:
+        sb = self.rt.get_sandbox(request.pod_sandbox_id)
+        if sb.extra.get("phase"):
+            raise NotFound(f"pod sandbox {sb.id} is still being created")
+        return pb.PodSandboxStatsResponse(stats=(await self._pod_stats([sb]))[0])
+
+    async def _list_pod_stats(self, f: pb.PodSandboxStatsFilter | None) -> list[pb.PodSandboxStats]:
+        return await self._pod_stats(self.rt.list_sandboxes(id_prefix=f.id if f is not None else "",
+                                                            labels=_labels(f) or None))
+
+    async def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest, context):
+        f = request.filter if request.HasField("filter") else None
+        return pb.ListPodSandboxStatsResponse(stats=await self._list_pod_stats(f))
+
+    async def StreamPodSandboxStats(self, request: pb.StreamPodSandboxStatsRequest, context) -> AsyncIterator:
+        f = request.filter if request.HasField("filter") else None
+        yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=await self._list_pod_stats(f))
+
+    async def ListMetricDescriptors(self, request, context) -> pb.ListMetricDescriptorsResponse:
+        return pb.ListMetricDescriptorsResponse(descriptors=descriptors())
+
+    async def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
+        col = self._collector()
+        images = {c.id: c.image_name or c.image_ref for c in self.rt.containers.values()}
+        plan = col.plan_pods(self.rt.list_sandboxes(state=st.SANDBOX_READY))
+
+        def work() -> list[pb.PodSandboxMetrics]:
+            return [pod_metrics(p, images) for p in col.pods(plan, with_oom=True)]
+
+        return await asyncio.to_thread(work)
+
+    async def ListPodSandboxMetrics(self, request, context) -> pb.ListPodSandboxMetricsResponse:
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=await self._pod_metrics())
+
+    async def StreamPodSandboxMetrics(self, request, context) -> AsyncIterator:
+        yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=await self._pod_metrics())
