@@ -38,6 +38,7 @@ def image_settings(cfg) -> ImageSettings:
         insecure_registries=list(cfg.images.insecure_registries), retries=cfg.images.pull_retries,
         stall_timeout=cfg.images.stall_timeout, max_concurrent_downloads=cfg.images.max_concurrent_downloads,
         gc_on_remove=cfg.images.gc_on_remove,
+        pinned_refs=[cfg.runtime.sandbox_image] if cfg.runtime.sandbox_image else [],
     )
 
 
@@ -62,6 +63,9 @@ def build_services(daemon: "Daemon") -> tuple[object, object, list]:
         components.append(streaming)
     except ImportError:
         pass
-    runtime_svc = RuntimeServicer(cfg, runtime=runtime, network=cni, streaming=streaming)
+    from runtime.stats import StatsCollector
+
+    runtime_svc = RuntimeServicer(cfg, runtime=runtime, network=cni, streaming=streaming,
+                                  stats=StatsCollector(runtime))
     image_svc = ImageServicer(cfg, images)
     return runtime_svc, image_svc, components

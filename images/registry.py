@@ -678,8 +678,14 @@ class RegistryClient:
                                       lambda host: self._get_manifest(host, r, ref, credentials, expected))
 
     async def resolve_image(self, ref: Any, *, platform: Platform | None = None,
-                            credentials: Credentials | None = None) -> ResolvedImage:
-        """Resolve *ref*, pick the manifest for *platform* (default: this host), fetch its config."""
+                            credentials: Credentials | None = None,
+                            read_config: Any = None) -> ResolvedImage:
+        """Resolve *ref*, pick the manifest for *platform* (default: this host), fetch its config.
+
+        ``read_config(repo, descriptor) -> bytes`` (async), when given, supplies the config blob
+        instead of a download (e.g. from a content store, so concurrent pulls fetch it once);
+        it must return verified bytes.
+        """
         from images.platform import Matcher, select_manifest
         repo, reference = split_reference(ref)
         shown = display_ref(repo, reference)
@@ -698,8 +704,11 @@ class RegistryClient:
         if manifest.config.media_type not in oci.CONFIG_TYPES:
             raise InvalidArgument(f"{shown} is not a container image: config media type "
                                   f"{manifest.config.media_type!r}")
-        config_bytes = await self.read_blob(repo, manifest.config, max_size=oci.MAX_CONFIG_SIZE,
-                                            credentials=credentials)
+        if read_config is not None:
+            config_bytes = await read_config(repo, manifest.config)
+        else:
+            config_bytes = await self.read_blob(repo, manifest.config, max_size=oci.MAX_CONFIG_SIZE,
+                                                credentials=credentials)
         config = oci.parse_config(config_bytes, f"image config of {shown}")
         if index is None:
             m = Matcher(platform)
