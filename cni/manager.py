@@ -33,7 +33,7 @@ from .config import (
     render_template,
     version_tuple,
 )
-from .plugin import PluginExec, PluginUnavailable, RuntimeArgs
+from .plugin import PluginExec, PluginNotFound, PluginUnavailable, RuntimeArgs
 from .result import Interface, Result, parse_result, pod_ips
 
 log = logging.getLogger("moorage.cni")
@@ -149,6 +149,10 @@ class CNIManager:
     def status(self) -> tuple[bool, str, str]:
         """NetworkReady from the conf dir: ``(ready, reason, message)``."""
         return self.watcher.status()
+
+    def config_errors(self) -> list[str]:
+        """Problems with the files in the conf dir (each message names its file); [] when none."""
+        return [e.message for e in self.watcher.refresh().errors]
 
     async def plugin_status(self) -> tuple[bool, str, str]:
         """Conf dir status, plus the STATUS verb of every plugin when the network is CNI >= 1.1.0."""
@@ -295,7 +299,10 @@ class CNIManager:
                 except BaseException as exc:
                     log.warning("CNI ADD of sandbox %s failed at plugin %s: %s", sandbox_id, plugin["type"], exc)
                     entry["result"] = prev
-                    await self._rollback(net, i, prev, rt, caps, path, entry)
+                    # A plugin that could not even be found never ran: only its predecessors get a DEL
+                    # (a DEL of the missing binary would fail too and strand the cache entry).
+                    last = i - 1 if isinstance(exc, PluginNotFound) else i
+                    await self._rollback(net, last, prev, rt, caps, path, entry)
                     raise
 
             entry["state"] = "ready"

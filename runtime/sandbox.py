@@ -117,11 +117,15 @@ class SandboxOps:
             rec.netns_path = netns_path
             rec.extra["phase"] = "network"
             self.store.update_sandbox(rec)
-            if self.cni is not None and self.cni.status()[0]:
+            net_ready, _, net_msg = self.cni.status() if self.cni is not None else (False, "", "")
+            if self.cni is not None and not net_ready and self.cni.config_errors():
+                # A broken config is not "no network": never hand out a loopback-only pod for it.
+                raise FailedPrecondition(f"pod network is not ready: {net_msg}")
+            if self.cni is not None and net_ready:
                 res = await self.timed("cni_add", self.cni.setup(
                     sid, netns_path, pod_namespace=cfg.metadata.namespace, pod_name=cfg.metadata.name,
                     pod_uid=cfg.metadata.uid, port_mappings=cni_port_mappings(cfg),
-                    bandwidth=cni_bandwidth(cfg), dns=None))
+                    bandwidth=cni_bandwidth(cfg), dns=cni_dns(cfg)))
                 ips = list(res.ips)
                 rec.ip = ips[0] if ips else ""
                 rec.additional_ips = ips[1:]
@@ -314,6 +318,16 @@ def cni_port_mappings(cfg: PodSandboxConfig) -> list:
 
     return [PortMapping(host_port=p.host_port, container_port=p.container_port, protocol=p.protocol.lower(),
                         host_ip=p.host_ip) for p in cfg.port_mappings if p.host_port]
+
+
+def cni_dns(cfg: PodSandboxConfig) -> Any:
+    """The pod's DNS config for the CNI ``dns`` capability (None when the pod sets none)."""
+    from cni.manager import DNSConfig
+
+    dns = cfg.dns_config
+    if dns is None or not (dns.servers or dns.searches or dns.options):
+        return None
+    return DNSConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options))
 
 
 def cni_bandwidth(cfg: PodSandboxConfig) -> Any:

@@ -1,0 +1,328 @@
+"""Shared fixtures and helpers for the end-to-end pod network tests (no tests here).
+
+Every network test runs a real daemon whose CNI conf dir holds a conflist for
+a bridge and subnet the test owns:
+
+- bridge ``mrgn<random>``, created by the test with the host address (.1) on
+  it, so the bridge plugin runs with ``isGateway: false`` and never touches
+  the host's ``ip_forward``; ``ipMasq`` off, portmap ``snat`` off;
+- a random free ``10.223.x.0/24`` (never the default 10.88.0.0/16);
+- host-local reservations in a test-owned ``dataDir``;
+- traffic only between the host end of that bridge and the pods' namespaces.
+
+The ``netlab`` fixture removes the pods (through the CRI), then the bridge,
+every veth/ifb still attached to it, the iptables rules naming the network,
+the portmap scaffolding if the test created it, and the temp dirs, even on
+failure.  It holds the CNI tests' lock file while portmap rules may exist, so
+parallel tests never race on the shared ``CNI-HOSTPORT-DNAT`` chain.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import uuid
+
+import grpc
+import pytest
+
+from cri.api import api_pb2 as pb
+from test.helpers.cri import container_config, pod_config, run_container, wait_for
+
+PLUGIN_DIR = "/usr/lib/cni"
+LOCK_PATH = "/run/lock/moorage-test-cni.lock"
+PORTMAP_TOP = "CNI-HOSTPORT-DNAT"
+PORTMAP_JUMP = ["-m", "addrtype", "--dst-type", "LOCAL", "-j", PORTMAP_TOP]
+
+NEEDS = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")),
+    reason="needs root and the CNI plugins in /usr/lib/cni",
+)
+
+
+def sh(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
+
+
+def iptables_state() -> set[str]:
+    """Rules and user chains of every table (counters stripped)."""
+    out = set()
+    table = ""
+    for line in sh("iptables-save").splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            out.add(f"{table} {line}")
+        elif line.startswith(":"):
+            name, policy = line[1:].split()[:2]
+            if policy == "-":
+                out.add(f"{table} :{name}")
+    return out
+
+
+def rules_of_network(network: str) -> set[str]:
+    return {line for line in iptables_state() if f'name: \\"{network}\\"' in line}
+
+
+def remove_rules_of_network(network: str) -> None:
+    """Safety net: delete nat rules naming ``network`` and the per-pod chains they jump to."""
+    chains = set()
+    for line in sorted(iptables_state()):
+        table, _, rule = line.partition(" ")
+        if table == "nat" and rule.startswith("-A ") and f'name: \\"{network}\\"' in rule:
+            args = shlex.split(rule)
+            if "-j" in args:
+                chains.add(args[args.index("-j") + 1])
+            sh("iptables", "-t", "nat", "-D", *args[1:], check=False)
+    for c in chains:
+        if c.startswith("CNI-DN-"):
+            sh("iptables", "-t", "nat", "-F", c, check=False)
+            sh("iptables", "-t", "nat", "-X", c, check=False)
+
+
+def remove_portmap_scaffolding_if_ours(before: set[str]) -> None:
+    """portmap never deletes its shared top chain: remove it if the test created it and it is unused."""
+    if f"nat :{PORTMAP_TOP}" in before:
+        return
+    state = iptables_state()
+    if f"nat :{PORTMAP_TOP}" not in state:
+        return
+    if any(line.startswith(f"nat -A {PORTMAP_TOP} ") for line in state):
+        return
+    for chain in ("PREROUTING", "OUTPUT"):
+        while f"nat -A {chain} {' '.join(PORTMAP_JUMP)}" in iptables_state():
+            sh("iptables", "-t", "nat", "-D", chain, *PORTMAP_JUMP)
+    sh("iptables", "-t", "nat", "-X", PORTMAP_TOP, check=False)
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    used = sh("ip", "-4", "-o", "addr") + sh("ip", "-4", "route")
+    for _ in range(200):
+        third = random.randint(1, 254)
+        if f"10.223.{third}." not in used:
+            return ipaddress.ip_network(f"10.223.{third}.0/24")
+    raise RuntimeError("no free 10.223.x.0/24 subnet")
+
+
+def link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+
+
+def links_on_bridge(bridge: str) -> list[str]:
+    out = sh("ip", "-o", "link", "show", "master", bridge, check=False)
+    return sorted(line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip())
+
+
+def write_fake_plugin(bin_dir: str, name: str, body: str) -> str:
+    """A shell CNI plugin; ``body`` sees $CNI_COMMAND and the config in $conf."""
+    os.makedirs(bin_dir, exist_ok=True)
+    path = os.path.join(bin_dir, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\nconf=$(cat)\n" + body + "\n")
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def fake_passthrough_body(on_add: str = "") -> str:
+    """Chained fake plugin: runs ``on_add`` on ADD, then prints its prevResult; succeeds otherwise."""
+    return (
+        'case "$CNI_COMMAND" in\n'
+        f"ADD)\n{on_add}\n"
+        "  printf '%s' \"$conf\" | /usr/bin/python3 -c "
+        "'import json,sys; print(json.dumps(json.load(sys.stdin).get(\"prevResult\") or {\"cniVersion\": \"1.0.0\"}))'\n"
+        "  ;;\n"
+        "VERSION) echo '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\"]}' ;;\n"
+        "esac\nexit 0"
+    )
+
+
+class NetLab:
+    def __init__(self, root: str) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.tag = tag
+        self.root = root
+        self.bridge = f"mrgn{tag}"
+        self.network = f"mrgn-net-{tag}"
+        self.subnet = free_subnet()
+        self.gateway = str(self.subnet.network_address + 1)
+        self.data_dir = os.path.join(root, "ipam")
+        self.bin_dir = os.path.join(root, "bin")  # fake plugins
+        self.iptables_before: set[str] = set()
+        self.daemons: list = []
+        self.fake_pids: list[int] = []
+
+    # --- the network ----------------------------------------------------------------
+
+    def make_bridge(self) -> None:
+        sh("ip", "link", "add", "name", self.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+
+    def conflist(self, extra_plugins: list[dict] | None = None, *, portmap: bool = True,
+                 bandwidth: bool = True, bridge_type: str = "bridge") -> dict:
+        plugins: list[dict] = [{
+            "type": bridge_type, "bridge": self.bridge, "isGateway": False, "ipMasq": False,
+            "ipam": {"type": "host-local", "dataDir": self.data_dir,
+                     "ranges": [[{"subnet": str(self.subnet), "gateway": self.gateway}]]},
+        }]
+        plugins += extra_plugins or []
+        if portmap:
+            plugins.append({"type": "portmap", "capabilities": {"portMappings": True}, "snat": False})
+        if bandwidth:
+            plugins.append({"type": "bandwidth", "capabilities": {"bandwidth": True}})
+        return {"cniVersion": "1.0.0", "name": self.network, "plugins": plugins}
+
+    def write_conf(self, d, conf: dict | str | None = None, name: str = "10-test.conflist") -> str:
+        conf = self.conflist() if conf is None else conf
+        path = os.path.join(d.cni_conf_dir, name)
+        os.makedirs(d.cni_conf_dir, exist_ok=True)
+        tmp = path + ".tmp-write"
+        with open(tmp, "w") as f:
+            f.write(conf if isinstance(conf, str) else json.dumps(conf))
+        os.replace(tmp, path)
+        return path
+
+    def reservations(self) -> list[str]:
+        d = os.path.join(self.data_dir, self.network)
+        out = []
+        for n in os.listdir(d) if os.path.isdir(d) else []:
+            try:
+                ipaddress.ip_address(n)
+                out.append(n)
+            except ValueError:
+                pass
+        return sorted(out)
+
+    # --- daemons ------------------------------------------------------------------
+
+    def daemon(self, factory, cni: str = "", conf: dict | str | None = None, start: bool = True):
+        """A daemon with ``cni`` (TOML lines) added to its [cni] table and our conflist written."""
+        d = factory(start=False)
+        d.write_config()
+        bin_dirs = json.dumps([self.bin_dir, PLUGIN_DIR])
+        with open(d.config_path) as f:
+            text = f.read()
+        text = text.replace("[cni]\n", f"[cni]\nbin_dirs = {bin_dirs}\n{cni}\n", 1)
+        with open(d.config_path, "w") as f:
+            f.write(text)
+        if conf != "":
+            self.write_conf(d, conf)
+        self.daemons.append(d)
+        if start:
+            d.start()
+        return d
+
+    @staticmethod
+    def cache_entries(d) -> list[dict]:
+        results = os.path.join(d.state, "cni", "results")
+        out = []
+        for n in sorted(os.listdir(results)) if os.path.isdir(results) else []:
+            if n.startswith("."):
+                continue
+            with open(os.path.join(results, n)) as f:
+                out.append(json.load(f))
+        return out
+
+    @staticmethod
+    def netns_pins(d) -> list[str]:
+        p = os.path.join(d.state, "netns")
+        return sorted(os.listdir(p)) if os.path.isdir(p) else []
+
+    def host_veth(self, d, sandbox_id: str) -> str:
+        for e in self.cache_entries(d):
+            if e["containerId"] == sandbox_id and e.get("result"):
+                for i in e["result"].get("interfaces", []):
+                    if not i.get("sandbox") and i["name"].startswith("veth"):
+                        return i["name"]
+        raise AssertionError(f"no host veth for {sandbox_id} in the CNI cache")
+
+    def cleanup(self) -> None:
+        for pid in self.fake_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for d in self.daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                try:
+                    d.cleanup_pods()
+                except Exception:  # noqa: BLE001
+                    pass
+        for v in links_on_bridge(self.bridge) if link_exists(self.bridge) else []:
+            sh("ip", "link", "del", v, check=False)
+        if link_exists(self.bridge):
+            sh("ip", "link", "del", self.bridge, check=False)
+        remove_rules_of_network(self.network)
+        remove_portmap_scaffolding_if_ours(self.iptables_before)
+
+
+@pytest.fixture
+def netlab():
+    os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
+    root = tempfile.mkdtemp(prefix="mrgn-")
+    lab = NetLab(root)
+    lock = open(LOCK_PATH, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        lab.iptables_before = iptables_state()
+        lab.make_bridge()
+        yield lab
+    finally:
+        try:
+            lab.cleanup()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+
+# --- CRI helpers -------------------------------------------------------------------------
+
+
+def run_pod(d, cfg: pb.PodSandboxConfig, timeout: float = 120) -> str:
+    return d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=timeout).pod_sandbox_id
+
+
+def pod_status(d, sid: str) -> pb.PodSandboxStatus:
+    return d.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+
+
+def network_condition(d) -> pb.RuntimeCondition:
+    st = d.runtime.Status(pb.StatusRequest())
+    return {c.type: c for c in st.status.conditions}["NetworkReady"]
+
+
+def pull(d, ref: str) -> None:
+    d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=120)
+
+
+def start_busybox(d, sid: str, sandbox_cfg: pb.PodSandboxConfig, image: str, script: str) -> str:
+    return run_container(d.runtime, sid, sandbox_cfg, container_config(image, ["sh", "-c", script]))
+
+
+def exec_sync(d, cid: str, cmd: list[str], timeout: int = 30) -> tuple[int, str, str]:
+    r = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout), timeout=timeout + 30)
+    return r.exit_code, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+
+
+def stop_and_remove(d, sid: str) -> None:
+    d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+
+
+def rpc_error(fn, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args, **kw)
+    return e.value
+
+
+__all__ = ["netlab", "NetLab", "NEEDS", "pod_config", "wait_for"]
