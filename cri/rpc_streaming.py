@@ -1,7 +1,49 @@
-"""RuntimeService streaming RPCs (Exec, Attach, PortForward): URLs on the streaming server."""
+"""RuntimeService streaming RPCs (Exec, Attach, PortForward): URLs on the streaming server.
+
+Each RPC checks that its target exists and can be streamed to *now* (a
+container RUNNING, a pod sandbox READY), so the caller hears NOT_FOUND or
+FAILED_PRECONDITION at once, then parks the request on the streaming server
+under a single-use token and returns the URL.  The backend checks again when
+the client connects.
+"""
 
 from __future__ import annotations
+
+from cri.api import api_pb2 as pb
+from cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest
+from runtime.errors import FailedPrecondition, Unavailable
+
+SANDBOX_READY = "SANDBOX_READY"
 
 
 class StreamingRPCs:
     """Mixed into RuntimeServicer; ``self.rt`` is the Runtime, ``self.streaming`` the server."""
+
+    def _streaming_server(self):
+        if getattr(self, "streaming", None) is None:
+            raise Unavailable("the streaming server is not running; exec, attach and port-forward are unavailable")
+        return self.streaming
+
+    async def Exec(self, request: pb.ExecRequest, context) -> pb.ExecResponse:
+        server = self._streaming_server()
+        rec = self.rt.running_container(request.container_id)
+        url = server.get_exec_url(ExecRequest(
+            container_id=rec.id, cmd=list(request.cmd), tty=request.tty, stdin=request.stdin,
+            stdout=request.stdout, stderr=request.stderr))
+        return pb.ExecResponse(url=url)
+
+    async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
+        server = self._streaming_server()
+        rec = self.rt.running_container(request.container_id)
+        url = server.get_attach_url(AttachRequest(
+            container_id=rec.id, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
+            stderr=request.stderr))
+        return pb.AttachResponse(url=url)
+
+    async def PortForward(self, request: pb.PortForwardRequest, context) -> pb.PortForwardResponse:
+        server = self._streaming_server()
+        sb = self.rt.get_sandbox(request.pod_sandbox_id)
+        if sb.state != SANDBOX_READY:
+            raise FailedPrecondition(f"pod sandbox {sb.id} is not ready; cannot forward ports to it")
+        url = server.get_portforward_url(PortForwardRequest(sandbox_id=sb.id, ports=list(request.port)))
+        return pb.PortForwardResponse(url=url)
