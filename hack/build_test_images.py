@@ -17,6 +17,7 @@ multiarch       OCI index: linux/amd64, linux/arm64, linux/arm/v7 (plus the host
                 platform if it is none of those); all share the busybox layer, each
                 config names its architecture and carries label ``moorage.test.arch``
 nonroot         busybox with config ``User: tester`` and WorkingDir /home/tester
+stopsignal      busybox with config ``StopSignal: SIGUSR1``
 dockerv2        busybox as a Docker schema 2 manifest (Docker media types)
 digestonly      busybox with a distinct label; meant to be pushed by digest only
 evil-*          (``build_all(include_evil=True)``) one hostile layer each, for unpack tests
@@ -328,6 +329,10 @@ class Builder:
         return self._single("nonroot", [_layer(self.busybox_tar(), "gzip")], ["latest"],
                             config_extra={"User": "tester", "WorkingDir": "/home/tester"})
 
+    def stopsignal(self) -> LayoutInfo:
+        return self._single("stopsignal", [_layer(self.busybox_tar(), "gzip")], ["latest"],
+                            config_extra={"StopSignal": "SIGUSR1"})
+
     def dockerv2(self) -> LayoutInfo:
         return self._single("dockerv2", [_layer(self.busybox_tar(), "gzip", docker=True)], ["latest"],
                             docker=True)
@@ -403,6 +408,7 @@ def build_all(out_dir: str, include_evil: bool = False) -> dict[str, LayoutInfo]
         "nonroot": b.nonroot(),
         "dockerv2": b.dockerv2(),
         "digestonly": b.digestonly(),
+        "stopsignal": b.stopsignal(),
     }
     if include_evil:
         images.update(b.evil())

@@ -734,7 +734,9 @@ class OCIRuntime:
         opts = ConmonOptions(
             conmon_path=self.conmon_path, runtime_path=self.handler.path, cid=cid, cuuid=exec_id,
             runtime_root=self.root, container_pidfile=os.path.join(workdir, "pid"), passthrough=True,
-            log_level=self.log_level, sync=True, exec_process_spec=spec_path,
+            # In passthrough mode conmon's own messages go to the exec'd command's stderr,
+            # which the caller reads as the command's output: keep conmon quiet.
+            log_level="error", sync=True, exec_process_spec=spec_path,
             timeout=(math.ceil(timeout) + EXEC_BACKSTOP_SECONDS) if timeout else None,
         )
         sync_r, sync_w = os.pipe2(os.O_CLOEXEC)

@@ -1,0 +1,229 @@
+"""Shared set-up for the runtime integration tests (test/integration/test_runtime_*.py).
+
+``RuntimeEnv`` wraps a real daemon (own temp dirs, socket and a cgroup parent of
+its own) with the busybox test images pulled, keeps track of the pods a test
+makes, removes them afterwards and then checks that nothing leaked: no mounts,
+network namespaces, processes (conmon, runc, catatonit, container processes) or
+cgroups that were not there before the test.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import grpc
+import pytest
+
+from cri.api import api_pb2 as pb
+from test.helpers.cri import container_config, pod_config, wait_for
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def cgroup_v2() -> bool:
+    return os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
+
+
+def cgroup_dirs(path: str) -> list[str]:
+    """Every host directory of cgroup ``path`` (one per v1 controller hierarchy, or the v2 one)."""
+    path = path.lstrip("/")
+    if cgroup_v2():
+        return [os.path.join(CGROUP_ROOT, path)]
+    out = []
+    for name in sorted(os.listdir(CGROUP_ROOT)):
+        d = os.path.join(CGROUP_ROOT, name)
+        if os.path.isdir(d) and not os.path.islink(d) and name != "unified":
+            out.append(os.path.join(d, path))
+    return out
+
+
+def remove_cgroup_tree(path: str) -> None:
+    for d in cgroup_dirs(path):
+        for dirpath, dirnames, _ in sorted(os.walk(d, topdown=False), key=lambda t: -len(t[0])):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+
+
+def memory_limit_file(cgroup_dir_of: dict[str, str]) -> str:
+    """The memory limit file of a container given its /proc/<pid>/cgroup map."""
+    if cgroup_v2():
+        return os.path.join(CGROUP_ROOT, cgroup_dir_of[""].lstrip("/"), "memory.max")
+    return os.path.join(CGROUP_ROOT, "memory", cgroup_dir_of["memory"].lstrip("/"), "memory.limit_in_bytes")
+
+
+def proc_cgroups(pid: int) -> dict[str, str]:
+    """controller → path from /proc/<pid>/cgroup ("" for the v2 entry)."""
+    out = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in (ctrls.split(",") if ctrls else [""]):
+                out[c] = path
+    return out
+
+
+class RuntimeEnv:
+    def __init__(self, daemon, registry) -> None:
+        self.d = daemon
+        self.reg = registry
+        self.rt = daemon.runtime
+        self.busybox = registry.images["busybox"].ref if registry else ""
+        self.pods: list[str] = []
+        self._baseline: dict[str, set] = {}
+
+    # -- images ------------------------------------------------------------------------------
+
+    def pull(self, name: str) -> str:
+        ref = self.reg.images[name].ref
+        self.d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=120)
+        return ref
+
+    # -- pods and containers -----------------------------------------------------------------
+
+    def run_pod(self, cfg: pb.PodSandboxConfig | None = None, handler: str = "", **kw) -> tuple[str, pb.PodSandboxConfig]:
+        cfg = cfg or pod_config(name=f"p-{uuid.uuid4().hex[:8]}", **kw)
+        sid = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler),
+                                    timeout=120).pod_sandbox_id
+        self.pods.append(sid)
+        return sid, cfg
+
+    def create(self, sid: str, pcfg: pb.PodSandboxConfig, command: list[str] | None = None,
+               image: str = "", **kw) -> str:
+        cfg = container_config(image or self.busybox, command, **kw)
+        return self.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg,
+                                                                 sandbox_config=pcfg), timeout=120).container_id
+
+    def start(self, cid: str) -> None:
+        self.rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+
+    def run(self, sid: str, pcfg: pb.PodSandboxConfig, command: list[str] | None = None, **kw) -> str:
+        cid = self.create(sid, pcfg, command, **kw)
+        self.start(cid)
+        return cid
+
+    def status(self, cid: str, verbose: bool = False) -> pb.ContainerStatusResponse:
+        return self.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid, verbose=verbose), timeout=30)
+
+    def wait_exited(self, cid: str, timeout: float = 60) -> pb.ContainerStatus:
+        return wait_for(lambda: (s := self.status(cid).status).state == pb.CONTAINER_EXITED and s, timeout,
+                        what=f"container {cid[:12]} to exit")
+
+    def exec(self, cid: str, cmd: list[str], timeout: int = 30) -> pb.ExecSyncResponse:
+        return self.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout), timeout=timeout + 60)
+
+    def sh(self, cid: str, script: str) -> str:
+        r = self.exec(cid, ["sh", "-c", script])
+        assert r.exit_code == 0, (r.exit_code, r.stdout, r.stderr)
+        return r.stdout.decode()
+
+    def wait_file(self, cid: str, path: str) -> None:
+        wait_for(lambda: self.exec(cid, ["test", "-e", path]).exit_code == 0, what=f"{path} in {cid[:12]}")
+
+    def pid(self, cid: str) -> int:
+        import json
+
+        return json.loads(self.status(cid, verbose=True).info["info"])["pid"]
+
+    def log_dir(self) -> str:
+        d = os.path.join(self.d.base, "logs", uuid.uuid4().hex[:8])
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    # -- clean-up and leak checks -----------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        try:
+            pods = [p.id for p in self.rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items]
+        except grpc.RpcError:
+            pods = []
+        for sid in dict.fromkeys(self.pods + pods):
+            for call, req in ((self.rt.StopPodSandbox, pb.StopPodSandboxRequest),
+                              (self.rt.RemovePodSandbox, pb.RemovePodSandboxRequest)):
+                try:
+                    call(req(pod_sandbox_id=sid), timeout=120)
+                except grpc.RpcError:
+                    pass
+        self.pods.clear()
+
+    def snapshot(self) -> dict[str, set]:
+        base = self.d.base
+        with open("/proc/self/mountinfo") as f:
+            mnts = {line.split()[4] for line in f if base in line.split()[4] or base in line}
+        netns_dir = os.path.join(self.d.state, "netns")
+        netns = set(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else set()
+        procs = set()
+        me = os.getpid()
+        daemon_pid = self.d.proc.pid if self.d.proc else -1
+        for p in os.listdir("/proc"):
+            if not p.isdigit() or int(p) in (me, daemon_pid):
+                continue
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                root = os.readlink(f"/proc/{p}/root")
+            except OSError:
+                continue
+            if base in cmd or base in root:
+                procs.add(f"{p}:{cmd[:120]}:{root}")
+        cgroups = set()
+        for d in cgroup_dirs(self.cgroup_parent):
+            if os.path.isdir(d):
+                cgroups |= {os.path.join(d, n) for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))}
+        return {"mounts": mnts, "netns": netns, "processes": procs, "cgroups": cgroups}
+
+    @property
+    def cgroup_parent(self) -> str:
+        return self.d.cgroup_parent
+
+    def begin(self) -> None:
+        self._baseline = self.snapshot()
+
+    def leaks(self) -> dict[str, set]:
+        now = self.snapshot()
+        return {k: v - self._baseline.get(k, set()) for k, v in now.items() if v - self._baseline.get(k, set())}
+
+    def check_no_leaks(self) -> None:
+        try:
+            wait_for(lambda: not self.leaks(), timeout=30, interval=0.2, what="leftovers to go away")
+        except AssertionError:
+            raise AssertionError(f"leftovers after the test: {self.leaks()}\n--- daemon log ---\n{self.d.log()[-4000:]}")
+
+
+def make_daemon(factory, extra_config: str = "", base: str | None = None, start: bool = True):
+    """A daemon with a cgroup parent of its own (so cgroup leak checks see only its cgroups)."""
+    parent = f"/moorage-test-{uuid.uuid4().hex[:10]}"
+    d = factory(extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n{extra_config}', start=start,
+                base=base)
+    d.cgroup_parent = parent
+    return d
+
+
+@pytest.fixture(scope="module")
+def module_env(registry):
+    """One daemon per test module, busybox and nonroot pulled."""
+    from test.fixtures.daemon import DaemonProcess, _new_base, _teardown
+
+    parent = f"/moorage-test-{uuid.uuid4().hex[:10]}"
+    d = DaemonProcess(base=_new_base(), extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n')
+    d.cgroup_parent = parent
+    try:
+        d.start()
+        env = RuntimeEnv(d, registry)
+        env.pull("busybox")
+        env.pull("nonroot")
+        yield env
+    finally:
+        _teardown(d)
+        remove_cgroup_tree(parent)
+
+
+@pytest.fixture
+def env(module_env):
+    """The module daemon; the test's pods are removed after it and leaks are checked."""
+    module_env.begin()
+    yield module_env
+    module_env.cleanup()
+    module_env.check_no_leaks()
