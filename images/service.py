@@ -287,8 +287,7 @@ class ImageService:
                             await asyncio.to_thread(self.content.write_blob, data, desc.digest)
                     for layer in manifest.layers:
                         lease.add(layer.digest)
-                    downloaded = await asyncio.gather(
-                        *(self._fetch_layer(resolved.repo, l, creds) for l in manifest.layers))
+                    downloaded = await self._fetch_all(resolved.repo, manifest.layers, creds)
                     top = await self._unpack(shown, manifest.layers, diff_ids)
                     rec = self._record(r, str(resolved.digest), str(resolved.root.digest),
                                        str(resolved.manifest_descriptor.digest), manifest, config, top)
@@ -315,6 +314,18 @@ class ImageService:
                     "ref": shown, **{k: len(v) for k, v in removed.items()}}})
         except Exception as e:  # the pull's own error is what the caller needs to see
             log.warning("cleaning up after a failed pull of %s: %s", shown, e)
+
+    async def _fetch_all(self, repo: Any, layers: Any, creds: Credentials | None) -> list[int]:
+        """Download every layer in parallel; the first failure cancels (and awaits) the rest,
+        so nothing is still writing when the caller cleans up."""
+        tasks = [asyncio.ensure_future(self._fetch_layer(repo, l, creds)) for l in layers]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _fetch_config(self, repo: Any, desc: Any, creds: Credentials | None) -> bytes:
         """The config blob from the content store, downloading it (once) when missing."""
