@@ -36,7 +36,7 @@ if [[ ! -x .venv/bin/python ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]
 fi
 
 # The default pod network, only where the node has none.
-conf_dir=/etc/cni/net.d
+conf_dir=${MOORAGE_CNI_CONF_DIR:-/etc/cni/net.d}  # overridable to verify this step without touching the node
 if [[ -f manifests/cni/10-moorage-bridge.conflist ]] && [[ -z "$(ls -A "$conf_dir" 2>/dev/null)" ]]; then
   mkdir -p "$conf_dir"
   install -m 0644 manifests/cni/10-moorage-bridge.conflist "$conf_dir/"
