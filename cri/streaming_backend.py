@@ -44,6 +44,7 @@ STDIN_CHUNK = 8192  # conmon reads one SOCK_SEQPACKET message into a 32 KiB buff
 RECV_SIZE = 64 * 1024
 CONMON_EXIT_GRACE = 10.0
 OUTPUT_DRAIN_GRACE = 2.0
+INITIAL_SIZE_WAIT = 1.0  # how long a TTY exec waits for the client's first terminal size
 CONNECT_TIMEOUT = 10.0
 SANDBOX_READY = "SANDBOX_READY"
 # conmon's debug lines from the forked child land in the exec's stderr: keep them out.
@@ -108,6 +109,11 @@ async def _pump_input(sock: socket.socket, stdin: InputStream) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+async def _feed(resize: AsyncIterator[tuple[int, int]], sizes: asyncio.Queue[tuple[int, int]]) -> None:
+    async for size in resize:
+        sizes.put_nowait(size)
+
+
 async def _cancel(*tasks: asyncio.Task | None) -> None:
     for t in tasks:
         if t is not None and not t.done():
@@ -152,14 +158,25 @@ class RuntimeStreamingBackend:
             env = list(process.get("env") or [])
             if not any(e.startswith("TERM=") for e in env):
                 process["env"] = env + ["TERM=xterm"]
+        sizes: asyncio.Queue[tuple[int, int]] | None = None
+        feeder = None
+        if resize is not None:
+            sizes = asyncio.Queue()
+            feeder = asyncio.create_task(_feed(resize, sizes))
+            if tty:
+                # kubectl and the kubelet send the terminal size first: start the process at that size.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    width, height = await asyncio.wait_for(sizes.get(), INITIAL_SIZE_WAIT)
+                    process["consoleSize"] = {"height": height, "width": width}
         exec_id = uuid.uuid4().hex
         workdir = os.path.join(oci.persist_dir(cid), f"exec-{exec_id[:12]}")
         os.makedirs(workdir, mode=0o700)
         link = os.path.join(oci.socket_dir, exec_id)
         self.sessions.add(exec_id)
         try:
-            return await self._exec(oci, cid, cmd, process, tty, exec_id, workdir, stdin, stdout, stderr, resize)
+            return await self._exec(oci, cid, cmd, process, tty, exec_id, workdir, stdin, stdout, stderr, sizes)
         finally:
+            await _cancel(feeder)
             self.sessions.discard(exec_id)
             with contextlib.suppress(OSError):
                 os.unlink(link)
@@ -167,7 +184,7 @@ class RuntimeStreamingBackend:
 
     async def _exec(self, oci, cid: str, cmd: list[str], process: dict, tty: bool, exec_id: str, workdir: str,
                     stdin: InputStream | None, stdout: Writer | None, stderr: Writer | None,
-                    resize: AsyncIterator[tuple[int, int]] | None) -> int:
+                    sizes: asyncio.Queue[tuple[int, int]] | None) -> int:
         spec_path = os.path.join(workdir, "process.json")
         with open(spec_path, "w") as f:
             json.dump(process, f)
@@ -212,6 +229,8 @@ class RuntimeStreamingBackend:
                 await asyncio.wait_for(proc.wait(), CONMON_EXIT_GRACE)
                 raise self._exec_failure(cid, cmd, await sync.message(), conmon_log, proc.returncode)
             sock = _connect_unix_seqpacket(os.path.join(workdir, "attach"))
+            if sizes is not None:  # the ctl fifo exists now; conmon applies sizes once the PTY is up
+                tasks.append(asyncio.create_task(self._resize_loop(os.path.join(workdir, "ctl"), sizes)))
             os.write(start_w, b"0")  # now conmon may run `runc exec`
             os.close(start_w)
             fds.remove(start_w)
@@ -223,8 +242,6 @@ class RuntimeStreamingBackend:
             tasks.append(out_task)
             if stdin is not None:
                 tasks.append(asyncio.create_task(_pump_input(sock, stdin)))
-            if resize is not None:
-                tasks.append(asyncio.create_task(self._resize_loop(os.path.join(workdir, "ctl"), resize)))
             exit_task = asyncio.create_task(sync.message())
             tasks.append(exit_task)
             await asyncio.wait({out_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -282,8 +299,9 @@ class RuntimeStreamingBackend:
         return _classify(text, cid, f"exec {cmd[0]!r} in", "")
 
     @staticmethod
-    async def _resize_loop(ctl_path: str, resize: AsyncIterator[tuple[int, int]]) -> None:
-        async for width, height in resize:
+    async def _resize_loop(ctl_path: str, sizes: asyncio.Queue[tuple[int, int]]) -> None:
+        while True:
+            width, height = await sizes.get()
             try:
                 fd = os.open(ctl_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
