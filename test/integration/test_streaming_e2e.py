@@ -294,3 +294,231 @@ def test_spdy_attach(env):
     cid = env.run(["sh", "-c", "read l; echo spdy-$l"], stdin=True)
     r = spdy_run(env.attach_url(cid, stdin=True), stdin=b"hello\n")
     assert r.exit_code == 0 and r.stdout == b"spdy-hello\n"
+
+
+# ------------------------------------------------------------------------------------- port forward
+
+HTTP_GET_BIG = b"GET /big HTTP/1.0\r\nHost: pod\r\n\r\n"
+
+
+def http_body(response: bytes) -> bytes:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], response[:200]
+    return body
+
+
+def test_spdy_port_forward_10mb_from_httpd(env):
+    async def go() -> bytes:
+        async with await spdy_client.PortForwardClient.connect(env.portforward_url([HTTPD_PORT])) as pfc:
+            conn = await pfc.open(HTTPD_PORT)
+            await conn.write(HTTP_GET_BIG)
+            conn.close_write()
+            buf = bytearray()
+            while chunk := await conn.read():
+                buf += chunk
+            assert await conn.error() is None
+            return bytes(buf)
+
+    body = http_body(asyncio.run(asyncio.wait_for(go(), 120)))
+    assert len(body) == BIG_MB << 20
+    assert hashlib.sha256(body).hexdigest() == env.big_sha256
+
+
+def test_spdy_port_forward_two_connections_in_one_session(env):
+    async def go() -> list[bytes]:
+        async with await spdy_client.PortForwardClient.connect(env.portforward_url([])) as pfc:
+            async def one() -> bytes:
+                conn = await pfc.open(HTTPD_PORT)
+                await conn.write(b"GET /big.sha256 HTTP/1.0\r\n\r\n")
+                conn.close_write()
+                buf = bytearray()
+                while chunk := await conn.read():
+                    buf += chunk
+                return bytes(buf)
+            return await asyncio.gather(one(), one())
+
+    for resp in asyncio.run(asyncio.wait_for(go(), 120)):
+        assert http_body(resp).split()[0].decode() == env.big_sha256
+
+
+def test_spdy_port_forward_to_a_closed_port_reports_an_error(env):
+    async def go() -> str | None:
+        async with await spdy_client.PortForwardClient.connect(env.portforward_url([1])) as pfc:
+            conn = await pfc.open(1)
+            assert await conn.read() == b""
+            return await conn.error()
+
+    err = asyncio.run(asyncio.wait_for(go(), 60))
+    assert err and "port 1" in err and env.sid in err
+
+
+@pytest.mark.parametrize("protocol", ["v4.channel.k8s.io", "portforward.k8s.io"])
+def test_ws_port_forward_10mb_from_httpd(env, protocol):
+    url = env.portforward_url([HTTPD_PORT]) + f"?port={HTTPD_PORT}"
+    ws = WS(url, protocol)
+    # The server first names the port on the data and the error channel (uint16, little endian).
+    while len(ws.data.get(0, b"")) < 2 or len(ws.data.get(1, b"")) < 2:
+        assert ws.recv() is not None
+    assert bytes(ws.data[0][:2]) == HTTPD_PORT.to_bytes(2, "little") == bytes(ws.data[1][:2])
+    del ws.data[0][:2], ws.data[1][:2]
+    ws.send(0, HTTP_GET_BIG)
+    out = ws.finish()  # httpd closes after the response; the server then ends the session
+    assert not out.get(1), out.get(1)
+    body = http_body(out[0])
+    assert len(body) == BIG_MB << 20
+    assert hashlib.sha256(body).hexdigest() == env.big_sha256
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+
+def test_twenty_concurrent_execs(env):
+    n = 20
+    urls = [env.exec_url(env.main, ["sh", "-c", f"echo start-{i}; sleep 1; echo end-{i} >&2; exit {i}"])
+            for i in range(n)]
+
+    async def go():
+        return await asyncio.gather(*(spdy_client.run(u) for u in urls))
+
+    results = asyncio.run(asyncio.wait_for(go(), 180))
+    for i, r in enumerate(results):
+        assert (r.exit_code, r.stdout, r.stderr) == (i, f"start-{i}\n".encode(), f"end-{i}\n".encode())
+    assert not exec_sessions_on_host(env.main)
+
+
+def exec_sessions_on_host(cid: str) -> list[int]:
+    """Pids of exec-session conmons for container ``cid`` still running on the host."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]) == b"conmon" and b"--exec" in args and cid.encode() in args:
+            out.append(int(entry))
+    return out
+
+
+def sleeps_in(env, cid: str, marker: str) -> bool:
+    code, out, err = env.exec_sync(cid, ["ps", "-o", "pid,args"])
+    assert code == 0, err
+    return any(f"sleep {marker}" in line for line in out.splitlines())
+
+
+def exec_dirs(env, cid: str) -> list[str]:
+    d = os.path.join(env.d.state, "oci", "conmon", cid)
+    return [n for n in os.listdir(d) if n.startswith("exec-")] if os.path.isdir(d) else []
+
+
+@pytest.mark.parametrize("transport", ["websocket", "spdy"])
+def test_disconnect_mid_exec_kills_the_process(env, transport):
+    marker = str(30000 + uuid.uuid4().int % 10000)
+    cmd = ["sh", "-c", f"echo started; exec sleep {marker}"]
+    if transport == "websocket":
+        ws = WS(env.exec_url(env.main, cmd))
+        ws.read_until(1, b"started\n")
+        assert sleeps_in(env, env.main, marker) and exec_sessions_on_host(env.main)
+        ws.abort()
+    else:
+        async def go():
+            session = await spdy_client.RemoteCommand.connect(env.exec_url(env.main, cmd))
+            buf = bytearray()
+            while b"started\n" not in buf:
+                buf += await session.stdout.read()
+            assert sleeps_in(env, env.main, marker) and exec_sessions_on_host(env.main)
+            session.session.writer.transport.abort()  # vanish without a GOAWAY
+            await session.close()
+        asyncio.run(asyncio.wait_for(go(), 60))
+    wait_for(lambda: not sleeps_in(env, env.main, marker), 60, 0.1, "the exec'd sleep to be killed")
+    wait_for(lambda: not exec_sessions_on_host(env.main), 60, 0.1, "the exec session's conmon to end")
+    wait_for(lambda: not exec_dirs(env, env.main), 60, 0.1, "the exec session's files to be removed")
+    assert status(env.rt, env.main).state == pb.CONTAINER_RUNNING
+
+
+# ----------------------------------------------------------------------------------- refusals
+
+
+def raw_http(url: str, headers: dict[str, str]) -> tuple[int, dict[str, list[str]], str]:
+    u = urllib.parse.urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        lines = [f"GET {u.path}{'?' + u.query if u.query else ''} HTTP/1.1", f"Host: {u.netloc}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    first, *rest = head.decode("latin-1").split("\r\n")
+    hdrs: dict[str, list[str]] = {}
+    for line in rest:
+        k, _, v = line.partition(":")
+        hdrs.setdefault(k.strip().lower(), []).append(v.strip())
+    return int(first.split()[1]), hdrs, body.decode()
+
+
+WS_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def test_bad_used_and_wrong_kind_tokens_get_404(env):
+    url = env.exec_url(env.main, ["true"])
+    base = url.rsplit("/", 2)[0]
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        websocket.create_connection(f"{base.replace('http', 'ws', 1)}/exec/not-a-token",
+                                    subprotocols=["v5.channel.k8s.io"], timeout=30)
+    assert e.value.status_code == 404
+    with pytest.raises(spdy_client.UpgradeError) as e2:
+        spdy_run(f"{base}/attach/{url.rsplit('/', 1)[1]}")  # an exec token is no attach token...
+    assert e2.value.status == 404
+    with pytest.raises(spdy_client.UpgradeError) as e2:
+        spdy_run(url)  # ...and that try used it up
+    assert e2.value.status == 404
+    code, _, body = raw_http(f"{base}/portforward/nope", WS_HEADERS)
+    assert code == 404 and "token" in body
+
+
+def test_unsupported_protocol_gets_400_listing_the_supported_ones(env):
+    code, headers, body = raw_http(env.exec_url(env.main, ["true"]),
+                                   {**WS_HEADERS, "Sec-WebSocket-Protocol": "v9.channel.k8s.io"})
+    assert code == 400
+    for p in ("v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"):
+        assert p in body and p in headers["x-accepted-stream-protocol-versions"]
+    with pytest.raises(spdy_client.UpgradeError) as e:
+        asyncio.run(spdy_client.spdy_upgrade(env.exec_url(env.main, ["true"]), ["v9.channel.k8s.io"]))
+    assert e.value.status == 400 and rc.V4 in e.value.body
+    assert rc.V4 in e.value.headers["x-accepted-stream-protocol-versions"]
+    code, headers, body = raw_http(env.portforward_url([HTTPD_PORT]) + f"?port={HTTPD_PORT}",
+                                   {**WS_HEADERS, "Sec-WebSocket-Protocol": "v5.channel.k8s.io"})
+    assert code == 400 and "portforward.k8s.io" in body
+
+
+def rpc_code(fn, req) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(req, timeout=30)
+    return e.value.code()
+
+
+def test_rpcs_refuse_stopped_unknown_and_invalid_targets(env):
+    done = env.run(["true"])
+    wait_exited(env.rt, done)
+    rt = env.rt
+    assert rpc_code(rt.Exec, pb.ExecRequest(container_id=done, cmd=["true"], stdout=True)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert rpc_code(rt.Attach, pb.AttachRequest(container_id=done, stdout=True)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert rpc_code(rt.Exec, pb.ExecRequest(container_id="f" * 64, cmd=["true"], stdout=True)) \
+        == grpc.StatusCode.NOT_FOUND
+    assert rpc_code(rt.Attach, pb.AttachRequest(container_id="f" * 64, stdout=True)) == grpc.StatusCode.NOT_FOUND
+    assert rpc_code(rt.PortForward, pb.PortForwardRequest(pod_sandbox_id="f" * 64, port=[80])) \
+        == grpc.StatusCode.NOT_FOUND
+    for bad in (pb.ExecRequest(container_id=env.main, cmd=[], stdout=True),
+                pb.ExecRequest(container_id=env.main, cmd=["true"]),  # no stream at all
+                pb.ExecRequest(container_id=env.main, cmd=["sh"], tty=True, stdout=True, stderr=True)):
+        assert rpc_code(rt.Exec, bad) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(rt.PortForward, pb.PortForwardRequest(pod_sandbox_id=env.sid, port=[70000])) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    url = rt.Exec(pb.ExecRequest(container_id=env.main[:12], cmd=["true"], stdout=True)).url  # id prefix
+    assert spdy_run(url, stderr=False).exit_code == 0
