@@ -219,6 +219,8 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
     async def GetContainerEvents(self, request: pb.GetEventsRequest, context) -> AsyncIterator:
         sub = self.rt.events.subscribe()
         try:
+            # Initial metadata tells the client it is subscribed: events from now on reach it.
+            await context.send_initial_metadata(())
             while True:
                 ev = await sub.next()
                 sandbox_status = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from dataclasses import dataclass
 
@@ -45,8 +46,9 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, buffer: int = 1000) -> None:
-        self.buffer = buffer
+    def __init__(self, buffer: int | None = None) -> None:
+        # MOORAGE_EVENT_BUFFER: per-subscriber queue size (tests make it small to force overflow).
+        self.buffer = buffer or int(os.environ.get("MOORAGE_EVENT_BUFFER") or 1000)
         self._subs: set[Subscription] = set()
         self._seq = itertools.count(1)
 
