@@ -27,11 +27,17 @@ from images.digest import Digest
 from images.reference import Reference, is_image_id, parse_reference
 from images import oci
 from images.registry import Credentials, RegistryClient
-from images.unpack import apply_layer
+from images.unpack import MODE_OVERLAY, apply_layer
+from opentelemetry import trace
 from runtime.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
 from runtime.store import ImageRecord, SnapshotRecord, Store, now_ns
 
 log = logging.getLogger("moorage.images")
+
+
+def _span(name: str, **attrs: Any):
+    """A child span of the current one (a no-op one when tracing is off)."""
+    return trace.get_tracer("moorage").start_as_current_span(name, attributes=attrs)
 
 EXTRACT_PREFIX = "extract-"
 GC_LOCK = "gc.lock"
@@ -271,7 +277,8 @@ class ImageService:
                     lease.add(desc.digest)
                     return await self._fetch_config(repo, desc, creds)
 
-                resolved = await self.client.resolve_image(shown, credentials=creds, read_config=read_config)
+                with _span("image.resolve", **{"image.ref": shown}):
+                    resolved = await self.client.resolve_image(shown, credentials=creds, read_config=read_config)
                 manifest = resolved.manifest
                 config = json.loads(resolved.config_bytes)
                 diff_ids = [d for d in (config.get("rootfs") or {}).get("diff_ids") or []]
@@ -288,7 +295,8 @@ class ImageService:
                     for layer in manifest.layers:
                         lease.add(layer.digest)
                     downloaded = await self._fetch_all(resolved.repo, manifest.layers, creds)
-                    top = await self._unpack(shown, manifest.layers, diff_ids)
+                    with _span("image.unpack", **{"image.ref": shown, "image.layers": len(manifest.layers)}):
+                        top = await self._unpack(shown, manifest.layers, diff_ids)
                     rec = self._record(r, str(resolved.digest), str(resolved.root.digest),
                                        str(resolved.manifest_descriptor.digest), manifest, config, top)
         except BaseException as e:
@@ -318,7 +326,7 @@ class ImageService:
     async def _fetch_all(self, repo: Any, layers: Any, creds: Credentials | None) -> list[int]:
         """Download every layer in parallel; the first failure cancels (and awaits) the rest,
         so nothing is still writing when the caller cleans up."""
-        tasks = [asyncio.ensure_future(self._fetch_layer(repo, l, creds)) for l in layers]
+        tasks = [asyncio.ensure_future(self._fetch_layer_traced(repo, l, creds)) for l in layers]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -338,6 +346,13 @@ class ImageService:
                 await asyncio.to_thread(self.content.write_blob, data, desc.digest)
                 return data
         return await asyncio.to_thread(self.content.read_bytes, desc.digest, oci.MAX_CONFIG_SIZE)
+
+    async def _fetch_layer_traced(self, repo: Any, desc: Any, creds: Credentials | None) -> int:
+        with _span("image.fetch_layer", **{"image.layer.digest": str(desc.digest),
+                                           "image.layer.size": int(desc.size)}) as span:
+            n = await self._fetch_layer(repo, desc, creds)
+            span.set_attribute("image.layer.downloaded_bytes", n)
+            return n
 
     async def _fetch_layer(self, repo: Any, desc: Any, creds: Credentials | None) -> int:
         """Download one blob unless present; returns the bytes downloaded."""
@@ -371,7 +386,9 @@ class ImageService:
             lock = self._chain_locks.setdefault(chain, asyncio.Lock())
             async with lock:
                 if not self.snapshots.exists(chain):
-                    await asyncio.to_thread(self._apply, layer.digest, diff_id, chain, parent)
+                    with _span("image.unpack_layer", **{"image.layer.digest": str(layer.digest),
+                                                        "snapshot.key": chain}):
+                        await asyncio.to_thread(self._apply, layer.digest, diff_id, chain, parent)
             parent = chain
         return chains[-1]
 
@@ -380,8 +397,10 @@ class ImageService:
         self.snapshots.prepare(key, parent)
         try:
             with self.content.open(layer_digest) as src:
-                apply_layer(src, self.snapshots.upper_dir(key), mode=self.snapshots.unpack_mode,
-                            parents=self.snapshots.parent_dirs(key), label=str(layer_digest),
+                mode = self.snapshots.unpack_mode
+                apply_layer(src, self.snapshots.upper_dir(key), mode=mode,
+                            parents=self.snapshots.parent_dirs(key) if mode == MODE_OVERLAY else (),
+                            label=str(layer_digest),
                             expected_diff_id=diff_id)
             try:
                 self.snapshots.commit(chain, key)
@@ -531,15 +550,26 @@ class ImageService:
         chains = [str(c) for c in snapmod.chain_ids(diff_ids)]
         lease_id = f"import-{secrets.token_hex(8)}"
         self.store.add_lease(lease_id, chains)
+        made: list[str] = []
         try:
             parent: str | None = None
             for layer, diff_id, chain in zip(manifest.layers, diff_ids, chains):
                 if not self.snapshots.exists(chain):
                     self._apply(layer.digest, diff_id, chain, parent)
+                    made.append(chain)
                 parent = chain
             tags = [f"{r.name}:{r.tag}" for r in refs if r.tag and r.digest is None]
             return self._record(None, root_digest if tags else "", root_digest, manifest_digest, manifest,
                                 config, chains[-1], tags=tags)
+        except BaseException:
+            # drop the snapshots this import committed, top first, unless something uses them now
+            used = {img.chain_id for img in self.store.list_images()}
+            for chain in reversed(made):
+                if chain in used or self.store.snapshot_children(chain):
+                    break
+                with contextlib.suppress(MoorageError):
+                    self._remove_snapshot_quietly(chain)
+            raise
         finally:
             self.store.release_lease(lease_id)
 
@@ -557,7 +587,8 @@ class ImageService:
                 self._remove_snapshot_quietly(key)
                 raise
 
-        await asyncio.to_thread(work)
+        with _span("snapshot.mount", **{"snapshot.key": key, "snapshot.backend": self.snapshots.backend}):
+            await asyncio.to_thread(work)
 
     async def release_rootfs(self, key: str, target: str) -> None:
         def work() -> None:
