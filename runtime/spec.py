@@ -227,6 +227,15 @@ def _device_from_stat(path: str, st: os.stat_result) -> HostDevice | None:
     )
 
 
+def _current_capabilities() -> "frozenset[str] | None":
+    try:
+        with open("/proc/self/status") as f:
+            bnd = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return frozenset(c for i, c in enumerate(ALL_CAPABILITIES) if bnd & (1 << i))
+
+
 @dataclass(frozen=True)
 class HostLookups:
     """The spec builder's only window onto the host; replace with fakes in tests."""
@@ -237,6 +246,10 @@ class HostLookups:
     devices_at: Callable[[str], list[HostDevice] | None] = _real_devices_at
     #: Read a Localhost seccomp profile: ``(path, capabilities) -> linux.seccomp``.
     load_seccomp: Callable[[str, Iterable[str]], dict] = _seccomp.load_localhost
+    #: Capabilities in the daemon's own bounding set (None: unknown, assume all).  A
+    #: privileged container gets these, as containerd's WithAllCurrentCapabilities does:
+    #: asking runc for more fails with "unable to apply caps".
+    current_capabilities: Callable[[], "frozenset[str] | None"] = lambda: _current_capabilities()
 
 
 @dataclass(frozen=True)
@@ -772,6 +785,8 @@ def build_sandbox_spec(
 
     # Process.
     caps = list(ALL_CAPABILITIES) if privileged else []
+    if privileged and (have := host.current_capabilities()) is not None:
+        caps = [c for c in caps if c in have]
     uid = sc.run_as_user if sc.run_as_user is not None else 0
     gid = sc.run_as_group if sc.run_as_group is not None else 0
     process: dict = {
@@ -805,7 +820,7 @@ def build_sandbox_spec(
     if uid_maps:
         linux_obj["uidMappings"], linux_obj["gidMappings"] = uid_maps, gid_maps
     if sysctls:
-        linux_obj["sysctls"] = sysctls
+        linux_obj["sysctl"] = sysctls  # the OCI runtime-spec key is singular
     if not privileged:
         linux_obj["maskedPaths"] = list(runtime_cfg.masked_paths)
         linux_obj["readonlyPaths"] = list(runtime_cfg.readonly_paths)
@@ -971,6 +986,10 @@ def build_container_spec(
         raise InvalidArgument(f"working directory {cwd!r} must be an absolute path")
 
     caps, ambient = compute_capabilities(sc.capabilities, runtime_cfg.default_capabilities, privileged)
+    if privileged:
+        have = host.current_capabilities()
+        if have is not None:
+            caps = [c for c in caps if c in have]
     process: dict = {
         "terminal": bool(cfg.tty),
         "user": _user_obj(uid, gid, additional_gids),

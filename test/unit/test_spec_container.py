@@ -77,6 +77,7 @@ HOST = HostLookups(
     path_exists=lambda p: p in EXISTING,
     devices_at=lambda p: HOST_DEVICES.get(p),
     load_seccomp=fake_load_seccomp,
+    current_capabilities=lambda: None,
 )
 
 
@@ -355,6 +356,15 @@ def test_privileged_without_host_devices():
                  runtime_cfg=RuntimeSpecConfig(privileged_without_host_devices=True))
     assert "devices" not in spec["linux"]
     assert spec["linux"]["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
+
+
+def test_privileged_container_gets_only_the_daemons_capabilities():
+    import dataclasses
+
+    host = dataclasses.replace(HOST, current_capabilities=lambda: frozenset({"CAP_CHOWN", "CAP_SYS_ADMIN"}))
+    spec = build(cfg(sc=LinuxContainerSecurityContext(privileged=True)), sandbox=sandbox_cfg(privileged=True),
+                 host=host)
+    assert spec["process"]["capabilities"]["bounding"] == ["CAP_CHOWN", "CAP_SYS_ADMIN"]
 
 
 def test_privileged_container_needs_privileged_sandbox():
@@ -737,7 +747,7 @@ def test_user_namespace_joins_sandbox():
 def test_container_spec_sets_no_sysctls():
     sb = sandbox_cfg()
     sb.linux.sysctls = {"net.ipv4.ip_forward": "1"}
-    assert "sysctls" not in build(sandbox=sb)["linux"]
+    assert "sysctl" not in build(sandbox=sb)["linux"]
 
 
 # --- annotations --------------------------------------------------------------------------------

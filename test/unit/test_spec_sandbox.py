@@ -36,6 +36,7 @@ HOST = HostLookups(
     path_exists=lambda p: True,
     devices_at=lambda p: None,
     load_seccomp=lambda p, caps: {"defaultAction": "SCMP_ACT_LOG", "syscalls": [], "_from": p},
+    current_capabilities=lambda: None,
 )
 
 
@@ -225,7 +226,7 @@ def test_empty_sandbox_id():
 def test_sysctls_in_sandbox_spec():
     spec = build(pod(sysctls={"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1",
                               "net/ipv4/conf/eth0.100/forwarding": "1"}))
-    assert spec["linux"]["sysctls"] == {
+    assert spec["linux"]["sysctl"] == {
         "net.ipv4.ip_forward": "1",
         "kernel.shm_rmid_forced": "1",
         "net.ipv4.conf.eth0/100.forwarding": "1",
@@ -235,9 +236,9 @@ def test_sysctls_in_sandbox_spec():
 def test_default_sysctls_merged_and_skipped_when_host_shared():
     rc = RuntimeSpecConfig(default_sysctls={"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "9"})
     spec = build(pod(sysctls={"kernel.msgmax": "10"}), runtime_cfg=rc)
-    assert spec["linux"]["sysctls"] == {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "10"}
+    assert spec["linux"]["sysctl"] == {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "10"}
     spec = build(pod(network="NODE", ipc="NODE"), netns_path=None, runtime_cfg=rc)
-    assert "sysctls" not in spec["linux"]
+    assert "sysctl" not in spec["linux"]
 
 
 @pytest.mark.parametrize(
