@@ -72,7 +72,8 @@ class Edge:
             fields = {"method": f"{service}/{method}", "code": code.name, "ms": round(elapsed * 1000, 3)}
             if msg:
                 fields["error"] = msg
-            log.log(level, "cri call", extra={"fields": fields})
+            with trace.use_span(span, end_on_exit=False):  # the line carries the call's trace/span ids
+                log.log(level, "cri call", extra={"fields": fields})
 
     @contextlib.asynccontextmanager
     async def _call(self, service: str, method: str, context: grpc.aio.ServicerContext):

@@ -12,7 +12,14 @@ import sys
 import time
 
 
+# Set by cri.tracing.setup when tracing is on.  With tracing off the ids are left out even when a
+# caller sent a traceparent (the no-op tracer would otherwise hand its ids to every line).
+TRACE_IDS = False
+
+
 def _trace_ids() -> dict:
+    if not TRACE_IDS:
+        return {}
     try:
         from opentelemetry import trace
     except ImportError:  # pragma: no cover

@@ -1,14 +1,25 @@
-"""OpenTelemetry tracing: off by default; a span per CRI call when on.
+"""OpenTelemetry tracing: off by default; a span per CRI call and child spans when on.
 
-Configured from [tracing] or the standard OTEL_* environment variables
-(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME).
-With tracing off the tracer is OpenTelemetry's no-op one, so the cost per call
-is a few attribute look-ups.
+Configured from [tracing] (enabled, endpoint, sampling_ratio, service_name) or the
+standard environment variables: OTEL_EXPORTER_OTLP_ENDPOINT /
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (setting one turns tracing on),
+OTEL_TRACES_SAMPLER_ARG (ratio), OTEL_SERVICE_NAME, OTEL_SDK_DISABLED=true and
+OTEL_TRACES_EXPORTER=none (spans are made but not exported).  Export is OTLP over
+HTTP/protobuf in batches.
+
+With tracing off no tracer provider is installed: ``trace.get_tracer`` hands out
+OpenTelemetry's no-op tracer, whose spans cost a function call and record nothing.
+
+``MOORAGE_TRACE_FILE=<path>`` (for tests) also writes every finished span as one
+JSON line to that file, synchronously.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from typing import Sequence
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
@@ -16,29 +27,89 @@ from opentelemetry.trace import Tracer
 _provider = None
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def span_dict(span) -> dict:
+    """A finished SDK span as a plain dict (ids in lowercase hex)."""
+    ctx = span.get_span_context()
+    return {
+        "name": span.name,
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_span_id": format(span.parent.span_id, "016x") if span.parent is not None else None,
+        "kind": span.kind.name,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": dict(span.attributes or {}),
+        "service": (span.resource.attributes or {}).get("service.name") if span.resource else None,
+    }
+
+
+class JSONLinesFileExporter:
+    """A SpanExporter that appends one JSON object per span to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence) -> "object":
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        lines = "".join(json.dumps(span_dict(s), default=str) + "\n" for s in spans)
+        with self._lock, open(self.path, "a") as f:
+            f.write(lines)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
 def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, service_name: str = "moorage",
           exporter=None) -> Tracer:
     """Install a tracer provider; ``exporter`` overrides OTLP (tests pass an in-memory one)."""
     global _provider
-    env_on = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-    if not (enabled or exporter is not None):
+    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    trace_file = os.environ.get("MOORAGE_TRACE_FILE", "")
+    if _env_true("OTEL_SDK_DISABLED") or not (enabled or env_endpoint or exporter is not None):
         return trace.NoOpTracer()
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", sampling_ratio))
-    name = os.environ.get("OTEL_SERVICE_NAME", service_name)
-    provider = TracerProvider(resource=Resource.create({"service.name": name}), sampler=ParentBased(TraceIdRatioBased(ratio)))
+    try:
+        ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG") or sampling_ratio)
+    except ValueError:
+        ratio = sampling_ratio
+    ratio = min(1.0, max(0.0, ratio))
+    name = os.environ.get("OTEL_SERVICE_NAME") or service_name
+    provider = TracerProvider(resource=Resource.create({"service.name": name}),
+                              sampler=ParentBased(TraceIdRatioBased(ratio)))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    elif endpoint or env_on:
+    elif os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() != "none":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()))
+        if endpoint:
+            # A base URL like http://collector:4318 gets the standard traces path.
+            url = endpoint if endpoint.rstrip("/").endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
+            otlp = OTLPSpanExporter(endpoint=url)
+        else:
+            otlp = OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_* or http://localhost:4318/v1/traces
+        provider.add_span_processor(BatchSpanProcessor(otlp))
+    if trace_file:
+        provider.add_span_processor(SimpleSpanProcessor(JSONLinesFileExporter(trace_file)))
     _provider = provider
     trace.set_tracer_provider(provider)
+    from cri import logs
+
+    logs.TRACE_IDS = True
     return provider.get_tracer("moorage")
 
 
@@ -47,5 +118,7 @@ def tracer() -> Tracer:
 
 
 def shutdown() -> None:
+    global _provider
     if _provider is not None:
         _provider.shutdown()
+        _provider = None

@@ -105,13 +105,17 @@ class Runtime(SandboxOps, ContainerOps):
     def lock(self, obj_id: str) -> asyncio.Lock:
         return self._locks[obj_id]
 
-    async def timed(self, op: str, aw: Awaitable) -> Any:
+    async def timed(self, op: str, aw: Awaitable, **attrs: Any) -> Any:
+        """Await ``aw`` as operation ``op``: a duration sample and a child span (``oci_create`` -> ``oci.create``)."""
+        from opentelemetry import trace
+
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        try:
-            return await aw
-        finally:
-            self.observe(op, loop.time() - t0)
+        with trace.get_tracer("moorage").start_as_current_span(op.replace("_", ".", 1), attributes={"moorage.operation": op, **attrs}):
+            try:
+                return await aw
+            finally:
+                self.observe(op, loop.time() - t0)
 
     async def dedup(self, name: str, work: Callable[[], Awaitable[str]]) -> str:
         """Run ``work`` once per name: a retry with the same name joins the call in flight.
