@@ -308,6 +308,7 @@ class SpdyConnection:
 
     client: bool
     max_buffered_frame: int = 1 << 20
+    recv_window: int = DEFAULT_WINDOW  # our per-stream and session receive window (announced by initiate)
     _buf: bytearray = field(default_factory=bytearray, init=False, repr=False)
     _out: bytearray = field(default_factory=bytearray, init=False, repr=False)
     _streams: dict[int, _Stream] = field(default_factory=dict, init=False, repr=False)
@@ -319,7 +320,7 @@ class SpdyConnection:
         self._next_ping_id = 1 if self.client else 2
         self._last_peer_stream_id = 0
         self.initial_send_window = DEFAULT_WINDOW  # the peer's INITIAL_WINDOW_SIZE
-        self.initial_recv_window = DEFAULT_WINDOW
+        self.initial_recv_window = self.recv_window
         self.session_send_window = DEFAULT_WINDOW
         self.session_recv_window = DEFAULT_WINDOW
         self._session_unacked = 0
@@ -337,6 +338,9 @@ class SpdyConnection:
     def initiate(self) -> None:
         """Announce our receive window, which also tells the peer we do flow control."""
         self._out += settings_frame({Setting.INITIAL_WINDOW_SIZE: self.initial_recv_window})
+        if self.recv_window > DEFAULT_WINDOW:  # the session window starts at 64 KiB: raise it to match
+            self._out += window_update_frame(0, self.recv_window - DEFAULT_WINDOW)
+            self.session_recv_window = self.recv_window
 
     def open_stream(self, headers: Headers, fin: bool = False, priority: int = 0) -> int:
         if self.goaway_sent or self.goaway_received:

@@ -522,3 +522,25 @@ def test_rpcs_refuse_stopped_unknown_and_invalid_targets(env):
         == grpc.StatusCode.INVALID_ARGUMENT
     url = rt.Exec(pb.ExecRequest(container_id=env.main[:12], cmd=["true"], stdout=True)).url  # id prefix
     assert spdy_run(url, stderr=False).exit_code == 0
+
+
+def test_container_and_streaming_survive_a_daemon_kill_mid_exec(daemon, registry):
+    d = daemon
+    image = registry.images["busybox"].ref
+    d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=120)
+    cfg = pod_config("streaming-restart")
+    sid = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=120).pod_sandbox_id
+    cid = run_container(d.runtime, sid, cfg, container_config(image, ["sleep", "3600"]))
+    ws = WS(d.runtime.Exec(pb.ExecRequest(container_id=cid, cmd=["sh", "-c", "echo started; sleep 5"],
+                                          stdout=True)).url)
+    ws.read_until(1, b"started\n")
+    d.kill9()
+    ws.finish()  # the connection went down with the daemon
+    d.start()
+    assert status(d.runtime, cid).state == pb.CONTAINER_RUNNING
+    url = d.runtime.Exec(pb.ExecRequest(container_id=cid, cmd=["sh", "-c", "echo again; exit 2"],
+                                        stdout=True, stderr=True)).url
+    r = spdy_run(url)
+    assert (r.exit_code, r.stdout) == (2, b"again\n")
+    d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)

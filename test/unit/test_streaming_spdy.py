@@ -252,3 +252,20 @@ def test_can_send_only_until_fin():
     assert not c.can_send(sid) and c.send_window(sid) == 0
     with pytest.raises(spdy.SpdyProtocolError):
         c.send_data(sid, b"late")
+
+
+def test_larger_receive_window_is_announced_per_stream_and_for_the_session():
+    big = 1 << 20
+    c, s = spdy.SpdyConnection(client=True, recv_window=big), spdy.SpdyConnection(client=False)
+    c.initiate()
+    wire = c.data_to_send()
+    assert wire == (spdy.settings_frame({spdy.Setting.INITIAL_WINDOW_SIZE: big})
+                    + spdy.window_update_frame(0, big - spdy.DEFAULT_WINDOW))
+    s.receive_data(wire)
+    sid = c.open_stream([])
+    pump(c, s)
+    assert s.send_window(sid) == big
+    s.send_data(sid, b"x" * big)  # the whole window, on the stream and the session
+    assert sum(len(e.data) for e in pump(s, c)) == big
+    c.acknowledge_received(sid, big // 2)
+    assert c.data_to_send() == spdy.window_update_frame(0, big // 2) + spdy.window_update_frame(sid, big // 2)
