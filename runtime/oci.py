@@ -260,6 +260,36 @@ async def _read_bounded(stream: asyncio.StreamReader, limit: int, buf: bytearray
             buf += chunk[:room]
 
 
+HYBRID_V2_CONTROLLERS = "/sys/fs/cgroup/unified/cgroup.controllers"
+
+
+def _crun_refuses_hybrid() -> bool:
+    """crun 1.8 refuses hybrid hosts whose cgroup2 mount still offers controllers."""
+    try:
+        with open(HYBRID_V2_CONTROLLERS) as f:
+            return bool(f.read().strip())
+    except OSError:
+        return False
+
+
+def _hybrid_safe(handler: RuntimeHandler, state_dir: str) -> RuntimeHandler:
+    """On such a host, run crun in a private mount namespace without the cgroup2 mount,
+    so it uses the v1 hierarchies only (as runc does there).  Nothing changes on the host."""
+    if not os.path.basename(handler.path).startswith("crun") or not _crun_refuses_hybrid():
+        return handler
+    os.makedirs(state_dir, mode=0o711, exist_ok=True)
+    wrapper = os.path.join(state_dir, f"{handler.name}-cgroupv1")
+    text = ("#!/bin/sh\n"
+            "exec unshare --mount --propagation private /bin/sh -c "
+            f"'umount -l /sys/fs/cgroup/unified 2>/dev/null; exec {handler.path} \"$@\"' crun \"$@\"\n")
+    tmp = wrapper + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, wrapper)
+    return RuntimeHandler(handler.name, wrapper, handler.root or os.path.join(state_dir, handler.name))
+
+
 class OCIRuntime:
     """Drives one runtime handler (runc or crun) with one conmon per container."""
 
@@ -273,8 +303,8 @@ class OCIRuntime:
         systemd_cgroup: bool = False,
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
-        self.handler = handler
         self.state_dir = os.path.abspath(state_dir)
+        self.handler = _hybrid_safe(handler, self.state_dir)
         self.root = os.path.abspath(handler.root or os.path.join(self.state_dir, handler.name))
         self.conmon_path = shutil.which(conmon_path) or conmon_path
         self.log_level = log_level.lower()

@@ -33,7 +33,7 @@ def cgroup_dirs(path: str) -> list[str]:
     out = []
     for name in sorted(os.listdir(CGROUP_ROOT)):
         d = os.path.join(CGROUP_ROOT, name)
-        if os.path.isdir(d) and not os.path.islink(d) and name != "unified":
+        if os.path.isdir(d) and not os.path.islink(d):
             out.append(os.path.join(d, path))
     return out
 
