@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 import urllib.parse
 import uuid
