@@ -228,6 +228,26 @@ class CNIManager:
             lock = self._locks[sandbox_id] = asyncio.Lock()
         return lock
 
+    def cached_sandboxes(self) -> set[str]:
+        """Ids of every sandbox that has a cache entry (set up, or interrupted mid-ADD)."""
+        suffix = f"-{self.ifname}"
+        out: set[str] = set()
+        try:
+            names = os.listdir(self._results_dir())
+        except FileNotFoundError:
+            return out
+        for n in names:
+            if n.startswith(".") or not n.endswith(suffix):
+                continue
+            try:
+                with open(os.path.join(self._results_dir(), n)) as f:
+                    entry = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("containerId"), str) and entry["containerId"]:
+                out.add(entry["containerId"])
+        return out
+
     def cached_result(self, sandbox_id: str) -> NetworkResult | None:
         """The result of a finished set-up, from the cache (e.g. after a restart)."""
         for _, entry in self._cache_entries(sandbox_id):

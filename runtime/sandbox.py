@@ -311,6 +311,10 @@ class SandboxOps:
             return
         if removed:
             log.info("removed stale network namespaces", extra={"fields": {"netns": removed}})
+        if self.cni is not None:
+            orphans = self.cni.cached_sandboxes() - set(self.sandboxes)
+            if orphans:
+                self._cni_orphan_task = asyncio.ensure_future(cni_release_orphans(self.cni, sorted(orphans)))
 
 
 def cni_port_mappings(cfg: PodSandboxConfig) -> list:
@@ -318,6 +322,19 @@ def cni_port_mappings(cfg: PodSandboxConfig) -> list:
 
     return [PortMapping(host_port=p.host_port, container_port=p.container_port, protocol=p.protocol.lower(),
                         host_ip=p.host_ip) for p in cfg.port_mappings if p.host_port]
+
+
+async def cni_release_orphans(cni: Any, sandbox_ids: list[str]) -> None:
+    """DEL networks whose sandbox is gone from the store (a teardown that failed during a forced
+    RemovePodSandbox, or a crash): their cache entries still hold addresses and host rules."""
+    for sid in sandbox_ids:
+        try:
+            await cni.teardown(sid, None)
+            log.info("released the pod network of vanished sandbox %s", sid)
+        except MoorageError as e:
+            log.warning("releasing the pod network of vanished sandbox %s: %s", sid, e.message)
+        except Exception:  # noqa: BLE001 - best effort, never kill the daemon
+            log.exception("releasing the pod network of vanished sandbox %s", sid)
 
 
 def cni_dns(cfg: PodSandboxConfig) -> Any:

@@ -146,3 +146,27 @@ def test_parallel_pods_get_distinct_addresses(netlab, daemon_factory):
     for s in sids:
         stop_and_remove(d, s)
     assert_nothing_left(netlab, d)
+
+
+def test_network_left_by_a_failed_teardown_is_released_after_restart(netlab, daemon_factory):
+    """A forced RemovePodSandbox whose DEL fails keeps the cache entry; the next start DELs it."""
+    flag = os.path.join(netlab.root, "fail-del")
+    calls = os.path.join(netlab.root, "del-calls")
+    write_fake_plugin(netlab.bin_dir, "mrg-faildel", (
+        f'if [ "$CNI_COMMAND" = DEL ]; then\n  echo "$CNI_CONTAINERID" >> {calls}\n'
+        f'  if [ -e {flag} ]; then echo \'{{"cniVersion":"1.0.0","code":5,"msg":"cannot delete"}}\'; exit 1; fi\nfi\n'
+        + fake_passthrough_body()))
+    d = netlab.daemon(daemon_factory, conf=netlab.conflist([{"type": "mrg-faildel"}], bandwidth=False))
+    sid = run_pod(d, pod_config("net-faildel"))
+    open(flag, "w").close()
+    d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    assert d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+    assert [e["containerId"] for e in netlab.cache_entries(d)] == [sid]  # kept: its DEL failed
+    assert netlab.reservations() == [] and links_on_bridge(netlab.bridge) == []  # the bridge DEL did run
+
+    os.unlink(flag)
+    d.stop()
+    d.start()
+    wait_for(lambda: netlab.cache_entries(d) == [], 30, what="the orphaned network to be released")
+    assert open(calls).read().split() == [sid, sid]
+    assert_nothing_left(netlab, d)
