@@ -196,3 +196,19 @@ def test_bandwidth_annotations_shape_the_pod(netlab, daemon_factory):
     stop_and_remove(d, sid)
     assert not link_exists(veth) and not link_exists(ifbs[0])
     assert netlab.reservations() == []
+
+
+def test_dual_stack_pod_reports_additional_ip(netlab, daemon_factory):
+    if open("/proc/sys/net/ipv6/conf/default/disable_ipv6").read().strip() != "0":
+        pytest.skip("IPv6 is disabled on this host")
+    v6 = ipaddress.ip_network(f"fd00:6d72:{netlab.subnet.network_address.packed[2]:x}:{random.randint(1, 0xffff):x}::/64")
+    conf = netlab.conflist(portmap=False, bandwidth=False)
+    conf["plugins"][0]["ipam"]["ranges"].append([{"subnet": str(v6)}])
+    d = netlab.daemon(daemon_factory, conf=conf)
+    sid = run_pod(d, pod_config("net-dual"))
+    st = pod_status(d, sid)
+    assert ipaddress.ip_address(st.network.ip) in netlab.subnet
+    assert [ipaddress.ip_address(i.ip) in v6 for i in st.network.additional_ips] == [True]
+    assert netlab.reservations() == sorted([st.network.ip, st.network.additional_ips[0].ip])
+    stop_and_remove(d, sid)
+    assert netlab.reservations() == [] and links_on_bridge(netlab.bridge) == []
