@@ -1,0 +1,116 @@
+"""Daemon SIGKILLed with pods running, restarted on the same dirs: everything is found again."""
+
+import json
+import os
+import uuid
+
+import pytest
+
+from cri.api import api_pb2 as pb
+from test.helpers.cri import pod_config, wait_for
+from test.helpers.runtime_env import (RuntimeEnv, cgroup_dirs, make_daemon, memory_limit_file, proc_cgroups,
+                                      remove_cgroup_tree)
+
+
+@pytest.fixture
+def fresh_env(daemon_factory, registry):
+    d = make_daemon(daemon_factory)
+    env = RuntimeEnv(d, registry)
+    env.pull("busybox")
+    env.begin()
+    try:
+        yield env
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            env.cleanup()
+        remove_cgroup_tree(d.cgroup_parent)
+
+
+def test_kill9_restart_finds_everything(fresh_env):
+    env = fresh_env
+    d = env.d
+    s1, p1 = env.run_pod()
+    s2, p2 = env.run_pod(pod_config(name=f"p-{uuid.uuid4().hex[:8]}", labels={"x": "y"}))
+    long1 = env.run(s1, p1, ["sleep", "1000"])
+    long2 = env.run(s2, p2, ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
+    # Exits (code 42) once /tmp/go exists: we let it go while the daemon is down.
+    exits = env.run(s1, p1, ["sh", "-c", "while ! test -e /tmp/go; do sleep 0.05; done; exit 42"])
+    created = env.create(s2, p2, ["true"])
+    stopped_pod, sp = env.run_pod()
+    env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=stopped_pod))
+    before = {c: env.pid(c) for c in (long1, long2, exits)}
+    infra_before = {s: json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(
+        pod_sandbox_id=s, verbose=True)).info["info"])["pid"] for s in (s1, s2)}
+
+    d.kill9()
+    # The container exits while nobody watches.
+    exit_pid = before[exits]
+    open(f"/proc/{exit_pid}/root/tmp/go", "w").close()
+    wait_for(lambda: not os.path.exists(f"/proc/{exit_pid}") or open(f"/proc/{exit_pid}/stat").read().split()[2] == "Z",
+             what="the container to exit while the daemon is down")
+    for c in (long1, long2):
+        assert os.path.exists(f"/proc/{before[c]}")
+    d.start()
+    env.rt = d.runtime
+
+    sb = {s.id: s for s in env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items}
+    assert sb[s1].state == sb[s2].state == pb.SANDBOX_READY
+    assert sb[stopped_pod].state == pb.SANDBOX_NOTREADY
+    assert sb[s2].labels == {"x": "y"}
+    for s, pid in infra_before.items():
+        info = json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=s, verbose=True)).info["info"])
+        assert info["pid"] == pid and os.path.exists(f"/proc/{pid}")
+    st = {c.id: c.state for c in env.rt.ListContainers(pb.ListContainersRequest()).containers}
+    assert st == {long1: pb.CONTAINER_RUNNING, long2: pb.CONTAINER_RUNNING, exits: pb.CONTAINER_EXITED,
+                  created: pb.CONTAINER_CREATED}
+    e = env.status(exits).status
+    assert e.exit_code == 42 and e.reason == "Error" and e.finished_at >= e.started_at
+    for c in (long1, long2):
+        assert env.pid(c) == before[c]
+        assert env.sh(c, "echo alive") == "alive\n"
+    # Exits are watched again after the restart.
+    env.rt.StopContainer(pb.StopContainerRequest(container_id=long2, timeout=30))
+    assert env.status(long2).status.exit_code == 0
+    env.start(created)
+    assert env.wait_exited(created).exit_code == 0
+    # And everything stops and goes away cleanly.
+    env.cleanup()
+    assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
+    env.check_no_leaks()
+
+
+def test_cgroup_parent_honoured_cgroupfs(fresh_env):
+    env = fresh_env
+    parent = f"/kubepods-test-{uuid.uuid4().hex[:8]}/pod{uuid.uuid4().hex[:8]}"
+    try:
+        pcfg = pod_config(name=f"p-{uuid.uuid4().hex[:8]}", linux=pb.LinuxPodSandboxConfig(cgroup_parent=parent))
+        sid, pcfg = env.run_pod(pcfg)
+        cid = env.run(sid, pcfg, ["sleep", "1000"], linux=pb.LinuxContainerConfig(
+            resources=pb.LinuxContainerResources(memory_limit_in_bytes=50 << 20)))
+        cg = proc_cgroups(env.pid(cid))
+        key = "" if "memory" not in cg else "memory"
+        assert cg[key] == f"{parent}/{cid}", cg
+        info = json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True)).info["info"])
+        assert proc_cgroups(info["pid"])[key] == f"{parent}/{sid}"
+        assert int(open(memory_limit_file(cg)).read()) == 50 << 20
+        env.cleanup()
+        for d in cgroup_dirs(parent):
+            assert not os.path.exists(os.path.join(d, cid)) and not os.path.exists(os.path.join(d, sid))
+    finally:
+        env.cleanup()
+        remove_cgroup_tree(parent.split("/")[1])
+
+
+def test_systemd_cgroup_driver_selectable(daemon_factory):
+    d = make_daemon(daemon_factory, extra_config='cgroup_driver = "systemd"\n')
+    try:
+        r = d.runtime.RuntimeConfig(pb.RuntimeConfigRequest())
+        assert r.linux.cgroup_driver == pb.SYSTEMD
+        cfg = json.loads(d.runtime.Status(pb.StatusRequest(verbose=True)).info["config"])
+        assert cfg["runtime"]["cgroup_driver"] == "systemd"
+    finally:
+        remove_cgroup_tree(d.cgroup_parent)
+    d2 = make_daemon(daemon_factory)
+    assert d2.runtime.RuntimeConfig(pb.RuntimeConfigRequest()).linux.cgroup_driver == pb.CGROUPFS
+    remove_cgroup_tree(d2.cgroup_parent)
