@@ -294,9 +294,19 @@ class ImageService:
                             await asyncio.to_thread(self.content.write_blob, data, desc.digest)
                     for layer in manifest.layers:
                         lease.add(layer.digest)
-                    downloaded = await self._fetch_all(resolved.repo, manifest.layers, creds)
-                    with _span("image.unpack", **{"image.ref": shown, "image.layers": len(manifest.layers)}):
-                        top = await self._unpack(shown, manifest.layers, diff_ids)
+                    # Downloads run in parallel; layer i is unpacked as soon as it and layer i-1 are
+                    # done, so unpacking overlaps the remaining downloads.
+                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds))
+                             for l in manifest.layers]
+                    try:
+                        with _span("image.unpack", **{"image.ref": shown, "image.layers": len(manifest.layers)}):
+                            top = await self._unpack(shown, manifest.layers, diff_ids, tasks)
+                        downloaded = list(await asyncio.gather(*tasks))
+                    except BaseException:
+                        for t in tasks:
+                            t.cancel()
+                        await asyncio.gather(*tasks, return_exceptions=True)
+                        raise
                     rec = self._record(r, str(resolved.digest), str(resolved.root.digest),
                                        str(resolved.manifest_descriptor.digest), manifest, config, top)
         except BaseException as e:
@@ -322,18 +332,6 @@ class ImageService:
                     "ref": shown, **{k: len(v) for k, v in removed.items()}}})
         except Exception as e:  # the pull's own error is what the caller needs to see
             log.warning("cleaning up after a failed pull of %s: %s", shown, e)
-
-    async def _fetch_all(self, repo: Any, layers: Any, creds: Credentials | None) -> list[int]:
-        """Download every layer in parallel; the first failure cancels (and awaits) the rest,
-        so nothing is still writing when the caller cleans up."""
-        tasks = [asyncio.ensure_future(self._fetch_layer_traced(repo, l, creds)) for l in layers]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
 
     async def _fetch_config(self, repo: Any, desc: Any, creds: Credentials | None) -> bytes:
         """The config blob from the content store, downloading it (once) when missing."""
@@ -376,13 +374,27 @@ class ImageService:
                     raise
                 return n
 
-    async def _unpack(self, shown: str, layers: list, diff_ids: list[str]) -> str:
-        """Apply layers into snapshots keyed by chain ID; returns the top chain ID."""
+    async def _unpack(self, shown: str, layers: list, diff_ids: list[str], ready: list | None = None) -> str:
+        """Apply layers into snapshots keyed by chain ID; returns the top chain ID.
+
+        ``ready[i]`` (optional) is awaited before layer i is applied (its download).
+        """
         if not layers:
             raise InvalidArgument(f"image {shown} has no layers")
         chains = [str(c) for c in snapmod.chain_ids(diff_ids)]
         parent: str | None = None
-        for layer, diff_id, chain in zip(layers, diff_ids, chains):
+        for i, (layer, diff_id, chain) in enumerate(zip(layers, diff_ids, chains)):
+            if ready is not None:
+                pending = [t for t in ready if not t.done()]
+                if not ready[i].done():
+                    # wait for this layer, but fail fast when any other download fails
+                    while not ready[i].done():
+                        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        for t in done:
+                            if t.exception() is not None:
+                                raise t.exception()
+                        pending = [t for t in pending if not t.done()]
+                ready[i].result()
             lock = self._chain_locks.setdefault(chain, asyncio.Lock())
             async with lock:
                 if not self.snapshots.exists(chain):

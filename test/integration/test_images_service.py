@@ -387,3 +387,17 @@ def test_restart_after_sigkill_mid_pull_cleans_leftovers(daemon_factory, registr
         iid = pull(d, ref)  # the proxy now forwards everything
     assert iid == img.layout.manifests[0].config_digest
     assert [i.id for i in list_images(d)] == [iid]
+
+
+def test_native_snapshotter_pulls_multilayer_and_runs(daemon_factory, registry):
+    d = daemon_factory(extra_config='snapshotter = "native"\n')  # lands in the fixture's [images] table
+    img = registry.images["multilayer"]
+    pull(d, img.ref)
+    sb_cfg = pod_config()
+    sid = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg), timeout=60).pod_sandbox_id
+    cid = run_container(d.runtime, sid, sb_cfg, container_config(
+        img.ref, ["sh", "-c", "cat /data/keep.txt /layer3.txt; ls /opaque; test ! -e /data/delete-me.txt"]))
+    assert wait_exited(d.runtime, cid).exit_code == 0
+    d.cleanup_pods()
+    remove(d, img.ref)
+    assert content_files(d) == [] and snapshot_entries(d) == []
