@@ -486,3 +486,227 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- stand-ins for the images the upstream CRI conformance suite (critest) pulls -------------
+#
+# critest (kubernetes-sigs/cri-tools, pkg/validate) pulls images from registry.k8s.io and
+# gcr.io/k8s-staging-cri-tools.  These are offline, busybox-static based equivalents with the
+# properties the specs check (users, groups, served HTTP pages, process names, a setuid
+# binary); they are pushed to a local registry under the same repository paths, and the
+# daemon reaches them through certs.d/<upstream-host>/hosts.toml mirrors.  The existing
+# images above are untouched: these only add layers on top of the shared busybox layer.
+
+CRITEST_PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "daemon:x:1:1:daemon:/usr/sbin:/bin/false\n"
+    "bin:x:2:2:bin:/bin:/bin/false\n"
+    "sys:x:3:3:sys:/dev:/bin/false\n"
+    "sync:x:4:100:sync:/bin:/bin/sync\n"
+    "mail:x:8:8:mail:/var/spool/mail:/bin/false\n"
+    "www-data:x:33:33:www-data:/var/www:/bin/false\n"
+    "operator:x:37:37:Operator:/var:/bin/false\n"
+    "nobody:x:65534:65534:nobody:/home:/bin/false\n"
+)
+CRITEST_GROUP = (
+    "root:x:0:\ndaemon:x:1:\nbin:x:2:\nsys:x:3:\nadm:x:4:\ntty:x:5:\ndisk:x:6:\nlp:x:7:\n"
+    "mail:x:8:\nkmem:x:9:\nwheel:x:10:root\ncdrom:x:11:\ndialout:x:18:\nfloppy:x:19:\n"
+    "video:x:28:\naudio:x:29:\ntape:x:32:\nwww-data:x:33:\noperator:x:37:\nutmp:x:43:\n"
+    "plugdev:x:46:\nstaff:x:50:\nlock:x:54:\nnetdev:x:82:\nusers:x:100:\nnogroup:x:65534:\n"
+)
+
+# `ipcs -m` for busybox builds without the ipcs applet: the kernel's own table of the
+# caller's IPC namespace (the shmid column is what critest's HostIpc specs look for).
+IPCS_SCRIPT = b"""#!/bin/sh
+# stand-in for ipcs: print the System V IPC tables of this IPC namespace
+case "$1" in
+  -q) cat /proc/sysvipc/msg ;;
+  -s) cat /proc/sysvipc/sem ;;
+  *) cat /proc/sysvipc/shm ;;
+esac
+"""
+
+# `pgrep PATTERN` for busybox builds without the pgrep applet: pids whose name contains PATTERN.
+PGREP_SCRIPT = b"""#!/bin/sh
+# stand-in for pgrep: print the pids whose process name (comm) contains $1
+[ $# -ge 1 ] || { echo "usage: pgrep PATTERN" >&2; exit 2; }
+found=1
+for d in /proc/[0-9]*; do
+  n=$(cat "$d/comm" 2>/dev/null) || continue
+  case "$n" in *"$1"*) echo "${d#/proc/}"; found=0 ;; esac
+done
+exit $found
+"""
+
+# A process whose name (comm) is "nginx": the kernel names a script's process after the
+# script.  It writes its pid to /var/run/nginx.pid and serves /usr/share/nginx/html with
+# busybox httpd on $NGINX_PORT (80).  Its command line carries "master process" as nginx's
+# does (critest's ContainerPID spec greps /proc/1/cmdline for it).
+NGINX_SCRIPT = b"""#!/bin/sh
+# stand-in for nginx: busybox httpd serving /usr/share/nginx/html
+PORT="${NGINX_PORT:-80}"
+echo $$ > /var/run/nginx.pid
+httpd -f -p "$PORT" -h /usr/share/nginx/html &
+child=$!
+trap 'kill $child 2>/dev/null; exit 0' TERM INT QUIT
+wait $child
+"""
+
+HTTPD_SCRIPT = b"""#!/bin/sh
+# stand-in for httpd-foreground: busybox httpd serving /usr/local/apache2/htdocs on :80
+echo "httpd: busybox httpd stand-in, serving /usr/local/apache2/htdocs on port 80" >&2
+httpd -f -p 80 -h /usr/local/apache2/htdocs &
+child=$!
+trap 'kill $child 2>/dev/null; exit 0' TERM INT QUIT
+wait $child
+"""
+
+# x86-64 machine code of a program that prints "Effective uid: <geteuid()>\n" in one write
+# and exits 0 (k8s e2e "nonewprivs"); assembled from:
+#   mov eax,107; syscall; lea rdi,[rip+num]; mov ecx,10; xor r8d,r8d
+#   1: xor edx,edx; div ecx; add edx,'0'; push rdx; inc r8d; test eax,eax; jnz 1b
+#   2: pop rax; stosb; dec r8d; jnz 2b; mov byte [rdi],10; inc rdi
+#   lea rsi,[rip+msg]; mov rdx,rdi; sub rdx,rsi; mov edi,1; mov eax,1; syscall
+#   mov eax,60; xor edi,edi; syscall
+#   msg: .ascii "Effective uid: "   num:
+_NNP_CODE_AMD64 = bytes.fromhex(
+    "b86b0000000f05488d3d55000000b90a0000004531c031d2f7f183c2305241ffc085c075f158aa41ffc875f9"
+    "c6070a48ffc7488d351b0000004889fa4829f2bf01000000b8010000000f05b83c00000031ff0f05"
+    "456666656374697665207569643a20")
+
+
+def nnp_elf_amd64() -> bytes:
+    """A minimal static ELF64 executable (one RWX PT_LOAD) around _NNP_CODE_AMD64."""
+    import struct
+    base, ehsize, phsize = 0x400000, 64, 56
+    code = _NNP_CODE_AMD64
+    filesz = ehsize + phsize + len(code)
+    ehdr = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0,
+                       2, 0x3E, 1, base + ehsize + phsize, ehsize, 0, 0, ehsize, phsize, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 7, 0, base, base, filesz, filesz + 64, 0x1000)
+    return ehdr + phdr + code
+
+
+@dataclass
+class CritestImage:
+    """One critest stand-in: pushed to ``<registry>/<repository>`` under each tag."""
+
+    upstream: str            # the reference critest uses (its host is the one to mirror)
+    repository: str          # path in the local registry (upstream path without the host)
+    layout: LayoutInfo
+
+
+def critest_busybox_entries() -> list[Entry]:
+    """busybox_entries() with every applet a hardlink of bin/busybox instead of a symlink."""
+    return [Entry(e.path, "hardlink", mode=0o755, target="bin/busybox") if e.kind == "symlink" and
+            e.target == "busybox" else e for e in busybox_entries()]
+
+
+def _critest_base_entries(passwd: str = CRITEST_PASSWD, group: str = CRITEST_GROUP) -> list[Entry]:
+    return [
+        Entry("bin", "dir", mode=0o755),
+        Entry("bin/ipcs", data=IPCS_SCRIPT, mode=0o755),
+        Entry("bin/pgrep", data=PGREP_SCRIPT, mode=0o755),
+        Entry("etc", "dir", mode=0o755),
+        Entry("etc/passwd", data=passwd.encode()),
+        Entry("etc/group", data=group.encode()),
+        Entry("var", "dir", mode=0o755),
+        Entry("var/run", "dir", mode=0o755),
+        Entry("var/www", "dir", mode=0o755),
+    ]
+
+
+def critest_repository(upstream: str) -> str:
+    """"gcr.io/a/b:tag" -> "a/b" (the path in the local registry)."""
+    path = upstream.split("/", 1)[1].split("@", 1)[0]
+    head, _, last = path.rpartition("/")
+    last = last.split(":", 1)[0]
+    return f"{head}/{last}" if head else last
+
+
+def build_critest_images(out_dir: str) -> dict[str, CritestImage]:
+    """Build offline stand-ins for critest's images under *out_dir*; name -> CritestImage.
+
+    Every image is a busybox layer (applets hardlinked) plus one small layer (below).  Names are
+    the local layout directory names; ``upstream``/``repository`` say where to push.
+    The digest-pinned ``test-image-digest@sha256:9700f9a2…`` cannot be reproduced (its
+    digest is upstream's bytes); it is pushed by tag only.
+    """
+    if host_platform().architecture != "amd64":
+        raise RuntimeError("build_critest_images: the nonewprivs stand-in is x86-64 machine code")
+    b = Builder(out_dir)
+    # Applets as hardlinks of /bin/busybox, as in the busybox image critest expects: masking
+    # /bin/ls (MaskedPaths spec) must hide that applet only, not follow a symlink to busybox.
+    bb = sorted(critest_busybox_entries(), key=lambda e: (e.kind == "hardlink", e.path))  # targets first
+    base = _layer(tar_bytes(bb, sort=False), "gzip")
+    common = _critest_base_entries()
+    out: dict[str, CritestImage] = {}
+
+    def add(name: str, upstream: str, extra: list[Entry], tags: list[str], *,
+            entries: list[Entry] | None = None, **kw) -> None:
+        top = tar_bytes((entries if entries is not None else common) + extra)
+        info = b._single(f"critest-{name}", [base, _layer(top, "gzip")], tags,
+                         history=["busybox-static with applet hardlinks", f"critest stand-in: {name}"], **kw)
+        out[name] = CritestImage(upstream, critest_repository(upstream), info)
+
+    e2e = "registry.k8s.io/e2e-test-images"
+    staging = "gcr.io/k8s-staging-cri-tools"
+
+    add("busybox", f"{e2e}/busybox:1.29-2", [], ["1.29-2"])
+
+    html = b"<html><body><h1>Welcome to nginx!</h1></body></html>\n"
+    nginx_files = [
+        Entry("usr/sbin", "dir", mode=0o755),
+        Entry("usr/sbin/nginx", data=NGINX_SCRIPT, mode=0o755),
+        Entry("usr/share", "dir", mode=0o755),
+        Entry("usr/share/nginx", "dir", mode=0o755),
+        Entry("usr/share/nginx/html", "dir", mode=0o755),
+        Entry("usr/share/nginx/html/index.html", data=html),
+    ]
+    nginx_cmd = ["nginx", "-g", "daemon off;", "master process"]
+    add("nginx", f"{e2e}/nginx:1.14-2", nginx_files, ["1.14-2"],
+        config_extra={"Cmd": nginx_cmd, "ExposedPorts": {"80/tcp": {}}, "StopSignal": "SIGTERM"})
+    add("hostnet-nginx", f"{staging}/hostnet-nginx-amd64", nginx_files, ["latest"],
+        config_extra={"Cmd": nginx_cmd, "Env": [PATH_ENV, "NGINX_PORT=12003"],
+                      "ExposedPorts": {"12003/tcp": {}}})
+
+    add("httpd", f"{e2e}/httpd:2.4.39-4", [
+        Entry("usr/local", "dir", mode=0o755),
+        Entry("usr/local/bin", "dir", mode=0o755),
+        Entry("usr/local/bin/httpd-foreground", data=HTTPD_SCRIPT, mode=0o755),
+        Entry("usr/local/apache2", "dir", mode=0o755),
+        Entry("usr/local/apache2/htdocs", "dir", mode=0o755),
+        Entry("usr/local/apache2/htdocs/index.html", data=b"<html><body><h1>It works!</h1></body></html>\n"),
+    ], ["2.4.39-4"], config_extra={"Cmd": ["httpd-foreground"], "ExposedPorts": {"80/tcp": {}}})
+
+    add("nonewprivs", f"{e2e}/nonewprivs:1.3", [
+        Entry("usr/local", "dir", mode=0o755),
+        Entry("usr/local/bin", "dir", mode=0o755),
+        Entry("usr/local/bin/nnp", data=nnp_elf_amd64(), mode=0o4755),
+    ], ["1.3"], config_extra={"Entrypoint": ["/usr/local/bin/nnp"], "Cmd": []})
+
+    for name, user in (("test-image-user-uid", "1002"), ("test-image-user-username", "www-data"),
+                       ("test-image-user-uid-group", "1003:1004"),
+                       ("test-image-user-username-group", "www-data:1004")):
+        add(name, f"{staging}/{name}", [], ["latest"], config_extra={"User": user})
+
+    add("test-image-predefined-group", f"{staging}/test-image-predefined-group", [
+        Entry("home", "dir", mode=0o755),
+        Entry("home/default-user", "dir", mode=0o755, uid=1000, gid=1000),
+    ], ["latest"], config_extra={"User": "1000"}, entries=_critest_base_entries(
+        CRITEST_PASSWD + "default-user:x:1000:1000:Linux User,,,:/home/default-user:/bin/sh\n",
+        CRITEST_GROUP + "default-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"))
+
+    # image-test: busybox + a file named after the image (or tag), so each is distinct.
+    for name in ("test-image-1", "test-image-2", "test-image-3", "test-image-latest", "test-image-digest"):
+        add(name, f"{staging}/{name}", [Entry(name, data=name.encode() + b"\n")], ["latest"])
+    add("test-image-tags", f"{staging}/test-image-tags",
+        [Entry("same-image", data=b"same-image\n")], ["1", "2", "3"])
+    for tag in ("test", "all"):
+        add(f"test-image-tag-{tag}", f"{staging}/test-image-tag:{tag}", [Entry(tag, data=tag.encode() + b"\n")],
+            [tag])
+
+    # pause:3.9, pulled as registry.k8s.io/pause:3.9 and k8s.gcr.io/pause:3.9 (the same image).
+    add("pause", "registry.k8s.io/pause:3.9", [], ["3.9"],
+        config_extra={"Entrypoint": ["/usr/bin/catatonit", "-P"], "Cmd": []})
+    return out
