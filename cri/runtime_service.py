@@ -146,16 +146,21 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
         await self.rt.remove_container(request.container_id)
         return pb.RemoveContainerResponse()
 
-    def _image_ref(self, rec) -> tuple[str, str]:
+    def _image_ref(self, rec, memo: dict | None = None) -> tuple[str, str]:
         """(image_ref, image_id) for a container: the repo digest where there is one."""
+        if memo is not None and rec.image_ref in memo:
+            return memo[rec.image_ref]
         try:
             img = self.rt.images.store.get_image(rec.image_ref)
+            out = ((img.repo_digests[0] if img.repo_digests else img.id), img.id)
         except Exception:  # noqa: BLE001 - the image may have been removed since
-            return rec.image_ref, rec.image_ref
-        return (img.repo_digests[0] if img.repo_digests else img.id), img.id
+            out = (rec.image_ref, rec.image_ref)
+        if memo is not None:
+            memo[rec.image_ref] = out
+        return out
 
-    def _container_item(self, rec) -> pb.Container:
-        ref, iid = self._image_ref(rec)
+    def _container_item(self, rec, memo: dict | None = None) -> pb.Container:
+        ref, iid = self._image_ref(rec, memo)
         return pb.Container(id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=pb.ContainerMetadata(**rec.metadata),
                             image=pb.ImageSpec(image=rec.image_name), image_ref=ref, image_id=iid,
                             state=pb.ContainerState.Value(rec.state), created_at=rec.created_at,
@@ -191,7 +196,8 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
             kw = dict(id_prefix=f.id, sandbox_id=f.pod_sandbox_id, labels=dict(f.label_selector))
             if f.HasField("state"):
                 kw["state"] = pb.ContainerState.Name(f.state.state)
-        return [self._container_item(r) for r in self.rt.list_containers(**kw)]
+        memo: dict = {}  # one image look-up per image, not per container (the kubelet lists every second)
+        return [self._container_item(r, memo) for r in self.rt.list_containers(**kw)]
 
     async def ListContainers(self, request: pb.ListContainersRequest, context) -> pb.ListContainersResponse:
         return pb.ListContainersResponse(containers=self._containers(request.filter if request.HasField("filter") else None))
