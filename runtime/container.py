@@ -51,6 +51,10 @@ class ContainerOps:
             raise InvalidArgument("container metadata.name is empty")
         if not cfg.image:
             raise InvalidArgument(f"container {cfg.metadata.name!r}: image is empty")
+        sc = cfg.linux.security_context if cfg.linux else None
+        if sc is not None and sc.run_as_group is not None and sc.run_as_user is None and not sc.run_as_username:
+            raise InvalidArgument(f"container {cfg.metadata.name!r}: run_as_group is set without run_as_user "
+                                  "or run_as_username; a group needs a user")
         sb = self.get_sandbox(sandbox_id)
         from runtime.sandbox import READY
 
@@ -213,7 +217,10 @@ class ContainerOps:
     # -- StopContainer -------------------------------------------------------------------------
 
     async def stop_container(self: "Runtime", cid: str, timeout: int) -> None:
-        rec = self.get_container(cid)
+        try:
+            rec = self.get_container(cid)
+        except NotFound:
+            return  # stopping what is gone succeeds, as the CRI asks
         if rec.state != RUNNING:
             return
         rt = self.oci(rec.runtime_handler)
@@ -339,6 +346,15 @@ class ContainerOps:
     async def reopen_log(self: "Runtime", cid: str) -> None:
         rec = self.running_container(cid)
         await self.oci(rec.runtime_handler).reopen_log(rec.id)
+        # conmon re-creates the file asynchronously; the kubelet's log rotation (and
+        # critest) look for it as soon as the call returns, so wait for it (bounded).
+        if rec.log_path:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while not os.path.exists(rec.log_path) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            if not os.path.exists(rec.log_path):
+                raise FailedPrecondition(f"conmon did not reopen the log of container {rec.id} at {rec.log_path}")
 
     # -- recovery -----------------------------------------------------------------------------------
 
