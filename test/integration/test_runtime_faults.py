@@ -16,9 +16,10 @@ SLEEP = ["sleep", "1000"]
 MISSING = "f" * 64
 
 
-def code_of(fn):
+def code_of(fn, what: str = ""):
     with pytest.raises(grpc.RpcError) as e:
-        fn()
+        r = fn()
+        pytest.fail(f"{what or fn} succeeded: {r}")
     return e.value.code(), e.value.details()
 
 
@@ -34,8 +35,8 @@ def test_unknown_ids_are_not_found(env):
         lambda: rt.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=MISSING)),
         lambda: env.create(MISSING, pod_config(), SLEEP),
     ]
-    for call in calls:
-        code, details = code_of(call)
+    for i, call in enumerate(calls):
+        code, details = code_of(call, f"call #{i}")
         assert code == grpc.StatusCode.NOT_FOUND, details
         assert MISSING in details
     # Stopping what is not there succeeds (the CRI's idempotence rule; critest checks it).
