@@ -86,6 +86,13 @@ PYEOF
     stop_pid "$DAEMON_PID" 30
     stop_pid "$REG_PID" 10
     if [ -n "$BRIDGE" ]; then ip link del "$BRIDGE" 2>/dev/null; fi
+    # portmap's host-wide masquerade chains (snat for localhost port mappings): remove
+    # them if this run created them.
+    if [ "$HAD_HOSTPORT_MASQ" = 0 ]; then
+        iptables -t nat -D POSTROUTING -m comment --comment "CNI portfwd requiring masquerade" -j CNI-HOSTPORT-MASQ 2>/dev/null
+        iptables -t nat -F CNI-HOSTPORT-MASQ 2>/dev/null; iptables -t nat -X CNI-HOSTPORT-MASQ 2>/dev/null
+        iptables -t nat -F CNI-HOSTPORT-SETMARK 2>/dev/null; iptables -t nat -X CNI-HOSTPORT-SETMARK 2>/dev/null
+    fi
     # unmount anything left under the work dir, deepest first, then remove it
     awk -v b="$WORK/" 'index($2, b) == 1 {print $2}' /proc/self/mounts | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null; done
@@ -96,6 +103,8 @@ PYEOF
     fi
     exit $rc
 }
+HAD_HOSTPORT_MASQ=0
+iptables -t nat -S CNI-HOSTPORT-MASQ >/dev/null 2>&1 && HAD_HOSTPORT_MASQ=1
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
