@@ -15,7 +15,8 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from cni import netns as netnsmod
-from runtime import mounts, podfiles, spec
+from images import snapshotter as snapmod
+from runtime import podfiles, spec
 from runtime.modelio import sandbox_config_from, to_plain
 from runtime.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from runtime.model import PodSandboxConfig
@@ -105,8 +106,8 @@ class SandboxOps:
         if ipc_mode != "NODE":
             shm = os.path.join(state, "shm")
             os.makedirs(shm, exist_ok=True)
-            mounts.mount("shm", shm, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
-                         f"mode=1777,size={SHM_SIZE}")
+            snapmod.mount([snapmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
+                                                          f"size={SHM_SIZE}"))], shm)
         else:
             shm = "/dev/shm"
 
@@ -216,7 +217,7 @@ class SandboxOps:
             await asyncio.to_thread(netnsmod.remove_netns, rec.netns_path, self.s.netns_dir)
         shm = os.path.join(self.sandbox_state(sid), "shm")
         if os.path.isdir(shm):
-            mounts.unmount_all(shm)
+            snapmod.unmount_all(shm)
         rec.state = NOTREADY
         if remove:
             try:
