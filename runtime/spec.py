@@ -986,7 +986,11 @@ def build_container_spec(
         raise InvalidArgument(f"working directory {cwd!r} must be an absolute path")
 
     caps, ambient = compute_capabilities(sc.capabilities, runtime_cfg.default_capabilities, privileged)
-    if privileged:
+    all_added = sc.capabilities is not None and any(
+        normalize_capability(c) == "CAP_ALL" for c in sc.capabilities.add_capabilities)
+    if privileged or all_added:
+        # "Everything" means everything this daemon holds, as containerd does: runc
+        # cannot grant a capability its caller lacks.
         have = host.current_capabilities()
         if have is not None:
             caps = [c for c in caps if c in have]

@@ -367,6 +367,19 @@ def test_privileged_container_gets_only_the_daemons_capabilities():
     assert spec["process"]["capabilities"]["bounding"] == ["CAP_CHOWN", "CAP_SYS_ADMIN"]
 
 
+def test_adding_all_grants_only_the_daemons_capabilities():
+    import dataclasses
+
+    host = dataclasses.replace(HOST, current_capabilities=lambda: frozenset({"CAP_CHOWN", "CAP_SYS_ADMIN"}))
+    spec = build(cfg(sc=LinuxContainerSecurityContext(capabilities=Capability(add_capabilities=["ALL"]))),
+                 host=host)
+    assert spec["process"]["capabilities"]["effective"] == ["CAP_CHOWN", "CAP_SYS_ADMIN"]
+    # Named capabilities are passed as asked (the runtime reports what it cannot grant).
+    spec = build(cfg(sc=LinuxContainerSecurityContext(capabilities=Capability(add_capabilities=["SYS_TIME"]))),
+                 host=host)
+    assert "CAP_SYS_TIME" in spec["process"]["capabilities"]["effective"]
+
+
 def test_privileged_container_needs_privileged_sandbox():
     with pytest.raises(InvalidArgument, match="privileged pod sandbox"):
         build(cfg(sc=LinuxContainerSecurityContext(privileged=True)))
