@@ -54,7 +54,59 @@ DESCRIPTORS: dict[str, tuple[str, tuple[str, ...], int]] = {
         "Cumulative count of packets dropped while transmitting", ("interface",), _C),
     "container_network_transmit_errors_total": ("Cumulative count of errors encountered while transmitting",
                                                 ("interface",), _C),
+    # CPU detail
+    "container_cpu_user_seconds_total": ("Cumulative user cpu time consumed in seconds.", (), _C),
+    "container_cpu_system_seconds_total": ("Cumulative system cpu time consumed in seconds.", (), _C),
+    "container_cpu_cfs_periods_total": ("Number of elapsed enforcement period intervals.", (), _C),
+    "container_cpu_cfs_throttled_periods_total": ("Number of throttled period intervals.", (), _C),
+    "container_cpu_cfs_throttled_seconds_total": ("Total time duration the container has been throttled.", (), _C),
+    # memory detail
+    "container_memory_failcnt": ("Number of memory usage hits limits", (), _C),
+    "container_memory_kernel_usage": ("Size of kernel memory allocated in bytes.", (), _G),
+    "container_memory_mapped_file": ("Size of memory mapped files in bytes.", (), _G),
+    "container_memory_max_usage_bytes": ("Maximum memory usage recorded in bytes", (), _G),
+    "container_memory_swap": ("Container swap usage in bytes.", (), _G),
+    # the filesystem holding the writable layer
+    "container_fs_limit_bytes": ("Number of bytes that can be consumed by the container on this filesystem.",
+                                 ("device",), _G),
+    "container_fs_inodes_free": ("Number of available Inodes", ("device",), _G),
+    # block I/O: described (the kubelet's /metrics/cadvisor lists them) but not sampled yet
+    "container_blkio_device_usage_total": ("Blkio Device bytes usage",
+                                           ("device", "major", "minor", "operation"), _C),
+    "container_fs_reads_bytes_total": ("Cumulative count of bytes read", ("device",), _C),
+    "container_fs_reads_total": ("Cumulative count of reads completed", ("device",), _C),
+    "container_fs_writes_bytes_total": ("Cumulative count of bytes written", ("device",), _C),
+    "container_fs_writes_total": ("Cumulative count of writes completed", ("device",), _C),
+    # the cgroup's own limits
+    "container_spec_cpu_period": ("CPU period of the container.", (), _G),
+    "container_spec_cpu_shares": ("CPU share of the container.", (), _G),
+    "container_spec_memory_swap_limit_bytes": ("Memory swap limit for the container.", (), _G),
+    # processes
+    "container_file_descriptors": ("Number of open file descriptors for the container.", (), _G),
+    "container_sockets": ("Number of open sockets for the container.", (), _G),
+    "container_threads": ("Number of threads running inside the container", (), _G),
+    "container_threads_max": ("Maximum number of threads allowed inside the container, infinity if value is zero",
+                              (), _G),
+    "container_start_time_seconds": ("Start time of the container since unix epoch in seconds.", (), _G),
 }
+
+# (metric, key in ContainerSample.detail, divisor): integer values as the CRI carries them.
+_DETAIL_FIELDS = (
+    ("container_cpu_user_seconds_total", "user_ns", 1_000_000_000),
+    ("container_cpu_system_seconds_total", "system_ns", 1_000_000_000),
+    ("container_cpu_cfs_periods_total", "cfs_periods", 1),
+    ("container_cpu_cfs_throttled_periods_total", "cfs_throttled_periods", 1),
+    ("container_cpu_cfs_throttled_seconds_total", "cfs_throttled_ns", 1_000_000_000),
+    ("container_memory_failcnt", "failcnt", 1),
+    ("container_memory_kernel_usage", "kernel", 1),
+    ("container_memory_mapped_file", "mapped_file", 1),
+    ("container_memory_max_usage_bytes", "max_usage", 1),
+    ("container_memory_swap", "swap", 1),
+    ("container_spec_cpu_period", "spec_cpu_period", 1),
+    ("container_spec_cpu_shares", "spec_cpu_shares", 1),
+    ("container_spec_memory_swap_limit_bytes", "spec_memory_swap_limit", 1),
+    ("container_threads_max", "threads_max", 1),
+)
 
 _NET_FIELDS = (
     ("container_network_receive_bytes_total", "rx_bytes"),
@@ -174,8 +226,22 @@ def container_metrics(s: st.ContainerSample, pod_md: dict, image: str) -> list[p
     b.add("container_oom_events_total", s.oom_kills)
     b.add("container_processes", s.processes)
     if s.writable_layer is not None:
-        b.add("container_fs_usage_bytes", s.writable_layer.used_bytes, s.writable_layer.mountpoint)
-        b.add("container_fs_inodes_total", s.writable_layer.inodes_used, s.writable_layer.mountpoint)
+        w = s.writable_layer
+        b.add("container_fs_usage_bytes", w.used_bytes, w.mountpoint)
+        b.add("container_fs_inodes_total", w.inodes_used, w.mountpoint)
+        b.add("container_fs_limit_bytes", w.capacity_bytes, w.mountpoint)
+        b.add("container_fs_inodes_free", w.inodes_free, w.mountpoint)
+    if s.detail is not None:
+        for metric, key, div in _DETAIL_FIELDS:
+            v = s.detail.get(key)
+            b.add(metric, None if v is None else v // div)
+    if s.proc is not None:
+        b.add("container_file_descriptors", s.proc.fds)
+        b.add("container_sockets", s.proc.sockets)
+        b.add("container_threads", s.proc.threads)
+    started = getattr(rec, "started_at", 0) or getattr(rec, "created_at", 0)
+    if started:
+        b.add("container_start_time_seconds", started // 1_000_000_000)
     return b.out
 
 
@@ -276,7 +342,7 @@ class StatsRPCs:
         plan = col.plan_pods(self.rt.list_sandboxes(state=st.SANDBOX_READY))
 
         def work() -> list[pb.PodSandboxMetrics]:
-            return [pod_metrics(p, images) for p in col.pods(plan, with_oom=True)]
+            return [pod_metrics(p, images) for p in col.pods(plan, with_oom=True, detail=True)]
 
         return await asyncio.to_thread(work)
 

@@ -231,10 +231,14 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
                 ev = await sub.next()
                 sandbox_status = None
                 statuses = []
-                sb = self.rt.sandboxes.get(ev.sandbox_id)
+                if ev.captured:  # the state when the event happened, however late we send it
+                    sb, ctrs = ev.sandbox, list(ev.containers)
+                else:
+                    sb = self.rt.sandboxes.get(ev.sandbox_id)
+                    ctrs = self.rt.list_containers(sandbox_id=sb.id) if sb is not None else []
                 if sb is not None:
                     sandbox_status = self._sandbox_status(sb)
-                    statuses = [self._container_status(c) for c in self.rt.list_containers(sandbox_id=sb.id)]
+                    statuses = [self._container_status(c) for c in ctrs]
                 yield pb.ContainerEventResponse(
                     container_id=ev.container_id, container_event_type=pb.ContainerEventType.Value(ev.type),
                     created_at=ev.created_at, pod_sandbox_status=sandbox_status, containers_statuses=statuses)

@@ -59,6 +59,7 @@ class Runtime(SandboxOps, ContainerOps):
         self.images = images
         self.cni = cni
         self.events = events or EventHub()
+        self.events.bind(self)  # events carry the pod state at publish time
         self.host = host or HostLookups()
         self.observe = observe or (lambda op, secs: None)
         self.sandboxes: dict[str, Any] = {}

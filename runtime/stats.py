@@ -12,6 +12,18 @@ sample is kept per container/pod and replaced once the new one is at least
 ``min_window`` newer, so frequent pollers (kubelet and crictl together) still get
 a rate over a sensible window.
 
+ListPodSandboxMetrics also wants the cAdvisor "detail" figures (CFS throttling,
+user/system CPU, memory failcnt/kernel/mapped/max/swap, the cgroup's own limits,
+open fds, sockets and threads of the container's processes): those are read only
+on that path (``detail=True``), from a few more cgroup files and a bounded walk of
+``/proc/<pid>/fd`` and ``/proc/<pid>/task`` for the pids in ``cgroup.procs``.
+
+Writable-layer usage (a directory walk) and the size of the filesystem under it
+are cached per container for ``usage_ttl`` seconds (10 s, as cAdvisor's fs
+usage), so the frequent stats polls cost cgroup reads only.  Pod network counters
+come from ``/proc/<infra pid>/net/dev`` (no namespace switch) when the infra
+process is verifiably in the pod's network namespace.
+
 Results are plain dataclasses; ``cri/rpc_stats.py`` turns them into protobuf.
 """
 
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,6 +74,8 @@ class FsSample:
     mountpoint: str
     used_bytes: int
     inodes_used: int
+    capacity_bytes: int | None = None  # size of the filesystem holding the layer
+    inodes_free: int | None = None
 
 
 @dataclass
@@ -93,6 +108,18 @@ class CgroupSample:
     cache_bytes: int | None = None
     pids: int | None = None
     oom_kills: int | None = None
+    detail: dict[str, int] | None = None  # see read_detail
+
+
+@dataclass
+class ProcessSample:
+    """Open files, sockets and threads of a cgroup's processes (bounded walk of /proc)."""
+
+    processes: int
+    fds: int
+    sockets: int
+    threads: int
+    truncated: bool = False  # a bound was hit: the figures are lower bounds
 
 
 @dataclass
@@ -104,6 +131,8 @@ class ContainerSample:
     writable_layer: FsSample | None = None
     processes: int | None = None
     oom_kills: int | None = None
+    detail: dict[str, int] | None = None  # cgroup detail figures (metrics path only)
+    proc: ProcessSample | None = None  # metrics path only
 
 
 @dataclass
@@ -208,6 +237,228 @@ def _read(path: str) -> str | None:
         return None
 
 
+# --------------------------------------------------------------------------- detail (metrics path)
+
+# v1 "no limit" is a huge page-aligned number; cAdvisor shows unlimited spec values as 0.
+_V1_UNLIMITED = 1 << 62
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _limit(text: str | None) -> int:
+    """A limit file's value with "unlimited" ("max", -1, the v1 huge number) as 0, as cAdvisor shows it."""
+    if text is None:
+        return 0
+    s = text.split()[0] if text.split() else ""
+    if s in ("", "max", "-1"):
+        return 0
+    try:
+        v = int(s)
+    except ValueError:
+        return 0
+    return 0 if v >= _V1_UNLIMITED else v
+
+
+def cpu_detail_v1(cpu_stat: str | None, cpuacct_stat: str | None, clk_tck: int = _CLK_TCK) -> dict[str, int]:
+    """CFS throttling from v1 ``cpu.stat`` and user/system time (ns) from ``cpuacct.stat`` (USER_HZ ticks)."""
+    out: dict[str, int] = {}
+    if cpu_stat is not None:
+        c = cg.parse_flat_keyed(cpu_stat)
+        out["cfs_periods"] = c.get("nr_periods", 0)
+        out["cfs_throttled_periods"] = c.get("nr_throttled", 0)
+        out["cfs_throttled_ns"] = c.get("throttled_time", 0)  # v1: already nanoseconds
+    if cpuacct_stat is not None:
+        a = cg.parse_flat_keyed(cpuacct_stat)
+        tick_ns = 1_000_000_000 // max(1, clk_tck)
+        out["user_ns"] = a.get("user", 0) * tick_ns
+        out["system_ns"] = a.get("system", 0) * tick_ns
+    return out
+
+
+def cpu_detail_v2(cpu_stat: str | None) -> dict[str, int]:
+    """The same from v2 ``cpu.stat`` (microseconds)."""
+    if cpu_stat is None:
+        return {}
+    c = cg.parse_flat_keyed(cpu_stat)
+    return {"cfs_periods": c.get("nr_periods", 0), "cfs_throttled_periods": c.get("nr_throttled", 0),
+            "cfs_throttled_ns": c.get("throttled_usec", 0) * 1000,
+            "user_ns": c.get("user_usec", 0) * 1000, "system_ns": c.get("system_usec", 0) * 1000}
+
+
+def memory_detail_v1(stat: str, usage: int | None, failcnt: str | None, kmem_usage: str | None,
+                     max_usage: str | None, memsw_usage: str | None) -> dict[str, int]:
+    """failcnt, kernel usage, mapped file, max usage and swap from the v1 memory controller.
+
+    Swap is ``memory.stat`` total_swap when swap is accounted, else memsw usage minus usage,
+    else 0 (no swap accounting: nothing can have been swapped out of this cgroup's books).
+    """
+    st_ = cg.parse_flat_keyed(stat)
+    swap = st_.get("total_swap", st_.get("swap"))
+    if swap is None:
+        msw = cg.parse_single_value(memsw_usage) if memsw_usage else None
+        swap = max(0, msw - usage) if msw is not None and usage is not None else 0
+    return {
+        "failcnt": (cg.parse_single_value(failcnt) or 0) if failcnt else 0,
+        "kernel": (cg.parse_single_value(kmem_usage) or 0) if kmem_usage else 0,
+        "mapped_file": st_.get("total_mapped_file", st_.get("mapped_file", 0)),
+        "max_usage": (cg.parse_single_value(max_usage) or 0) if max_usage else (usage or 0),
+        "swap": swap,
+    }
+
+
+_V2_KERNEL_PARTS = ("kernel_stack", "pagetables", "sec_pagetables", "percpu", "sock", "vmalloc", "slab")
+
+
+def memory_detail_v2(stat: str, usage: int | None, events: str | None, peak: str | None,
+                     swap_current: str | None) -> dict[str, int]:
+    """The same from v2: failcnt is memory.events ``max`` (times the limit was hit), kernel usage is
+    memory.stat ``kernel`` (or the sum of its parts on older kernels), max usage is memory.peak
+    (the current usage where the kernel has no peak file)."""
+    st_ = cg.parse_flat_keyed(stat)
+    kernel = st_.get("kernel")
+    if kernel is None:
+        kernel = sum(st_.get(k, 0) for k in _V2_KERNEL_PARTS)
+    return {
+        "failcnt": cg.parse_flat_keyed(events).get("max", 0) if events else 0,
+        "kernel": kernel,
+        "mapped_file": st_.get("file_mapped", 0),
+        "max_usage": (cg.parse_single_value(peak) or 0) if peak else (usage or 0),
+        "swap": (cg.parse_single_value(swap_current) or 0) if swap_current else 0,
+    }
+
+
+def weight_to_shares(weight: int) -> int:
+    """cgroup v2 cpu.weight [1, 10000] back to v1 cpu.shares [2, 262144] (the inverse of runc's mapping)."""
+    return 2 + ((weight - 1) * 262142) // 9999
+
+
+def spec_v1(cfs_period: str | None, shares: str | None, memsw_limit: str | None) -> dict[str, int]:
+    return {"spec_cpu_period": _limit(cfs_period), "spec_cpu_shares": _limit(shares),
+            "spec_memory_swap_limit": _limit(memsw_limit)}
+
+
+def spec_v2(cpu_max: str | None, weight: str | None, swap_max: str | None, mem_max: str | None) -> dict[str, int]:
+    """v2 limits in v1 terms: period from cpu.max, shares from cpu.weight, and the memory+swap limit
+    as swap.max + memory.max (0 when either is unlimited), as the v1 memsw limit means."""
+    period = 0
+    if cpu_max:
+        parts = cpu_max.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            period = int(parts[1])
+    w = _limit(weight)
+    swap, mem = _limit(swap_max), _limit(mem_max)
+    swap_limit = 0
+    if swap_max is not None and swap_max.strip() != "max" and mem:
+        swap_limit = swap + mem
+    return {"spec_cpu_period": period, "spec_cpu_shares": weight_to_shares(w) if w else 0,
+            "spec_memory_swap_limit": swap_limit}
+
+
+def read_detail(dirs: dict[str, str], usage: int | None,
+                reader: Callable[[str], str | None] | None = None) -> dict[str, int]:
+    """The cAdvisor detail figures of a cgroup (v1 or v2); keys missing when the kernel has no file."""
+    read = reader or _read
+    out: dict[str, int] = {}
+    uni = dirs.get(cg.UNIFIED)
+    mem = dirs.get("memory")
+    cpu, cpuacct = dirs.get("cpu"), dirs.get("cpuacct")
+    if cpu or cpuacct:
+        out.update(cpu_detail_v1(read(os.path.join(cpu, "cpu.stat")) if cpu else None,
+                                 read(os.path.join(cpuacct, "cpuacct.stat")) if cpuacct else None))
+        if cpu:
+            out.update({k: v for k, v in spec_v1(read(os.path.join(cpu, "cpu.cfs_period_us")),
+                                                 read(os.path.join(cpu, "cpu.shares")), None).items()
+                        if k != "spec_memory_swap_limit"})
+    elif uni:
+        out.update(cpu_detail_v2(read(os.path.join(uni, "cpu.stat"))))
+        s2 = spec_v2(read(os.path.join(uni, "cpu.max")), read(os.path.join(uni, "cpu.weight")), None, None)
+        out["spec_cpu_period"], out["spec_cpu_shares"] = s2["spec_cpu_period"], s2["spec_cpu_shares"]
+    if mem:
+        j = lambda f: os.path.join(mem, f)  # noqa: E731
+        out.update(memory_detail_v1(read(j("memory.stat")) or "", usage, read(j("memory.failcnt")),
+                                    read(j("memory.kmem.usage_in_bytes")), read(j("memory.max_usage_in_bytes")),
+                                    read(j("memory.memsw.usage_in_bytes"))))
+        out["spec_memory_swap_limit"] = _limit(read(j("memory.memsw.limit_in_bytes")))
+    elif uni:
+        j = lambda f: os.path.join(uni, f)  # noqa: E731
+        out.update(memory_detail_v2(read(j("memory.stat")) or "", usage, read(j("memory.events")),
+                                    read(j("memory.peak")), read(j("memory.swap.current"))))
+        out["spec_memory_swap_limit"] = spec_v2(None, None, read(j("memory.swap.max")),
+                                                read(j("memory.max")))["spec_memory_swap_limit"]
+    pids_dir = dirs.get("pids") or uni
+    if pids_dir:
+        text = read(os.path.join(pids_dir, "pids.max"))
+        if text is not None:
+            out["threads_max"] = _limit(text)
+    return out
+
+
+def procs_of(dirs: dict[str, str], reader: Callable[[str], str | None] | None = None) -> list[int] | None:
+    """The pids in the cgroup (``cgroup.procs`` of any controller dir; v1 dirs all list the same)."""
+    read = reader or _read
+    for key in (cg.UNIFIED, "pids", "memory", "cpu", "cpuacct"):
+        d = dirs.get(key)
+        if d:
+            text = read(os.path.join(d, "cgroup.procs"))
+            if text is not None:
+                return [int(x) for x in text.split() if x.isdigit()]
+    return None
+
+
+MAX_PROCS = 1024  # processes walked per container
+MAX_FDS = 16384  # fds looked at per container (each socket check is a readlink)
+
+
+def process_sample(pids: list[int], proc_root: str = "/proc", max_procs: int = MAX_PROCS,
+                   max_fds: int = MAX_FDS) -> ProcessSample:
+    """Count open fds, sockets and threads of ``pids`` from ``/proc``; bounded, never raises for a
+    process that exits meanwhile.  Sockets are fds whose link reads ``socket:[inode]`` (as cAdvisor)."""
+    fds = sockets = threads = 0
+    truncated = len(pids) > max_procs
+    budget = max_fds
+    for pid in pids[:max_procs]:
+        base = os.path.join(proc_root, str(pid))
+        try:
+            threads += len(os.listdir(os.path.join(base, "task")))
+        except OSError:
+            continue  # gone
+        try:
+            names = os.listdir(os.path.join(base, "fd"))
+        except OSError:
+            continue
+        fds += len(names)
+        for n in names:
+            if budget <= 0:
+                truncated = True
+                break
+            budget -= 1
+            try:
+                if os.readlink(os.path.join(base, "fd", n)).startswith("socket:"):
+                    sockets += 1
+            except OSError:
+                pass  # closed meanwhile
+    return ProcessSample(processes=len(pids), fds=fds, sockets=sockets, threads=threads, truncated=truncated)
+
+
+def parse_net_dev(text: str) -> list[InterfaceSample]:
+    """``/proc/<pid>/net/dev``: per-interface counters of the namespace the process is in."""
+    out = []
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        f = rest.split()
+        if len(f) < 12:
+            continue
+        try:
+            v = [int(x) for x in f[:12]]
+        except ValueError:
+            continue
+        out.append(InterfaceSample(name=name.strip(), rx_bytes=v[0], rx_packets=v[1], rx_errors=v[2],
+                                   rx_dropped=v[3], tx_bytes=v[8], tx_packets=v[9], tx_errors=v[10],
+                                   tx_dropped=v[11]))
+    return out
+
+
 def sum_samples(samples: list[CgroupSample]) -> CgroupSample | None:
     """Add up member cgroups (for a pod whose cgroup parent is shared with other pods)."""
     if not samples:
@@ -241,14 +492,23 @@ class StatsCollector:
 
     def __init__(self, runtime: Any, min_window: float = 1.0,
                  mounts: list[cg.CgroupMount] | None = None,
-                 interface_stats: Callable[[str], dict[str, Any]] | None = None) -> None:
+                 interface_stats: Callable[[str], dict[str, Any]] | None = None,
+                 usage_ttl: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 proc_root: str = "/proc") -> None:
         self.rt = runtime
         self.min_window_ns = int(min_window * 1e9)
         self._mounts = mounts
         self._interface_stats = interface_stats
+        self.usage_ttl = usage_ttl
+        self._clock = clock
+        self._proc = proc_root
         self._lock = threading.Lock()
         self._dirs: dict[str, tuple[int, dict[str, str]]] = {}  # id -> (pid, host dirs)
         self._prev: dict[str, tuple[int, int]] = {}  # id -> (timestamp ns, cpu usage ns)
+        # Writable-layer usage per container id: (expires at, sample or None).  A walk of the
+        # layer is the costly part of a stats call; cAdvisor refreshes fs usage every ~10 s too.
+        self._layer: dict[str, tuple[float, FsSample | None]] = {}
+        self._fs: dict[str, tuple[float, tuple[int, int]]] = {}  # mountpoint -> (expires, (bytes, free inodes))
 
     # -- cgroup location ----------------------------------------------------------------------
 
@@ -308,13 +568,14 @@ class StatsCollector:
     def forget(self, live: set[str]) -> None:
         """Drop cached dirs and samples of containers and pods that are gone."""
         with self._lock:
-            for d in (self._dirs, self._prev):
+            for d in (self._dirs, self._prev, self._layer):
                 for k in [k for k in d if k.removeprefix("pod:") not in live]:
                     del d[k]
 
     # -- containers ---------------------------------------------------------------------------
 
-    def container(self, rec: Any, with_oom: bool = False) -> ContainerSample:
+    def container(self, rec: Any, with_oom: bool = False, detail: bool = False) -> ContainerSample:
+        """``detail``: also the cAdvisor detail figures and /proc counts (ListPodSandboxMetrics)."""
         out = ContainerSample(id=rec.id, record=rec)
         if rec.state == RUNNING:
             dirs = self.dirs_for(rec.id, rec.pid)
@@ -324,10 +585,27 @@ class StatsCollector:
                 out.memory = memory_sample(s.timestamp_ns, s.memory, s.cache_bytes) if s.memory else None
                 out.processes = s.pids
                 out.oom_kills = s.oom_kills
+                if detail and dirs:
+                    out.detail = read_detail(dirs, s.memory.get("usage") if s.memory else None)
+                    pids = procs_of(dirs)
+                    if pids is not None:
+                        out.proc = process_sample(pids, self._proc)
         out.writable_layer = self.writable_layer(rec)
         return out
 
     def writable_layer(self, rec: Any) -> FsSample | None:
+        """Usage of the container's writable layer, walked at most once per ``usage_ttl``."""
+        now = self._clock()
+        cached = self._layer.get(rec.id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        sample = self._walk_layer(rec)
+        # Spread the expiries (+0-20 %) so containers created together are not all re-walked in one call.
+        with self._lock:
+            self._layer[rec.id] = (now + self.usage_ttl * (1 + 0.2 * random.random()), sample)
+        return sample
+
+    def _walk_layer(self, rec: Any) -> FsSample | None:
         images = getattr(self.rt, "images", None)
         if images is None or not hasattr(images, "container_usage"):
             return None
@@ -338,7 +616,24 @@ class StatsCollector:
         if u is None:
             return None
         mp = os.path.join(getattr(images, "root", ""), "snapshotter")
-        return FsSample(timestamp_ns=time.time_ns(), mountpoint=mp, used_bytes=u.size, inodes_used=u.inodes)
+        cap, free = self.fs_capacity(mp)
+        return FsSample(timestamp_ns=time.time_ns(), mountpoint=mp, used_bytes=u.size, inodes_used=u.inodes,
+                        capacity_bytes=cap, inodes_free=free)
+
+    def fs_capacity(self, path: str) -> tuple[int | None, int | None]:
+        """(size in bytes, free inodes) of the filesystem holding ``path``; cached like layer usage."""
+        now = self._clock()
+        cached = self._fs.get(path)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            v = os.statvfs(path)
+        except OSError:
+            return None, None
+        val = (v.f_blocks * v.f_frsize, v.f_ffree)
+        with self._lock:
+            self._fs[path] = (now + self.usage_ttl, val)
+        return val
 
     def containers(self, recs: list[Any], with_oom: bool = False) -> list[ContainerSample]:
         """Blocking (run in a thread); ``recs`` is a list taken on the event loop."""
@@ -353,20 +648,40 @@ class StatsCollector:
     def network(self, sb: Any) -> NetworkSample | None:
         if not sb.netns_path or sb.state != SANDBOX_READY:
             return None
-        fn = self._interface_stats
-        if fn is None:
-            from cni.netns import interface_stats as fn
-        try:
-            raw = fn(sb.netns_path)
-        except Exception as e:  # noqa: BLE001 - a vanished netns just has no figures
-            log.debug("network stats of %s: %s", sb.id, e)
-            return None
-        ifaces = [InterfaceSample(name=n, rx_bytes=s.rx_bytes, rx_packets=s.rx_packets, rx_errors=s.rx_errors,
-                                  rx_dropped=s.rx_dropped, tx_bytes=s.tx_bytes, tx_packets=s.tx_packets,
-                                  tx_errors=s.tx_errors, tx_dropped=s.tx_dropped)
-                  for n, s in sorted(raw.items()) if n != "lo"]  # cAdvisor leaves loopback out too
+        ifaces = self._net_dev(sb) if self._interface_stats is None else None
+        if ifaces is None:
+            fn = self._interface_stats
+            if fn is None:
+                from cni.netns import interface_stats as fn
+            try:
+                raw = fn(sb.netns_path)
+            except Exception as e:  # noqa: BLE001 - a vanished netns just has no figures
+                log.debug("network stats of %s: %s", sb.id, e)
+                return None
+            ifaces = [InterfaceSample(name=n, rx_bytes=s.rx_bytes, rx_packets=s.rx_packets, rx_errors=s.rx_errors,
+                                      rx_dropped=s.rx_dropped, tx_bytes=s.tx_bytes, tx_packets=s.tx_packets,
+                                      tx_errors=s.tx_errors, tx_dropped=s.tx_dropped)
+                      for n, s in raw.items()]
+        ifaces = sorted((i for i in ifaces if i.name != "lo"), key=lambda i: i.name)  # cAdvisor leaves lo out
         default = next((i for i in ifaces if i.name == "eth0"), ifaces[0] if ifaces else None)
         return NetworkSample(timestamp_ns=time.time_ns(), interfaces=ifaces, default=default)
+
+    def _net_dev(self, sb: Any) -> list[InterfaceSample] | None:
+        """Counters from ``/proc/<infra pid>/net/dev`` (one file read, no namespace switch), but only
+        when that process is verifiably in the pod's network namespace (same nsfs inode); else None."""
+        if not sb.pid:
+            return None
+        base = os.path.join(self._proc, str(sb.pid))
+        try:
+            want = os.stat(sb.netns_path)
+            have = os.stat(os.path.join(base, "ns", "net"))
+            if (want.st_dev, want.st_ino) != (have.st_dev, have.st_ino):
+                return None
+            with open(os.path.join(base, "net", "dev")) as f:
+                text = f.read()
+        except OSError:
+            return None
+        return parse_net_dev(text)
 
     def plan_pods(self, sbs: list[Any]) -> list[tuple[Any, list[Any], bool]]:
         """On the event loop: (sandbox, its containers, cgroup parent shared?) for each sandbox."""
@@ -377,10 +692,10 @@ class StatsCollector:
         return [(sb, by_sb.get(sb.id, []), self.pod_cgroup_shared(sb, all_sbs)) for sb in sbs]
 
     def pod(self, sb: Any, ctrs: list[Any], shared: bool, with_oom: bool = False,
-            with_network: bool = True) -> PodSample:
+            with_network: bool = True, detail: bool = False) -> PodSample:
         """Blocking (run in a thread)."""
         out = PodSample(id=sb.id, record=sb)
-        out.containers = [self.container(c, with_oom) for c in ctrs]
+        out.containers = [self.container(c, with_oom, detail=detail and c.state == RUNNING) for c in ctrs]
         s: CgroupSample | None = None
         if sb.state == SANDBOX_READY or any(c.record.state == RUNNING for c in out.containers):
             if shared:
@@ -408,6 +723,7 @@ class StatsCollector:
             out.network = self.network(sb)
         return out
 
-    def pods(self, plan: list[tuple[Any, list[Any], bool]], with_oom: bool = False) -> list[PodSample]:
+    def pods(self, plan: list[tuple[Any, list[Any], bool]], with_oom: bool = False,
+             detail: bool = False) -> list[PodSample]:
         """Blocking (run in a thread); ``plan`` from :meth:`plan_pods`."""
-        return [self.pod(sb, ctrs, shared, with_oom) for sb, ctrs, shared in plan]
+        return [self.pod(sb, ctrs, shared, with_oom, detail=detail) for sb, ctrs, shared in plan]

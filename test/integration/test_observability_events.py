@@ -76,7 +76,7 @@ def test_one_lifecycle_arrives_complete_and_in_order_to_every_subscriber(daemon,
             created, started, stopped, deleted = evs
             assert [c.id for c in created.containers_statuses] == [cid]
             assert created.containers_statuses[0].metadata.name == "life"
-            assert started.containers_statuses[0].state in (pb.CONTAINER_RUNNING, pb.CONTAINER_EXITED)
+            assert started.containers_statuses[0].state == pb.CONTAINER_RUNNING  # as at event time
             assert stopped.containers_statuses[0].state == pb.CONTAINER_EXITED
             assert cid not in [c.id for c in deleted.containers_statuses]
     finally:
@@ -120,3 +120,40 @@ def test_a_subscriber_that_never_reads_does_not_block_and_is_ended_with_an_error
         stuck.cancel()
         chan.close()
         reader.close()
+
+
+def test_a_late_reader_sees_each_event_with_the_state_at_event_time(daemon, registry):
+    """A subscriber that reads only after the whole lifecycle still gets, with each event, the pod's
+    container statuses as they were when it happened (not as they are when the event is sent)."""
+    image = pull(daemon, registry)
+    # A small receive window and no window growth: a reader that does not read soon stalls the
+    # server's writes, so the later events wait in the server's queue.
+    chan = grpc.insecure_channel(f"unix://{daemon.socket}",
+                                 options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)])
+    late = pbg.RuntimeServiceStub(chan).GetContainerEvents(pb.GetEventsRequest())
+    late.initial_metadata()  # subscribed; not reading yet
+    try:
+        pcfg = pod_config()
+        sid = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pcfg)).pod_sandbox_id
+        pad = {"pad": "x" * 8192}  # statuses big enough to fill the small window
+        fillers = [run_container(daemon.runtime, sid, pcfg, container_config(image, ["true"], annotations=pad),
+                                 start=False) for _ in range(4)]
+        cid = run_container(daemon.runtime, sid, pcfg, container_config(image, ["sleep", "3600"], name="late"))
+        daemon.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
+        wait_exited(daemon.runtime, cid)
+        daemon.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+        seen = []
+        for ev in late:
+            if ev.container_id == cid:
+                seen.append(ev)
+                if len(seen) == 4:
+                    break
+        assert [e.container_event_type for e in seen] == LIFECYCLE
+        mine = [{c.id: c.state for c in e.containers_statuses}.get(cid) for e in seen]
+        assert mine == [pb.CONTAINER_CREATED, pb.CONTAINER_RUNNING, pb.CONTAINER_EXITED, None]
+        for e in seen:
+            assert e.pod_sandbox_status.id == sid and e.pod_sandbox_status.state == pb.SANDBOX_READY
+            assert set(fillers) <= {c.id for c in e.containers_statuses}
+    finally:
+        late.cancel()
+        chan.close()
