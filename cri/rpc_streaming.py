@@ -1,7 +1,8 @@
 """RuntimeService streaming RPCs (Exec, Attach, PortForward): URLs on the streaming server.
 
 Each RPC checks that its target exists and can be streamed to *now* (a
-container RUNNING, a pod sandbox READY), so the caller hears NOT_FOUND or
+container RUNNING, a pod sandbox READY; Attach with stdin only to a container
+created with stdin), so the caller hears NOT_FOUND or
 FAILED_PRECONDITION at once, then parks the request on the streaming server
 under a single-use token and returns the URL.  The backend checks again when
 the client connects.
@@ -34,7 +35,7 @@ class StreamingRPCs:
 
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
         server = self._streaming_server()
-        rec = self.rt.running_container(request.container_id)
+        rec = self.rt.attachable_container(request.container_id, stdin=request.stdin)
         url = server.get_attach_url(AttachRequest(
             container_id=rec.id, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
             stderr=request.stderr))

@@ -611,6 +611,29 @@ class ImageService:
 
         await asyncio.to_thread(work)
 
+    # -- image volumes ----------------------------------------------------------------------------
+
+    async def mount_image_volume(self, key: str, image: ImageRecord, target: str) -> None:
+        """Mount a read-only view (snapshot ``key``) of ``image``'s layers at ``target``."""
+        def work() -> None:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            if self.snapshots.exists(key):
+                mounts = self.snapshots.mounts(key)
+            else:
+                mounts = self.snapshots.view(key, image.chain_id or None)
+            try:
+                snapmod.mount(mounts, target)
+            except BaseException:
+                self._remove_snapshot_quietly(key)
+                raise
+
+        with _span("snapshot.mount", **{"snapshot.key": key, "snapshot.backend": self.snapshots.backend}):
+            await asyncio.to_thread(work)
+
+    async def unmount_image_volume(self, key: str, target: str) -> None:
+        """Undo ``mount_image_volume``; a no-op for what is not there."""
+        await self.release_rootfs(key, target)
+
     def container_usage(self, key: str) -> snapmod.Usage | None:
         """Bytes and inodes of a container's writable layer."""
         try:

@@ -43,6 +43,33 @@ def _signal_number(name: str) -> int:
         return signal.SIGTERM
 
 
+def _image_volume_key(cid: str, index: int) -> str:
+    return f"imagevolume-{cid}-{index}"
+
+
+def _check_sub_path(sub: str, ref: str) -> None:
+    """An image sub path is relative and stays inside the image: no '..', not absolute."""
+    if not sub:
+        return
+    if "\0" in sub or os.path.isabs(sub) or ".." in sub.split("/"):
+        raise InvalidArgument(f"image_sub_path {sub!r} of image volume {ref!r} must be a relative path "
+                              "inside the image, without '..'")
+
+
+def _resolve_sub_path(root: str, sub: str, ref: str) -> str:
+    """The host path of ``sub`` inside the mounted image at ``root``; symlinks must not lead out."""
+    if not sub:
+        return root
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, sub))
+    if os.path.commonpath([path, real_root]) != real_root:
+        raise InvalidArgument(f"image_sub_path {sub!r} of image volume {ref!r} leads outside the image "
+                              "(through a symlink)")
+    if not os.path.exists(path):
+        raise NotFound(f"image_sub_path {sub!r} does not exist in image volume {ref!r}")
+    return path
+
+
 class ContainerOps:
     # -- CreateContainer ---------------------------------------------------------------------
 
@@ -68,6 +95,7 @@ class ContainerOps:
         from runtime.service import new_id
 
         image = self.images.get_local(cfg.image)  # NOT_FOUND with the reference
+        volume_images = self._image_volume_images(cfg)  # bad input fails before anything is made
         cid = new_id()
         log_path = ""
         if cfg.log_path:
@@ -87,7 +115,7 @@ class ContainerOps:
         self.containers[cid] = rec
         try:
             async with self.lock(cid):
-                await self._prepare_container(rec, sb, cfg, image)
+                await self._prepare_container(rec, sb, cfg, image, volume_images)
         except BaseException:
             try:
                 await asyncio.shield(self._destroy_container(rec))
@@ -97,13 +125,16 @@ class ContainerOps:
         self.events.publish(cid, events.CREATED, sb.id)
         return cid
 
-    async def _prepare_container(self: "Runtime", rec: ContainerRecord, sb, cfg: ContainerConfig, image) -> None:
+    async def _prepare_container(self: "Runtime", rec: ContainerRecord, sb, cfg: ContainerConfig, image,
+                                 volume_images: dict[int, object]) -> None:
         cid = rec.id
         state = self.container_state(cid)
         bundle = os.path.join(state, "bundle")
         rootfs = os.path.join(bundle, "rootfs")
         os.makedirs(rootfs, mode=0o755, exist_ok=True)
         await self.images.prepare_rootfs(cid, image, rootfs)
+        if volume_images:
+            await self._mount_image_volumes(rec, cfg, volume_images)
         rec.extra["phase"] = "spec"
         self.store.update_container(rec)
         img_cfg = ImageConfig.from_oci(image.config)
@@ -138,6 +169,47 @@ class ContainerOps:
         rec.extra = {"stop_signal": img_cfg.stop_signal, "user": {"uid": uid, "gid": gid, "gids": gids},
                      "run_as_username": (sc.run_as_username if sc else "") or ""}
         self.store.update_container(rec)
+
+    # -- image volumes (CRI Mount.image) ---------------------------------------------------------
+
+    def _image_volume_images(self: "Runtime", cfg: ContainerConfig) -> dict[int, object]:
+        """Check the image volumes of ``cfg`` and look their images up: {mount index: image record}."""
+        out: dict[int, object] = {}
+        for i, m in enumerate(cfg.mounts):
+            if m.image is None:
+                if m.image_sub_path:
+                    raise InvalidArgument(f"mount at {m.container_path!r}: image_sub_path is set but image is not")
+                continue
+            ref = m.image.image or m.image.user_specified_image
+            if not ref:
+                raise InvalidArgument(f"image volume at {m.container_path!r}: the image reference is empty")
+            if not m.readonly:
+                raise InvalidArgument(f"image volume {ref!r} at {m.container_path!r} must be read-only "
+                                      "(readonly: true); image volumes cannot be written")
+            _check_sub_path(m.image_sub_path, ref)
+            out[i] = self.images.get_local(ref)  # NOT_FOUND with the reference
+        return out
+
+    def image_volume_dir(self: "Runtime", cid: str, index: int) -> str:
+        return os.path.join(self.container_state(cid), "image-volumes", str(index))
+
+    async def _mount_image_volumes(self: "Runtime", rec: ContainerRecord, cfg: ContainerConfig,
+                                   volume_images: dict[int, object]) -> None:
+        """Mount a read-only view of each volume's image under the container's state dir and point
+        the mount's host path at it (or at its sub path).  ``_destroy_container`` undoes this."""
+        for i, img in volume_images.items():
+            m = cfg.mounts[i]
+            ref = m.image.image or m.image.user_specified_image
+            target = self.image_volume_dir(rec.id, i)
+            await self.images.mount_image_volume(_image_volume_key(rec.id, i), img, target)
+            m.host_path = await asyncio.to_thread(_resolve_sub_path, target, m.image_sub_path, ref)
+            m.image.image_ref = img.id
+        rec.config["mounts"] = [to_plain(m) for m in cfg.mounts]  # ContainerStatus reports image_ref
+
+    async def _unmount_image_volumes(self: "Runtime", rec: ContainerRecord) -> None:
+        for i, m in enumerate((rec.config or {}).get("mounts") or []):
+            if isinstance(m, dict) and m.get("image"):
+                await self.images.unmount_image_volume(_image_volume_key(rec.id, i), self.image_volume_dir(rec.id, i))
 
     # -- StartContainer ------------------------------------------------------------------------
 
@@ -266,6 +338,7 @@ class ContainerOps:
             log.warning("deleting container %s: %s", cid, e.message)
         rootfs = os.path.join(self.container_state(cid), "bundle", "rootfs")
         await self.images.release_rootfs(rec.snapshot_key or cid, rootfs)
+        await self._unmount_image_volumes(rec)
         from runtime.service import remove_tree
 
         remove_tree(self.container_state(cid))
@@ -315,6 +388,20 @@ class ContainerOps:
             raise FailedPrecondition(f"container {rec.id} is not running (state {rec.state.removeprefix('CONTAINER_')})")
         return rec
 
+    def attachable_container(self: "Runtime", cid: str, stdin: bool) -> ContainerRecord:
+        """A running container one may attach to; with *stdin*, it must have been created with stdin.
+
+        conmon holds no stdin pipe for a container created without ``stdin: true``, so
+        attached input would vanish.  containerd and CRI-O drop it silently; moorage
+        refuses up front with FAILED_PRECONDITION so the caller knows.
+        """
+        rec = self.running_container(cid)
+        if stdin and not (rec.config or {}).get("stdin"):
+            raise FailedPrecondition(
+                f"cannot attach to the stdin of container {rec.id}: it was not created with stdin=true; "
+                "attach without stdin, or re-create the container with stdin")
+        return rec
+
     async def exec_sync(self: "Runtime", cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
         rec = self.running_container(cid)
         if not cmd:
@@ -357,6 +444,16 @@ class ContainerOps:
                 raise FailedPrecondition(f"conmon did not reopen the log of container {rec.id} at {rec.log_path}")
 
     # -- recovery -----------------------------------------------------------------------------------
+
+    def recover_exec_sessions(self: "Runtime") -> None:
+        """Kill exec sessions (streaming or ExecSync) that a crashed daemon left running.
+
+        Their conmons were our children, waiting for us to read their output; nobody
+        will now.  All handlers share one conmon dir, so one sweep covers them.
+        """
+        killed = self.oci(self.s.default_handler).reap_exec_sessions()
+        if killed:
+            log.info("killed exec sessions left by the previous daemon", extra={"fields": {"conmon_pids": killed}})
 
     async def recover_container(self: "Runtime", rec: ContainerRecord) -> None:
         phase = rec.extra.get("phase")

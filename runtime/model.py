@@ -87,6 +87,8 @@ class ImageSpec:
     annotations: dict[str, str] = field(default_factory=dict)
     user_specified_image: str = ""
     runtime_handler: str = ""
+    #: The resolved image id (``ImageSpec.image_ref``); set for image volumes in ContainerStatus.
+    image_ref: str = ""
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Mount:
     #: An image volume.  The container-create code mounts the image and fills
     #: ``host_path`` before the spec is built; the builder only sees host paths.
     image: ImageSpec | None = None
+    #: A path inside the image volume to mount instead of its root (relative, no ``..``).
+    image_sub_path: str = ""
 
 
 @dataclass

@@ -18,11 +18,14 @@ unique across handlers)::
         cgroup.json                 host cgroup dirs of the container
         exit, oom                   written by conmon
         exec-*/                     scratch dirs of running exec sessions
+                                    (process.json, pid; ctl and attach for
+                                    interactive sessions)
 
 conmon is started without ``--sync``: it double-forks, so the container's
 supervisor is re-parented away from the daemon and survives daemon restarts
 (design principle 3).  Exec sessions use ``--sync`` instead: they are short
-and the daemon waits for them.
+and the daemon waits for them.  A session whose daemon died has nobody left
+to read it: ``reap_exec_sessions`` (start-up recovery) kills such leftovers.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 import re
 import shutil
 import signal as _signal
+import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -74,6 +78,8 @@ EXEC_BACKSTOP_SECONDS = 5
 EXEC_DRAIN_GRACE = 2.0
 CONMON_EXIT_GRACE = 10.0
 POLL_INTERVAL = 1.0  # fallback poll for wait_exit, besides inotify
+# conmon's debug lines from an interactive exec's forked child land in the exec's stderr: keep them out.
+EXEC_CONMON_LOG_LEVEL = "error"
 
 KNOWN_HANDLERS = {"runc": "/usr/sbin/runc", "crun": "/usr/bin/crun"}
 
@@ -146,6 +152,9 @@ class OCIRuntimeAPI(Protocol):
     async def update(self, cid: str, resources: dict[str, Any]) -> None: ...
     async def reopen_log(self, cid: str) -> None: ...
     async def resize(self, cid: str, height: int, width: int) -> None: ...
+    async def exec_session(self, cid: str, cmd: list[str], *, tty: bool = False, stdin: bool = False,
+                           console_size: tuple[int, int] | None = None) -> "ExecSession": ...
+    def reap_exec_sessions(self) -> list[int]: ...
     def attach_socket_path(self, cid: str) -> str: ...
     def conmon_pid(self, cid: str) -> int | None: ...
 
@@ -222,6 +231,80 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _kill_descendants(pid: int) -> int:
+    """SIGKILL everything below *pid* (not *pid* itself); returns how many were signalled."""
+    n = 0
+    for p in _descendants(pid):
+        try:
+            os.kill(p, _signal.SIGKILL)
+            n += 1
+        except ProcessLookupError:
+            pass
+    return n
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _exec_conmon_session_dir(args: list[bytes], conmon_dir: str) -> str | None:
+    """The exec-* dir of the session if *args* is an exec conmon started by an OCIRuntime on *conmon_dir*.
+
+    Proof required: argv[0] is conmon, ``--exec`` is given, and ``--exec-process-spec`` is
+    ``<conmon_dir>/<cid>/exec-<id>/process.json`` with ``<cid>`` the ``-c`` argument.
+    """
+    if not args or not args[0] or not os.path.basename(args[0]).startswith(b"conmon") or b"--exec" not in args:
+        return None
+
+    def after(flag: bytes) -> bytes | None:
+        for i in range(len(args) - 1):
+            if args[i] == flag:
+                return args[i + 1]
+        return None
+
+    spec, cid = after(b"--exec-process-spec"), after(b"-c")
+    if not spec or not cid:
+        return None
+    spec_s, cid_s = os.fsdecode(spec), os.fsdecode(cid)
+    workdir = os.path.dirname(spec_s)
+    if (os.path.basename(spec_s) != "process.json" or not os.path.basename(workdir).startswith("exec-")
+            or os.path.dirname(workdir) != os.path.join(conmon_dir, cid_s) or not _CID_RE.match(cid_s)):
+        return None
+    return workdir
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When *pid* started (seconds since the epoch, about 1 s precise)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def connect_seqpacket(path: str) -> socket.socket:
+    """Connect (non-blocking) to a conmon attach socket, however long its path (via an O_PATH fd of its dir)."""
+    dfd = os.open(os.path.dirname(path), os.O_PATH | os.O_CLOEXEC)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(f"/proc/self/fd/{dfd}/{os.path.basename(path)}")
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+    finally:
+        os.close(dfd)
+
+
 class _SyncPipe:
     """Async line reader over the read end of a sync pipe."""
 
@@ -258,6 +341,109 @@ async def _read_bounded(stream: asyncio.StreamReader, limit: int, buf: bytearray
         room = limit - len(buf)
         if room > 0:
             buf += chunk[:room]
+
+
+class ExecSession:
+    """A running interactive exec (``conmon --exec --exec-attach --sync``) from ``OCIRuntime.exec_session``.
+
+    * ``sock``: conmon's attach socket (SOCK_SEQPACKET, non-blocking).  Frames read are
+      ``<pipe byte><data>`` (``STDOUT_PIPE``/``STDERR_PIPE``; with a TTY all output is
+      ``STDOUT_PIPE``); bytes written go to the process's stdin (at most ``STDIN_CHUNK`` per
+      send); ``shutdown(SHUT_WR)`` closes its stdin.
+    * ``pid``: host pid of the exec'd process.
+    * ``wait()``: its exit code, once conmon reports it.
+    * ``resize(height, width)``: the TTY size.
+    * ``close()``: always call it; kills the process tree unless ``wait()`` saw the exit,
+      reaps conmon and removes the session's files.
+    """
+
+    STDOUT_PIPE, STDERR_PIPE = 2, 3
+    STDIN_CHUNK = 8192  # conmon reads one SOCK_SEQPACKET message into a 32 KiB buffer
+
+    def __init__(self, cid: str, cmd: list[str], exec_id: str, workdir: str, link: str) -> None:
+        self.cid, self.cmd, self.exec_id, self.workdir = cid, list(cmd), exec_id, workdir
+        self.sock: socket.socket | None = None
+        self.pid: int | None = None
+        self.exited = False
+        self._link = link
+        self._proc: asyncio.subprocess.Process | None = None
+        self._sync: _SyncPipe | None = None
+        self._attach: _SyncPipe | None = None
+        self._fds: list[int] = []
+        self._closed = False
+
+    @property
+    def ctl_path(self) -> str:
+        return os.path.join(self.workdir, "ctl")
+
+    def resize(self, height: int, width: int) -> bool:
+        """Send a terminal size to conmon; False once conmon is gone."""
+        try:
+            fd = os.open(self.ctl_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            os.write(fd, ctl_message(WIN_RESIZE_EVENT, height, width))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return True
+
+    async def wait(self) -> int:
+        """The exec'd process's exit code (conmon's report; it has closed the attach socket by then)."""
+        assert self._sync is not None
+        result = await self._sync.message()
+        self.exited = True
+        if result is None:
+            raise Internal(f"conmon for exec {self.cmd!r} in container {self.cid} ended without reporting an exit code")
+        if result.data < 0 and result.message:
+            raise Internal(f"exec {self.cmd!r} in container {self.cid}: {result.message}")
+        return result.data
+
+    async def close(self) -> None:
+        """Kill what still runs (unless the exit was seen), reap conmon, free fds and files.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            proc = self._proc
+            if proc is not None and proc.returncode is None:
+                await asyncio.shield(self._reap(proc))
+        finally:
+            if self.sock is not None:
+                self.sock.close()
+            for fd in self._fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+            for p in (self._sync, self._attach):
+                if p is not None:
+                    p.close()
+            try:
+                os.unlink(self._link)
+            except OSError:
+                pass
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        if not self.exited:
+            # The client left (or something failed): kill the exec'd process tree, then conmon ends.
+            for _ in range(5):
+                if not _kill_descendants(proc.pid):
+                    break
+                await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(proc.wait(), CONMON_EXIT_GRACE)
+        except asyncio.TimeoutError:
+            _kill_descendants(proc.pid)
+            try:
+                os.killpg(proc.pid, _signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            await proc.wait()
 
 
 HYBRID_V2_CONTROLLERS = "/sys/fs/cgroup/unified/cgroup.controllers"
@@ -857,6 +1043,169 @@ class OCIRuntime:
         except asyncio.TimeoutError:
             self._kill_group(proc)
             await proc.wait()
+
+    # ------------------------------------------------------------------ interactive exec
+
+    async def exec_session(self, cid: str, cmd: list[str], *, tty: bool = False, stdin: bool = False,
+                           console_size: tuple[int, int] | None = None) -> ExecSession:
+        """Start *cmd* in the running container as an interactive session.
+
+        One ``conmon --exec --exec-attach --sync`` per session, with ``--terminal`` for
+        *tty* (and ``TERM=xterm`` unless the container sets TERM); *console_size* is
+        (height, width).  conmon opens an attach socket in the session's scratch dir
+        and tells us on ``_OCI_ATTACHPIPE``; we connect, then release it through
+        ``_OCI_STARTPIPE``, so ``<runtime> exec`` starts only once no output can be
+        lost.  The container's own conmon is not involved.  Returns once the process
+        runs; a command that cannot start raises with the runtime's message.  The
+        caller must ``close()`` the session.
+        """
+        self._check_cid(cid)
+        if not cmd:
+            raise InvalidArgument("exec needs a command")
+        process = self._exec_process_spec(cid, cmd)  # the container's process, with these args
+        process["terminal"] = bool(tty)
+        if tty:
+            env = list(process.get("env") or [])
+            if not any(e.startswith("TERM=") for e in env):
+                process["env"] = env + ["TERM=xterm"]
+            if console_size is not None:
+                process["consoleSize"] = {"height": console_size[0], "width": console_size[1]}
+        exec_id = uuid.uuid4().hex
+        workdir = os.path.join(self.persist_dir(cid), f"exec-{exec_id[:12]}")
+        os.makedirs(workdir, mode=0o700)
+        sess = ExecSession(cid, cmd, exec_id, workdir, os.path.join(self.socket_dir, exec_id))
+        try:
+            await self._start_exec_session(sess, process, tty, stdin)
+        except BaseException:
+            await sess.close()
+            raise
+        return sess
+
+    async def _start_exec_session(self, sess: ExecSession, process: dict[str, Any], tty: bool, stdin: bool) -> None:
+        cid, workdir = sess.cid, sess.workdir
+        spec_path = os.path.join(workdir, "process.json")
+        with open(spec_path, "w") as f:
+            json.dump(process, f)
+        os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
+        opts = ConmonOptions(
+            conmon_path=self.conmon_path, runtime_path=self.handler.path, cid=cid, cuuid=sess.exec_id,
+            runtime_root=self.root, container_pidfile=os.path.join(workdir, "pid"), bundle=workdir,
+            socket_dir=self.socket_dir, log_level=EXEC_CONMON_LOG_LEVEL, stdin=stdin, terminal=tty,
+            sync=True, exec_process_spec=spec_path, exec_attach=True,
+        )
+        # No log driver: output goes to the attach socket only ("none" needs conmon >= 2.0.x).
+        argv = conmon_argv(opts) + ["--log-path", "none"]
+        sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+        sess._fds.append(sync_w)
+        sess._sync = _SyncPipe(sync_r)
+        attach_r, attach_w = os.pipe2(os.O_CLOEXEC)
+        sess._fds.append(attach_w)
+        sess._attach = _SyncPipe(attach_r)
+        start_r, start_w = os.pipe2(os.O_CLOEXEC)
+        sess._fds += [start_r, start_w]
+        conmon_log = os.path.join(workdir, "conmon.log")
+        with open(conmon_log, "wb") as logf:
+            sess._proc = proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                pass_fds=(sync_w, attach_w, start_r), cwd=workdir, start_new_session=True,
+                env=_child_env({"_OCI_SYNCPIPE": str(sync_w), "_OCI_ATTACHPIPE": str(attach_w),
+                                "_OCI_STARTPIPE": str(start_r)}),
+            )
+        for fd in (sync_w, attach_w, start_r):
+            os.close(fd)
+            sess._fds.remove(fd)
+        await sess._sync.open()
+        await sess._attach.open()
+        os.write(start_w, b"0")  # conmon's first wait (a chance to move it into a cgroup)
+        ready = await sess._attach.message()  # the attach socket is listening
+        if ready is None:
+            await asyncio.wait_for(proc.wait(), CONMON_EXIT_GRACE)
+            raise self._exec_failure(sess, await sess._sync.message(), conmon_log, proc.returncode)
+        sess.sock = connect_seqpacket(os.path.join(workdir, "attach"))
+        os.write(start_w, b"0")  # now conmon may run `<runtime> exec`
+        os.close(start_w)
+        sess._fds.remove(start_w)
+        first = await sess._sync.message()
+        if first is None or first.data <= 0:
+            raise self._exec_failure(sess, first, conmon_log, None)
+        sess.pid = first.data
+
+    def _exec_failure(self, sess: ExecSession, msg: SyncMessage | None, conmon_log: str,
+                      rc: int | None) -> MoorageError:
+        text = clean_runtime_error(msg.message) if msg is not None and msg.message else ""
+        if not text:
+            text = self._read_text(conmon_log)
+        text = text or f"conmon exited with status {rc}"
+        return _classify(text, sess.cid, f"exec {sess.cmd[0]!r} in", "")
+
+    def reap_exec_sessions(self) -> list[int]:
+        """Kill exec sessions a previous daemon process left behind; remove their files.
+
+        Exec conmons run with ``--sync`` as the daemon's children.  After a daemon crash
+        they and their commands keep running with nobody to read their output or end
+        them (an interactive ``sh`` would stay forever).  Meant for start-up, before any
+        new session exists: every ``exec-*`` dir is stale then.  Only processes whose
+        ``/proc/<pid>/cmdline`` proves them exec conmons of this state dir are killed
+        (with everything below them), by pid.  Returns the conmon pids killed.
+        """
+        killed = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if _exec_conmon_session_dir(_cmdline(pid), self.conmon_dir) is None:
+                continue
+            # Snapshot the tree first: once conmon dies its children are re-parented.
+            _kill_tree(pid)
+            killed.append(pid)
+        stale_dirs: list[tuple[str, str]] = []
+        if os.path.isdir(self.conmon_dir):
+            for cid in os.listdir(self.conmon_dir):
+                d = os.path.join(self.conmon_dir, cid)
+                try:
+                    names = os.listdir(d)
+                except OSError:
+                    continue
+                stale_dirs += [(cid, os.path.join(d, n)) for n in names if n.startswith("exec-")]
+        for cid, d in stale_dirs:
+            # A session's conmon may be gone (e.g. SIGPIPE on its dead daemon's pipes) while the
+            # exec'd process lives on in the container: runc's pid file of the session names it.
+            pid = self._orphaned_exec_process(cid, os.path.join(d, "pid"))
+            if pid is not None:
+                _kill_tree(pid)
+                killed.append(pid)
+            shutil.rmtree(d, ignore_errors=True)
+        if os.path.isdir(self.socket_dir):  # conmon's <socket_dir>/<exec id> links to exec dirs
+            for name in os.listdir(self.socket_dir):
+                link = os.path.join(self.socket_dir, name)
+                try:
+                    target = os.readlink(link)
+                except OSError:
+                    continue
+                if os.path.basename(os.path.normpath(target)).startswith("exec-"):
+                    self._remove_quietly(link)
+        return killed
+
+    def _orphaned_exec_process(self, cid: str, pidfile: str) -> int | None:
+        """The pid in an exec session's pid file, if that process still runs in *cid*.
+
+        Proof required: it lives in the pid namespace of the container's init (and is not
+        the init), and it started before the pid file was written (so not a reused pid).
+        """
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            written = os.stat(pidfile).st_mtime
+            with open(os.path.join(self._meta(cid)["bundle"], "pidfile")) as f:
+                init = int(f.read().strip())
+            if pid <= 1 or pid == init:
+                return None
+            if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink(f"/proc/{init}/ns/pid"):
+                return None
+            started = _process_start_time(pid)
+        except (OSError, ValueError, KeyError, MoorageError):
+            return None
+        return pid if started is not None and started <= written + 2 else None
 
     # ------------------------------------------------------------------ resources & control
 

@@ -194,6 +194,10 @@ class Runtime(SandboxOps, ContainerOps):
                 await self.recover_container(c)
             except Exception:  # noqa: BLE001
                 log.exception("recovering container %s failed", c.id)
+        try:
+            self.recover_exec_sessions()
+        except Exception:  # noqa: BLE001
+            log.exception("reaping leftover exec sessions failed")
         self.collect_stale_netns()
         log.info("runtime recovered", extra={"fields": {"sandboxes": len(self.sandboxes),
                                                           "containers": len(self.containers)}})
