@@ -92,6 +92,12 @@ PYEOF
         iptables -t nat -D POSTROUTING -m comment --comment "CNI portfwd requiring masquerade" -j CNI-HOSTPORT-MASQ 2>/dev/null
         iptables -t nat -F CNI-HOSTPORT-MASQ 2>/dev/null; iptables -t nat -X CNI-HOSTPORT-MASQ 2>/dev/null
         iptables -t nat -F CNI-HOSTPORT-SETMARK 2>/dev/null; iptables -t nat -X CNI-HOSTPORT-SETMARK 2>/dev/null
+        if [ "$(iptables -t nat -S CNI-HOSTPORT-DNAT 2>/dev/null | grep -c '^-A')" = 0 ]; then
+            for chain in PREROUTING OUTPUT; do
+                iptables -t nat -D "$chain" -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT 2>/dev/null
+            done
+            iptables -t nat -X CNI-HOSTPORT-DNAT 2>/dev/null
+        fi
     fi
     # unmount anything left under the work dir, deepest first, then remove it
     awk -v b="$WORK/" 'index($2, b) == 1 {print $2}' /proc/self/mounts | sort -r | while read -r m; do
