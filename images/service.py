@@ -587,12 +587,16 @@ class ImageService:
 
     # -- container root filesystems --------------------------------------------------------------
 
-    async def prepare_rootfs(self, key: str, image: ImageRecord, target: str) -> None:
+    async def _mount_snapshot(self, key: str, image: ImageRecord, target: str, writable: bool) -> None:
+        """Mount snapshot ``key`` over ``image``'s layers at ``target``, making it on first use:
+        an active (writable) snapshot for a container's rootfs, a view for an image volume."""
         def work() -> None:
+            os.makedirs(target, mode=0o755, exist_ok=True)
             if self.snapshots.exists(key):
                 mounts = self.snapshots.mounts(key)
             else:
-                mounts = self.snapshots.prepare(key, image.chain_id or None)
+                make = self.snapshots.prepare if writable else self.snapshots.view
+                mounts = make(key, image.chain_id or None)
             try:
                 snapmod.mount(mounts, target)
             except BaseException:
@@ -601,6 +605,9 @@ class ImageService:
 
         with _span("snapshot.mount", **{"snapshot.key": key, "snapshot.backend": self.snapshots.backend}):
             await asyncio.to_thread(work)
+
+    async def prepare_rootfs(self, key: str, image: ImageRecord, target: str) -> None:
+        await self._mount_snapshot(key, image, target, writable=True)
 
     async def release_rootfs(self, key: str, target: str) -> None:
         def work() -> None:
@@ -615,20 +622,7 @@ class ImageService:
 
     async def mount_image_volume(self, key: str, image: ImageRecord, target: str) -> None:
         """Mount a read-only view (snapshot ``key``) of ``image``'s layers at ``target``."""
-        def work() -> None:
-            os.makedirs(target, mode=0o755, exist_ok=True)
-            if self.snapshots.exists(key):
-                mounts = self.snapshots.mounts(key)
-            else:
-                mounts = self.snapshots.view(key, image.chain_id or None)
-            try:
-                snapmod.mount(mounts, target)
-            except BaseException:
-                self._remove_snapshot_quietly(key)
-                raise
-
-        with _span("snapshot.mount", **{"snapshot.key": key, "snapshot.backend": self.snapshots.backend}):
-            await asyncio.to_thread(work)
+        await self._mount_snapshot(key, image, target, writable=False)
 
     async def unmount_image_volume(self, key: str, target: str) -> None:
         """Undo ``mount_image_volume``; a no-op for what is not there."""

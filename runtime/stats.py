@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cni.netns import InterfaceStats
 from runtime import cgroups as cg
 
 log = logging.getLogger("moorage.stats")
@@ -78,17 +79,8 @@ class FsSample:
     inodes_free: int | None = None
 
 
-@dataclass
-class InterfaceSample:
-    name: str
-    rx_bytes: int
-    rx_packets: int
-    rx_errors: int
-    rx_dropped: int
-    tx_bytes: int
-    tx_packets: int
-    tx_errors: int
-    tx_dropped: int
+# One interface's counters: the same record cni.netns reports from inside a namespace.
+InterfaceSample = InterfaceStats
 
 
 @dataclass
@@ -658,10 +650,7 @@ class StatsCollector:
             except Exception as e:  # noqa: BLE001 - a vanished netns just has no figures
                 log.debug("network stats of %s: %s", sb.id, e)
                 return None
-            ifaces = [InterfaceSample(name=n, rx_bytes=s.rx_bytes, rx_packets=s.rx_packets, rx_errors=s.rx_errors,
-                                      rx_dropped=s.rx_dropped, tx_bytes=s.tx_bytes, tx_packets=s.tx_packets,
-                                      tx_errors=s.tx_errors, tx_dropped=s.tx_dropped)
-                      for n, s in raw.items()]
+            ifaces = list(raw.values())
         ifaces = sorted((i for i in ifaces if i.name != "lo"), key=lambda i: i.name)  # cAdvisor leaves lo out
         default = next((i for i in ifaces if i.name == "eth0"), ifaces[0] if ifaces else None)
         return NetworkSample(timestamp_ns=time.time_ns(), interfaces=ifaces, default=default)
