@@ -43,6 +43,7 @@ from images import oci
 from images.digest import Digest
 from images.platform import select_manifest
 from images.reference import Reference, parse_reference
+from images.unpack import bounded_tarinfo
 from runtime.errors import InvalidArgument, MoorageError, NotFound
 from runtime.store import ImageRecord
 
@@ -86,7 +87,8 @@ class _Archive:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.tf = tarfile.open(path, mode="r:*")
+            self.tf = tarfile.open(path, mode="r:*",
+                                   tarinfo=bounded_tarinfo(lambda why: ArchiveError(f"{path}: {why}")))
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ArchiveError(f"{path}: not a readable tar archive ({e})") from None
         self.members: dict[str, tarfile.TarInfo] = {}

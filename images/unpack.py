@@ -31,8 +31,11 @@ outside the target directory:
   whiteout only hides lower layers).  Other ``.wh..wh.*`` (aufs metadata) are skipped.
 * xattrs come from PAX ``SCHILY.xattr.*`` records; ``trusted.overlay.*`` from a
   layer is dropped (it would let a layer forge overlayfs metadata).
-* Bounded: number of entries, uncompressed bytes, size of any single file,
-  name length and directory depth.
+* Bounded: number of entries, uncompressed bytes, size of any single file and
+  of all files together, name length and directory depth.  Extended headers
+  (GNU long name/link, PAX) are bounded *before* tarfile reads their bodies
+  into memory (``bounded_tarinfo``).  Sparse members are rejected: their holes
+  would be written out in full, so a tiny layer could fill the disk.
 
 The uncompressed stream is hashed while it is read (the whole stream, including
 the trailing padding after the end-of-archive marker), giving the layer's
@@ -54,7 +57,7 @@ import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import zstandard
 
@@ -94,7 +97,8 @@ class DiffIDMismatch(InvalidArgument):
 class UnpackLimits:
     max_entries: int = 2_000_000
     max_bytes: int = 256 << 30          # uncompressed tar stream
-    max_file_size: int | None = None    # defaults to max_bytes (also bounds sparse files)
+    max_file_size: int | None = None    # defaults to max_bytes
+    # all regular files of a layer together are bounded by max_bytes too (checked on headers)
     max_name_length: int = 4096
     max_depth: int = 256                # path components; keeps tree walks far from recursion limits
 
@@ -105,6 +109,73 @@ class UnpackResult:
     entries: int
     size: int  # bytes of the uncompressed tar stream
     compression: str
+
+
+# --------------------------------------------------------------------------- tar headers
+MAX_TAR_EXT_HEADER = 1 << 20   # one GNU long name/link or PAX header body, and all of one member's
+MAX_TAR_EXT_CHAIN = 8          # extended headers in front of one member (PAX + long name + long link)
+
+
+def bounded_tarinfo(error: Callable[[str], Exception]) -> type[tarfile.TarInfo]:
+    """A ``tarfile.TarInfo`` subclass (pass as ``tarinfo=``) for untrusted archives.
+
+    ``tarfile`` reads the body of a GNU long-name/long-link or PAX extended header
+    into one ``bytes`` sized by the header, and recurses once per chained extended
+    header, all before any caller sees the member.  This class checks the sizes
+    first: one body, the bodies in front of one member together, and the global PAX
+    headers accumulated over the archive stay under ``MAX_TAR_EXT_HEADER``; at most
+    ``MAX_TAR_EXT_CHAIN`` extended headers precede a member.  Sparse members (old
+    GNU ``S`` type and the PAX GNU.sparse formats) are refused.  ``error(reason)``
+    builds the exception raised.
+    """
+
+    class _BoundedTarInfo(tarfile.TarInfo):
+        def _check_size(self, kind: str) -> None:
+            if self.size > MAX_TAR_EXT_HEADER:
+                raise error(f"a {kind} tar header claims {self.size} bytes, more than the limit of "
+                            f"{MAX_TAR_EXT_HEADER} bytes")
+
+        def _bounded_ext(self, tf, kind: str, proc):
+            self._check_size(kind)
+            body = self._block(self.size)
+            pending, depth = getattr(tf, "_moorage_ext", (0, 0))
+            if depth + 1 > MAX_TAR_EXT_CHAIN or pending + body > MAX_TAR_EXT_HEADER:
+                raise error(f"a tar entry has more than {MAX_TAR_EXT_CHAIN} extended headers or more "
+                            f"than {MAX_TAR_EXT_HEADER} bytes of them")
+            tf._moorage_ext = (pending + body, depth + 1)
+            try:
+                return proc(tf)
+            finally:
+                tf._moorage_ext = (pending, depth)
+
+        def _proc_gnulong(self, tf):
+            kind = "GNU long name" if self.type == tarfile.GNUTYPE_LONGNAME else "GNU long link"
+            return self._bounded_ext(tf, kind, super()._proc_gnulong)
+
+        def _proc_pax(self, tf):
+            kind = "PAX global" if self.type == tarfile.XGLTYPE else "PAX extended"
+            self._check_size(kind)
+            if self.type == tarfile.XGLTYPE:
+                held = sum(len(k) + len(v) for k, v in tf.pax_headers.items())
+                if held + self.size > MAX_TAR_EXT_HEADER:
+                    raise error(f"global PAX tar headers exceed the limit of {MAX_TAR_EXT_HEADER} bytes")
+            return self._bounded_ext(tf, kind, super()._proc_pax)
+
+        @staticmethod
+        def _sparse(name: str):
+            raise error(f"entry \"{name}\" is a sparse file; sparse tar members are not supported "
+                        "(their holes would be written out in full)")
+
+        def _proc_sparse(self, tf):
+            self._sparse(self.name)
+
+        def _proc_gnusparse_00(self, next, pax_headers, *_):
+            self._sparse(pax_headers.get("GNU.sparse.name", next.name))
+
+        _proc_gnusparse_01 = _proc_gnusparse_00
+        _proc_gnusparse_10 = _proc_gnusparse_00
+
+    return _BoundedTarInfo
 
 
 # --------------------------------------------------------------------------- streams
@@ -242,6 +313,7 @@ class _Applier:
         self.ancestors: set[str] = set()    # their parent directories
         self.dir_times: list[tuple[list[str], tuple[int, int]]] = []
         self.entry = ""
+        self.file_bytes = 0                 # sizes of the regular files written so far
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -484,8 +556,15 @@ class _Applier:
         elif not (member.isreg() or member.issym() or member.isfifo()):
             raise self.bad(f"has unsupported tar entry type {member.type!r}")
 
+        if member.issparse():  # bounded_tarinfo refuses these already; never write holes out
+            raise self.bad("is a sparse file; sparse tar members are not supported")
         if member.isreg() and member.size > self.max_file:
             raise self.bad(f"is {member.size} bytes, larger than the limit of {self.max_file} bytes")
+        if member.isreg():
+            self.file_bytes += member.size
+            if self.file_bytes > self.limits.max_bytes:
+                raise self.bad(f"brings the files of the layer to {self.file_bytes} bytes, more than "
+                               f"the limit of {self.limits.max_bytes} bytes")
 
         if existing is not None:
             _remove_at(pfd, base)
@@ -745,7 +824,8 @@ def apply_layer(
             stream, compression = open_decompressed(src)
             hashing = _HashingReader(stream, limits.max_bytes, label)
             try:
-                tf = tarfile.open(fileobj=hashing, mode="r|", errors="surrogateescape")
+                tf = tarfile.open(fileobj=hashing, mode="r|", errors="surrogateescape",
+                                  tarinfo=bounded_tarinfo(lambda why: LayerError(f"layer {label}: {why}")))
             except tarfile.ReadError as e:
                 raise LayerError(f"layer {label}: not a tar archive ({e})") from None
             with tf:

@@ -290,3 +290,62 @@ def test_export_unknown_image_is_not_found(svc, tmp_path):
     with pytest.raises(NotFound):
         archive.export_images(svc, ["nothere:latest"], str(tmp_path / "x.tar"))
     assert not os.path.exists(tmp_path / "x.tar")
+
+
+def _raw_header(name: str, type_: bytes, size: int) -> bytearray:
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    hdr = bytearray(ti.tobuf(format=tarfile.GNU_FORMAT))
+    hdr[124:136] = b"%011o\0" % size
+    return hdr
+
+
+def _chksum(hdr: bytearray) -> bytes:
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    return bytes(hdr)
+
+
+@pytest.mark.parametrize("type_,word", [(tarfile.GNUTYPE_LONGNAME, "GNU long name"),
+                                        (tarfile.XHDTYPE, "PAX extended")])
+def test_huge_extended_header_is_refused_before_its_body_is_read(svc, tmp_path, monkeypatch, type_, word):
+    claim = 64 << 20
+    p = tmp_path / "huge.tar"
+    with open(p, "wb") as f:
+        f.write(_chksum(_raw_header("././@LongLink", type_, claim)))
+        f.truncate(512 + claim + 1024)  # a hole: the body exists on disk only if read
+    read = []
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            if n is None or n < 0 or n > (4 << 20):
+                raise AssertionError(f"read({n}): the header body is being loaded")
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_open = tarfile.bltn_open
+    monkeypatch.setattr(tarfile, "bltn_open", lambda *a, **k: Counting(real_open(*a, **k)))
+    with pytest.raises(InvalidArgument, match=f"{word} tar header claims {claim} bytes"):
+        archive.import_archive(svc, str(p))
+    assert sum(read) <= 64 << 10
+    assert_empty(svc)
+
+
+def test_sparse_archive_member_is_refused(svc, tmp_path):
+    # an old-GNU sparse blob: 512 stored bytes that would read back as a 1 TiB file
+    hdr = _raw_header("blobs/sha256/" + "0" * 64, tarfile.GNUTYPE_SPARSE, 512)
+    hdr[386:398] = b"%011o\0" % 0
+    hdr[398:410] = b"%011o\0" % 512
+    hdr[483:495] = b"%011o\0" % (1 << 40)
+    p = tmp_path / "sparse.tar"
+    p.write_bytes(_chksum(hdr) + b"s" * 512 + b"\0" * 1024)
+    with pytest.raises(InvalidArgument, match="is a sparse file"):
+        archive.import_archive(svc, str(p))
+    assert_empty(svc)

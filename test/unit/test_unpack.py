@@ -467,3 +467,155 @@ def test_sync_path_runs(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
     apply(sample_tar(), root, sync=True)
+
+
+# --------------------------------------------------------------------------- hostile headers
+HEADER_CLAIM = 64 << 20  # what the crafted headers claim; never allocated, never sent
+
+
+def _chksum(hdr: bytearray) -> bytes:
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    return bytes(hdr)
+
+
+def raw_header(name: str, type_: bytes, size: int, fmt=tarfile.GNU_FORMAT) -> bytes:
+    """One 512-byte header, built without its body (the body may be claimed, not present)."""
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    ti.size = 0
+    hdr = bytearray(ti.tobuf(format=fmt))
+    assert len(hdr) == tarfile.BLOCKSIZE
+    hdr[124:136] = b"%011o\0" % size
+    return _chksum(hdr)
+
+
+def pax_block(type_: bytes, records: dict[str, str], name="././@PaxHeader") -> bytes:
+    body = b""
+    for k, v in records.items():
+        rec = f" {k}={v}\n".encode()
+        n = len(rec) + 1
+        while len(str(n)) + len(rec) != n:
+            n += 1
+        body += str(n).encode() + rec
+    pad = -len(body) % tarfile.BLOCKSIZE
+    return raw_header(name, type_, len(body), fmt=tarfile.USTAR_FORMAT) + body + b"\0" * pad
+
+
+class CountingStream:
+    """``head`` followed by zeros up to ``total`` bytes, generated lazily; counts what is read
+    and refuses to hand out more than ``budget`` bytes (a reader that loads the claimed body
+    fails here, loudly, instead of allocating it)."""
+
+    def __init__(self, head: bytes, total: int, budget: int = 4 << 20) -> None:
+        self.head, self.total, self.budget, self.read_bytes = head, total, budget, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 16
+        n = min(n, self.total - self.read_bytes)
+        if self.read_bytes + n > self.budget:
+            raise AssertionError(f"read past {self.budget} bytes: the header body is being loaded")
+        start = self.read_bytes
+        out = self.head[start:start + n]
+        out += b"\0" * (n - len(out))
+        self.read_bytes += n
+        return out
+
+
+@pytest.mark.parametrize("type_,word", [(tarfile.GNUTYPE_LONGNAME, "GNU long name"),
+                                        (tarfile.GNUTYPE_LONGLINK, "GNU long link"),
+                                        (tarfile.XHDTYPE, "PAX extended"),
+                                        (tarfile.XGLTYPE, "PAX global")])
+def test_huge_extended_header_rejected_before_its_body_is_read(tmp_path, type_, word):
+    root = tmp_path / "r"
+    root.mkdir()
+    src = CountingStream(raw_header("././@LongLink", type_, HEADER_CLAIM), HEADER_CLAIM + 4096)
+    with pytest.raises(LayerError, match=f"{word} tar header claims {HEADER_CLAIM} bytes"):
+        apply_layer(src, str(root), label="sha256:test", sync=False)
+    assert src.read_bytes <= 64 << 10  # the header and tarfile's first buffer, not the body
+    assert os.listdir(root) == []
+
+
+def test_extended_header_chain_is_bounded(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    # thousands of tiny PAX headers in front of one member: tarfile recurses once per header
+    chain = pax_block(tarfile.XHDTYPE, {"comment": "x"}) * 3000
+    tar = chain + make_tar(F("f", b"data"))
+    with pytest.raises(LayerError, match="more than 8 extended headers"):
+        apply(tar, root)
+    # a few large ones that are each under the limit, but not together
+    big = pax_block(tarfile.XHDTYPE, {"comment": "x" * (400 << 10)})
+    with pytest.raises(LayerError, match="extended headers"):
+        apply(big * 3 + make_tar(F("f", b"data")), root)
+    # and global PAX headers, which tarfile keeps for the whole archive
+    g = b"".join(pax_block(tarfile.XGLTYPE, {f"k{i}": "v" * (300 << 10)}) + make_tar(F(f"f{i}", b"d"))[:1024]
+                 for i in range(5))
+    with pytest.raises(LayerError, match="global PAX tar headers exceed"):
+        apply(g + b"\0" * 1024, root)
+
+
+def test_ordinary_long_names_and_pax_still_work(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    name = "d/" + "n" * 200 + "/" + "m" * 200
+    link = "t" * 300
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        ti, data = F(name, b"long")
+        tf.addfile(ti, io.BytesIO(data))
+        ti, _ = S("s", link)
+        tf.addfile(ti)
+    apply(buf.getvalue(), root)
+    assert (root / name).read_bytes() == b"long"
+    assert os.readlink(root / "s") == link
+    apply(make_tar(F("p", b"x", pax={"SCHILY.xattr.user.k": "v" * 2000})), root)
+    assert os.getxattr(root / "p", "user.k") == b"v" * 2000
+
+
+# --------------------------------------------------------------------------- sparse members
+def old_gnu_sparse(name: str, realsize: int) -> bytes:
+    """A GNU 'S' member: one 512-byte data chunk at offset 0 of a ``realsize`` file."""
+    hdr = bytearray(raw_header(name, tarfile.GNUTYPE_SPARSE, tarfile.BLOCKSIZE))
+    hdr[386:398] = b"%011o\0" % 0
+    hdr[398:410] = b"%011o\0" % tarfile.BLOCKSIZE
+    hdr[482] = 0
+    hdr[483:495] = b"%011o\0" % realsize
+    return _chksum(hdr) + b"s" * tarfile.BLOCKSIZE
+
+
+def pax_sparse(version: str, name: str, realsize: int) -> bytes:
+    records = {"GNU.sparse.name": name, "GNU.sparse.realsize": str(realsize)}
+    data = b"s" * tarfile.BLOCKSIZE
+    if version == "0.1":
+        records |= {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.map": "0,512"}
+    else:
+        records |= {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+        data = b"1\n0\n512\n".ljust(tarfile.BLOCKSIZE, b"\0") + data
+    hdr = raw_header(f"GNUSparseFile.0/{name}", tarfile.REGTYPE, len(data), fmt=tarfile.USTAR_FORMAT)
+    return pax_block(tarfile.XHDTYPE, records) + hdr + data
+
+
+@pytest.mark.parametrize("kind", ["gnu", "pax0.1", "pax1.0"])
+def test_sparse_member_rejected(tmp_path, kind):
+    root = tmp_path / "r"
+    root.mkdir()
+    realsize = 512 << 10
+    member = old_gnu_sparse("holes", realsize) if kind == "gnu" else pax_sparse(kind[3:], "holes", realsize)
+    tar = make_tar(F("before", b"ok"))[:1024] + member + b"\0" * 1024
+    # the limit would also stop this one (its apparent size is larger); the error must name sparseness
+    with pytest.raises(LayerError, match='"holes" is a sparse file'):
+        apply(tar, root, limits=UnpackLimits(max_bytes=256 << 10))
+    assert not (root / "holes").exists()
+
+
+def test_total_file_size_is_bounded_on_headers(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    # "a" is real; "b" claims 6000 bytes that never come: refused on its header, before any write
+    tar = make_tar(F("a", b"a" * 3000)).rstrip(b"\0")
+    tar += b"\0" * (-len(tar) % 512) + raw_header("b", tarfile.REGTYPE, 6000) + b"b" * 512
+    with pytest.raises(LayerError, match='"b" brings the files of the layer to 9000 bytes, more than the limit of 8192'):
+        apply(tar, root, limits=UnpackLimits(max_bytes=8192))
+    assert not (root / "b").exists()
