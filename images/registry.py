@@ -46,6 +46,7 @@ USER_AGENT = "moorage/0.1"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_TOKEN_BODY = 1024 * 1024
+_MAX_REDIRECTS = 10
 DEFAULT_TOKEN_TTL = 60.0
 
 
@@ -363,6 +364,25 @@ class RegistryClient:
             self._clients[tls] = c
         return c
 
+    def _client_for(self, host: RegistryHost, url: str) -> httpx.AsyncClient:
+        """The client for *url*.  A host's TLS exceptions (``skip_verify``, its client
+        certificate) apply to that host only.  A token server or redirect target on another
+        host gets the TLS settings configured for *that* host (``certs.d/<host:port>``), or
+        else default verification, which still trusts the CA files of the host that sent us
+        there (a private registry's token server is commonly signed by the same CA)."""
+        netloc = _netloc(url)
+        if netloc == host.netloc.lower():
+            return self._client(host.tls)
+        if self.hosts_dir:
+            try:
+                own = resolve_hosts(netloc, self.hosts_dir, self.insecure_hosts)
+            except InvalidArgument:
+                own = []
+            for h in own:
+                if h.netloc.lower() == netloc and not h.tls.is_default:
+                    return self._client(h.tls)
+        return self._client(TLSSettings(ca_files=host.tls.ca_files))
+
     def _auth_state(self, host: RegistryHost) -> _AuthState:
         st = self._auth.get(host.url)
         if st is None:
@@ -416,7 +436,7 @@ class RegistryClient:
         extra = ch.params.get("scope")
         if extra and extra not in scopes:
             scopes.append(extra)
-        client = self._client(host.tls)
+        client = self._client_for(host, realm)  # the host's TLS settings are for the host only
         who = "anonymously"
         last_exc: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -429,19 +449,29 @@ class RegistryClient:
                         form["service"] = service
                     if scopes:
                         form["scope"] = " ".join(scopes)
-                    resp = await client.post(realm, data=form)
+                    resp = await _send_streamed(client, "POST", realm, data=form)
                     if resp.status_code in (404, 405):
+                        await resp.aclose()
                         # Not an OAuth2 endpoint: send the identity token as a password instead.
-                        resp = await client.get(realm, params=_token_params(service, scopes),
-                                                auth=(creds.username or "<token>", creds.identity_token))
+                        resp = await _send_streamed(client, "GET", realm, params=_token_params(service, scopes),
+                                                    auth=(creds.username or "<token>", creds.identity_token))
                 else:
                     pair = creds.basic() if creds else None
                     params = _token_params(service, scopes)
                     if pair:
                         who = f"as user {pair[0]!r}"
-                        resp = await client.get(realm, params=params, auth=pair)
+                    resp = await _send_streamed(client, "GET", realm, params=params, auth=pair)
+                # Read only as much as a token (or an error) can be: the body is untrusted.
+                try:
+                    if resp.status_code == 200:
+                        body = await _read_bounded(resp, _MAX_TOKEN_BODY, strict=True)
                     else:
-                        resp = await client.get(realm, params=params)
+                        body = await _read_bounded(resp, _MAX_ERROR_BODY)
+                except ValueError:
+                    raise Unauthenticated(f"authentication to registry {name} failed: token server {realm} "
+                                          f"sent a response over the {_MAX_TOKEN_BODY} byte limit") from None
+                finally:
+                    await resp.aclose()
             except httpx.TransportError as e:
                 last_exc = e
                 if attempt < self.retries:
@@ -457,14 +487,12 @@ class RegistryClient:
         if resp.status_code in (401, 403):
             raise Unauthenticated(
                 f"authentication to registry {name} failed: token server {realm} rejected the request "
-                f"{who} (HTTP {resp.status_code}){_error_detail(resp.content)}")
+                f"{who} (HTTP {resp.status_code}){_error_detail(body)}")
         if resp.status_code != 200:
             raise Unavailable(f"token server {realm} for registry {name} answered HTTP {resp.status_code}"
-                              f"{_error_detail(resp.content)}")
-        if len(resp.content) > _MAX_TOKEN_BODY:
-            raise Unauthenticated(f"authentication to registry {name} failed: token response too large")
+                              f"{_error_detail(body)}")
         try:
-            doc = resp.json()
+            doc = json.loads(body)
         except ValueError:
             raise Unauthenticated(f"authentication to registry {name} failed: token server {realm} "
                                   "returned something that is not JSON") from None
@@ -485,20 +513,25 @@ class RegistryClient:
 
         Raises Unauthenticated / PermissionDenied; _Retryable for 5xx/429/transport errors.
         """
-        client = self._client(host.tls)
         authed = False
         for _ in range(3):
             h = httpx.Headers(list(host.headers))
+            # Bodies are read raw (aiter_raw) and verified byte for byte: never let a registry or a
+            # proxy compress them (httpx would otherwise offer gzip, deflate, br and zstd).
+            h["Accept-Encoding"] = "identity"
             for k, v in (headers or {}).items():
                 h[k] = v
             authz = await self._authorization(host, scope, creds, force_refresh=authed)
             if authz:
                 h["Authorization"] = authz
-            req = client.build_request(method, url, headers=h, content=content,
-                                       timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
             try:
-                resp = await client.send(req, stream=stream, follow_redirects=follow_redirects)
+                resp = await self._send_following(host, method, url, h, content, stream,
+                                                  follow_redirects, timeout, headers or {})
             except httpx.TransportError as e:
+                where = _netloc(str(e.request.url)) if _has_request(e) else host.netloc.lower()
+                if _is_cert_error(e) and where != host.netloc.lower():
+                    raise Unavailable(f"TLS verification of {where} (where registry {host.netloc} sent us) "
+                                      f"failed: {_cert_error_text(e)}") from None
                 if _is_cert_error(e):
                     raise Unavailable(
                         f"TLS verification of registry {host.netloc} failed: {_cert_error_text(e)}; add the "
@@ -549,6 +582,29 @@ class RegistryClient:
             self._auth_state(host).challenge = ch
             authed = True
         raise Unauthenticated(f"authentication to registry {host.netloc} failed")  # pragma: no cover
+
+    async def _send_following(self, host: RegistryHost, method: str, url: str, h: httpx.Headers,
+                              content: bytes | None, stream: bool, follow_redirects: bool,
+                              timeout: httpx.Timeout | None, plain_headers: dict[str, str]) -> httpx.Response:
+        """Send one request, following redirects ourselves when asked: each hop uses the client
+        for its own host (so a host's TLS exceptions never extend to where it redirects), and
+        credentials and the host's configured headers go to the configured host only."""
+        t = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
+        for _ in range(_MAX_REDIRECTS + 1):
+            client = self._client_for(host, url)
+            req = client.build_request(method, url, headers=h, content=content, timeout=t)
+            resp = await client.send(req, stream=stream, follow_redirects=False)
+            if not (follow_redirects and resp.has_redirect_location):
+                return resp
+            await resp.aclose()
+            url = urljoin(url, resp.headers["location"])
+            if resp.status_code == 303 and method != "HEAD":
+                method, content = "GET", None
+            if _netloc(url) != host.netloc.lower() or (host.scheme == "https" and not url.startswith("https:")):
+                h = httpx.Headers({"Accept-Encoding": "identity"})
+                for k, v in plain_headers.items():
+                    h[k] = v
+        raise _Retryable(f"{method} {url}: more than {_MAX_REDIRECTS} redirects")
 
     async def _with_retries(self, what: str, fn):
         """Run *fn()* retrying _Retryable failures; give Unavailable when they persist."""
@@ -928,6 +984,24 @@ def _ssl_context(tls: TLSSettings) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as e:
             raise InvalidArgument(f"cannot load registry client certificate {cert}: {e}") from None
     return ctx
+
+
+def _has_request(e: httpx.TransportError) -> bool:
+    try:
+        return e.request is not None
+    except RuntimeError:  # httpx raises when the error carries no request
+        return False
+
+
+def _netloc(url: str) -> str:
+    return urlsplit(url).netloc.lower()
+
+
+async def _send_streamed(client: httpx.AsyncClient, method: str, url: str, *, auth=None,
+                         **kw: Any) -> httpx.Response:
+    """A streamed request whose body arrives uncompressed (it is read raw and bounded)."""
+    req = client.build_request(method, url, headers={"Accept-Encoding": "identity"}, **kw)
+    return await client.send(req, stream=True, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
 
 
 def _token_params(service: str, scopes: list[str]) -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ Tampering and network faults come from a tiny scriptable HTTP server on 127.0.0.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 from urllib.parse import parse_qs, urlsplit
@@ -386,3 +387,116 @@ def test_not_found_everywhere_is_not_found(registry, tmp_path):
 
     with pytest.raises(NotFound, match="busybox:nope"):
         run(go())
+
+
+# --- hostile token servers and compressing proxies ------------------------------------------------
+
+class EndlessHTTP:
+    """A raw HTTP server on 127.0.0.1 answering every request with *status* and a body that never
+    ends (no Content-Length): it writes until the client hangs up or ``cap`` bytes, and counts."""
+
+    def __init__(self, status: int, cap: int = 64 << 20) -> None:
+        self.status, self.cap, self.sent, self.port = status, cap, 0, 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> "EndlessHTTP":
+        self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        await self._server.wait_closed()
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
+        try:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Type: application/json\r\n"
+                         "Connection: close\r\n\r\n".encode() + b'{"token": "')
+            chunk = b"a" * 65536
+            while self.sent < self.cap:
+                writer.write(chunk)
+                await writer.drain()
+                self.sent += len(chunk)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(asyncio.current_task())
+            writer.transport.abort()
+
+
+@pytest.mark.parametrize("status, error, words", [
+    (200, "Unauthenticated", "over the 1048576 byte limit"),
+    (401, "Unauthenticated", "token server"),
+    (500, "Unavailable", "HTTP 500"),
+])
+def test_endless_token_server_response_is_read_bounded(status, error, words):
+    async def go():
+        async with EndlessHTTP(status) as tok:
+            def handler(req):
+                return FakeResponse(401, {"WWW-Authenticate":
+                                          f'Bearer realm="http://127.0.0.1:{tok.port}/token",service="s"'})
+            async with FakeHTTPServer(handler) as srv, RegistryClient(retries=1, **FAST) as c:
+                try:
+                    await c.fetch_manifest(f"{srv.host}/test/x", "latest")
+                except Exception as e:  # noqa: BLE001 - checked below
+                    return e, tok.sent
+        return None, tok.sent
+
+    err, sent = run(go())
+    assert type(err).__name__ == error, err
+    assert words in err.message
+    # what the client asked for, plus what the sockets buffered: far from the 64 MiB on offer
+    assert sent < 24 << 20, f"the client read {sent} bytes of an endless token response"
+
+
+def _gzip_if_accepted(req: FakeRequest, body: bytes, ctype: str) -> FakeResponse:
+    if "gzip" in req.headers.get("accept-encoding", ""):
+        return FakeResponse(200, {"Content-Type": ctype, "Content-Encoding": "gzip"}, gzip.compress(body))
+    return FakeResponse(200, {"Content-Type": ctype}, body)
+
+
+def test_compressing_registry_gets_identity_for_manifests_tokens_and_errors():
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                           "config": {"mediaType": oci.OCI_CONFIG, "digest": BLOB_DESC.digest, "size": 1},
+                           "layers": []}).encode()
+    digest = oci.sha256_digest(manifest)
+    seen: list[str] = []
+
+    def handler(req):
+        seen.append(req.headers.get("accept-encoding", "<none>"))
+        if req.route == "/token":
+            return _gzip_if_accepted(req, json.dumps({"token": "tok-1"}).encode(), "application/json")
+        if req.headers.get("authorization") != "Bearer tok-1":
+            return FakeResponse(401, {"WWW-Authenticate": f'Bearer realm="http://{srv_host[0]}/token"'})
+        if req.route.endswith(f"/manifests/{digest}") or req.route.endswith("/manifests/latest"):
+            r = _gzip_if_accepted(req, manifest, oci.OCI_MANIFEST)
+            r.headers["Docker-Content-Digest"] = digest
+            return r
+        if "gzip" in req.headers.get("accept-encoding", ""):
+            return FakeResponse(404, {"Content-Encoding": "gzip"},
+                                gzip.compress(b'{"errors":[{"code":"NAME_UNKNOWN","message":"no such repo"}]}'))
+        return FakeResponse(404, {}, b'{"errors":[{"code":"NAME_UNKNOWN","message":"no such repo"}]}')
+
+    srv_host = [""]
+
+    async def go():
+        async with FakeHTTPServer(handler) as srv, RegistryClient(**FAST) as c:
+            srv_host[0] = srv.host
+            by_digest = await c.fetch_manifest(f"{srv.host}/test/x", digest)
+            by_tag = await c.fetch_manifest(f"{srv.host}/test/x", "latest")
+            with pytest.raises(NotFound) as ei:
+                await c.fetch_manifest(f"{srv.host}/test/x", "nope")
+            return by_digest, by_tag, ei.value.message
+
+    by_digest, by_tag, missing = run(go())
+    assert by_digest.data == by_tag.data == manifest
+    assert by_tag.descriptor.digest == digest
+    assert "no such repo" in missing
+    assert seen and set(seen) == {"identity"}
