@@ -162,8 +162,10 @@ class Lease:
 
     def add(self, *digests: "Digest | str") -> None:
         with self._store._lease_guard:
-            for d in digests:
-                self.digests.add(Digest.parse(d))
+            parsed = [Digest.parse(d) for d in digests]
+            self.digests.update(parsed)
+            if self._store._lease_watch is not None:  # a GC is running: it must see these too
+                self._store._lease_watch.update(parsed)
 
 
 class _DigestLock:
@@ -187,6 +189,7 @@ class ContentStore:
         self._locks: dict[Digest, _DigestLock] = {}
         self._locks_guard = threading.Lock()
         self._leases: dict[str, Lease] = {}
+        self._lease_watch: set[Digest] | None = None
         self._lease_guard = threading.Lock()
 
     # ---- paths and reads -------------------------------------------------
@@ -252,17 +255,32 @@ class ContentStore:
                 return w.commit()
 
     def delete(self, digest: "Digest | str", *, missing_ok: bool = False) -> None:
+        """Remove a blob nobody leases (checked atomically with the removal).  While a
+        :meth:`lease_watch` is open, a blob leased since it opened is refused too."""
         d = Digest.parse(digest)
-        holders = self.leases_holding(d)
-        if holders:
-            raise FailedPrecondition(
-                f"blob {d} is in use by in-flight operation(s) {', '.join(sorted(holders))}; retry later"
-            )
+        with self._lease_guard:
+            holders = {name for name, lease in self._leases.items() if d in lease.digests}
+            if holders or (self._lease_watch is not None and d in self._lease_watch):
+                raise FailedPrecondition(
+                    f"blob {d} is in use by in-flight operation(s) {', '.join(sorted(holders)) or '(since GC began)'}"
+                    "; retry later")
+            try:
+                os.unlink(self.path(d))
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise NotFound(f"blob {d} not found in the content store") from None
+
+    @contextlib.contextmanager
+    def lease_watch(self) -> Iterator[None]:
+        """For GC: from here on, remember every digest leased (even if released again), so
+        a blob a pull took after GC computed what to keep is not deleted under it."""
+        with self._lease_guard:
+            self._lease_watch = set()
         try:
-            os.unlink(self.path(d))
-        except FileNotFoundError:
-            if not missing_ok:
-                raise NotFound(f"blob {d} not found in the content store") from None
+            yield
+        finally:
+            with self._lease_guard:
+                self._lease_watch = None
 
     def list(self) -> list[BlobInfo]:
         out = []

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -130,6 +131,10 @@ class ImageService:
         self._pulls: dict[str, asyncio.Future] = {}
         self._chain_locks: dict[str, asyncio.Lock] = {}
         self._inflight_chains: dict[str, int] = {}  # chain IDs a pull or import in flight stands on
+        # Guards _inflight_chains and _gc_touched: pulls register chains on the event loop while
+        # GC decides, per snapshot and under this lock, whether it is still unused (in a thread).
+        self._chains_lock = threading.Lock()
+        self._gc_touched: set[str] | None = None  # chains registered since a running GC began
         self._download_slots = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._usage_cache: dict[str, snapmod.Usage] = {}
         self.in_use: Callable[[], set[str]] = set  # image ids used by containers (set by the runtime)
@@ -254,17 +259,23 @@ class ImageService:
 
     @contextlib.contextmanager
     def _hold_chains(self, chains: list[str]):
-        for c in chains:
-            self._inflight_chains[c] = self._inflight_chains.get(c, 0) + 1
+        """Keep GC off these snapshots while a pull may reuse or create them.  A GC that began
+        earlier and has not reached them yet sees them (live) before it removes anything."""
+        with self._chains_lock:
+            for c in chains:
+                self._inflight_chains[c] = self._inflight_chains.get(c, 0) + 1
+            if self._gc_touched is not None:
+                self._gc_touched.update(chains)
         try:
             yield
         finally:
-            for c in chains:
-                n = self._inflight_chains.get(c, 0) - 1
-                if n <= 0:
-                    self._inflight_chains.pop(c, None)
-                else:
-                    self._inflight_chains[c] = n
+            with self._chains_lock:
+                for c in chains:
+                    n = self._inflight_chains.get(c, 0) - 1
+                    if n <= 0:
+                        self._inflight_chains.pop(c, None)
+                    else:
+                        self._inflight_chains[c] = n
 
     async def _pull(self, r: Reference, creds: Credentials | None) -> ImageRecord:
         t0 = time.monotonic()
@@ -497,9 +508,34 @@ class ImageService:
             return self._gc_locked()
 
     def _gc_locked(self) -> dict[str, list[str]]:
-        # Snapshot the in-flight state first: whatever starts after this looks at what is there.
+        with self._chains_lock:
+            # In-flight chains first, images after: a pull records its image before it lets go
+            # of its chains.  Chains registered from here on are collected in _gc_touched and
+            # checked, with the live set, right before each removal (_gc_remove_snapshot).
+            keep_snaps: set[str] = set(self._inflight_chains)
+            self._gc_touched = set()
+        try:
+            with self.content.lease_watch():  # the same for blobs: leased since now -> kept
+                return self._gc_collect(keep_snaps)
+        finally:
+            with self._chains_lock:
+                self._gc_touched = None
+
+    def _gc_remove_snapshot(self, key: str) -> bool:
+        """Remove an unused committed snapshot unless a pull took hold of it since GC began.
+        Returns whether it is gone."""
+        with self._chains_lock:
+            if key in self._inflight_chains or (self._gc_touched is not None and key in self._gc_touched):
+                return False
+            try:
+                d = self.snapshots.remove_record(key)
+            except NotFound:
+                return True
+        self.snapshots.remove_dir(key, d)
+        return True
+
+    def _gc_collect(self, keep_snaps: set[str]) -> dict[str, list[str]]:
         keep_blobs = {str(d) for d in self.content.leased_digests()}
-        keep_snaps: set[str] = set(self._inflight_chains)
         for res in self.store.leased_resources():  # other processes' work (offline imports)
             keep_blobs.add(res)
             keep_snaps.add(res)
@@ -524,10 +560,15 @@ class ImageService:
                 if key in keep_snaps or self.store.snapshot_children(key):
                     continue
                 try:
-                    self._remove_snapshot_quietly(key)
+                    gone = self._gc_remove_snapshot(key)
                 except MoorageError as e:  # e.g. still mounted somewhere: keep it, say why
                     log.warning("gc: keeping snapshot %s: %s", key, e.message)
                     keep_snaps.add(key)
+                    continue
+                if not gone:  # a pull started using it: it stays, and so does what is below it
+                    while key and key in records:
+                        keep_snaps.add(key)
+                        key = records[key].parent
                     continue
                 self._usage_cache.pop(key, None)
                 removed_snaps.append(key)

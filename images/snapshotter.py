@@ -700,13 +700,7 @@ class Snapshotter:
             raise InvalidArgument("snapshot key must not be empty")
         if self.meta.get(key) is not None:
             raise AlreadyExists(f"snapshot \"{key}\" already exists")
-        if parent is not None:
-            prec = self.meta.get(parent)
-            if prec is None:
-                raise NotFound(f"parent snapshot \"{parent}\" not found")
-            if prec.kind != KIND_COMMITTED:
-                raise FailedPrecondition(
-                    f"parent snapshot \"{parent}\" is {prec.kind}; only committed snapshots can be parents")
+        self._check_parent(parent)  # fail early; checked again with the record's insertion
         with self._lock:
             while True:
                 dir_id = str(self._next_id)
@@ -727,7 +721,11 @@ class Snapshotter:
             now = time.time()
             rec = SnapshotRecord(key=key, kind=kind, parent=parent, dir_id=dir_id,
                                  labels=dict(labels or {}), created=now, updated=now)
-            self.meta.add(rec)
+            # One step with remove()'s children check: a parent is never removed between
+            # our check and the child's record (which would leave the child dangling).
+            with self._lock:
+                self._check_parent(parent)
+                self.meta.add(rec)
         except BaseException:
             shutil.rmtree(self._dir(dir_id), ignore_errors=True)
             raise
@@ -735,6 +733,16 @@ class Snapshotter:
             with self._lock:
                 self._in_flight.discard(dir_id)
         return self._mounts(rec)
+
+    def _check_parent(self, parent: str | None) -> None:
+        if parent is None:
+            return
+        prec = self.meta.get(parent)
+        if prec is None:
+            raise NotFound(f"parent snapshot \"{parent}\" not found")
+        if prec.kind != KIND_COMMITTED:
+            raise FailedPrecondition(
+                f"parent snapshot \"{parent}\" is {prec.kind}; only committed snapshots can be parents")
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> SnapshotRecord:
         """Turn active ``key`` into the committed, immutable snapshot ``name``.
@@ -755,16 +763,25 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         """Remove a snapshot that has no children (unmount it first)."""
-        rec = self._get(key)
-        children = self.meta.children(key)
-        if children:
-            shown = ", ".join(f"\"{c}\"" for c in sorted(children)[:5])
-            raise FailedPrecondition(
-                f"snapshot \"{key}\" is the parent of {len(children)} other snapshot(s) ({shown}); "
-                "remove those first")
-        d = self._dir(rec.dir_id)
-        self._refuse_if_mounted(rec)
-        self.meta.remove(key)
+        self.remove_dir(key, self.remove_record(key))
+
+    def remove_record(self, key: str) -> str:
+        """The first half of remove(): check and drop the record (atomically with _create's
+        parent check, so no child appears meanwhile); returns the dir for remove_dir()."""
+        with self._lock:
+            rec = self._get(key)
+            children = self.meta.children(key)
+            if children:
+                shown = ", ".join(f"\"{c}\"" for c in sorted(children)[:5])
+                raise FailedPrecondition(
+                    f"snapshot \"{key}\" is the parent of {len(children)} other snapshot(s) ({shown}); "
+                    "remove those first")
+            self._refuse_if_mounted(rec)
+            self.meta.remove(key)
+            return self._dir(rec.dir_id)
+
+    def remove_dir(self, key: str, d: str) -> None:
+        """The second half of remove(): delete the dir of a record already removed."""
         shutil.rmtree(d, ignore_errors=True)
         if os.path.lexists(d):
             log.warning("snapshot %s: could not remove %s; cleanup() will retry", key, d)

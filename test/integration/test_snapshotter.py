@@ -313,3 +313,72 @@ def test_bind_mount_readonly_and_unmount_idempotent(base):
         unmount(str(target))
     unmount(str(target))  # not mounted any more: no error
     assert not _mounted_under(base)
+
+
+class _SignallingLock:
+    """The snapshotter's lock, telling the test when thread ``who`` asks for it."""
+
+    def __init__(self, inner, who, asked):
+        self.inner, self.who, self.asked = inner, who, asked
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread().name == self.who:
+            self.asked.set()
+        self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+def test_remove_and_create_on_it_are_atomic(base):
+    """remove(P) has checked P's children and is about to drop it; prepare(child, P) runs now.
+    Either the child exists and P stays, or P is gone and prepare failed: never a child whose
+    parent is missing."""
+    import threading
+
+    sn = Snapshotter(str(base / "sn"), MemoryMetaStore(), backend=BACKEND_OVERLAY)
+    sn.prepare("p-active")
+    sn.commit("P", "p-active")
+    removing, go_on, a_asked, a_done = (threading.Event() for _ in range(4))
+    real_remove = sn.meta.remove
+
+    def remove_after_pause(key):
+        removing.set()
+        assert go_on.wait(60), "test never let remove() go on"
+        return real_remove(key)
+
+    sn.meta.remove = remove_after_pause
+    sn._lock = _SignallingLock(sn._lock, "A", a_asked)
+    errors = {}
+
+    def run(name, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - inspected below
+            errors[name] = e
+        finally:
+            if name == "A":
+                a_done.set()
+                a_asked.set()
+
+    b = threading.Thread(target=run, args=("B", lambda: sn.remove("P")), name="B")
+    a = threading.Thread(target=run, args=("A", lambda: sn.prepare("child", "P")), name="A")
+    b.start()
+    try:
+        assert removing.wait(60)
+        a.start()
+        assert a_asked.wait(60)  # A is at (or past) the lock, or finished
+        go_on.set()
+        a.join()
+        b.join()
+    finally:
+        go_on.set()
+        b.join()
+    records = {r.key: r for r in sn.meta.list()}
+    dangling = [k for k, r in records.items() if r.parent is not None and r.parent not in records]
+    assert not dangling, f"snapshots whose parent was removed under them: {dangling}"
+    assert "B" not in errors and "P" not in records
+    assert isinstance(errors.get("A"), NotFound) and "child" not in records
+    assert sorted(os.listdir(sn.snapshots_dir)) == []

@@ -91,3 +91,58 @@ def test_start_cleans_interrupted_work(svc, busybox):
     assert not svc.snapshots.exists("extract-0000-sha256:x")
     assert svc.status("busybox").id == busybox.id  # what is recorded stays
     asyncio.run(svc.stop())
+
+
+def _chain_of(svc, top):
+    out = []
+    while top:
+        out.append(top)
+        top = svc.snapshots.stat(top).parent
+    return out
+
+
+@pytest.mark.parametrize("pull_done_first", [False, True], ids=["pull-still-holding", "pull-recorded-and-released"])
+def test_gc_keeps_a_chain_a_pull_took_after_gc_began(svc, busybox, monkeypatch, pull_done_first):
+    """GC computes its keep-set, then pauses; a pull registers the (unused) chain, reuses it and
+    records its image.  GC resumes: the reused snapshots must survive."""
+    import threading
+
+    chains = _chain_of(svc, busybox.chain_id)
+    blobs = sorted(str(b.digest) for b in svc.content.list())
+    svc.store.delete_image(busybox.id)  # the chain and blobs are unused now: GC's to take
+
+    paused, resume = threading.Event(), threading.Event()
+    real_list = svc.store.list_snapshots
+
+    def list_snapshots_then_pause():  # GC calls this right after computing its keep-set
+        if threading.current_thread().name == "gc" and not paused.is_set():
+            paused.set()
+            assert resume.wait(60), "test never resumed GC"
+        return real_list()
+
+    monkeypatch.setattr(svc.store, "list_snapshots", list_snapshots_then_pause)
+    result = []
+    gc = threading.Thread(target=lambda: result.append(svc._gc()), name="gc")
+    gc.start()
+    try:
+        assert paused.wait(60), "GC never reached its keep-set"
+        with svc.content.lease("pull-x", blobs) as lease, svc._hold_chains(chains):
+            assert all(svc.snapshots.exists(c) for c in chains)  # the pull finds them: reuses them
+            lease.add(*blobs)
+            svc.store.put_image(busybox)
+            if not pull_done_first:
+                resume.set()
+                gc.join()
+        resume.set()
+        gc.join()
+    finally:
+        resume.set()
+        gc.join()
+    assert result and result[0] == {"snapshots": [], "blobs": []}
+    assert all(svc.snapshots.exists(c) for c in chains)
+    assert sorted(str(b.digest) for b in svc.content.list()) == blobs
+    assert svc._gc_touched is None and svc._inflight_chains == {}
+    # once nothing uses it, the next GC takes it as before
+    svc.store.delete_image(busybox.id)
+    removed = asyncio.run(svc.gc())
+    assert sorted(removed["snapshots"]) == sorted(chains) and sorted(removed["blobs"]) == blobs
