@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("moorage.container")
 
 CREATED, RUNNING, EXITED, UNKNOWN = "CONTAINER_CREATED", "CONTAINER_RUNNING", "CONTAINER_EXITED", "CONTAINER_UNKNOWN"
+LOST_STATE_MESSAGE = "container state lost (conmon and runtime state are gone, e.g. after a reboot)"
 
 
 def _signal_number(name: str) -> int:
@@ -300,7 +301,8 @@ class ContainerOps:
             try:
                 await rt.kill(rec.id, _signal_number(rec.extra.get("stop_signal", "")))
             except NotFound:
-                pass
+                if self._lost_on_kill(rt, rec):
+                    return
             except MoorageError as e:
                 log.info("stop signal to %s: %s", rec.id, e.message)
             if await self.wait_exited(rec.id, timeout):
@@ -309,10 +311,21 @@ class ContainerOps:
                                                                                              "timeout": timeout}})
         try:
             await rt.kill(rec.id, signal.SIGKILL)
+        except NotFound:
+            if self._lost_on_kill(rt, rec):
+                return
         except MoorageError as e:
             log.info("SIGKILL to %s: %s", rec.id, e.message)
         if not await self.wait_exited(rec.id, 30):
             raise FailedPrecondition(f"container {rec.id} did not exit after SIGKILL within 30s")
+
+    def _lost_on_kill(self: "Runtime", rt, rec: ContainerRecord) -> bool:
+        """The runtime does not know a container we think runs: if no exit was recorded and no
+        conmon supervises it, record the exit now (nothing else ever will) and say so."""
+        if rt.exit_status(rec.id) is not None or rt.conmon_pid(rec.id) is not None:
+            return False  # it exited or is exiting; the watcher records it
+        self._record_lost_exit(rec)
+        return True
 
     # -- RemoveContainer --------------------------------------------------------------------------
 
@@ -479,5 +492,37 @@ class ContainerOps:
                 rec.state = CREATED
             self.store.update_container(rec)
         if rec.state == RUNNING:
+            rt = self.oci(rec.runtime_handler)
+            if rt.exit_status(rec.id) is None and await self._process_lost(rt, rec.id):
+                # conmon and the runtime's state are gone (a reboot wiped the state dir):
+                # no exit will ever be recorded, so record one now.
+                self._record_lost_exit(rec)
+                return
             # wait_exit reads conmon's exit file at once if it exited while we were down.
             self.watch_exit(rec.id, rec.runtime_handler, self._on_container_exit)
+
+    async def _process_lost(self: "Runtime", rt, obj_id: str) -> bool:
+        """True if neither a conmon nor the OCI runtime knows a live process for ``obj_id``."""
+        if rt.conmon_pid(obj_id) is not None:
+            return False
+        try:
+            st = await rt.state(obj_id)
+        except NotFound:
+            return True
+        except MoorageError as e:
+            log.warning("state of %s: %s", obj_id, e.message)
+            return False
+        return st.status == "stopped"
+
+    def _record_lost_exit(self: "Runtime", rec: ContainerRecord) -> None:
+        """Mark a RUNNING container EXITED whose exit can never be read (state lost)."""
+        if rec.state != RUNNING:
+            return
+        rec.state, rec.exit_code, rec.finished_at = EXITED, 255, now_ns()
+        rec.reason = "Error"
+        rec.message = LOST_STATE_MESSAGE
+        rec.extra.pop("phase", None)
+        self.store.update_container(rec)
+        self.forget_watcher(rec.id)
+        self.events.publish(rec.id, events.STOPPED, rec.sandbox_id)
+        log.warning("container state lost; marked exited", extra={"fields": {"id": rec.id}})

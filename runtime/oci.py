@@ -897,8 +897,11 @@ class OCIRuntime:
         while self._waiters:
             await asyncio.sleep(POLL_INTERVAL)
             for cid in list(self._waiters):
-                gone = (os.path.exists(os.path.join(self.persist_dir(cid), "conmon.pid"))
-                        and self.conmon_pid(cid) is None)
+                # No persist dir at all: conmon's state is gone (e.g. a reboot wiped the state
+                # dir), so no conmon will ever record this exit.
+                pdir = self.persist_dir(cid)
+                gone = self.conmon_pid(cid) is None and (
+                    not os.path.isdir(pdir) or os.path.exists(os.path.join(pdir, "conmon.pid")))
                 self._check_exit(cid, conmon_gone=gone)
 
     # ------------------------------------------------------------------ exec

@@ -197,15 +197,21 @@ class SandboxOps:
         """Stop the infra process and release the network and mounts; idempotent."""
         sid = rec.id
         rt = self.oci(rec.runtime_handler)
+        lost = False
         try:
             st = await rt.state(sid)
             if st.status in ("running", "created", "paused"):
                 await rt.kill(sid, signal.SIGKILL)
         except NotFound:
-            pass
+            # The runtime does not know the infra: with no conmon either, no exit will ever be
+            # recorded (state lost, e.g. after a reboot); do not wait for one.
+            lost = rt.conmon_pid(sid) is None
         except MoorageError as e:
             log.warning("killing infra of %s: %s", sid, e.message)
-        await self.wait_exited(sid, 10)
+        if lost:
+            self.forget_watcher(sid)
+        else:
+            await self.wait_exited(sid, 10)
         if rec.netns_path:
             if self.cni is not None:
                 try:

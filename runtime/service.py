@@ -165,6 +165,15 @@ class Runtime(SandboxOps, ContainerOps):
 
         self._watchers[obj_id] = asyncio.ensure_future(watch())
 
+    def forget_watcher(self, obj_id: str) -> None:
+        """Stop watching ``obj_id`` (its exit was recorded otherwise) and release its waiters."""
+        watcher = self._watchers.pop(obj_id, None)
+        if watcher is not None:
+            watcher.cancel()
+        ev = self._exit_events.get(obj_id)
+        if ev is not None:
+            ev.set()
+
     async def wait_exited(self, obj_id: str, timeout: float | None) -> bool:
         """Wait until the exit of ``obj_id`` has been recorded; False on timeout."""
         ev = self._exit_events.get(obj_id)

@@ -114,3 +114,65 @@ def test_systemd_cgroup_driver_selectable(daemon_factory):
     d2 = make_daemon(daemon_factory)
     assert d2.runtime.RuntimeConfig(pb.RuntimeConfigRequest()).linux.cgroup_driver == pb.CGROUPFS
     remove_cgroup_tree(d2.cgroup_parent)
+
+
+def _wipe_runtime_state(d, obj_id: str) -> None:
+    """What a reboot does to one container: conmon and the runtime's state are gone, and so is
+    conmon's persist dir and exit file (they live under the state dir, a tmpfs)."""
+    import shutil
+    import signal
+    import subprocess
+
+    oci = os.path.join(d.state, "oci")
+    pdir = os.path.join(oci, "conmon", obj_id)
+    with open(os.path.join(pdir, "conmon.pid")) as f:
+        conmon = int(f.read().strip())
+    os.kill(conmon, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{conmon}") or open(f"/proc/{conmon}/stat").read().split()[2] == "Z",
+             what="conmon to die")
+    subprocess.run(["runc", "--root", os.path.join(oci, "runc"), "delete", "--force", obj_id], check=True,
+                   capture_output=True)
+    shutil.rmtree(pdir)
+    try:
+        os.unlink(os.path.join(oci, "exits", obj_id))
+    except FileNotFoundError:
+        pass
+
+
+def test_lost_runtime_state_after_reboot_is_exited_and_pod_removable(fresh_env):
+    env = fresh_env
+    d = env.d
+    sid, pcfg = env.run_pod()
+    cid = env.run(sid, pcfg, ["sleep", "1000"])
+    d.kill9()
+    _wipe_runtime_state(d, cid)
+    _wipe_runtime_state(d, sid)
+    d.start()
+    env.rt = d.runtime
+    st = env.status(cid).status
+    assert st.state == pb.CONTAINER_EXITED, st
+    assert st.exit_code == 255 and st.reason == "Error" and "state lost" in st.message, st
+    sb = env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+    assert sb.state == pb.SANDBOX_NOTREADY
+    env.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=30))
+    env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+    env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
+    env.check_no_leaks()
+
+
+def test_runtime_state_lost_under_a_running_daemon_stop_returns(fresh_env):
+    """The runtime forgets a running container while the daemon watches it: StopContainer and
+    StopPodSandbox record the exit instead of waiting for one that never comes."""
+    env = fresh_env
+    sid, pcfg = env.run_pod()
+    cid = env.run(sid, pcfg, ["sleep", "1000"])
+    _wipe_runtime_state(env.d, cid)
+    env.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=30))
+    st = env.status(cid).status
+    assert st.state == pb.CONTAINER_EXITED and st.exit_code in (255, 137), st
+    env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+    env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    env.check_no_leaks()
