@@ -71,6 +71,31 @@ def _resolve_sub_path(root: str, sub: str, ref: str) -> str:
     return path
 
 
+def container_log_path(log_directory: str, log_path: str) -> str:
+    """The host path of a container's log: ``log_path`` inside the pod's ``log_directory``.
+
+    As containerd does, the path is always joined under the log directory (a leading '/' is
+    dropped), and anything that leaves it once normalised is refused: the daemon creates the
+    parent directories as root.  No log directory: no log file, unless a path was asked for.
+    """
+    if not log_path:
+        return ""
+    if "\0" in log_path or "\0" in log_directory:
+        raise InvalidArgument(f"log path {log_path!r} contains a NUL byte")
+    if not log_directory:
+        if os.path.isabs(log_path):
+            raise InvalidArgument(f"log path {log_path!r} is set but the pod sandbox has no log_directory; "
+                                  "a container's log path is relative to its pod's log directory")
+        return ""
+    if not os.path.isabs(log_directory):
+        raise InvalidArgument(f"pod log_directory {log_directory!r} must be an absolute path")
+    base = os.path.normpath(log_directory)
+    path = os.path.normpath(os.path.join(base, log_path.lstrip("/")))
+    if path == base or os.path.commonpath([path, base]) != base:
+        raise InvalidArgument(f"log path {log_path!r} leads outside the pod's log directory {log_directory!r}")
+    return path
+
+
 class ContainerOps:
     # -- CreateContainer ---------------------------------------------------------------------
 
@@ -98,14 +123,7 @@ class ContainerOps:
         image = self.images.get_local(cfg.image)  # NOT_FOUND with the reference
         volume_images = self._image_volume_images(cfg)  # bad input fails before anything is made
         cid = new_id()
-        log_path = ""
-        if cfg.log_path:
-            if os.path.isabs(cfg.log_path) or not sb.config.get("log_directory"):
-                log_path = cfg.log_path if os.path.isabs(cfg.log_path) else ""
-            else:
-                log_path = os.path.join(sb.config["log_directory"], cfg.log_path)
-            if log_path and ".." in log_path.split(os.sep):
-                raise InvalidArgument(f"log path {log_path!r} must not contain '..'")
+        log_path = container_log_path(sb.config.get("log_directory") or "", cfg.log_path)
         rec = ContainerRecord(
             id=cid, name=name, sandbox_id=sb.id, state=CREATED, created_at=now_ns(),
             metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=image.id, image_name=cfg.image,

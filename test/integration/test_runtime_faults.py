@@ -177,3 +177,26 @@ def test_kubelet_timeout_then_retry_gets_the_result(env):
     sid = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=pcfg), timeout=120).pod_sandbox_id
     env.pods.append(sid)
     assert [i.id for i in env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items] == [sid]
+
+
+def test_log_path_cannot_leave_the_log_directory(env):
+    logdir = env.log_dir()
+    outside = os.path.join(os.path.dirname(logdir), f"escape-{uuid.uuid4().hex[:6]}")
+    sid, pcfg = env.run_pod(log_dir=logdir)
+    # An absolute path is taken relative to the log directory, as containerd does.
+    cid = env.create(sid, pcfg, SLEEP, log_path=f"{outside}/x.log")
+    assert env.status(cid).status.log_path == os.path.join(logdir, outside.lstrip("/"), "x.log")
+    env.start(cid)
+    assert os.path.exists(os.path.join(logdir, outside.lstrip("/"), "x.log"))
+    assert not os.path.exists(outside)
+    # No log directory: an absolute log path is refused.
+    sid2, pcfg2 = env.run_pod()
+    code, details = code_of(lambda: env.create(sid2, pcfg2, SLEEP, log_path=f"{outside}/y.log"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "log_directory" in details, details
+    assert not os.path.exists(outside)
+    # '..' that leaves the log directory is refused.
+    for bad in (f"../{os.path.basename(outside)}/x.log", f"a/../../{os.path.basename(outside)}/x.log"):
+        code, details = code_of(lambda: env.create(sid, pcfg, SLEEP, log_path=bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "log directory" in details, details
+    assert not os.path.exists(outside)
+    assert [c.id for c in env.rt.ListContainers(pb.ListContainersRequest()).containers] == [cid]
