@@ -250,6 +250,9 @@ class HostLookups:
     #: privileged container gets these, as containerd's WithAllCurrentCapabilities does:
     #: asking runc for more fails with "unable to apply caps".
     current_capabilities: Callable[[], "frozenset[str] | None"] = lambda: _current_capabilities()
+    #: Create a missing bind-mount source as a directory (kubelet hostPath type ""), as
+    #: containerd and CRI-O do.
+    ensure_dir: Callable[[str], None] = lambda p: os.makedirs(p, mode=0o755, exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -907,7 +910,12 @@ def _cri_mount(m: Mount, host: HostLookups) -> dict:
         raise InvalidArgument(f"mount at {dest} has no host path")
     src = _clean_abs(m.host_path, f"host path of the mount at {dest}:")
     if not host.path_exists(src):
-        raise NotFound(f"mount source {src} (for {dest}) does not exist on this node")
+        # A missing source becomes an empty directory, as containerd and CRI-O do.
+        try:
+            host.ensure_dir(src)
+        except OSError as e:
+            raise FailedPrecondition(f"mount source {src} (for {dest}) does not exist on this node and "
+                                     f"could not be created: {e.strerror or e}") from None
     if m.propagation not in PROPAGATIONS:
         raise InvalidArgument(f"unknown mount propagation {m.propagation!r} for {dest}; expected one of {PROPAGATIONS}")
     if m.recursive_read_only:

@@ -69,12 +69,23 @@ def test_image_not_present_names_the_reference(env):
     assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
 
 
-def test_missing_host_path_mount(env):
+def test_missing_host_path_mount_is_created_as_a_directory(env):
+    """As containerd and CRI-O do (kubelet hostPath type ""): a missing source becomes a directory."""
     sid, pcfg = env.run_pod()
-    path = f"/no/such/dir-{uuid.uuid4().hex[:6]}"
-    code, details = code_of(lambda: env.create(sid, pcfg, SLEEP, mounts=[pb.Mount(container_path="/x", host_path=path)]))
-    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) and path in details
-    assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
+    top = os.path.join(env.d.base, f"hostpath-{uuid.uuid4().hex[:6]}")
+    path = os.path.join(top, "a", "b")
+    cid = env.run(sid, pcfg, SLEEP, mounts=[pb.Mount(container_path="/x", host_path=path)])
+    assert os.path.isdir(path)
+    env.sh(cid, "echo hi > /x/f")
+    with open(os.path.join(path, "f")) as f:
+        assert f.read() == "hi\n"
+    # A relative or empty host path is still refused, and nothing is made.
+    for bad in ("", "relative/dir"):
+        code, details = code_of(lambda: env.create(sid, pcfg, SLEEP, mounts=[pb.Mount(container_path="/y",
+                                                                                      host_path=bad)]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert not os.path.exists("relative")
+    assert [c.id for c in env.rt.ListContainers(pb.ListContainersRequest()).containers] == [cid]
 
 
 def test_missing_executable_fails_start_with_runtime_message(env):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -78,6 +79,7 @@ HOST = HostLookups(
     devices_at=lambda p: HOST_DEVICES.get(p),
     load_seccomp=fake_load_seccomp,
     current_capabilities=lambda: None,
+    ensure_dir=lambda p: pytest.fail(f"the spec builder would create {p} on the host"),
 )
 
 
@@ -567,9 +569,32 @@ def test_cri_mounts_sorted_parents_first():
     assert dests == ["/m/a", "/m/a/b", "/m/a/b/c"]
 
 
-def test_missing_host_path_names_it():
-    with pytest.raises(NotFound, match="/does/not/exist"):
-        build(cfg(mounts=[Mount("/x", "/does/not/exist")]))
+def test_missing_host_path_is_created_as_a_directory():
+    made = []
+    host = dataclasses.replace(HOST, ensure_dir=made.append)
+    spec = build(cfg(mounts=[Mount("/x", "/does/not//exist/")]), host=host)
+    assert made == ["/does/not/exist"]
+    assert mount_at(spec, "/x")["source"] == "/does/not/exist"
+    # An existing source is left alone.
+    made.clear()
+    build(cfg(mounts=[Mount("/x", "/data")]), host=host)
+    assert made == []
+
+
+def test_missing_host_path_that_cannot_be_created_names_it():
+    def refuse(p):
+        raise PermissionError(13, "Permission denied", p)
+
+    with pytest.raises(FailedPrecondition, match="/does/not/exist"):
+        build(cfg(mounts=[Mount("/x", "/does/not/exist")]), host=dataclasses.replace(HOST, ensure_dir=refuse))
+
+
+@pytest.mark.parametrize("host_path", ["", "data", "./data"])
+def test_empty_or_relative_host_path_is_invalid_and_nothing_is_made(host_path):
+    made = []
+    with pytest.raises(InvalidArgument):
+        build(cfg(mounts=[Mount("/x", host_path)]), host=dataclasses.replace(HOST, ensure_dir=made.append))
+    assert made == []
 
 
 @pytest.mark.parametrize(
