@@ -96,6 +96,7 @@ def _paths_or_default(attr: str):
 
 _SPECIAL: dict[tuple[type, str], Any] = {
     (model.ContainerConfig, "image"): lambda m: m.image.image,
+    (model.ContainerConfig, "user_specified_image"): lambda m: m.image.user_specified_image,
     (model.ContainerConfig, "envs"): lambda m: [(kv.key, kv.value.decode("utf-8", errors="replace")) for kv in m.envs],
     (model.LinuxContainerSecurityContext, "masked_paths"): _paths_or_default("masked_paths"),
     (model.LinuxContainerSecurityContext, "readonly_paths"): _paths_or_default("readonly_paths"),

@@ -146,29 +146,37 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
         await self.rt.remove_container(request.container_id)
         return pb.RemoveContainerResponse()
 
-    def _image_ref(self, rec, memo: dict | None = None) -> tuple[str, str]:
-        """(image_ref, image_id) for a container: the repo digest where there is one."""
+    def _image_ref(self, rec, memo: dict | None = None) -> tuple[str, str, str]:
+        """(image_ref, image_id, first repo tag) for a container: the repo digest where there is one."""
         if memo is not None and rec.image_ref in memo:
             return memo[rec.image_ref]
         try:
             img = self.rt.images.store.get_image(rec.image_ref)
-            out = ((img.repo_digests[0] if img.repo_digests else img.id), img.id)
+            out = ((img.repo_digests[0] if img.repo_digests else img.id), img.id,
+                   img.repo_tags[0] if img.repo_tags else "")
         except Exception:  # noqa: BLE001 - the image may have been removed since
-            out = (rec.image_ref, rec.image_ref)
+            out = (rec.image_ref, rec.image_ref, "")
         if memo is not None:
             memo[rec.image_ref] = out
         return out
 
+    @staticmethod
+    def _image_spec(rec, tag: str) -> pb.ImageSpec:
+        """As containerd: the image's first repo tag, else what the user wrote, else what was asked for
+        (the kubelet creates containers with the image id)."""
+        user = (rec.config or {}).get("user_specified_image") or ""
+        return pb.ImageSpec(image=tag or user or rec.image_name, user_specified_image=user)
+
     def _container_item(self, rec, memo: dict | None = None) -> pb.Container:
-        ref, iid = self._image_ref(rec, memo)
+        ref, iid, tag = self._image_ref(rec, memo)
         return pb.Container(id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=pb.ContainerMetadata(**rec.metadata),
-                            image=pb.ImageSpec(image=rec.image_name), image_ref=ref, image_id=iid,
+                            image=self._image_spec(rec, tag), image_ref=ref, image_id=iid,
                             state=pb.ContainerState.Value(rec.state), created_at=rec.created_at,
                             labels=rec.labels, annotations=rec.annotations)
 
-    def _container_status(self, rec) -> pb.ContainerStatus:
+    def _container_status(self, rec, memo: dict | None = None) -> pb.ContainerStatus:
         cfg = container_config_from(rec.config)
-        ref, iid = self._image_ref(rec)
+        ref, iid, tag = self._image_ref(rec, memo)
         res = cfg.linux.resources if cfg.linux and cfg.linux.resources else None
         user = rec.extra.get("user") or {}
         sig = (rec.extra.get("stop_signal") or "").upper()
@@ -177,7 +185,7 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
         return pb.ContainerStatus(
             id=rec.id, metadata=pb.ContainerMetadata(**rec.metadata), state=pb.ContainerState.Value(rec.state),
             created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
-            exit_code=rec.exit_code, image=pb.ImageSpec(image=rec.image_name), image_ref=ref, image_id=iid,
+            exit_code=rec.exit_code, image=self._image_spec(rec, tag), image_ref=ref, image_id=iid,
             reason=rec.reason, message=rec.message, labels=rec.labels, annotations=rec.annotations,
             mounts=[convert.to_pb(pb.Mount, m) for m in cfg.mounts], log_path=rec.log_path,
             resources=pb.ContainerResources(linux=convert.to_pb(pb.LinuxContainerResources, res)) if res else None,

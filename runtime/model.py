@@ -263,6 +263,9 @@ class ContainerConfig:
     metadata: ContainerMetadata = field(default_factory=ContainerMetadata)
     #: The image reference the kubelet asked for (``ImageSpec.image``).
     image: str = ""
+    #: What the user wrote in the pod spec (``ImageSpec.user_specified_image``); the kubelet
+    #: passes the image id as ``image``.
+    user_specified_image: str = ""
     command: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
     working_dir: str = ""

@@ -141,3 +141,25 @@ def test_unknown_runtime_handler_is_invalid_argument(env):
     with pytest.raises(grpc.RpcError) as e:
         env.run_pod(handler="nosuch")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nosuch" in e.value.details()
+
+
+def test_image_reported_as_repo_tag_when_created_by_image_id(env):
+    """The kubelet creates containers with the image id; like containerd, status and list report the
+    image's first repo tag, and keep what the user wrote in user_specified_image."""
+    img = env.d.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=env.busybox))).image
+    assert img.id.startswith("sha256:") and img.repo_tags
+    sid, pcfg = env.run_pod()
+    from test.helpers.cri import container_config
+
+    cfg = container_config(img.id, SLEEP)
+    cfg.image.user_specified_image = "busybox:written-by-user"
+    cid = env.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg,
+                                                           sandbox_config=pcfg)).container_id
+    st = env.status(cid).status
+    assert st.image.image == img.repo_tags[0], st.image
+    assert st.image.user_specified_image == "busybox:written-by-user"
+    assert st.image_id == img.id
+    (item,) = env.rt.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(id=cid))).containers
+    assert item.image.image == img.repo_tags[0] and item.image.user_specified_image == "busybox:written-by-user"
+    (ps,) = env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid)).containers_statuses
+    assert ps.image.image == img.repo_tags[0]
