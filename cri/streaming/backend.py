@@ -116,6 +116,13 @@ class ByteQueue:
     async def drained(self) -> None:
         await self._drained.wait()
 
+    def discard(self) -> int:
+        """Drop everything buffered and end the stream; returns the number of bytes dropped."""
+        n, self._size = self._size, 0
+        self._chunks.clear()
+        self.feed_eof()
+        return n
+
     async def read(self, n: int = 65536) -> bytes:
         while not self._chunks:
             if self._eof:

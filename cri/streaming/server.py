@@ -144,10 +144,16 @@ class StreamingServer:
         stream_creation_timeout: float = 30.0,
         base_url: str | None = None,
         max_header_bytes: int = 64 * 1024,
+        max_streams_per_session: int = 1000,
+        max_pending_portforwards: int = 100,
     ) -> None:
         self.backend = backend
         self.host, self.port = host, port
         self.stream_creation_timeout = stream_creation_timeout
+        # Per connection: concurrently open client streams, and port-forward requests still
+        # waiting for the second stream of their pair.  More are refused (RST REFUSED_STREAM).
+        self.max_streams_per_session = max_streams_per_session
+        self.max_pending_portforwards = max_pending_portforwards
         self.max_header_bytes = max_header_bytes
         self.tokens = TokenCache(token_ttl)
         self._ssl: ssl.SSLContext | None = None
@@ -274,7 +280,7 @@ class StreamingServer:
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
             + f"{rc.HEADER_PROTOCOL_VERSION}: {proto}\r\n\r\n".encode()
         )
-        session = SpdySession(reader, writer, client=False)
+        session = SpdySession(reader, writer, client=False, max_streams=self.max_streams_per_session)
         session.start()
         try:
             if isinstance(request, PortForwardRequest):
@@ -295,6 +301,8 @@ class StreamingServer:
                         return
                     kind = stream.header(rc.HEADER_STREAM_TYPE, "")
                     if kind in wanted and kind not in streams:
+                        if kind in (rc.STDIN, rc.RESIZE):
+                            stream.claim()  # read by the command once every stream is here
                         stream.reply()
                         streams[kind] = stream
                     else:
@@ -351,10 +359,20 @@ class StreamingServer:
         tasks: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
 
+        def start(coro) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         def expire(rid: str) -> None:
             pair = pairs.pending.pop(rid, None)
-            if pair is not None and pair.error is not None:
-                tasks.add(asyncio.create_task(_write_error(pair.error, f"timed out waiting for the streams of request {rid}")))
+            if pair is None:
+                return
+            log.info("port-forward request %s: timed out waiting for its streams", rid)
+            if pair.error is not None:
+                _abort(pair.error, f"timed out waiting for the streams of request {rid}")
+            if pair.data is not None:
+                pair.data.reset()
 
         try:
             while (stream := await session.accept()) is not None:
@@ -370,8 +388,12 @@ class StreamingServer:
                     log.info("refusing port-forward stream: %s", e)
                     stream.reset()
                     continue
-                stream.reply()
                 rid = pf.request_id(headers, stream.id)
+                if rid not in pairs.pending and len(pairs.pending) >= self.max_pending_portforwards:
+                    log.info("refusing port-forward stream: %d requests already wait for their other stream", len(pairs.pending))
+                    stream.reset(spdy.RstStatus.REFUSED_STREAM)
+                    continue
+                stream.reply()
                 try:
                     pair, complete = pairs.add(rid, kind, port, stream)
                 except pf.PortForwardError as e:
@@ -379,14 +401,19 @@ class StreamingServer:
                     log.info("%s", e)
                     continue
                 if complete:
-                    tasks.add(asyncio.create_task(self._spdy_forward_pair(request.sandbox_id, pair)))
+                    if pair.data.was_reset or pair.error.was_reset:  # one of them went away while pending
+                        pair.data.reset()
+                        pair.error.reset()
+                        continue
+                    pair.data.claim()
+                    start(self._spdy_forward_pair(request.sandbox_id, pair))
                 elif pair.timer is None:
                     pair.timer = loop.call_later(self.stream_creation_timeout, expire, rid)
         finally:
             for pair in pairs.pending.values():
                 if pair.timer is not None:
                     pair.timer.cancel()
-            for t in tasks:
+            for t in list(tasks):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -492,6 +519,15 @@ def _aclose(stream: SpdyStream):
         stream.close()
 
     return close
+
+
+def _abort(stream: SpdyStream, message: str) -> None:
+    """Best effort: send ``message`` if the window allows it right now, then reset the stream."""
+    data = message.encode()
+    conn = stream.session.conn
+    if not stream.was_reset and not stream.session.closed.is_set() and conn.send_window(stream.id) >= len(data):
+        conn.send_data(stream.id, data)
+    stream.reset()
 
 
 async def _write_error(stream: SpdyStream, message: str) -> None:

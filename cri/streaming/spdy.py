@@ -308,6 +308,7 @@ class SpdyConnection:
 
     client: bool
     max_buffered_frame: int = 1 << 20
+    max_concurrent_streams: int = 1000  # streams the peer may have open at once; more are refused
     recv_window: int = DEFAULT_WINDOW  # our per-stream and session receive window (announced by initiate)
     _buf: bytearray = field(default_factory=bytearray, init=False, repr=False)
     _out: bytearray = field(default_factory=bytearray, init=False, repr=False)
@@ -434,6 +435,10 @@ class SpdyConnection:
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def peer_stream_count(self) -> int:
+        """Streams the peer opened that are not yet closed (or reset) on both sides."""
+        return sum(1 for sid in self._streams if (sid % 2 == 1) != self.client)
+
     # ---- input
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -472,7 +477,7 @@ class SpdyConnection:
                     self._out += rst_stream_frame(sid, RstStatus.PROTOCOL_ERROR)
                     return None
                 self._last_peer_stream_id = sid
-                if self.goaway_sent:
+                if self.goaway_sent or self.peer_stream_count() >= self.max_concurrent_streams:
                     self._out += rst_stream_frame(sid, RstStatus.REFUSED_STREAM)
                     return None
                 uni = bool(flags & FLAG_UNIDIRECTIONAL)

@@ -29,6 +29,10 @@ class SpdyStream:
         self.was_reset = False
         self.ended = False  # the peer finished the stream normally (FIN)
         self.incoming = ByteQueue(on_consumed=self._consumed)
+        # Whether something reads ``incoming``: streams we open are read by their opener; a
+        # peer's stream only once the application claims it.  Unclaimed streams a peer
+        # overfills are reset instead of stalling the connection's read loop.
+        self.claimed = local
         # Streams we open wait for the peer's SYN_REPLY.
         self.replied: asyncio.Future[None] | None = asyncio.get_running_loop().create_future() if local else None
 
@@ -47,7 +51,14 @@ class SpdyStream:
     async def read(self, n: int = 65536) -> bytes:
         return await self.incoming.read(n)
 
+    def claim(self) -> ByteQueue:
+        """Declare that the application reads this stream (so a full buffer means backpressure)."""
+        self.claimed = True
+        return self.incoming
+
     def reply(self, headers: spdy.Headers | None = None) -> None:
+        if self.was_reset or self.session.closed.is_set() or not self.session.conn.is_open(self.id):
+            return
         self.session.conn.reply(self.id, headers or [])
         self.session.flush()
 
@@ -73,22 +84,28 @@ class SpdyStream:
             self.session.flush()
             self.session.forget_if_done(self)
 
-    def reset(self, status: int = spdy.RstStatus.CANCEL) -> None:
+    def reset(self, status: int = spdy.RstStatus.CANCEL, discard: bool = False) -> None:
+        """RST_STREAM; with ``discard``, also drop unread data (and grant its session window back)."""
         if not self.was_reset and not self.session.closed.is_set():
             self.was_reset = True
             self.session.conn.reset_stream(self.id, status)
-            self.session.flush()
             self.session.streams.pop(self.id, None)
+            if discard and (dropped := self.incoming.discard()):
+                self.session.conn.acknowledge_received(self.id, dropped)  # the stream is gone: session window only
+            self.session.flush()
         self.incoming.feed_eof()
+        self._fail_reply(f"stream {self.id} was reset")
 
 
 class SpdySession:
     """Runs the read loop; new peer streams come out of :meth:`accept`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: bool) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: bool, max_streams: int = 1000
+    ) -> None:
         self.reader = reader
         self.writer = writer
-        self.conn = spdy.SpdyConnection(client=client, recv_window=RECV_WINDOW)
+        self.conn = spdy.SpdyConnection(client=client, recv_window=RECV_WINDOW, max_concurrent_streams=max_streams)
         self.streams: dict[int, SpdyStream] = {}
         self.closed = asyncio.Event()
         self._accept: asyncio.Queue[SpdyStream | None] = asyncio.Queue()
@@ -198,8 +215,14 @@ class SpdySession:
                 stream.incoming.feed_eof()
                 self.forget_if_done(stream)
             elif stream.incoming.over_limit:
-                # Peer ignores flow control: stop reading the socket until drained.
-                await stream.incoming.drained()
+                if stream.claimed:
+                    # Peer ignores flow control: stop reading the socket until the reader catches up.
+                    await stream.incoming.drained()
+                else:
+                    # Nobody reads this stream (yet): waiting would stall the whole connection
+                    # (frames, pings, RSTs, even the peer hanging up) for good.  Drop just it.
+                    log.info("resetting SPDY stream %d: %d unread bytes and no reader", stream.id, stream.incoming.size)
+                    stream.reset(spdy.RstStatus.FLOW_CONTROL_ERROR, discard=True)
         elif isinstance(ev, spdy.StreamReplied):
             stream = self.streams.get(ev.stream_id)
             if stream is not None and stream.replied is not None and not stream.replied.done():

@@ -18,11 +18,13 @@ import ssl
 import struct
 import subprocess
 import termios
+import urllib.parse
 
 import pytest
 import websocket
 
 from cri.streaming import client as sc
+from cri.streaming import spdy
 from cri.streaming.remotecommand import V4, RemoteCommandError
 from cri.streaming.spdyio import StreamClosedError
 from cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
@@ -454,5 +456,210 @@ def test_portforward_websocket_10mb():
             return n, h.hexdigest()
 
         assert await asyncio.to_thread(client) == (BIG, hashlib.sha256(payload).hexdigest())
+
+    run(t)
+
+
+# --------------------------------------------------------------------------- SPDY peers that misbehave
+
+GUARD = 10  # only so that a regression fails instead of hanging the run; nothing here is timed
+
+
+class RawSpdy:
+    """A hand-driven SPDY client built on the sans-I/O core; it never announces (or honours) flow control."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        # A receive window it never has to grant back: it sends no WINDOW_UPDATE, like spdystream.
+        self.conn = spdy.SpdyConnection(client=True, recv_window=spdy.MAX_WINDOW)
+        self.pending: list = []
+
+    @classmethod
+    async def connect(cls, url: str, protocol: str = "portforward.k8s.io") -> RawSpdy:
+        u = urllib.parse.urlsplit(url)
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        writer.write(
+            f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            f"X-Stream-Protocol-Version: {protocol}\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        return cls(reader, writer)
+
+    async def send(self, raw: bytes = b"") -> None:
+        self.writer.write(self.conn.data_to_send() + raw)
+        await self.writer.drain()
+
+    async def open(self, headers, fin: bool = False) -> int:
+        sid = self.conn.open_stream(headers, fin=fin)
+        await self.send()
+        return sid
+
+    async def until(self, match):
+        """The first event (already received, or read from now on) that satisfies ``match``."""
+        while True:
+            for i, ev in enumerate(self.pending):
+                if match(ev):
+                    return self.pending.pop(i)
+            data = await self.reader.read(65536)
+            assert data, "the server closed the connection"
+            self.pending += self.conn.receive_data(data)
+            await self.send()  # e.g. echo pings
+
+    async def reset_of(self, sid: int) -> spdy.StreamReset:
+        return await self.until(lambda ev: isinstance(ev, spdy.StreamReset) and ev.stream_id == sid)
+
+    async def overfill(self, sid: int, n: int) -> None:
+        """Send ``n`` bytes on ``sid`` with raw DATA frames, ignoring every window."""
+        chunk = b"x" * spdy.MAX_DATA_CHUNK
+        for _ in range(n // len(chunk)):
+            await self.send(spdy.data_frame(sid, chunk))
+
+    async def forward(self, rid: str, port: int, payload: bytes, error: int | None = None) -> bytes:
+        """A well-formed port-forward request (its error stream may already be open): returns
+        what came back on the data stream."""
+        base = [("port", str(port)), ("requestid", rid)]
+        if error is None:
+            error = self.conn.open_stream([("streamtype", "error"), *base], fin=True)
+        data = self.conn.open_stream([("streamtype", "data"), *base])
+        self.conn.send_data(data, payload, fin=True)
+        await self.send()
+        got, ended = b"", set()
+        while ended != {data, error}:  # both FINs: the server is done with the pair
+            ev = await self.until(lambda ev: getattr(ev, "stream_id", None) in (data, error))
+            assert not isinstance(ev, spdy.StreamReset), ev
+            if isinstance(ev, spdy.DataReceived):
+                assert ev.stream_id == data or not ev.data, f"error stream says {ev.data!r}"
+                got += ev.data
+                if ev.fin:
+                    ended.add(ev.stream_id)
+        return got
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def test_overfilled_unpaired_portforward_stream_is_reset_and_the_session_keeps_working():
+    async def t(server, backend, echo_port):
+        async with asyncio.timeout(GUARD):
+            raw = await RawSpdy.connect(server.get_portforward_url(PortForwardRequest("pod1")))
+            try:
+                lonely = await raw.open([("streamtype", "data"), ("port", str(echo_port)), ("requestid", "lonely")])
+                await raw.overfill(lonely, 3 << 19)  # 1.5 MiB that nobody will ever read
+                assert (await raw.reset_of(lonely)).status == spdy.RstStatus.FLOW_CONTROL_ERROR
+                # The read loop still runs: pings are answered and a proper request on the same connection works.
+                pid = raw.conn.ping()
+                await raw.send()
+                await raw.until(lambda ev: ev == spdy.PingAcknowledged(pid))
+                assert await raw.forward("ok", echo_port, b"still here") == b"still here"
+            finally:
+                raw.close()
+
+    run(t)
+
+
+def test_client_hanging_up_after_overfilling_a_stream_ends_the_server_side():
+    async def t(server, backend, echo_port):
+        async with asyncio.timeout(GUARD):
+            raw = await RawSpdy.connect(server.get_portforward_url(PortForwardRequest("pod1")))
+            conns = set(server._conns)
+            assert len(conns) == 1
+            lonely = await raw.open([("streamtype", "data"), ("port", str(echo_port)), ("requestid", "lonely")])
+            await raw.overfill(lonely, 3 << 19)
+            raw.writer.write_eof()  # a clean hang-up (FIN after all the data), not a connection reset
+            while await raw.reader.read(65536):
+                pass  # the server closes its side once it has seen ours
+            await asyncio.gather(*conns)  # and the connection's task has finished
+            raw.close()
+
+    run(t)
+
+
+def test_expired_portforward_pairs_are_reset():
+    async def t(server, backend, echo_port):
+        async with asyncio.timeout(GUARD):
+            raw = await RawSpdy.connect(server.get_portforward_url(PortForwardRequest("pod1")))
+            try:
+                port = ("port", str(echo_port))
+                error = await raw.open([("streamtype", "error"), port, ("requestid", "a")])
+                data = await raw.open([("streamtype", "data"), port, ("requestid", "b")])
+                message = await raw.until(lambda ev: isinstance(ev, spdy.DataReceived) and ev.stream_id == error)
+                assert b"timed out waiting for the streams of request a" in message.data
+                await raw.reset_of(error)
+                await raw.reset_of(data)
+                assert not raw.conn.is_open(error) and not raw.conn.is_open(data)
+                assert await raw.forward("c", echo_port, b"fine") == b"fine"
+            finally:
+                raw.close()
+
+    run(t, stream_creation_timeout=0.2)
+
+
+def test_streams_and_pending_portforward_pairs_are_capped_per_session():
+    async def t(server, backend, echo_port):
+        async with asyncio.timeout(GUARD):
+            raw = await RawSpdy.connect(server.get_portforward_url(PortForwardRequest("pod1")))
+            try:
+                port = ("port", str(echo_port))
+                waiting = [await raw.open([("streamtype", "error"), port, ("requestid", f"w{i}")], fin=True) for i in range(2)]
+                for sid in waiting:
+                    await raw.until(lambda ev, sid=sid: isinstance(ev, spdy.StreamReplied) and ev.stream_id == sid)
+                # A third request still waiting for its pair is one too many ...
+                third = await raw.open([("streamtype", "error"), port, ("requestid", "w2")])
+                assert (await raw.reset_of(third)).status == spdy.RstStatus.REFUSED_STREAM
+                # ... but completing a waiting one is fine (and frees its slot).
+                assert await raw.forward("w0", echo_port, b"paired", error=waiting[0]) == b"paired"
+                # Two forwarded connections the client keeps open (nothing pending) use the four streams
+                # a session may have; a fifth stream is refused, and the first one open again once one ends.
+                w1 = await raw.open([("streamtype", "data"), port, ("requestid", "w1")])
+                y_error = await raw.open([("streamtype", "error"), port, ("requestid", "y")], fin=True)
+                y_data = await raw.open([("streamtype", "data"), port, ("requestid", "y")])
+                for sid in (w1, y_error, y_data):
+                    await raw.until(lambda ev, sid=sid: isinstance(ev, spdy.StreamReplied) and ev.stream_id == sid)
+                z = await raw.open([("streamtype", "error"), port, ("requestid", "z")], fin=True)
+                assert (await raw.reset_of(z)).status == spdy.RstStatus.REFUSED_STREAM
+                raw.conn.send_data(y_data, b"bye", fin=True)
+                await raw.send()
+                for sid in (y_error, y_data):
+                    await raw.until(lambda ev, sid=sid: isinstance(ev, spdy.DataReceived) and ev.stream_id == sid and ev.fin)
+                assert await raw.forward("z2", echo_port, b"room again") == b"room again"
+            finally:
+                raw.close()
+
+    run(t, max_streams_per_session=4, max_pending_portforwards=2)
+
+
+def test_stdin_from_a_peer_without_flow_control_is_backpressured_not_reset():
+    """A claimed stream (exec stdin) that fills up still just pauses the read loop until it drains."""
+
+    async def t(server, backend, _):
+        async with asyncio.timeout(GUARD):
+            raw = await RawSpdy.connect(server.get_exec_url(ExecRequest("c1", ["cat"], stdin=True)), V4)
+            try:
+                sids = {k: await raw.open([("streamtype", k)], fin=k != "stdin") for k in ("error", "stdin", "stdout", "stderr")}
+                for sid in sids.values():
+                    await raw.until(lambda ev, sid=sid: isinstance(ev, spdy.StreamReplied) and ev.stream_id == sid)
+                size = 3 << 20
+
+                async def push():
+                    await raw.overfill(sids["stdin"], size)
+                    await raw.send(spdy.data_frame(sids["stdin"], b"", fin=True))
+
+                pusher = asyncio.create_task(push())
+                n = 0
+                while True:
+                    ev = await raw.until(
+                        lambda ev: isinstance(ev, (spdy.DataReceived, spdy.StreamReset)) and ev.stream_id != sids["stderr"]
+                    )
+                    assert isinstance(ev, spdy.DataReceived) and ev.stream_id == sids["stdout"], ev
+                    n += len(ev.data)
+                    if ev.fin:
+                        break
+                await pusher
+                assert n == size
+            finally:
+                if "pusher" in locals():
+                    pusher.cancel()
+                raw.close()
 
     run(t)

@@ -134,3 +134,17 @@ def test_byte_queue():
         assert sum(consumed) == 8
 
     asyncio.run(main())
+
+
+def test_byte_queue_discard():
+    async def main():
+        q = ByteQueue(limit=4)
+        q.feed(b"abcdef")
+        assert q.over_limit
+        assert q.discard() == 6
+        assert not q.over_limit and q.at_eof
+        await q.drained()
+        q.feed(b"late")
+        assert await q.read() == b""
+
+    asyncio.run(main())

@@ -269,3 +269,18 @@ def test_larger_receive_window_is_announced_per_stream_and_for_the_session():
     assert sum(len(e.data) for e in pump(s, c)) == big
     c.acknowledge_received(sid, big // 2)
     assert c.data_to_send() == spdy.window_update_frame(0, big // 2) + spdy.window_update_frame(sid, big // 2)
+
+
+def test_streams_beyond_the_concurrency_limit_are_refused():
+    c, s = spdy.SpdyConnection(client=True), spdy.SpdyConnection(client=False, max_concurrent_streams=2)
+    first, second = c.open_stream([]), c.open_stream([])
+    assert [type(e) for e in pump(c, s)] == [spdy.StreamOpened, spdy.StreamOpened]
+    third = c.open_stream([])
+    assert pump(c, s) == []
+    assert s.data_to_send() == spdy.rst_stream_frame(third, spdy.RstStatus.REFUSED_STREAM)
+    # Our own streams do not count; a peer stream that ends frees its slot.
+    s.open_stream([])
+    s.reset_stream(first)
+    fourth = c.open_stream([])
+    assert [type(e) for e in pump(c, s)] == [spdy.StreamOpened]
+    assert s.peer_stream_count() == 2 and s.is_open(fourth) and s.is_open(second)
