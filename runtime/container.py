@@ -376,7 +376,9 @@ class ContainerOps:
         self.store.delete_container(cid)
         self.containers.pop(cid, None)
         self._locks.pop(cid, None)
-        self._exit_events.pop(cid, None)
+        ev = self._exit_events.pop(cid, None)
+        if ev is not None:
+            ev.set()  # a StopContainer waiting for this exit: the container is gone
 
     # -- status and list ---------------------------------------------------------------------------
 

@@ -152,18 +152,22 @@ class Runtime(SandboxOps, ContainerOps):
 
         async def watch() -> None:
             try:
-                await self.oci(handler).wait_exit(obj_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a lost watcher must not kill the daemon
-                log.exception("exit watcher for %s failed", obj_id)
-            try:
+                try:
+                    await self.oci(handler).wait_exit(obj_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - a lost watcher must not kill the daemon
+                    log.exception("exit watcher for %s failed", obj_id)
                 await on_exit(obj_id)
             finally:
-                self._watchers.pop(obj_id, None)
+                # Also when cancelled (the object was removed, or the daemon stops): whoever
+                # waits in wait_exited must not wait for an exit nobody will record.
+                if self._watchers.get(obj_id) is task:
+                    self._watchers.pop(obj_id, None)
                 ev.set()
 
-        self._watchers[obj_id] = asyncio.ensure_future(watch())
+        task = asyncio.ensure_future(watch())
+        self._watchers[obj_id] = task
 
     def forget_watcher(self, obj_id: str) -> None:
         """Stop watching ``obj_id`` (its exit was recorded otherwise) and release its waiters."""

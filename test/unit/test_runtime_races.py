@@ -1,0 +1,178 @@
+"""Runtime lifecycle races, with a fake OCI runtime and fake images (no root, no runc).
+
+Each test interleaves two CRI calls deterministically through the fakes' pause points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+
+from runtime import container as ctrmod
+from runtime import events
+from runtime.errors import FailedPrecondition, NotFound
+from runtime.model import ContainerConfig, ContainerMetadata, LinuxContainerResources
+from runtime.modelio import to_plain
+from runtime.sandbox import NOTREADY, READY
+from runtime.service import Runtime, RuntimeSettings
+from runtime.store import ContainerRecord, SandboxRecord, Store, now_ns
+
+
+class FakeOCI:
+    def __init__(self) -> None:
+        self.signals: list[tuple[str, int]] = []
+        self.created: list[str] = []
+        self.updated: list[str] = []
+        self.exits: dict[str, asyncio.Future] = {}
+        self.ignore: set[int] = {signal.SIGTERM}  # signals the "process" ignores
+        self.delete_pause: asyncio.Event | None = None
+
+    def _exit(self, cid: str) -> asyncio.Future:
+        return self.exits.setdefault(cid, asyncio.get_running_loop().create_future())
+
+    async def create(self, cid, bundle, **kw) -> int:
+        self.created.append(cid)
+        return 4242
+
+    async def start(self, cid) -> None:
+        await asyncio.sleep(0)
+
+    async def kill(self, cid, sig, all=False) -> None:
+        self.signals.append((cid, int(sig)))
+        await asyncio.sleep(0)
+        if int(sig) not in self.ignore and not self._exit(cid).done():
+            self._exit(cid).set_result(128 + int(sig))
+
+    async def delete(self, cid, force=False) -> None:
+        if self.delete_pause is not None:
+            await self.delete_pause.wait()
+        await asyncio.sleep(0)
+        if signal.SIGKILL not in self.ignore and not self._exit(cid).done():
+            self._exit(cid).set_result(137)
+
+    async def state(self, cid):
+        raise NotFound(cid)
+
+    def exit_status(self, cid):
+        return None
+
+    def conmon_pid(self, cid):
+        return None
+
+    async def wait_exit(self, cid, timeout=None) -> int:
+        return await asyncio.shield(self._exit(cid))
+
+    async def update(self, cid, resources) -> None:
+        self.updated.append(cid)
+
+
+@dataclass
+class FakeImage:
+    id: str = "sha256:" + "a" * 64
+    config: dict = field(default_factory=dict)
+
+
+class FakeImages:
+    def __init__(self) -> None:
+        self.prepare_pause: asyncio.Event | None = None
+        self.prepared = asyncio.Event()
+        self.released: list[str] = []
+
+    def get_local(self, ref):
+        return FakeImage()
+
+    async def prepare_rootfs(self, cid, image, rootfs) -> None:
+        self.prepared.set()
+        if self.prepare_pause is not None:
+            await self.prepare_pause.wait()
+
+    async def release_rootfs(self, key, rootfs) -> None:
+        self.released.append(key)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    settings = RuntimeSettings(root_dir=str(tmp_path / "root"), state_dir=str(tmp_path / "state"),
+                               handlers={"runc": "/bin/true"}, netns_dir=str(tmp_path / "netns"))
+    store = Store(str(tmp_path / "root"))
+    rt = Runtime(settings, store, FakeImages(), None)
+    oci = FakeOCI()
+    rt._runtimes["runc"] = oci
+    return rt, oci
+
+
+def add_sandbox(rt: Runtime, sid: str = "s" * 64) -> SandboxRecord:
+    rec = SandboxRecord(id=sid, name=f"pod_{sid[:6]}", state=READY, created_at=now_ns(),
+                        metadata={"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
+                        config={"metadata": {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
+                                "linux": {"security_context": {"namespace_options": {"network": "NODE",
+                                                                                     "ipc": "NODE"}}}},
+                        pid=4000)
+    rt.store.add_sandbox(rec)
+    rt.sandboxes[sid] = rec
+    return rec
+
+
+def add_container(rt: Runtime, sb: SandboxRecord, cid: str = "c" * 64, state: str = ctrmod.CREATED) -> ContainerRecord:
+    cfg = ContainerConfig(metadata=ContainerMetadata(name="c"), image="busybox")
+    rec = ContainerRecord(id=cid, name=f"c_{cid[:6]}", sandbox_id=sb.id, state=state, created_at=now_ns(),
+                          metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=FakeImage().id,
+                          image_name="busybox", snapshot_key=cid, extra={})
+    rt.store.add_container(rec)
+    rt.containers[cid] = rec
+    return rec
+
+
+async def until(cond, what: str) -> None:
+    for _ in range(1000):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def settle() -> None:
+    """Let every ready task run until it blocks (the fakes do no real I/O)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+# -- 5: a cancelled exit watcher releases whoever waits for the exit -----------------------------
+
+def test_stop_waiting_for_the_exit_returns_when_the_container_is_removed(harness):
+    rt, oci = harness
+
+    async def main():
+        sb = add_sandbox(rt)
+        rec = add_container(rt, sb, state=ctrmod.RUNNING)
+        rt.watch_exit(rec.id, "runc", rt._on_container_exit)
+        stop = asyncio.ensure_future(rt.stop_container(rec.id, 20))
+        await until(lambda: (rec.id, signal.SIGTERM) in oci.signals, "SIGTERM sent")
+        await settle()  # StopContainer now waits for the exit
+        oci.ignore.add(signal.SIGKILL)  # the exit never comes through the watcher
+        async with rt.lock(rec.id):  # what RemoveContainer does once it holds the lock
+            await rt._destroy_container(rec)
+        await stop
+        assert (rec.id, signal.SIGKILL) not in oci.signals  # it did not wait out its 20 s
+
+    asyncio.run(main())
+
+
+def test_waiters_are_released_when_the_daemon_stops_watching(harness):
+    rt, oci = harness
+
+    async def main():
+        sb = add_sandbox(rt)
+        rec = add_container(rt, sb, state=ctrmod.RUNNING)
+        rt.watch_exit(rec.id, "runc", rt._on_container_exit)
+        stop = asyncio.ensure_future(rt.stop_container(rec.id, 20))
+        await until(lambda: (rec.id, signal.SIGTERM) in oci.signals, "SIGTERM sent")
+        await settle()  # StopContainer now waits for the exit
+        await rt.stop()
+        await stop
+        assert (rec.id, signal.SIGKILL) not in oci.signals
+
+    asyncio.run(main())
