@@ -244,9 +244,15 @@ class ContainerOps:
                 raise InvalidArgument(f"container id prefix {cid!r} is ambiguous ({len(matches)} containers)")
         raise NotFound(f"container {cid!r} not found")
 
+    def _still_there(self: "Runtime", rec: ContainerRecord) -> None:
+        """After waiting for a container's lock: NOT_FOUND if it was removed meanwhile."""
+        if self.containers.get(rec.id) is not rec:
+            raise NotFound(f"container {rec.id} not found (it was removed)")
+
     async def start_container(self: "Runtime", cid: str) -> None:
         rec = self.get_container(cid)
         async with self.lock(rec.id):
+            self._still_there(rec)
             if rec.state != CREATED or rec.extra.get("phase"):
                 raise FailedPrecondition(
                     f"container {rec.id} is {rec.state.removeprefix('CONTAINER_').lower()}, not created; "
@@ -445,6 +451,7 @@ class ContainerOps:
     async def update_resources(self: "Runtime", cid: str, res: LinuxContainerResources) -> None:
         rec = self.get_container(cid)
         async with self.lock(rec.id):
+            self._still_there(rec)
             if rec.state == RUNNING:
                 await self.timed("oci_update", self.oci(rec.runtime_handler).update(rec.id, spec.linux_resources(res)))
             elif rec.state != CREATED:

@@ -176,3 +176,31 @@ def test_waiters_are_released_when_the_daemon_stops_watching(harness):
         assert (rec.id, signal.SIGKILL) not in oci.signals
 
     asyncio.run(main())
+
+
+# -- 6: StartContainer / UpdateContainerResources that waited for the lock of a removed container ----
+
+@pytest.mark.parametrize("call", ["start", "update"])
+def test_call_waiting_for_the_lock_of_a_removed_container_is_not_found(harness, call):
+    rt, oci = harness
+
+    async def main():
+        sb = add_sandbox(rt)
+        # A running container for UpdateContainerResources (it would reach runc), a created one for start.
+        rec = add_container(rt, sb, state=ctrmod.RUNNING if call == "update" else ctrmod.CREATED)
+        oci.delete_pause = asyncio.Event()
+        remove = asyncio.ensure_future(rt.remove_container(rec.id))
+        await settle()  # RemoveContainer holds the lock, deleting
+        if call == "start":
+            other = asyncio.ensure_future(rt.start_container(rec.id))
+        else:
+            other = asyncio.ensure_future(rt.update_resources(rec.id, LinuxContainerResources(cpu_shares=2)))
+        await settle()  # waiting for the lock
+        oci.delete_pause.set()
+        await remove
+        with pytest.raises(NotFound, match=f"{rec.id} not found \\(it was removed\\)"):
+            await other
+        assert rec.id not in oci.created and rec.id not in oci.updated
+        assert rec.id not in rt.containers and not rt.store.list_containers()
+
+    asyncio.run(main())
