@@ -111,11 +111,20 @@ class ContainerOps:
         sb = self.get_sandbox(sandbox_id)
         from runtime.sandbox import READY
 
-        if sb.state != READY:
-            raise FailedPrecondition(
-                f"pod sandbox {sb.id} ({sb.metadata.get('name')}) is not ready; cannot create containers in it")
+        self._check_sandbox_accepts(sb)
         name = f"{cfg.metadata.name}_{sb.name}_{cfg.metadata.attempt}"
         return await self.dedup(name, lambda: self._create_container(sb, cfg, name))
+
+    def _check_sandbox_accepts(self: "Runtime", sb) -> None:
+        """A container may be created in ``sb`` only while it exists, is ready and is not being removed."""
+        from runtime.sandbox import READY
+
+        if self.sandboxes.get(sb.id) is not sb:
+            raise NotFound(f"pod sandbox {sb.id} ({sb.metadata.get('name')}) was removed; "
+                           "cannot create containers in it")
+        if sb.state != READY or sb.id in self._removing_sandboxes:
+            raise FailedPrecondition(
+                f"pod sandbox {sb.id} ({sb.metadata.get('name')}) is not ready; cannot create containers in it")
 
     async def _create_container(self: "Runtime", sb, cfg: ContainerConfig, name: str) -> str:
         from runtime.service import new_id
@@ -130,17 +139,24 @@ class ContainerOps:
             labels=dict(cfg.labels), annotations=dict(cfg.annotations), log_path=log_path,
             runtime_handler=sb.runtime_handler, snapshot_key=cid, extra={"phase": "creating"},
         )
+        self._check_sandbox_accepts(sb)  # removed or stopped while we waited to run
         self.store.add_container(rec)  # reserves the name
         self.containers[cid] = rec
-        try:
-            async with self.lock(cid):
-                await self._prepare_container(rec, sb, cfg, image, volume_images)
-        except BaseException:
+        async with self.lock(cid):
             try:
-                await asyncio.shield(self._destroy_container(rec))
-            except Exception:  # noqa: BLE001
-                log.exception("cleanup of failed container %s", cid)
-            raise
+                await self._prepare_container(rec, sb, cfg, image, volume_images)
+                # RemovePodSandbox may have run meanwhile: it marks the sandbox under its lock and
+                # then removes the containers it lists, so a container that passes this check is
+                # one it will find; one that does not is cleaned up here (under our own lock, so a
+                # concurrent RemoveContainer finds it gone).
+                async with self.lock(sb.id):
+                    self._check_sandbox_accepts(sb)
+            except BaseException:
+                try:
+                    await asyncio.shield(self._destroy_container(rec))
+                except Exception:  # noqa: BLE001
+                    log.exception("cleanup of failed container %s", cid)
+                raise
         self.events.publish(cid, events.CREATED, sb.id)
         return cid
 

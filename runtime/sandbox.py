@@ -248,11 +248,18 @@ class SandboxOps:
             rec = self.get_sandbox(sid)
         except NotFound:
             return  # the CRI asks Remove of an unknown sandbox to succeed
-        for c in [c for c in self.containers.values() if c.sandbox_id == rec.id]:
-            await self.remove_container(c.id)
+        # Mark it first (under its lock, which CreateContainer takes for its last check): a
+        # container created from here on is refused, and every earlier one is listed below.
         async with self.lock(rec.id):
-            if rec.id in self.sandboxes:
-                await self._teardown_sandbox(rec, remove=True)
+            self._removing_sandboxes.add(rec.id)
+        try:
+            for c in [c for c in self.containers.values() if c.sandbox_id == rec.id]:
+                await self.remove_container(c.id)
+            async with self.lock(rec.id):
+                if rec.id in self.sandboxes:
+                    await self._teardown_sandbox(rec, remove=True)
+        finally:
+            self._removing_sandboxes.discard(rec.id)
 
     # -- status and list ----------------------------------------------------------------------
 

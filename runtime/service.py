@@ -69,6 +69,7 @@ class Runtime(SandboxOps, ContainerOps):
         self._unclaimed: dict[str, str] = {}
         self._watchers: dict[str, asyncio.Task] = {}
         self._exit_events: dict[str, asyncio.Event] = {}
+        self._removing_sandboxes: set[str] = set()  # RemovePodSandbox in progress: no new containers
         self._runtimes: dict[str, ocimod.OCIRuntime] = {}
         for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):
             os.makedirs(d, mode=0o711, exist_ok=True)

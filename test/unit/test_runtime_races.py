@@ -204,3 +204,35 @@ def test_call_waiting_for_the_lock_of_a_removed_container_is_not_found(harness, 
         assert rec.id not in rt.containers and not rt.store.list_containers()
 
     asyncio.run(main())
+
+
+# -- 7: CreateContainer racing RemovePodSandbox leaves no orphan --------------------------------
+
+def _cfg(name: str = "c") -> ContainerConfig:
+    return ContainerConfig(metadata=ContainerMetadata(name=name), image="busybox", command=["true"])
+
+
+@pytest.mark.parametrize("pause_in_prepare", [False, True])
+def test_create_container_racing_remove_pod_sandbox_leaves_no_orphan(harness, pause_in_prepare):
+    rt, oci = harness
+
+    async def main():
+        sb = add_sandbox(rt)
+        if pause_in_prepare:
+            rt.images.prepare_pause = asyncio.Event()
+        create = asyncio.ensure_future(rt.create_container(sb.id, _cfg()))
+        if pause_in_prepare:
+            await until(rt.images.prepared.is_set, "the rootfs being prepared")
+        remove = asyncio.ensure_future(rt.remove_sandbox(sb.id))
+        await settle()
+        if pause_in_prepare:
+            rt.images.prepare_pause.set()
+        res = await asyncio.gather(create, remove, return_exceptions=True)
+        assert res[1] is None, res
+        assert sb.id not in rt.sandboxes
+        orphans = [c.id for c in rt.containers.values()] + [c.id for c in rt.store.list_containers()]
+        assert not orphans, (res, orphans)
+        assert isinstance(res[0], (FailedPrecondition, NotFound)), res
+        assert sb.id in str(res[0])
+
+    asyncio.run(main())
