@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from cni import netns as netnsmod
 from images import snapshotter as snapmod
-from runtime import podfiles, spec
+from runtime import events, podfiles, spec
 from runtime.modelio import sandbox_config_from, to_plain
 from runtime.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from runtime.model import PodSandboxConfig
@@ -79,6 +79,9 @@ class SandboxOps:
             except Exception:  # noqa: BLE001
                 log.exception("cleanup of failed sandbox %s", sid)
             raise
+        # As containerd does, sandbox lifecycle events carry the sandbox id as container_id.
+        self.events.publish(sid, events.CREATED, sid)
+        self.events.publish(sid, events.STARTED, sid)
         return sid
 
     def new_sandbox_id(self: "Runtime") -> str:
@@ -169,6 +172,7 @@ class SandboxOps:
             return
         rec.state = NOTREADY
         self.store.update_sandbox(rec)
+        self.events.publish(sid, events.STOPPED, sid)
         log.info("pod sandbox infra process exited", extra={"fields": {"id": sid}})
 
     # -- StopPodSandbox -----------------------------------------------------------------------
@@ -224,7 +228,10 @@ class SandboxOps:
         shm = os.path.join(self.sandbox_state(sid), "shm")
         if os.path.isdir(shm):
             snapmod.unmount_all(shm)
+        was_ready = rec.state == READY and not rec.extra.get("phase")
         rec.state = NOTREADY
+        if was_ready:  # the infra exit was not seen (e.g. state lost): say it stopped now
+            self.events.publish(sid, events.STOPPED, sid)
         if remove:
             try:
                 await rt.delete(sid, force=True)
@@ -258,6 +265,7 @@ class SandboxOps:
             async with self.lock(rec.id):
                 if rec.id in self.sandboxes:
                     await self._teardown_sandbox(rec, remove=True)
+                    self.events.publish(rec.id, events.DELETED, rec.id)
         finally:
             self._removing_sandboxes.discard(rec.id)
 
@@ -317,6 +325,7 @@ class SandboxOps:
         else:
             rec.state = NOTREADY
             self.store.update_sandbox(rec)
+            self.events.publish(rec.id, events.STOPPED, rec.id)
 
     def collect_stale_netns(self: "Runtime") -> None:
         try:

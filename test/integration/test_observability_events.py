@@ -79,6 +79,23 @@ def test_one_lifecycle_arrives_complete_and_in_order_to_every_subscriber(daemon,
             assert started.containers_statuses[0].state == pb.CONTAINER_RUNNING  # as at event time
             assert stopped.containers_statuses[0].state == pb.CONTAINER_EXITED
             assert cid not in [c.id for c in deleted.containers_statuses]
+        # The sandbox's own lifecycle, with its id as container_id (as containerd does).
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        for r in readers:
+            evs = r.events_for(sid, 4)
+            assert [e.container_event_type for e in evs] == LIFECYCLE
+            times = [e.created_at for e in evs]
+            assert times == sorted(times)
+            created, started, stopped, deleted = evs
+            for e in (created, started):
+                assert e.pod_sandbox_status.id == sid and e.pod_sandbox_status.state == pb.SANDBOX_READY
+            assert stopped.pod_sandbox_status.id == sid
+            assert stopped.pod_sandbox_status.state == pb.SANDBOX_NOTREADY
+            # The sandbox's events come before its first container's, its deletion after the last.
+            order = [(e.container_id, e.container_event_type) for e in r.seen]
+            assert order.index((sid, E.CONTAINER_STARTED_EVENT)) < order.index((cid, E.CONTAINER_CREATED_EVENT))
+            assert order.index((sid, E.CONTAINER_DELETED_EVENT)) > order.index((cid, E.CONTAINER_DELETED_EVENT))
     finally:
         for r in readers:
             r.close()
