@@ -103,7 +103,9 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
 
     async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context) -> pb.PodSandboxStatusResponse:
         rec, info = self.rt.sandbox_status(request.pod_sandbox_id, request.verbose)
-        statuses = [self._container_status(c) for c in self.rt.list_containers(sandbox_id=rec.id)]
+        memo: dict = {}  # one image look-up per image, not per container (the kubelet asks often)
+        statuses = [self._container_status(c, memo) for c in self.rt.list_containers(sandbox_id=rec.id)
+                    if c.sandbox_id == rec.id]
         return pb.PodSandboxStatusResponse(status=self._sandbox_status(rec), info=info,
                                            containers_statuses=statuses, timestamp=time.time_ns())
 
@@ -246,7 +248,8 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
                     ctrs = self.rt.list_containers(sandbox_id=sb.id) if sb is not None else []
                 if sb is not None:
                     sandbox_status = self._sandbox_status(sb)
-                    statuses = [self._container_status(c) for c in ctrs]
+                    memo = {}
+                    statuses = [self._container_status(c, memo) for c in ctrs]
                 yield pb.ContainerEventResponse(
                     container_id=ev.container_id, container_event_type=pb.ContainerEventType.Value(ev.type),
                     created_at=ev.created_at, pod_sandbox_status=sandbox_status, containers_statuses=statuses)

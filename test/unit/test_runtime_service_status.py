@@ -1,0 +1,59 @@
+"""cri.runtime_service status building without a daemon: image look-ups are memoised per call."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from cri.api import api_pb2 as pb
+from cri.runtime_service import RuntimeServicer
+from runtime.model import ContainerConfig, ContainerMetadata
+from runtime.modelio import to_plain
+from runtime.store import ContainerRecord, SandboxRecord
+
+IMG = "sha256:" + "b" * 64
+
+
+@dataclass
+class Img:
+    id: str = IMG
+    repo_tags: list = field(default_factory=lambda: ["registry.local/busybox:1"])
+    repo_digests: list = field(default_factory=lambda: ["registry.local/busybox@sha256:" + "c" * 64])
+
+
+class CountingStore:
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    def get_image(self, ref):
+        self.lookups += 1
+        return Img()
+
+
+class FakeRuntime:
+    def __init__(self, n: int) -> None:
+        self.sb = SandboxRecord(id="s" * 64, name="pod", state="SANDBOX_READY",
+                                metadata={"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
+                                config={"metadata": {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0}})
+        cfg = ContainerConfig(metadata=ContainerMetadata(name="c"), image=IMG)
+        self.ctrs = [ContainerRecord(id=f"{i:064x}", name=f"c{i}", sandbox_id=self.sb.id, state="CONTAINER_CREATED",
+                                     metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=IMG,
+                                     image_name=IMG) for i in range(n)]
+        self.images = type("Images", (), {})()
+        self.images.store = CountingStore()
+
+    def sandbox_status(self, sid, verbose=False):
+        return self.sb, {}
+
+    def list_containers(self, sandbox_id=""):
+        return list(self.ctrs)
+
+
+def test_pod_sandbox_status_looks_each_image_up_once():
+    rt = FakeRuntime(5)
+    svc = RuntimeServicer(cfg=None, runtime=rt)
+    r = asyncio.run(svc.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=rt.sb.id), None))
+    assert len(r.containers_statuses) == 5
+    assert rt.images.store.lookups == 1
+    assert {s.image.image for s in r.containers_statuses} == {"registry.local/busybox:1"}
+    assert {s.image_id for s in r.containers_statuses} == {IMG}
