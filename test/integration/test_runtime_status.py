@@ -51,7 +51,10 @@ def test_pod_sandbox_status_verbose(env):
     assert st.labels == {"tier": "web"} and st.annotations == {"a": "b"} and st.runtime_handler == "runc"
     assert st.created_at > 0
     info = json.loads(r.info["info"])
-    assert info["pid"] > 0 and "catatonit" in open(f"/proc/{info['pid']}/cmdline").read()
+    assert info["pid"] > 0
+    # runc start returns once the exec fifo is released; the execve into catatonit may
+    # still be under way for a moment (cmdline reads empty then).
+    wait_for(lambda: "catatonit" in open(f"/proc/{info['pid']}/cmdline").read(), 10, what="infra to exec catatonit")
     assert info["runtimeSpec"]["process"]["args"][-1] == "-P"
     assert info["netNamespacePath"] and os.path.exists(info["netNamespacePath"])
     env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
