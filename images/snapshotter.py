@@ -57,6 +57,7 @@ from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 from runtime.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 
 from images.digest import Digest
+from images.unpack import _copy_fd
 
 log = logging.getLogger(__name__)
 
@@ -558,7 +559,7 @@ def copy_tree(src: str, dst: str) -> None:
                 try:
                     dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                     try:
-                        _copy_data(sfd, dfd, st.st_size)
+                        _copy_fd(sfd, dfd, st.st_size)
                     finally:
                         os.close(dfd)
                 finally:
@@ -573,20 +574,6 @@ def copy_tree(src: str, dst: str) -> None:
             _copy_meta(s, d, st)
     for s, d, st in reversed(dir_meta):  # children first, so their writes don't touch parent times
         _copy_meta(s, d, st)
-
-
-def _copy_data(sfd: int, dfd: int, size: int) -> None:
-    remaining = size
-    while remaining > 0:
-        try:
-            n = os.copy_file_range(sfd, dfd, min(remaining, 1 << 30))
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            n = os.sendfile(dfd, sfd, None, min(remaining, 1 << 30))
-        if n == 0:
-            break
-        remaining -= n
 
 
 def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:

@@ -41,24 +41,7 @@ if os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")):
     pytest.skip("needs root and the CNI plugins in /usr/lib/cni", allow_module_level=True)
 
 
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
-def iptables_state() -> set[str]:
-    """Rules and user chains of every table (counters and comments stripped)."""
-    out = set()
-    table = ""
-    for line in sh("iptables-save").splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith("-A "):
-            out.add(f"{table} {line}")
-        elif line.startswith(":"):
-            name, policy = line[1:].split()[:2]
-            if policy == "-":  # user chain (built-ins carry a policy)
-                out.add(f"{table} :{name}")
-    return out
+from test.helpers.net import iptables_state, sh  # noqa: E402,F401 - shared with the other CNI tests
 
 
 def remove_portmap_scaffolding_if_ours(before: set[str]) -> None:

@@ -49,24 +49,7 @@ NEEDS = pytest.mark.skipif(
 )
 
 
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
-def iptables_state() -> set[str]:
-    """Rules and user chains of every table (counters stripped)."""
-    out = set()
-    table = ""
-    for line in sh("iptables-save").splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith("-A "):
-            out.add(f"{table} {line}")
-        elif line.startswith(":"):
-            name, policy = line[1:].split()[:2]
-            if policy == "-":
-                out.add(f"{table} :{name}")
-    return out
+from test.helpers.net import iptables_state, sh  # noqa: E402,F401 - shared with the other CNI tests
 
 
 def rules_of_network(network: str) -> set[str]:
