@@ -34,54 +34,22 @@ pytestmark = pytest.mark.integration
 
 PLUGIN_DIR = "/usr/lib/cni"
 LOCK_PATH = "/run/lock/moorage-test-cni.lock"
-PORTMAP_TOP = "CNI-HOSTPORT-DNAT"
-PORTMAP_JUMP = ["-m", "addrtype", "--dst-type", "LOCAL", "-j", PORTMAP_TOP]
 
 if os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")):
     pytest.skip("needs root and the CNI plugins in /usr/lib/cni", allow_module_level=True)
 
 
-from test.helpers.net import iptables_state, sh  # noqa: E402,F401 - shared with the other CNI tests
+from test.helpers.net import (  # noqa: E402,F401 - shared with the other CNI tests
+    PORTMAP_JUMP, PORTMAP_TOP, iptables_state, remove_portmap_scaffolding_if_ours, remove_rules_of_network, sh,
+)
+from test.helpers.net import free_subnet as _free_subnet  # noqa: E402
 
 
-def remove_portmap_scaffolding_if_ours(before: set[str]) -> None:
-    """portmap never deletes its shared top chain; remove it if this test created it and it is empty."""
-    if f"nat :{PORTMAP_TOP}" in before:
-        return
-    state = iptables_state()
-    if f"nat :{PORTMAP_TOP}" not in state:
-        return
-    if any(line.startswith(f"nat -A {PORTMAP_TOP} ") for line in state):
-        return  # somebody else's pod still uses it
-    for chain in ("PREROUTING", "OUTPUT"):
-        while f"nat -A {chain} {' '.join(PORTMAP_JUMP)}" in iptables_state():
-            sh("iptables", "-t", "nat", "-D", chain, *PORTMAP_JUMP)
-    sh("iptables", "-t", "nat", "-X", PORTMAP_TOP, check=False)
+def free_subnet():
+    return _free_subnet(222)
 
 
-def remove_rules_of_network(network: str) -> None:
-    """Safety net for a failed test: delete nat rules that name our network and the chains they jump to."""
-    chains = set()
-    for line in sorted(iptables_state()):
-        table, _, rule = line.partition(" ")
-        if table == "nat" and rule.startswith("-A ") and f'name: \\"{network}\\"' in rule:
-            args = shlex.split(rule)
-            if "-j" in args:
-                chains.add(args[args.index("-j") + 1])
-            sh("iptables", "-t", "nat", "-D", *args[1:], check=False)
-    for c in chains:
-        if c.startswith("CNI-DN-"):
-            sh("iptables", "-t", "nat", "-F", c, check=False)
-            sh("iptables", "-t", "nat", "-X", c, check=False)
 
-
-def free_subnet() -> ipaddress.IPv4Network:
-    used = sh("ip", "-4", "-o", "addr") + sh("ip", "-4", "route")
-    for _ in range(200):
-        net = ipaddress.ip_network(f"10.222.{random.randint(1, 254)}.0/24")
-        if f"10.222.{net.network_address.packed[2]}." not in used:
-            return net
-    raise RuntimeError("no free 10.222.x.0/24 subnet")
 
 
 def link_index(name: str) -> int | None:

@@ -40,8 +40,6 @@ from test.helpers.cri import container_config, pod_config, run_container, wait_f
 
 PLUGIN_DIR = "/usr/lib/cni"
 LOCK_PATH = "/run/lock/moorage-test-cni.lock"
-PORTMAP_TOP = "CNI-HOSTPORT-DNAT"
-PORTMAP_JUMP = ["-m", "addrtype", "--dst-type", "LOCAL", "-j", PORTMAP_TOP]
 
 NEEDS = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")),
@@ -49,51 +47,20 @@ NEEDS = pytest.mark.skipif(
 )
 
 
-from test.helpers.net import iptables_state, sh  # noqa: E402,F401 - shared with the other CNI tests
+from test.helpers.net import (  # noqa: E402,F401 - shared with the other CNI tests
+    PORTMAP_JUMP, PORTMAP_TOP, iptables_state, remove_portmap_scaffolding_if_ours, remove_rules_of_network, sh,
+)
+from test.helpers.net import free_subnet as _free_subnet  # noqa: E402
+
+
+def free_subnet():
+    return _free_subnet(223)
 
 
 def rules_of_network(network: str) -> set[str]:
     return {line for line in iptables_state() if f'name: \\"{network}\\"' in line}
 
 
-def remove_rules_of_network(network: str) -> None:
-    """Safety net: delete nat rules naming ``network`` and the per-pod chains they jump to."""
-    chains = set()
-    for line in sorted(iptables_state()):
-        table, _, rule = line.partition(" ")
-        if table == "nat" and rule.startswith("-A ") and f'name: \\"{network}\\"' in rule:
-            args = shlex.split(rule)
-            if "-j" in args:
-                chains.add(args[args.index("-j") + 1])
-            sh("iptables", "-t", "nat", "-D", *args[1:], check=False)
-    for c in chains:
-        if c.startswith("CNI-DN-"):
-            sh("iptables", "-t", "nat", "-F", c, check=False)
-            sh("iptables", "-t", "nat", "-X", c, check=False)
-
-
-def remove_portmap_scaffolding_if_ours(before: set[str]) -> None:
-    """portmap never deletes its shared top chain: remove it if the test created it and it is unused."""
-    if f"nat :{PORTMAP_TOP}" in before:
-        return
-    state = iptables_state()
-    if f"nat :{PORTMAP_TOP}" not in state:
-        return
-    if any(line.startswith(f"nat -A {PORTMAP_TOP} ") for line in state):
-        return
-    for chain in ("PREROUTING", "OUTPUT"):
-        while f"nat -A {chain} {' '.join(PORTMAP_JUMP)}" in iptables_state():
-            sh("iptables", "-t", "nat", "-D", chain, *PORTMAP_JUMP)
-    sh("iptables", "-t", "nat", "-X", PORTMAP_TOP, check=False)
-
-
-def free_subnet() -> ipaddress.IPv4Network:
-    used = sh("ip", "-4", "-o", "addr") + sh("ip", "-4", "route")
-    for _ in range(200):
-        third = random.randint(1, 254)
-        if f"10.223.{third}." not in used:
-            return ipaddress.ip_network(f"10.223.{third}.0/24")
-    raise RuntimeError("no free 10.223.x.0/24 subnet")
 
 
 def link_exists(name: str) -> bool:

@@ -26,6 +26,7 @@ import websocket
 from cri.api import api_pb2 as pb
 from cri.streaming import client as spdy_client
 from cri.streaming import remotecommand as rc
+from test.helpers.procs import cmdlines
 from test.helpers.cri import container_config, pod_config, run_container, status, wait_exited, wait_for
 
 pytestmark = [
@@ -388,16 +389,9 @@ def test_twenty_concurrent_execs(env):
 def exec_sessions_on_host(cid: str) -> list[int]:
     """Pids of exec-session conmons for container ``cid`` still running on the host."""
     out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
+    for pid, args in cmdlines():
         if args and os.path.basename(args[0]) == b"conmon" and b"--exec" in args and cid.encode() in args:
-            out.append(int(entry))
+            out.append(pid)
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from cri.api import api_pb2 as pb
 from test.helpers.cri import container_config, pod_config, run_container, status, wait_for
+from test.helpers.procs import cmdlines
 from test.integration.test_streaming_e2e import WS, exec_sessions_on_host
 
 pytestmark = [
@@ -24,20 +25,7 @@ pytestmark = [
 def host_pids(argv: list[str]) -> list[int]:
     """Pids on the host whose command line is exactly ``argv``."""
     want = [a.encode() for a in argv]
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if args[-1:] == [b""]:
-            args = args[:-1]
-        if args == want:
-            out.append(int(entry))
-    return out
+    return [pid for pid, args in cmdlines() if args == want]
 
 
 def exec_dirs(d, cid: str) -> list[str]:
