@@ -14,10 +14,11 @@ import json
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 CONFIG_EXTENSIONS = (".conflist", ".conf", ".json")

@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from runtime.errors import FailedPrecondition, Internal, InvalidArgument, MoorageError, NotFound, Unavailable
+from moorage.core import netns as netns_mod
+from moorage.core.errors import FailedPrecondition, Internal, InvalidArgument, MoorageError, NotFound, Unavailable
 
-from . import netns as netns_mod
 from .config import (
     NOT_READY_REASON,
     NetworkConfig,

@@ -16,10 +16,11 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from runtime.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from moorage.core.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, Unavailable
 
 MAX_OUTPUT = 4 << 20  # a result larger than this is not a result
 _STDERR_HEAD = 600
@@ -121,7 +122,7 @@ class RuntimeArgs:
         pod_name: str,
         pod_uid: str = "",
         ifname: str = "eth0",
-    ) -> "RuntimeArgs":
+    ) -> RuntimeArgs:
         pairs = [
             ("IgnoreUnknown", "1"),
             ("K8S_POD_NAMESPACE", pod_namespace),
@@ -183,7 +184,7 @@ class PluginExec:
             raise PluginError(plugin_type, command, None, f"cannot execute {path}: {exc.strerror}") from None
         try:
             out, err = await asyncio.wait_for(self._communicate(proc, stdin), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._kill(proc)
             await proc.wait()
             raise PluginTimeout(plugin_type, command, self.timeout, proc.pid) from None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-from runtime.errors import Internal
+from moorage.core.errors import Internal
 
 
 class ResultError(Internal):

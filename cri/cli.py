@@ -8,12 +8,12 @@ import os
 import shutil
 import sys
 
-from cri import config as configmod
-from runtime.errors import MoorageError
+from moorage.core.errors import MoorageError
+from moorage.cri import config as configmod
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cri import logs, server, tracing
+    from moorage.cri import logs, server, tracing
 
     cfg = configmod.load(args.config)
     if args.log_level:
@@ -87,7 +87,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
-    from cri.server import CRI_API_VERSION, VERSION
+    from moorage.cri.server import CRI_API_VERSION, VERSION
 
     print(f"moorage {VERSION} (CRI {CRI_API_VERSION})")
     return 0
@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_version)
 
     try:
-        from cri import cli_images
+        from moorage.cri import cli_images
 
         cli_images.register(sub)
     except ImportError:

@@ -11,7 +11,6 @@ over, ``moorage images import`` it, and the kubelet finds the image.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import glob
 import os
@@ -19,8 +18,8 @@ import sys
 import threading
 import time
 
-from cri import config as configmod
-from runtime.errors import InvalidArgument, MoorageError, NotFound, Unavailable
+from moorage.core.errors import InvalidArgument, MoorageError, NotFound, Unavailable
+from moorage.cri import config as configmod
 
 
 def register(sub) -> None:
@@ -82,7 +81,7 @@ def _cfg(args) -> configmod.Config:
 def _stubs(cfg: configmod.Config):
     import grpc
 
-    from cri.api import api_pb2_grpc as pbg
+    from moorage.cri.api import api_pb2_grpc as pbg
 
     if not os.path.exists(cfg.socket):
         raise Unavailable(f"no daemon socket at {cfg.socket}; is `moorage serve` running? (--socket PATH)")
@@ -133,7 +132,7 @@ class _Progress:
         threading.Thread(target=self._resolve, daemon=True).start()
 
     def _resolve(self) -> None:
-        from images.registry import RegistryClient
+        from moorage.images.registry import RegistryClient
 
         async def go():
             async with RegistryClient(hosts_dir=self.cfg.images.registry_config_path,
@@ -184,7 +183,7 @@ class _Progress:
 
 
 def _parse_creds(s: str | None):
-    from images.registry import Credentials
+    from moorage.images.registry import Credentials
 
     if not s:
         return None
@@ -195,8 +194,8 @@ def _parse_creds(s: str | None):
 
 
 def _cmd_pull(args) -> int:
-    from cri.api import api_pb2 as pb
-    from images.reference import parse_reference
+    from moorage.cri.api import api_pb2 as pb
+    from moorage.images.reference import parse_reference
 
     cfg = _cfg(args)
     ref = str(parse_reference(args.ref))  # say what is wrong before asking anyone
@@ -222,7 +221,7 @@ def _cmd_pull(args) -> int:
 
 
 def _cmd_ls(args) -> int:
-    from cri.api import api_pb2 as pb
+    from moorage.cri.api import api_pb2 as pb
 
     cfg = _cfg(args)
     ch, images = _stubs(cfg)
@@ -253,7 +252,7 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_rm(args) -> int:
-    from cri.api import api_pb2 as pb
+    from moorage.cri.api import api_pb2 as pb
 
     cfg = _cfg(args)
     ch, images = _stubs(cfg)
@@ -273,16 +272,16 @@ def _cmd_rm(args) -> int:
 
 
 def _offline_service(cfg: configmod.Config):
-    from cri.services import image_settings
-    from images.service import ImageService
-    from runtime.store import Store
+    from moorage.core.store import Store
+    from moorage.cri.services import image_settings
+    from moorage.images.service import ImageService
 
     store = Store(cfg.root_dir, cfg.namespace)
     return ImageService(image_settings(cfg), store), store
 
 
 def _cmd_import(args) -> int:
-    from images import archive
+    from moorage.images import archive
 
     cfg = _cfg(args)
     if not os.path.isfile(args.file):
@@ -299,7 +298,7 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from images import archive
+    from moorage.images import archive
 
     cfg = _cfg(args)
     svc, store = _offline_service(cfg)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
 
 DEFAULT_CONFIG_PATH = "/etc/moorage/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")

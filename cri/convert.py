@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from runtime import model, modelio
+from moorage.runtime import model, modelio
 
 # model field name → proto field name, where they differ
 _RENAMED = {"uid_mappings": "uidMappings", "gid_mappings": "gidMappings"}
@@ -169,6 +169,6 @@ def _pb_scalar(fd: FieldDescriptor, value: Any) -> Any:
 
 @functools.cache
 def _api():
-    from cri.api import api_pb2
+    from moorage.cri.api import api_pb2
 
     return api_pb2

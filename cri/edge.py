@@ -15,15 +15,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from cri.api import api_pb2
-from cri.errors import status_for
-from cri.metrics import METRICS
+from moorage.cri.api import api_pb2
+from moorage.cri.errors import status_for
+from moorage.cri.metrics import METRICS
 
 log = logging.getLogger("moorage.cri")
 
@@ -94,7 +95,7 @@ class Edge:
         except grpc.aio.AbortError:
             code, msg = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
             raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+        except Exception as exc:
             code, msg = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("internal error in %s/%s", service, method)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from runtime.errors import MoorageError
+from moorage.core.errors import MoorageError
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
-from cri import config as configmod
-from cri.api import api_pb2 as pb
-from images.registry import Credentials
+from moorage.cri import config as configmod
+from moorage.cri.api import api_pb2 as pb
+from moorage.images.registry import Credentials
 
 
 class ImageServicer:

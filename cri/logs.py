@@ -11,7 +11,6 @@ import logging
 import sys
 import time
 
-
 # Set by cri.tracing.setup when tracing is on.  With tracing off the ids are left out even when a
 # caller sent a traceparent (the no-op tracer would otherwise hand its ids to every line).
 TRACE_IDS = False

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
-from cri.api import api_pb2 as pb
-from runtime import stats as st
-from runtime.errors import NotFound
+from moorage.core.errors import NotFound
+from moorage.cri.api import api_pb2 as pb
+from moorage.runtime import stats as st
 
 # cAdvisor's labels as the kubelet's /metrics/cadvisor shows them: id, name, image (cAdvisor's own)
 # plus container, pod and namespace (added by the kubelet).  For pod-level series container="POD".

@@ -10,9 +10,9 @@ the client connects.
 
 from __future__ import annotations
 
-from cri.api import api_pb2 as pb
-from cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest
-from runtime.errors import FailedPrecondition, Unavailable
+from moorage.core.errors import FailedPrecondition, Unavailable
+from moorage.cri.api import api_pb2 as pb
+from moorage.cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest
 
 SANDBOX_READY = "SANDBOX_READY"
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
-from cri import config as configmod
-from cri import convert
-from cri.api import api_pb2 as pb
-from cri.rpc_stats import StatsRPCs
-from cri.rpc_streaming import StreamingRPCs
-from runtime import model
-from runtime.errors import InvalidArgument
-from runtime.modelio import container_config_from, from_plain
+from moorage.core.errors import InvalidArgument
+from moorage.cri import config as configmod
+from moorage.cri import convert
+from moorage.cri.api import api_pb2 as pb
+from moorage.cri.rpc_stats import StatsRPCs
+from moorage.cri.rpc_streaming import StreamingRPCs
+from moorage.runtime import model
+from moorage.runtime.modelio import container_config_from, from_plain
 
 RUNTIME_NAME = "moorage"
 
@@ -39,7 +40,7 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
     # -- runtime -------------------------------------------------------------------------------
 
     async def Version(self, request: pb.VersionRequest, context) -> pb.VersionResponse:
-        from cri.server import CRI_API_VERSION, VERSION
+        from moorage.cri.server import CRI_API_VERSION, VERSION
 
         return pb.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=VERSION,
                                   runtime_api_version=CRI_API_VERSION)
@@ -77,7 +78,7 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
         return pb.RunPodSandboxResponse(pod_sandbox_id=sid)
 
     async def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context) -> pb.StopPodSandboxResponse:
-        from runtime.errors import NotFound
+        from moorage.core.errors import NotFound
 
         try:
             await self.rt.stop_sandbox(request.pod_sandbox_id)

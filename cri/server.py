@@ -12,11 +12,11 @@ import socket
 
 import grpc
 
-from cri import config as configmod
-from cri.edge import Edge
-from cri.metrics import METRICS
-from runtime.errors import FailedPrecondition
-from runtime.store import Store
+from moorage.core.errors import FailedPrecondition
+from moorage.core.store import Store
+from moorage.cri import config as configmod
+from moorage.cri.edge import Edge
+from moorage.cri.metrics import METRICS
 
 log = logging.getLogger("moorage.server")
 
@@ -95,7 +95,7 @@ class Daemon:
             for d in (cfg.root_dir, cfg.state_dir):
                 os.makedirs(d, mode=0o711, exist_ok=True)
             self.store = Store(cfg.root_dir, cfg.namespace)
-            from cri.services import build_services
+            from moorage.cri.services import build_services
 
             runtime_svc, image_svc, self.components = build_services(self)
             for comp in self.components:
@@ -145,7 +145,7 @@ class Daemon:
         for comp in reversed(self.components):
             try:
                 await comp.stop()
-            except Exception:  # noqa: BLE001 - best effort on the way out
+            except Exception:
                 log.exception("error stopping %s", type(comp).__name__)
         self.components = []
         METRICS.close()

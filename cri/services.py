@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from cni.manager import CNIManager
-from cri.image_service import ImageServicer
-from cri.metrics import METRICS
-from cri.runtime_service import RuntimeServicer
-from images.service import ImageService, ImageSettings
-from runtime.service import Runtime, RuntimeSettings
-from runtime.spec import RuntimeSpecConfig
+from moorage.cni.manager import CNIManager
+from moorage.cri.image_service import ImageServicer
+from moorage.cri.metrics import METRICS
+from moorage.cri.runtime_service import RuntimeServicer
+from moorage.images.service import ImageService, ImageSettings
+from moorage.runtime.service import Runtime, RuntimeSettings
+from moorage.runtime.spec import RuntimeSpecConfig
 
 if TYPE_CHECKING:
-    from cri.server import Daemon
+    from moorage.cri.server import Daemon
 
 
 def runtime_settings(cfg) -> RuntimeSettings:
@@ -42,7 +42,7 @@ def image_settings(cfg) -> ImageSettings:
     )
 
 
-def build_services(daemon: "Daemon") -> tuple[object, object, list]:
+def build_services(daemon: Daemon) -> tuple[object, object, list]:
     """Returns (runtime servicer, image servicer, components to start/stop in order)."""
     cfg = daemon.cfg
     cni = CNIManager(cfg.cni.conf_dir, cfg.cni.bin_dirs, cfg.cni_cache_dir, cfg.cni.plugin_timeout,
@@ -57,13 +57,13 @@ def build_services(daemon: "Daemon") -> tuple[object, object, list]:
     components: list = [images, runtime]
     streaming = None
     try:
-        from cri.streaming_backend import build_streaming
+        from moorage.cri.streaming_backend import build_streaming
 
         streaming = build_streaming(cfg, runtime)
         components.append(streaming)
     except ImportError:
         pass
-    from runtime.stats import StatsCollector
+    from moorage.runtime.stats import StatsCollector
 
     runtime_svc = RuntimeServicer(cfg, runtime=runtime, network=cni, streaming=streaming,
                                   stats=StatsCollector(runtime))

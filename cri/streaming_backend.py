@@ -22,11 +22,11 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
-from cni import netns as netnsmod
-from cri.streaming.backend import InputStream, Writer
-from cri.streaming.server import StreamingServer
-from runtime.errors import FailedPrecondition, MoorageError, NotFound
-from runtime.oci import ExecSession, connect_seqpacket
+from moorage.core import netns as netnsmod
+from moorage.core.errors import FailedPrecondition, MoorageError, NotFound
+from moorage.cri.streaming.backend import InputStream, Writer
+from moorage.cri.streaming.server import StreamingServer
+from moorage.runtime.oci import ExecSession, connect_seqpacket
 
 log = logging.getLogger("moorage.streaming")
 

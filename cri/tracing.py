@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
@@ -55,7 +55,7 @@ class JSONLinesFileExporter:
         self.path = path
         self._lock = threading.Lock()
 
-    def export(self, spans: Sequence) -> "object":
+    def export(self, spans: Sequence) -> object:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         lines = "".join(json.dumps(span_dict(s), default=str) + "\n" for s in spans)
@@ -107,7 +107,7 @@ def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, servic
         provider.add_span_processor(SimpleSpanProcessor(JSONLinesFileExporter(trace_file)))
     _provider = provider
     trace.set_tracer_provider(provider)
-    from cri import logs
+    from moorage.cri import logs
 
     logs.TRACE_IDS = True
     return provider.get_tracer("moorage")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the CRI v1 Python bindings (cri/api/api_pb2.py, api_pb2.pyi,
+# Regenerate the CRI v1 Python bindings (moorage.cri.api: api_pb2.py, api_pb2.pyi,
 # api_pb2_grpc.py) from cri/api/api.proto. Safe to run repeatedly.
 #
 #   hack/gen-proto.sh              # uses .venv/bin/python
@@ -8,11 +8,11 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-OUT=cri/api
+OUT=moorage/cri/api   # moorage/cri is the symlink to cri/
 
-# Compile with the repo root as include path so the descriptor is registered as
-# "cri/api/api.proto" (no clash with other files called api.proto) and the
-# generated imports are absolute within the cri.api package.
+# Compile through the import root so the descriptor is registered as
+# "moorage/cri/api/api.proto" (no clash with other files called api.proto) and the
+# generated imports are absolute within the moorage.cri.api package.
 "$PYTHON" -m grpc_tools.protoc \
     -I . \
     --python_out=. \
@@ -29,5 +29,5 @@ if grep -qE '^import api_pb2' "$OUT/api_pb2_grpc.py"; then
     exit 1
 fi
 
-"$PYTHON" -c 'from cri.api import api_pb2, api_pb2_grpc' 
+"$PYTHON" -c 'from moorage.cri.api import api_pb2, api_pb2_grpc'
 echo "gen-proto: regenerated $OUT/api_pb2.py, api_pb2.pyi, api_pb2_grpc.py"

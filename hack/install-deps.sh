@@ -30,7 +30,7 @@ if [[ ! -x .venv/bin/python ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]
   echo "install-deps: preparing .venv" >&2
   [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  .venv/bin/python -c 'import cri.api.api_pb2_grpc, grpc, pyroute2, prometheus_client, opentelemetry.sdk' \
+  .venv/bin/python -c 'import moorage.cri.api.api_pb2_grpc, grpc, pyroute2, prometheus_client, opentelemetry.sdk' \
     || { echo "install-deps: the virtualenv is incomplete" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hack/install-deps.sh
-exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider "$@" test
+exec .venv/bin/python -m pytest -n 2 "$@" test

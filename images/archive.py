@@ -36,16 +36,17 @@ import os
 import posixpath
 import secrets
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-from images import oci
-from images.digest import Digest
-from images.platform import select_manifest
-from images.reference import Reference, parse_reference
-from images.unpack import bounded_tarinfo
-from runtime.errors import InvalidArgument, MoorageError, NotFound
-from runtime.store import ImageRecord
+from moorage.core.errors import InvalidArgument, MoorageError
+from moorage.core.store import ImageRecord
+from moorage.images import oci
+from moorage.images.digest import Digest
+from moorage.images.platform import select_manifest
+from moorage.images.reference import Reference, parse_reference
+from moorage.images.unpack import bounded_tarinfo
 
 log = logging.getLogger("moorage.images.archive")
 

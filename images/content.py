@@ -29,12 +29,12 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
-from runtime.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
-
-from images.digest import ALGORITHMS, Digest
+from moorage.core.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from moorage.images.digest import ALGORITHMS, Digest
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Writer:
     once (the stream is bounded by its descriptor).
     """
 
-    def __init__(self, store: "ContentStore", expected: Digest, size: int | None) -> None:
+    def __init__(self, store: ContentStore, expected: Digest, size: int | None) -> None:
         self._store = store
         self.expected = expected
         self.size = size
@@ -144,7 +144,7 @@ class Writer:
             os.unlink(self.ingest_path)
         self._store._active_ingests.discard(self.ingest_path)
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -155,12 +155,12 @@ class Writer:
 class Lease:
     """Digests an in-flight operation needs; GC must not remove them."""
 
-    def __init__(self, store: "ContentStore", name: str) -> None:
+    def __init__(self, store: ContentStore, name: str) -> None:
         self._store = store
         self.name = name
         self.digests: set[Digest] = set()
 
-    def add(self, *digests: "Digest | str") -> None:
+    def add(self, *digests: Digest | str) -> None:
         with self._store._lease_guard:
             parsed = [Digest.parse(d) for d in digests]
             self.digests.update(parsed)
@@ -193,27 +193,27 @@ class ContentStore:
         self._lease_guard = threading.Lock()
 
     # ---- paths and reads -------------------------------------------------
-    def path(self, digest: "Digest | str") -> str:
+    def path(self, digest: Digest | str) -> str:
         d = Digest.parse(digest)
         return os.path.join(self.blobs_dir, d.algorithm, d.hex)
 
-    def exists(self, digest: "Digest | str") -> bool:
+    def exists(self, digest: Digest | str) -> bool:
         return os.path.isfile(self.path(digest))
 
-    def info(self, digest: "Digest | str") -> int:
+    def info(self, digest: Digest | str) -> int:
         """Size in bytes of a stored blob."""
         try:
             return os.stat(self.path(digest)).st_size
         except FileNotFoundError:
             raise NotFound(f"blob {digest} not found in the content store") from None
 
-    def open(self, digest: "Digest | str") -> BinaryIO:
+    def open(self, digest: Digest | str) -> BinaryIO:
         try:
             return open(self.path(digest), "rb")
         except FileNotFoundError:
             raise NotFound(f"blob {digest} not found in the content store") from None
 
-    def read_bytes(self, digest: "Digest | str", max_size: int) -> bytes:
+    def read_bytes(self, digest: Digest | str, max_size: int) -> bytes:
         """Whole blob, refusing blobs larger than ``max_size`` (for manifests and configs)."""
         with self.open(digest) as f:
             size = os.fstat(f.fileno()).st_size
@@ -227,12 +227,12 @@ class ContentStore:
         return data
 
     # ---- writes ----------------------------------------------------------
-    def writer(self, expected: "Digest | str", size: int | None = None) -> Writer:
+    def writer(self, expected: Digest | str, size: int | None = None) -> Writer:
         if size is not None and size < 0:
             raise InvalidArgument(f"blob {expected}: negative size {size}")
         return Writer(self, Digest.parse(expected), size)
 
-    def write_blob(self, data: bytes, expected: "Digest | str | None" = None,
+    def write_blob(self, data: bytes, expected: Digest | str | None = None,
                    algorithm: str = "sha256") -> Digest:
         """Store a small in-memory blob (verifying it when ``expected`` is given)."""
         d = Digest.parse(expected) if expected is not None else Digest.from_bytes(data, algorithm)
@@ -243,7 +243,7 @@ class ContentStore:
             w.commit()
         return d
 
-    def ingest(self, expected: "Digest | str", size: int | None, chunks: Iterable[bytes]) -> BlobInfo:
+    def ingest(self, expected: Digest | str, size: int | None, chunks: Iterable[bytes]) -> BlobInfo:
         """Write ``chunks`` under the per-digest thread lock unless the blob already exists."""
         d = Digest.parse(expected)
         with self.ingest_lock_sync(d):
@@ -254,7 +254,7 @@ class ContentStore:
                     w.write(chunk)
                 return w.commit()
 
-    def delete(self, digest: "Digest | str", *, missing_ok: bool = False) -> None:
+    def delete(self, digest: Digest | str, *, missing_ok: bool = False) -> None:
         """Remove a blob nobody leases (checked atomically with the removal).  While a
         :meth:`lease_watch` is open, a blob leased since it opened is refused too."""
         d = Digest.parse(digest)
@@ -344,7 +344,7 @@ class ContentStore:
                 del self._locks[d]
 
     @contextlib.contextmanager
-    def ingest_lock_sync(self, digest: "Digest | str") -> Iterator[None]:
+    def ingest_lock_sync(self, digest: Digest | str) -> Iterator[None]:
         """Blocking per-digest lock for executor threads."""
         d = Digest.parse(digest)
         lk = self._lock_ref(d)
@@ -355,7 +355,7 @@ class ContentStore:
             self._lock_unref(d, lk)
 
     @contextlib.asynccontextmanager
-    async def ingest_lock(self, digest: "Digest | str"):
+    async def ingest_lock(self, digest: Digest | str):
         """Per-digest lock for coroutines; also excludes :meth:`ingest_lock_sync` holders.
 
         Coroutines queue on an asyncio.Lock (no thread per waiter); the holder
@@ -387,7 +387,7 @@ class ContentStore:
 
     # ---- leases ---------------------------------------------------------------
     @contextlib.contextmanager
-    def lease(self, name: str, digests: Iterable["Digest | str"] = ()) -> Iterator[Lease]:
+    def lease(self, name: str, digests: Iterable[Digest | str] = ()) -> Iterator[Lease]:
         """Hold ``digests`` (and any added later via ``Lease.add``) until the block ends."""
         with self._lease_guard:
             if name in self._leases:
@@ -407,7 +407,7 @@ class ContentStore:
                 out |= lease.digests
             return out
 
-    def leases_holding(self, digest: "Digest | str") -> set[str]:
+    def leases_holding(self, digest: Digest | str) -> set[str]:
         d = Digest.parse(digest)
         with self._lease_guard:
             return {name for name, lease in self._leases.items() if d in lease.digests}

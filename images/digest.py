@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
 
 # algorithm -> number of hex characters in an encoded digest
 ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
@@ -27,7 +27,7 @@ class Digest:
     hex: str
 
     @classmethod
-    def parse(cls, value: "str | Digest") -> "Digest":
+    def parse(cls, value: str | Digest) -> Digest:
         """Parse and validate ``sha256:<64 hex>`` / ``sha512:<128 hex>``."""
         if isinstance(value, Digest):
             return value
@@ -56,7 +56,7 @@ class Digest:
         return cls(algorithm, encoded)
 
     @classmethod
-    def from_bytes(cls, data: bytes, algorithm: str = "sha256") -> "Digest":
+    def from_bytes(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         if algorithm not in ALGORITHMS:
             raise InvalidArgument(f"unsupported digest algorithm \"{algorithm}\"")
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
@@ -74,7 +74,7 @@ class Digest:
         return f"{self.algorithm}:{self.hex[:12]}"
 
 
-def parse_digest(value: "str | Digest") -> Digest:
+def parse_digest(value: str | Digest) -> Digest:
     return Digest.parse(value)
 
 

@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
 
 ALL_CAPABILITIES = ("pull", "resolve", "push")
 DOCKER_HUB = "docker.io"

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
 
 # --- media types ----------------------------------------------------------------
 

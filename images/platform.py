@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import platform as _pyplatform
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from images.oci import Descriptor, Platform
-from runtime.errors import InvalidArgument, NotFound
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.images.oci import Descriptor, Platform
 
 _ARCH_ALIASES: dict[str, tuple[str, str]] = {
     # uname / distro name -> (GOARCH, variant)

@@ -26,11 +26,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.images.digest import Digest
 
-from images.digest import Digest
-
-__all__ = ["Reference", "Digest", "parse_reference", "DEFAULT_DOMAIN", "DEFAULT_TAG"]
+__all__ = ["DEFAULT_DOMAIN", "DEFAULT_TAG", "Digest", "Reference", "parse_reference"]
 
 DEFAULT_DOMAIN = "docker.io"
 LEGACY_DEFAULT_DOMAIN = "index.docker.io"
@@ -63,7 +62,7 @@ class Reference:
     digest: Digest | None = None
 
     @classmethod
-    def parse(cls, value: str, *, default_tag: str | None = DEFAULT_TAG) -> "Reference":
+    def parse(cls, value: str, *, default_tag: str | None = DEFAULT_TAG) -> Reference:
         return parse_reference(value, default_tag=default_tag)
 
     @property
@@ -104,12 +103,12 @@ class Reference:
             return f"{self.name}@{self.digest}"
         return str(self)
 
-    def with_tag(self, tag: str) -> "Reference":
+    def with_tag(self, tag: str) -> Reference:
         if not _TAG_RE.fullmatch(tag):
             raise InvalidArgument(f"invalid tag \"{tag}\": must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
         return replace(self, tag=tag)
 
-    def with_digest(self, digest: "Digest | str") -> "Reference":
+    def with_digest(self, digest: Digest | str) -> Reference:
         return replace(self, digest=Digest.parse(digest))
 
 

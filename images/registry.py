@@ -28,17 +28,26 @@ import logging
 import re
 import ssl
 import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
-from images import oci
-from images.hosts import RegistryHost, TLSSettings, resolve_hosts
-from images.oci import Descriptor, ImageConfig, Index, Manifest, Platform
-from runtime.errors import (DeadlineExceeded, Internal, InvalidArgument, MoorageError, NotFound,
-                            PermissionDenied, Unauthenticated, Unavailable)
+from moorage.core.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    MoorageError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from moorage.images import oci
+from moorage.images.hosts import RegistryHost, TLSSettings, resolve_hosts
+from moorage.images.oci import Descriptor, ImageConfig, Index, Manifest, Platform
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +341,7 @@ class RegistryClient:
         self._clients: dict[TLSSettings, httpx.AsyncClient] = {}
         self._auth: dict[str, _AuthState] = {}
 
-    async def __aenter__(self) -> "RegistryClient":
+    async def __aenter__(self) -> RegistryClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -742,7 +751,7 @@ class RegistryClient:
         instead of a download (e.g. from a content store, so concurrent pulls fetch it once);
         it must return verified bytes.
         """
-        from images.platform import Matcher, select_manifest
+        from moorage.images.platform import Matcher, select_manifest
         repo, reference = split_reference(ref)
         shown = display_ref(repo, reference)
         root_fm = await self.fetch_manifest(repo, reference, credentials=credentials)
@@ -818,7 +827,7 @@ class RegistryClient:
                             self._send(host, "GET", url, scope=scope, creds=credentials, headers=headers,
                                        stream=True, follow_redirects=True, timeout=no_timeout),
                             self.stall_timeout)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         raise DeadlineExceeded(
                             f"download of {what} from {host.netloc} stalled: no response for "
                             f"{self.stall_timeout:g}s") from None
@@ -846,7 +855,7 @@ class RegistryClient:
                                 chunk = await asyncio.wait_for(it.__anext__(), self.stall_timeout)
                             except StopAsyncIteration:
                                 break
-                            except asyncio.TimeoutError:
+                            except TimeoutError:
                                 raise DeadlineExceeded(
                                     f"download of {what} from {host.netloc} stalled: no data for "
                                     f"{self.stall_timeout:g}s after {received} of {desc.size} bytes") from None

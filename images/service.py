@@ -16,22 +16,23 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from images import content as contentmod
-from images import snapshotter as snapmod
-from images.digest import Digest
-from images.reference import Reference, is_image_id, parse_reference
-from images import oci
-from images.registry import Credentials, RegistryClient
-from images.unpack import MODE_OVERLAY, apply_layer
 from opentelemetry import trace
-from runtime.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
-from runtime.store import ImageRecord, SnapshotRecord, Store, now_ns
+
+from moorage.core import mount as mountmod
+from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
+from moorage.core.store import ImageRecord, SnapshotRecord, Store, now_ns
+from moorage.images import content as contentmod
+from moorage.images import oci
+from moorage.images import snapshotter as snapmod
+from moorage.images.reference import Reference, parse_reference
+from moorage.images.registry import Credentials, RegistryClient
+from moorage.images.unpack import MODE_OVERLAY, apply_layer
 
 log = logging.getLogger("moorage.images")
 
@@ -84,7 +85,7 @@ class StoreSnapshotMeta:
         self.store.put_snapshot(self._from(record))
 
     def commit(self, key: str, name: str, labels: dict[str, str] | None) -> snapmod.SnapshotRecord:
-        from runtime.store import _to_json  # one transaction for delete + insert
+        from moorage.core.store import _to_json  # one transaction for delete + insert
 
         with self.store.transaction() as db:
             ns = self.store.namespace
@@ -639,7 +640,7 @@ class ImageService:
                 make = self.snapshots.prepare if writable else self.snapshots.view
                 mounts = make(key, image.chain_id or None)
             try:
-                snapmod.mount(mounts, target)
+                mountmod.mount(mounts, target)
             except BaseException:
                 self._remove_snapshot_quietly(key)
                 raise
@@ -653,7 +654,7 @@ class ImageService:
     async def release_rootfs(self, key: str, target: str) -> None:
         def work() -> None:
             if os.path.isdir(target):
-                snapmod.unmount_all(target)
+                mountmod.unmount_all(target)
             if self.snapshots.exists(key):
                 self._remove_snapshot_quietly(key)
 
@@ -704,7 +705,3 @@ class ImageService:
             img_inodes += 1
         mp = os.path.join(self.root, "snapshotter")
         return [(mp, img_bytes, img_inodes), (mp, ctr_bytes, ctr_inodes)]
-
-
-def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -56,14 +56,14 @@ import shutil
 import stat
 import tarfile
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO
 
 import zstandard
 
-from runtime.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted
-
-from images.digest import Digest
+from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted
+from moorage.images.digest import Digest
 
 log = logging.getLogger(__name__)
 
@@ -803,7 +803,7 @@ def apply_layer(
     label: str = "layer",
     allow_devices: bool = False,
     limits: UnpackLimits = UnpackLimits(),
-    expected_diff_id: "Digest | str | None" = None,
+    expected_diff_id: Digest | str | None = None,
     sync: bool = True,
 ) -> UnpackResult:
     """Apply the layer read from ``src`` into the directory ``root``.
@@ -861,9 +861,9 @@ def unpack_to_snapshot(
     snapshotter,
     src: BinaryIO,
     *,
-    chain_id: "Digest | str",
-    parent: "Digest | str | None",
-    expected_diff_id: "Digest | str",
+    chain_id: Digest | str,
+    parent: Digest | str | None,
+    expected_diff_id: Digest | str,
     label: str,
     allow_devices: bool = False,
     limits: UnpackLimits = UnpackLimits(),
@@ -877,7 +877,7 @@ def unpack_to_snapshot(
     same chain ID first, ours is discarded and the result still returned.
     (``snapshotter`` is an ``images.snapshotter.Snapshotter``.)
     """
-    from runtime.errors import AlreadyExists
+    from moorage.core.errors import AlreadyExists
 
     name = str(chain_id)
     if snapshotter.exists(name):

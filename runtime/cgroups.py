@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from runtime.errors import FailedPrecondition, InvalidArgument
+from moorage.core.errors import FailedPrecondition, InvalidArgument
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 UNIFIED = ""  # key of the v2 hierarchy in controller mappings

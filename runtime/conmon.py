@@ -35,8 +35,8 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 WIN_RESIZE_EVENT = 1
 REOPEN_LOGS_EVENT = 2

@@ -15,14 +15,14 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
-from runtime import events, spec, users
-from runtime.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
-from runtime.model import ContainerConfig, ImageConfig, LinuxContainerResources
-from runtime.modelio import container_config_from, to_plain
-from runtime.store import ContainerRecord, now_ns
+from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
+from moorage.core.store import ContainerRecord, now_ns
+from moorage.runtime import events, spec, users
+from moorage.runtime.model import ContainerConfig, ImageConfig, LinuxContainerResources
+from moorage.runtime.modelio import container_config_from, to_plain
 
 if TYPE_CHECKING:
-    from runtime.service import Runtime
+    from moorage.runtime.service import Runtime
 
 log = logging.getLogger("moorage.container")
 
@@ -99,7 +99,7 @@ def container_log_path(log_directory: str, log_path: str) -> str:
 class ContainerOps:
     # -- CreateContainer ---------------------------------------------------------------------
 
-    async def create_container(self: "Runtime", sandbox_id: str, cfg: ContainerConfig) -> str:
+    async def create_container(self: Runtime, sandbox_id: str, cfg: ContainerConfig) -> str:
         if not cfg.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
         if not cfg.image:
@@ -109,15 +109,14 @@ class ContainerOps:
             raise InvalidArgument(f"container {cfg.metadata.name!r}: run_as_group is set without run_as_user "
                                   "or run_as_username; a group needs a user")
         sb = self.get_sandbox(sandbox_id)
-        from runtime.sandbox import READY
 
         self._check_sandbox_accepts(sb)
         name = f"{cfg.metadata.name}_{sb.name}_{cfg.metadata.attempt}"
         return await self.dedup(name, lambda: self._create_container(sb, cfg, name))
 
-    def _check_sandbox_accepts(self: "Runtime", sb) -> None:
+    def _check_sandbox_accepts(self: Runtime, sb) -> None:
         """A container may be created in ``sb`` only while it exists, is ready and is not being removed."""
-        from runtime.sandbox import READY
+        from moorage.runtime.sandbox import READY
 
         if self.sandboxes.get(sb.id) is not sb:
             raise NotFound(f"pod sandbox {sb.id} ({sb.metadata.get('name')}) was removed; "
@@ -126,8 +125,8 @@ class ContainerOps:
             raise FailedPrecondition(
                 f"pod sandbox {sb.id} ({sb.metadata.get('name')}) is not ready; cannot create containers in it")
 
-    async def _create_container(self: "Runtime", sb, cfg: ContainerConfig, name: str) -> str:
-        from runtime.service import new_id
+    async def _create_container(self: Runtime, sb, cfg: ContainerConfig, name: str) -> str:
+        from moorage.core.ids import new_id
 
         image = self.images.get_local(cfg.image)  # NOT_FOUND with the reference
         volume_images = self._image_volume_images(cfg)  # bad input fails before anything is made
@@ -154,13 +153,13 @@ class ContainerOps:
             except BaseException:
                 try:
                     await asyncio.shield(self._destroy_container(rec))
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("cleanup of failed container %s", cid)
                 raise
         self.events.publish(cid, events.CREATED, sb.id)
         return cid
 
-    async def _prepare_container(self: "Runtime", rec: ContainerRecord, sb, cfg: ContainerConfig, image,
+    async def _prepare_container(self: Runtime, rec: ContainerRecord, sb, cfg: ContainerConfig, image,
                                  volume_images: dict[int, object]) -> None:
         cid = rec.id
         state = self.container_state(cid)
@@ -197,7 +196,7 @@ class ContainerOps:
             hosts_path=os.path.join(root, "hosts"), resolv_conf_path=os.path.join(root, "resolv.conf"),
             shm_path=shm, target_pid=target_pid, hostname=sb.extra.get("hostname"), host=self.host,
         )
-        from runtime.service import restrict_oom_score_adj
+        from moorage.runtime.oom import restrict_oom_score_adj
 
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(restrict_oom_score_adj(c_spec), f)
@@ -207,7 +206,7 @@ class ContainerOps:
 
     # -- image volumes (CRI Mount.image) ---------------------------------------------------------
 
-    def _image_volume_images(self: "Runtime", cfg: ContainerConfig) -> dict[int, object]:
+    def _image_volume_images(self: Runtime, cfg: ContainerConfig) -> dict[int, object]:
         """Check the image volumes of ``cfg`` and look their images up: {mount index: image record}."""
         out: dict[int, object] = {}
         for i, m in enumerate(cfg.mounts):
@@ -225,10 +224,10 @@ class ContainerOps:
             out[i] = self.images.get_local(ref)  # NOT_FOUND with the reference
         return out
 
-    def image_volume_dir(self: "Runtime", cid: str, index: int) -> str:
+    def image_volume_dir(self: Runtime, cid: str, index: int) -> str:
         return os.path.join(self.container_state(cid), "image-volumes", str(index))
 
-    async def _mount_image_volumes(self: "Runtime", rec: ContainerRecord, cfg: ContainerConfig,
+    async def _mount_image_volumes(self: Runtime, rec: ContainerRecord, cfg: ContainerConfig,
                                    volume_images: dict[int, object]) -> None:
         """Mount a read-only view of each volume's image under the container's state dir and point
         the mount's host path at it (or at its sub path).  ``_destroy_container`` undoes this."""
@@ -241,14 +240,14 @@ class ContainerOps:
             m.image.image_ref = img.id
         rec.config["mounts"] = [to_plain(m) for m in cfg.mounts]  # ContainerStatus reports image_ref
 
-    async def _unmount_image_volumes(self: "Runtime", rec: ContainerRecord) -> None:
+    async def _unmount_image_volumes(self: Runtime, rec: ContainerRecord) -> None:
         for i, m in enumerate((rec.config or {}).get("mounts") or []):
             if isinstance(m, dict) and m.get("image"):
                 await self.images.unmount_image_volume(_image_volume_key(rec.id, i), self.image_volume_dir(rec.id, i))
 
     # -- StartContainer ------------------------------------------------------------------------
 
-    def get_container(self: "Runtime", cid: str) -> ContainerRecord:
+    def get_container(self: Runtime, cid: str) -> ContainerRecord:
         rec = self.containers.get(cid)
         if rec is not None:
             return rec
@@ -260,12 +259,12 @@ class ContainerOps:
                 raise InvalidArgument(f"container id prefix {cid!r} is ambiguous ({len(matches)} containers)")
         raise NotFound(f"container {cid!r} not found")
 
-    def _still_there(self: "Runtime", rec: ContainerRecord) -> None:
+    def _still_there(self: Runtime, rec: ContainerRecord) -> None:
         """After waiting for a container's lock: NOT_FOUND if it was removed meanwhile."""
         if self.containers.get(rec.id) is not rec:
             raise NotFound(f"container {rec.id} not found (it was removed)")
 
-    async def start_container(self: "Runtime", cid: str) -> None:
+    async def start_container(self: Runtime, cid: str) -> None:
         rec = self.get_container(cid)
         async with self.lock(rec.id):
             self._still_there(rec)
@@ -274,7 +273,7 @@ class ContainerOps:
                     f"container {rec.id} is {rec.state.removeprefix('CONTAINER_').lower()}, not created; "
                     "only a created container can be started")
             sb = self.sandboxes.get(rec.sandbox_id)
-            from runtime.sandbox import READY
+            from moorage.runtime.sandbox import READY
 
             if sb is None or sb.state != READY:
                 raise FailedPrecondition(f"pod sandbox {rec.sandbox_id} of container {rec.id} is not ready")
@@ -307,7 +306,7 @@ class ContainerOps:
             self.watch_exit(rec.id, rec.runtime_handler, self._on_container_exit)
         self.events.publish(rec.id, events.STARTED, rec.sandbox_id)
 
-    async def _on_container_exit(self: "Runtime", cid: str) -> None:
+    async def _on_container_exit(self: Runtime, cid: str) -> None:
         rec = self.containers.get(cid)
         if rec is None or rec.state != RUNNING:
             return
@@ -329,7 +328,7 @@ class ContainerOps:
 
     # -- StopContainer -------------------------------------------------------------------------
 
-    async def stop_container(self: "Runtime", cid: str, timeout: int) -> None:
+    async def stop_container(self: Runtime, cid: str, timeout: int) -> None:
         try:
             rec = self.get_container(cid)
         except NotFound:
@@ -359,7 +358,7 @@ class ContainerOps:
         if not await self.wait_exited(rec.id, 30):
             raise FailedPrecondition(f"container {rec.id} did not exit after SIGKILL within 30s")
 
-    def _lost_on_kill(self: "Runtime", rt, rec: ContainerRecord) -> bool:
+    def _lost_on_kill(self: Runtime, rt, rec: ContainerRecord) -> bool:
         """The runtime does not know a container we think runs: if no exit was recorded and no
         conmon supervises it, record the exit now (nothing else ever will) and say so."""
         if rt.exit_status(rec.id) is not None or rt.conmon_pid(rec.id) is not None:
@@ -369,7 +368,7 @@ class ContainerOps:
 
     # -- RemoveContainer --------------------------------------------------------------------------
 
-    async def remove_container(self: "Runtime", cid: str) -> None:
+    async def remove_container(self: Runtime, cid: str) -> None:
         try:
             rec = self.get_container(cid)
         except NotFound:
@@ -380,7 +379,7 @@ class ContainerOps:
                 await self._destroy_container(rec)
                 self.events.publish(rec.id, events.DELETED, rec.sandbox_id)
 
-    async def _destroy_container(self: "Runtime", rec: ContainerRecord) -> None:
+    async def _destroy_container(self: Runtime, rec: ContainerRecord) -> None:
         cid = rec.id
         watcher = self._watchers.pop(cid, None)
         if watcher is not None:
@@ -392,7 +391,7 @@ class ContainerOps:
         rootfs = os.path.join(self.container_state(cid), "bundle", "rootfs")
         await self.images.release_rootfs(rec.snapshot_key or cid, rootfs)
         await self._unmount_image_volumes(rec)
-        from runtime.service import remove_tree
+        from moorage.core.fs import remove_tree
 
         remove_tree(self.container_state(cid))
         self.store.delete_container(cid)
@@ -404,7 +403,7 @@ class ContainerOps:
 
     # -- status and list ---------------------------------------------------------------------------
 
-    def container_status(self: "Runtime", cid: str, verbose: bool = False) -> tuple[ContainerRecord, dict[str, str]]:
+    def container_status(self: Runtime, cid: str, verbose: bool = False) -> tuple[ContainerRecord, dict[str, str]]:
         rec = self.get_container(cid)
         info: dict[str, str] = {}
         if verbose:
@@ -418,7 +417,7 @@ class ContainerOps:
                                        "config": rec.config})
         return rec, info
 
-    def list_containers(self: "Runtime", id_prefix: str = "", state: str | None = None, sandbox_id: str = "",
+    def list_containers(self: Runtime, id_prefix: str = "", state: str | None = None, sandbox_id: str = "",
                         labels: dict[str, str] | None = None) -> list[ContainerRecord]:
         out = []
         for rec in self.containers.values():
@@ -437,13 +436,13 @@ class ContainerOps:
 
     # -- ExecSync, UpdateContainerResources, ReopenContainerLog ---------------------------------------
 
-    def running_container(self: "Runtime", cid: str) -> ContainerRecord:
+    def running_container(self: Runtime, cid: str) -> ContainerRecord:
         rec = self.get_container(cid)
         if rec.state != RUNNING:
             raise FailedPrecondition(f"container {rec.id} is not running (state {rec.state.removeprefix('CONTAINER_')})")
         return rec
 
-    def attachable_container(self: "Runtime", cid: str, stdin: bool) -> ContainerRecord:
+    def attachable_container(self: Runtime, cid: str, stdin: bool) -> ContainerRecord:
         """A running container one may attach to; with *stdin*, it must have been created with stdin.
 
         conmon holds no stdin pipe for a container created without ``stdin: true``, so
@@ -457,14 +456,14 @@ class ContainerOps:
                 "attach without stdin, or re-create the container with stdin")
         return rec
 
-    async def exec_sync(self: "Runtime", cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
+    async def exec_sync(self: Runtime, cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
         rec = self.running_container(cid)
         if not cmd:
             raise InvalidArgument("exec command is empty")
         return await self.timed("oci_exec", self.oci(rec.runtime_handler).exec_sync(
             rec.id, list(cmd), float(timeout) if timeout > 0 else None, max_output=self.s.exec_sync_max_output))
 
-    async def update_resources(self: "Runtime", cid: str, res: LinuxContainerResources) -> None:
+    async def update_resources(self: Runtime, cid: str, res: LinuxContainerResources) -> None:
         rec = self.get_container(cid)
         async with self.lock(rec.id):
             self._still_there(rec)
@@ -486,7 +485,7 @@ class ContainerOps:
                     json.dump(c_spec, f)
             self.store.update_container(rec)
 
-    async def reopen_log(self: "Runtime", cid: str) -> None:
+    async def reopen_log(self: Runtime, cid: str) -> None:
         rec = self.running_container(cid)
         await self.oci(rec.runtime_handler).reopen_log(rec.id)
         # conmon re-creates the file asynchronously; the kubelet's log rotation (and
@@ -501,7 +500,7 @@ class ContainerOps:
 
     # -- recovery -----------------------------------------------------------------------------------
 
-    def recover_exec_sessions(self: "Runtime") -> None:
+    def recover_exec_sessions(self: Runtime) -> None:
         """Kill exec sessions (streaming or ExecSync) that a crashed daemon left running.
 
         Their conmons were our children, waiting for us to read their output; nobody
@@ -511,7 +510,7 @@ class ContainerOps:
         if killed:
             log.info("killed exec sessions left by the previous daemon", extra={"fields": {"conmon_pids": killed}})
 
-    async def recover_container(self: "Runtime", rec: ContainerRecord) -> None:
+    async def recover_container(self: Runtime, rec: ContainerRecord) -> None:
         phase = rec.extra.get("phase")
         if phase in ("creating", "spec"):
             log.info("removing container %s left half-made by a crash", rec.id)
@@ -544,7 +543,7 @@ class ContainerOps:
             # wait_exit reads conmon's exit file at once if it exited while we were down.
             self.watch_exit(rec.id, rec.runtime_handler, self._on_container_exit)
 
-    async def _process_lost(self: "Runtime", rt, obj_id: str) -> bool:
+    async def _process_lost(self: Runtime, rt, obj_id: str) -> bool:
         """True if neither a conmon nor the OCI runtime knows a live process for ``obj_id``."""
         if rt.conmon_pid(obj_id) is not None:
             return False
@@ -557,7 +556,7 @@ class ContainerOps:
             return False
         return st.status == "stopped"
 
-    def _record_lost_exit(self: "Runtime", rec: ContainerRecord) -> None:
+    def _record_lost_exit(self: Runtime, rec: ContainerRecord) -> None:
         """Mark a RUNNING container EXITED whose exit can never be read (state lost)."""
         if rec.state != RUNNING:
             return

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import ResourceExhausted
+from moorage.core.errors import ResourceExhausted
 
 log = logging.getLogger("moorage.events")
 
@@ -52,7 +52,7 @@ def pod_snapshot(runtime: Any, sandbox_id: str) -> tuple[Any, tuple[Any, ...]]:
 
 
 class Subscription:
-    def __init__(self, hub: "EventHub", size: int) -> None:
+    def __init__(self, hub: EventHub, size: int) -> None:
         self._hub = hub
         self.queue: asyncio.Queue[ContainerEvent | None] = asyncio.Queue(size)
         self.overflowed = False
@@ -93,7 +93,7 @@ class EventHub:
             try:
                 sb, ctrs = pod_snapshot(self._runtime, sandbox_id)
                 ev = ContainerEvent(container_id, type_, ts, sandbox_id, seq, True, sb, ctrs)
-            except Exception:  # noqa: BLE001 - never fail a lifecycle call over an event
+            except Exception:
                 log.exception("capturing pod state for event %s of %s", type_, container_id)
         for sub in list(self._subs):
             try:

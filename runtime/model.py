@@ -296,7 +296,7 @@ class ImageConfig:
     volumes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_oci(cls, config: dict) -> "ImageConfig":
+    def from_oci(cls, config: dict) -> ImageConfig:
         """Build from a parsed OCI image config document (whole doc or its ``config``)."""
         c = config.get("config", config) if isinstance(config, dict) else {}
         c = c or {}

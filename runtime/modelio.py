@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any
 
-from runtime import model
+from moorage.runtime import model
 
 
 @functools.cache

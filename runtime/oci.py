@@ -40,11 +40,20 @@ import signal as _signal
 import socket
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
-from runtime import cgroups
-from runtime.conmon import (
+from moorage.core.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MoorageError,
+    NotFound,
+)
+from moorage.runtime import cgroups
+from moorage.runtime.conmon import (
     REOPEN_LOGS_EVENT,
     TIMED_OUT_MESSAGE,
     WIN_RESIZE_EVENT,
@@ -56,15 +65,6 @@ from runtime.conmon import (
     ctl_message,
     parse_exit_file,
     parse_sync_message,
-)
-from runtime.errors import (
-    AlreadyExists,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    MoorageError,
-    NotFound,
 )
 
 DEFAULT_CREATE_TIMEOUT = 240.0
@@ -104,7 +104,7 @@ class RuntimeHandler:
     root: str | None = None
 
     @classmethod
-    def default(cls, name: str) -> "RuntimeHandler":
+    def default(cls, name: str) -> RuntimeHandler:
         if name not in KNOWN_HANDLERS:
             raise InvalidArgument(f"unknown runtime handler {name!r}; known: {', '.join(sorted(KNOWN_HANDLERS))}")
         path = shutil.which(name) or KNOWN_HANDLERS[name]
@@ -153,7 +153,7 @@ class OCIRuntimeAPI(Protocol):
     async def reopen_log(self, cid: str) -> None: ...
     async def resize(self, cid: str, height: int, width: int) -> None: ...
     async def exec_session(self, cid: str, cmd: list[str], *, tty: bool = False, stdin: bool = False,
-                           console_size: tuple[int, int] | None = None) -> "ExecSession": ...
+                           console_size: tuple[int, int] | None = None) -> ExecSession: ...
     def reap_exec_sessions(self) -> list[int]: ...
     def attach_socket_path(self, cid: str) -> str: ...
     def conmon_pid(self, cid: str) -> int | None: ...
@@ -437,7 +437,7 @@ class ExecSession:
                 await asyncio.sleep(0.01)
         try:
             await asyncio.wait_for(proc.wait(), CONMON_EXIT_GRACE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _kill_descendants(proc.pid)
             try:
                 os.killpg(proc.pid, _signal.SIGKILL)
@@ -561,7 +561,7 @@ class OCIRuntime:
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), timeout or self.command_timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        except (TimeoutError, asyncio.CancelledError) as e:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
@@ -815,7 +815,7 @@ class OCIRuntime:
             return None
         except ValueError:
             return None  # torn write cannot happen (rename), but be safe
-        finished = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc)
+        finished = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
         return ExitStatus(code=code, finished_at=finished, oom_killed=self.oom_killed(cid))
 
     def exit_code(self, cid: str) -> tuple[int, datetime] | None:
@@ -844,7 +844,7 @@ class OCIRuntime:
             self._check_exit(cid)  # the file may have appeared before the watch
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise DeadlineExceeded(f"container {cid} did not exit within {timeout:g}s") from None
         finally:
             lst = self._waiters.get(cid, [])
@@ -1043,7 +1043,7 @@ class OCIRuntime:
             t.cancel()
         try:
             await asyncio.wait_for(proc.wait(), CONMON_EXIT_GRACE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._kill_group(proc)
             await proc.wait()
 

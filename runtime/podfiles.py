@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from runtime.errors import InvalidArgument
-from runtime.model import DNSConfig
+from moorage.core.errors import InvalidArgument
+from moorage.runtime.model import DNSConfig
 
 MAX_HOST_FILE = 1 << 20
 

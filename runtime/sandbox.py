@@ -14,16 +14,16 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any
 
-from cni import netns as netnsmod
-from images import snapshotter as snapmod
-from runtime import events, podfiles, spec
-from runtime.modelio import sandbox_config_from, to_plain
-from runtime.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
-from runtime.model import PodSandboxConfig
-from runtime.store import SandboxRecord, now_ns
+from moorage.core import mount as mountmod
+from moorage.core import netns as netnsmod
+from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
+from moorage.core.store import SandboxRecord, now_ns
+from moorage.runtime import events, podfiles, spec
+from moorage.runtime.model import PodSandboxConfig
+from moorage.runtime.modelio import sandbox_config_from, to_plain
 
 if TYPE_CHECKING:
-    from runtime.service import Runtime
+    from moorage.runtime.service import Runtime
 
 log = logging.getLogger("moorage.sandbox")
 
@@ -47,7 +47,7 @@ def sandbox_name(cfg: PodSandboxConfig) -> str:
 class SandboxOps:
     # -- RunPodSandbox ---------------------------------------------------------------------
 
-    async def run_sandbox(self: "Runtime", cfg: PodSandboxConfig, handler: str = "") -> str:
+    async def run_sandbox(self: Runtime, cfg: PodSandboxConfig, handler: str = "") -> str:
         md = cfg.metadata
         missing = [k for k in ("name", "namespace", "uid") if not getattr(md, k)]
         if missing:
@@ -57,7 +57,7 @@ class SandboxOps:
         name = sandbox_name(cfg)
         return await self.dedup(name, lambda: self._run_sandbox(cfg, name, handler))
 
-    async def _run_sandbox(self: "Runtime", cfg: PodSandboxConfig, name: str, handler: str) -> str:
+    async def _run_sandbox(self: Runtime, cfg: PodSandboxConfig, name: str, handler: str) -> str:
         sid = self.new_sandbox_id()
         net_mode, pid_mode, ipc_mode = _ns_modes(cfg)
         host_net = net_mode == "NODE"
@@ -76,7 +76,7 @@ class SandboxOps:
             log.warning("RunPodSandbox %s failed, cleaning up: %s", name, getattr(exc, "message", exc))
             try:
                 await asyncio.shield(self._teardown_sandbox(rec, remove=True))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("cleanup of failed sandbox %s", sid)
             raise
         # As containerd does, sandbox lifecycle events carry the sandbox id as container_id.
@@ -84,12 +84,12 @@ class SandboxOps:
         self.events.publish(sid, events.STARTED, sid)
         return sid
 
-    def new_sandbox_id(self: "Runtime") -> str:
-        from runtime.service import new_id
+    def new_sandbox_id(self: Runtime) -> str:
+        from moorage.core.ids import new_id
 
         return new_id()
 
-    async def _setup_sandbox(self: "Runtime", rec: SandboxRecord, cfg: PodSandboxConfig, handler: str,
+    async def _setup_sandbox(self: Runtime, rec: SandboxRecord, cfg: PodSandboxConfig, handler: str,
                              host_net: bool, pid_mode: str, ipc_mode: str, parent: str) -> None:
         sid = rec.id
         root, state = self.sandbox_root(sid), self.sandbox_state(sid)
@@ -109,7 +109,7 @@ class SandboxOps:
         if ipc_mode != "NODE":
             shm = os.path.join(state, "shm")
             os.makedirs(shm, exist_ok=True)
-            snapmod.mount([snapmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
+            mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
                                                           f"size={SHM_SIZE}"))], shm)
         else:
             shm = "/dev/shm"
@@ -149,7 +149,7 @@ class SandboxOps:
             resolv_conf_path=os.path.join(root, "resolv.conf"), hosts_path=os.path.join(root, "hosts"),
             hostname_path=os.path.join(root, "hostname"), host=self.host,
         )
-        from runtime.service import restrict_oom_score_adj
+        from moorage.runtime.oom import restrict_oom_score_adj
 
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(restrict_oom_score_adj(sb_spec), f)
@@ -166,7 +166,7 @@ class SandboxOps:
         self.watch_exit(sid, handler, self._on_infra_exit)
         log.info("pod sandbox ready", extra={"fields": {"id": sid, "name": rec.name, "pid": pid, "ip": rec.ip}})
 
-    async def _on_infra_exit(self: "Runtime", sid: str) -> None:
+    async def _on_infra_exit(self: Runtime, sid: str) -> None:
         rec = self.sandboxes.get(sid)
         if rec is None or rec.state != READY:
             return
@@ -177,7 +177,7 @@ class SandboxOps:
 
     # -- StopPodSandbox -----------------------------------------------------------------------
 
-    def get_sandbox(self: "Runtime", sid: str) -> SandboxRecord:
+    def get_sandbox(self: Runtime, sid: str) -> SandboxRecord:
         """By full id or unique prefix."""
         rec = self.sandboxes.get(sid)
         if rec is not None:
@@ -190,14 +190,14 @@ class SandboxOps:
                 raise InvalidArgument(f"pod sandbox id prefix {sid!r} is ambiguous ({len(matches)} sandboxes)")
         raise NotFound(f"pod sandbox {sid!r} not found")
 
-    async def stop_sandbox(self: "Runtime", sid: str) -> None:
+    async def stop_sandbox(self: Runtime, sid: str) -> None:
         rec = self.get_sandbox(sid)
         for c in [c for c in self.containers.values() if c.sandbox_id == rec.id]:
             await self.stop_container(c.id, 0)
         async with self.lock(rec.id):
             await self._teardown_sandbox(rec, remove=False)
 
-    async def _teardown_sandbox(self: "Runtime", rec: SandboxRecord, remove: bool) -> None:
+    async def _teardown_sandbox(self: Runtime, rec: SandboxRecord, remove: bool) -> None:
         """Stop the infra process and release the network and mounts; idempotent."""
         sid = rec.id
         rt = self.oci(rec.runtime_handler)
@@ -227,7 +227,7 @@ class SandboxOps:
             await asyncio.to_thread(netnsmod.remove_netns, rec.netns_path, self.s.netns_dir)
         shm = os.path.join(self.sandbox_state(sid), "shm")
         if os.path.isdir(shm):
-            snapmod.unmount_all(shm)
+            mountmod.unmount_all(shm)
         was_ready = rec.state == READY and not rec.extra.get("phase")
         rec.state = NOTREADY
         if was_ready:  # the infra exit was not seen (e.g. state lost): say it stopped now
@@ -237,7 +237,7 @@ class SandboxOps:
                 await rt.delete(sid, force=True)
             except MoorageError as e:
                 log.warning("deleting infra of %s: %s", sid, e.message)
-            from runtime.service import remove_tree
+            from moorage.core.fs import remove_tree
 
             remove_tree(self.sandbox_state(sid))
             remove_tree(self.sandbox_root(sid))
@@ -250,7 +250,7 @@ class SandboxOps:
 
     # -- RemovePodSandbox -----------------------------------------------------------------------
 
-    async def remove_sandbox(self: "Runtime", sid: str) -> None:
+    async def remove_sandbox(self: Runtime, sid: str) -> None:
         try:
             rec = self.get_sandbox(sid)
         except NotFound:
@@ -271,7 +271,7 @@ class SandboxOps:
 
     # -- status and list ----------------------------------------------------------------------
 
-    def sandbox_status(self: "Runtime", sid: str, verbose: bool = False) -> tuple[SandboxRecord, dict[str, str]]:
+    def sandbox_status(self: Runtime, sid: str, verbose: bool = False) -> tuple[SandboxRecord, dict[str, str]]:
         rec = self.get_sandbox(sid)
         info: dict[str, str] = {}
         if verbose:
@@ -288,7 +288,7 @@ class SandboxOps:
             })
         return rec, info
 
-    def list_sandboxes(self: "Runtime", id_prefix: str = "", state: str | None = None,
+    def list_sandboxes(self: Runtime, id_prefix: str = "", state: str | None = None,
                        labels: dict[str, str] | None = None) -> list[SandboxRecord]:
         out = []
         for rec in self.sandboxes.values():
@@ -303,12 +303,12 @@ class SandboxOps:
             out.append(rec)
         return out
 
-    def sandbox_config(self: "Runtime", rec: SandboxRecord) -> PodSandboxConfig:
+    def sandbox_config(self: Runtime, rec: SandboxRecord) -> PodSandboxConfig:
         return sandbox_config_from(rec.config)
 
     # -- recovery --------------------------------------------------------------------------------
 
-    async def recover_sandbox(self: "Runtime", rec: SandboxRecord) -> None:
+    async def recover_sandbox(self: Runtime, rec: SandboxRecord) -> None:
         if rec.extra.get("phase"):
             log.info("removing sandbox %s left half-made by a crash (phase %s)", rec.id, rec.extra["phase"])
             await self._teardown_sandbox(rec, remove=True)
@@ -327,7 +327,7 @@ class SandboxOps:
             self.store.update_sandbox(rec)
             self.events.publish(rec.id, events.STOPPED, rec.id)
 
-    def collect_stale_netns(self: "Runtime") -> None:
+    def collect_stale_netns(self: Runtime) -> None:
         try:
             removed = netnsmod.collect_stale(set(self.sandboxes), self.s.netns_dir)
         except OSError:
@@ -341,7 +341,7 @@ class SandboxOps:
 
 
 def cni_port_mappings(cfg: PodSandboxConfig) -> list:
-    from cni.manager import PortMapping
+    from moorage.cni.manager import PortMapping
 
     return [PortMapping(host_port=p.host_port, container_port=p.container_port, protocol=p.protocol.lower(),
                         host_ip=p.host_ip) for p in cfg.port_mappings if p.host_port]
@@ -356,13 +356,13 @@ async def cni_release_orphans(cni: Any, sandbox_ids: list[str]) -> None:
             log.info("released the pod network of vanished sandbox %s", sid)
         except MoorageError as e:
             log.warning("releasing the pod network of vanished sandbox %s: %s", sid, e.message)
-        except Exception:  # noqa: BLE001 - best effort, never kill the daemon
+        except Exception:
             log.exception("releasing the pod network of vanished sandbox %s", sid)
 
 
 def cni_dns(cfg: PodSandboxConfig) -> Any:
     """The pod's DNS config for the CNI ``dns`` capability (None when the pod sets none)."""
-    from cni.manager import DNSConfig
+    from moorage.cni.manager import DNSConfig
 
     dns = cfg.dns_config
     if dns is None or not (dns.servers or dns.searches or dns.options):
@@ -372,7 +372,7 @@ def cni_dns(cfg: PodSandboxConfig) -> Any:
 
 def cni_bandwidth(cfg: PodSandboxConfig) -> Any:
     """Traffic shaping from the kubernetes.io/{ingress,egress}-bandwidth annotations."""
-    from cni.manager import Bandwidth
+    from moorage.cni.manager import Bandwidth
 
     ann = cfg.annotations
     ingress = parse_quantity(ann.get("kubernetes.io/ingress-bandwidth", ""), "kubernetes.io/ingress-bandwidth")

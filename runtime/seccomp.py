@@ -22,7 +22,7 @@ import platform
 from collections.abc import Iterable
 from pathlib import Path
 
-from runtime.errors import InvalidArgument, NotFound
+from moorage.core.errors import InvalidArgument, NotFound
 
 _DATA = Path(__file__).with_name("seccomp_default.json")
 

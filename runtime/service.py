@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
-import shutil
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from runtime import oci as ocimod
-from runtime.container import ContainerOps
-from runtime.events import EventHub
-from runtime.sandbox import SandboxOps
-from runtime.spec import HostLookups, RuntimeSpecConfig
-from runtime.store import Store
+from moorage.core.store import Store
+from moorage.runtime import oci as ocimod
+from moorage.runtime.container import ContainerOps
+from moorage.runtime.events import EventHub
+from moorage.runtime.sandbox import SandboxOps
+from moorage.runtime.spec import HostLookups, RuntimeSpecConfig
 
 log = logging.getLogger("moorage.runtime")
 
@@ -44,10 +43,6 @@ class RuntimeSettings:
     log_level: str = "info"
     exec_sync_max_output: int = 16 * 1024 * 1024
     spec: RuntimeSpecConfig = field(default_factory=RuntimeSpecConfig)
-
-
-def new_id() -> str:
-    return secrets.token_hex(32)
 
 
 class Runtime(SandboxOps, ContainerOps):
@@ -92,7 +87,7 @@ class Runtime(SandboxOps, ContainerOps):
         rt = self._runtimes.get(name)
         if rt is None:
             if name not in self.s.handlers:
-                from runtime.errors import InvalidArgument
+                from moorage.core.errors import InvalidArgument
 
                 known = ", ".join(sorted(self.s.handlers))
                 raise InvalidArgument(f"unknown runtime handler {name!r}; configured handlers: {known}")
@@ -157,7 +152,7 @@ class Runtime(SandboxOps, ContainerOps):
                     await self.oci(handler).wait_exit(obj_id)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - a lost watcher must not kill the daemon
+                except Exception:
                     log.exception("exit watcher for %s failed", obj_id)
                 await on_exit(obj_id)
             finally:
@@ -187,7 +182,7 @@ class Runtime(SandboxOps, ContainerOps):
         try:
             await asyncio.wait_for(ev.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     # -- lifecycle of the runtime itself ---------------------------------------------------------
@@ -201,16 +196,16 @@ class Runtime(SandboxOps, ContainerOps):
         for sb in list(self.sandboxes.values()):
             try:
                 await self.recover_sandbox(sb)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("recovering sandbox %s failed", sb.id)
         for c in list(self.containers.values()):
             try:
                 await self.recover_container(c)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("recovering container %s failed", c.id)
         try:
             self.recover_exec_sessions()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("reaping leftover exec sessions failed")
         self.collect_stale_netns()
         log.info("runtime recovered", extra={"fields": {"sandboxes": len(self.sandboxes),
@@ -241,32 +236,3 @@ class Runtime(SandboxOps, ContainerOps):
         for c in self.containers.values():
             ct[c.state] += 1
         return dict(sb), dict(ct)
-
-
-def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _own_oom_floor() -> int | None:
-    """Our oom_score_adj when we may not go below it (no CAP_SYS_RESOURCE), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-        if eff & (1 << 24):  # CAP_SYS_RESOURCE
-            return None
-        with open("/proc/self/oom_score_adj") as f:
-            return int(f.read().strip())
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-OOM_FLOOR = _own_oom_floor()
-
-
-def restrict_oom_score_adj(oci_spec: dict) -> dict:
-    """Raise a spec's oomScoreAdj to what this process may set, as containerd does when
-    it lacks CAP_SYS_RESOURCE (runc would otherwise fail with EACCES)."""
-    proc = oci_spec.get("process") or {}
-    if OOM_FLOOR is not None and "oomScoreAdj" in proc and proc["oomScoreAdj"] < OOM_FLOOR:
-        proc["oomScoreAdj"] = OOM_FLOOR
-    return oci_spec

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from runtime import seccomp as _seccomp
-from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from runtime.model import (
+from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from moorage.runtime import seccomp as _seccomp
+from moorage.runtime.model import (
     NAMESPACE_MODES,
     PROFILE_TYPES,
     PROPAGATIONS,
@@ -227,7 +227,7 @@ def _device_from_stat(path: str, st: os.stat_result) -> HostDevice | None:
     )
 
 
-def _current_capabilities() -> "frozenset[str] | None":
+def _current_capabilities() -> frozenset[str] | None:
     try:
         with open("/proc/self/status") as f:
             bnd = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
@@ -249,7 +249,7 @@ class HostLookups:
     #: Capabilities in the daemon's own bounding set (None: unknown, assume all).  A
     #: privileged container gets these, as containerd's WithAllCurrentCapabilities does:
     #: asking runc for more fails with "unable to apply caps".
-    current_capabilities: Callable[[], "frozenset[str] | None"] = lambda: _current_capabilities()
+    current_capabilities: Callable[[], frozenset[str] | None] = lambda: _current_capabilities()
     #: Create a missing bind-mount source as a directory (kubelet hostPath type ""), as
     #: containerd and CRI-O do.
     ensure_dir: Callable[[str], None] = lambda p: os.makedirs(p, mode=0o755, exist_ok=True)

@@ -34,11 +34,12 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from cni.netns import InterfaceStats
-from runtime import cgroups as cg
+from moorage.core.netns import InterfaceStats
+from moorage.runtime import cgroups as cg
 
 log = logging.getLogger("moorage.stats")
 
@@ -644,7 +645,7 @@ class StatsCollector:
         if ifaces is None:
             fn = self._interface_stats
             if fn is None:
-                from cni.netns import interface_stats as fn
+                from moorage.core.netns import interface_stats as fn
             try:
                 raw = fn(sb.netns_path)
             except Exception as e:  # noqa: BLE001 - a vanished netns just has no figures

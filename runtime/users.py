@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from runtime.errors import InvalidArgument, NotFound
+from moorage.core.errors import InvalidArgument, NotFound
 
 #: Upper bound on bytes read from /etc/passwd or /etc/group.
 MAX_DB_BYTES = 1 << 20

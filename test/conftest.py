@@ -1,14 +1,19 @@
-import os
+"""The suite's fixtures come from the public test-support package ``moorage.testing``."""
+
+from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["test.fixtures.daemon"]
-if os.path.exists(os.path.join(os.path.dirname(__file__), "fixtures", "registry.py")):
-    pytest_plugins.append("test.fixtures.registry")
+pytest_plugins = [
+    "moorage.testing.daemon",     # daemon, daemon_factory
+    "moorage.testing.registry",   # registry, tls/token registries
+    "moorage.testing.runtime_env",  # module_env, env
+    "moorage.testing.netlab",     # netlab
+]
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests under test/integration need root and the real runtime parts.
     for item in items:
-        if "/integration/" in str(item.fspath):
+        if "/integration/" in str(item.path):
             item.add_marker(pytest.mark.integration)

@@ -1,9 +1,11 @@
-from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -225,7 +227,7 @@ class VersionRequest(_message.Message):
     __slots__ = ("version",)
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: str | None = ...) -> None: ...
 
 class VersionResponse(_message.Message):
     __slots__ = ("version", "runtime_name", "runtime_version", "runtime_api_version")
@@ -237,7 +239,7 @@ class VersionResponse(_message.Message):
     runtime_name: str
     runtime_version: str
     runtime_api_version: str
-    def __init__(self, version: _Optional[str] = ..., runtime_name: _Optional[str] = ..., runtime_version: _Optional[str] = ..., runtime_api_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: str | None = ..., runtime_name: str | None = ..., runtime_version: str | None = ..., runtime_api_version: str | None = ...) -> None: ...
 
 class DNSConfig(_message.Message):
     __slots__ = ("servers", "searches", "options")
@@ -247,7 +249,7 @@ class DNSConfig(_message.Message):
     servers: _containers.RepeatedScalarFieldContainer[str]
     searches: _containers.RepeatedScalarFieldContainer[str]
     options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, servers: _Optional[_Iterable[str]] = ..., searches: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, servers: _Iterable[str] | None = ..., searches: _Iterable[str] | None = ..., options: _Iterable[str] | None = ...) -> None: ...
 
 class PortMapping(_message.Message):
     __slots__ = ("protocol", "container_port", "host_port", "host_ip")
@@ -259,7 +261,7 @@ class PortMapping(_message.Message):
     container_port: int
     host_port: int
     host_ip: str
-    def __init__(self, protocol: _Optional[_Union[Protocol, str]] = ..., container_port: _Optional[int] = ..., host_port: _Optional[int] = ..., host_ip: _Optional[str] = ...) -> None: ...
+    def __init__(self, protocol: Protocol | str | None = ..., container_port: int | None = ..., host_port: int | None = ..., host_ip: str | None = ...) -> None: ...
 
 class Mount(_message.Message):
     __slots__ = ("container_path", "host_path", "readonly", "selinux_relabel", "propagation", "uidMappings", "gidMappings", "recursive_read_only", "image", "image_sub_path", "mount_options")
@@ -285,7 +287,7 @@ class Mount(_message.Message):
     image: ImageSpec
     image_sub_path: str
     mount_options: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, container_path: _Optional[str] = ..., host_path: _Optional[str] = ..., readonly: _Optional[bool] = ..., selinux_relabel: _Optional[bool] = ..., propagation: _Optional[_Union[MountPropagation, str]] = ..., uidMappings: _Optional[_Iterable[_Union[IDMapping, _Mapping]]] = ..., gidMappings: _Optional[_Iterable[_Union[IDMapping, _Mapping]]] = ..., recursive_read_only: _Optional[bool] = ..., image: _Optional[_Union[ImageSpec, _Mapping]] = ..., image_sub_path: _Optional[str] = ..., mount_options: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, container_path: str | None = ..., host_path: str | None = ..., readonly: bool | None = ..., selinux_relabel: bool | None = ..., propagation: MountPropagation | str | None = ..., uidMappings: _Iterable[IDMapping | _Mapping] | None = ..., gidMappings: _Iterable[IDMapping | _Mapping] | None = ..., recursive_read_only: bool | None = ..., image: ImageSpec | _Mapping | None = ..., image_sub_path: str | None = ..., mount_options: _Iterable[str] | None = ...) -> None: ...
 
 class IDMapping(_message.Message):
     __slots__ = ("host_id", "container_id", "length")
@@ -295,7 +297,7 @@ class IDMapping(_message.Message):
     host_id: int
     container_id: int
     length: int
-    def __init__(self, host_id: _Optional[int] = ..., container_id: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    def __init__(self, host_id: int | None = ..., container_id: int | None = ..., length: int | None = ...) -> None: ...
 
 class UserNamespace(_message.Message):
     __slots__ = ("mode", "uids", "gids")
@@ -305,7 +307,7 @@ class UserNamespace(_message.Message):
     mode: NamespaceMode
     uids: _containers.RepeatedCompositeFieldContainer[IDMapping]
     gids: _containers.RepeatedCompositeFieldContainer[IDMapping]
-    def __init__(self, mode: _Optional[_Union[NamespaceMode, str]] = ..., uids: _Optional[_Iterable[_Union[IDMapping, _Mapping]]] = ..., gids: _Optional[_Iterable[_Union[IDMapping, _Mapping]]] = ...) -> None: ...
+    def __init__(self, mode: NamespaceMode | str | None = ..., uids: _Iterable[IDMapping | _Mapping] | None = ..., gids: _Iterable[IDMapping | _Mapping] | None = ...) -> None: ...
 
 class NamespaceOption(_message.Message):
     __slots__ = ("network", "pid", "ipc", "target_id", "userns_options")
@@ -319,13 +321,13 @@ class NamespaceOption(_message.Message):
     ipc: NamespaceMode
     target_id: str
     userns_options: UserNamespace
-    def __init__(self, network: _Optional[_Union[NamespaceMode, str]] = ..., pid: _Optional[_Union[NamespaceMode, str]] = ..., ipc: _Optional[_Union[NamespaceMode, str]] = ..., target_id: _Optional[str] = ..., userns_options: _Optional[_Union[UserNamespace, _Mapping]] = ...) -> None: ...
+    def __init__(self, network: NamespaceMode | str | None = ..., pid: NamespaceMode | str | None = ..., ipc: NamespaceMode | str | None = ..., target_id: str | None = ..., userns_options: UserNamespace | _Mapping | None = ...) -> None: ...
 
 class Int64Value(_message.Message):
     __slots__ = ("value",)
     VALUE_FIELD_NUMBER: _ClassVar[int]
     value: int
-    def __init__(self, value: _Optional[int] = ...) -> None: ...
+    def __init__(self, value: int | None = ...) -> None: ...
 
 class LinuxSandboxSecurityContext(_message.Message):
     __slots__ = ("namespace_options", "selinux_options", "run_as_user", "run_as_group", "readonly_rootfs", "supplemental_groups", "supplemental_groups_policy", "privileged", "seccomp", "apparmor", "seccomp_profile_path")
@@ -351,7 +353,7 @@ class LinuxSandboxSecurityContext(_message.Message):
     seccomp: SecurityProfile
     apparmor: SecurityProfile
     seccomp_profile_path: str
-    def __init__(self, namespace_options: _Optional[_Union[NamespaceOption, _Mapping]] = ..., selinux_options: _Optional[_Union[SELinuxOption, _Mapping]] = ..., run_as_user: _Optional[_Union[Int64Value, _Mapping]] = ..., run_as_group: _Optional[_Union[Int64Value, _Mapping]] = ..., readonly_rootfs: _Optional[bool] = ..., supplemental_groups: _Optional[_Iterable[int]] = ..., supplemental_groups_policy: _Optional[_Union[SupplementalGroupsPolicy, str]] = ..., privileged: _Optional[bool] = ..., seccomp: _Optional[_Union[SecurityProfile, _Mapping]] = ..., apparmor: _Optional[_Union[SecurityProfile, _Mapping]] = ..., seccomp_profile_path: _Optional[str] = ...) -> None: ...
+    def __init__(self, namespace_options: NamespaceOption | _Mapping | None = ..., selinux_options: SELinuxOption | _Mapping | None = ..., run_as_user: Int64Value | _Mapping | None = ..., run_as_group: Int64Value | _Mapping | None = ..., readonly_rootfs: bool | None = ..., supplemental_groups: _Iterable[int] | None = ..., supplemental_groups_policy: SupplementalGroupsPolicy | str | None = ..., privileged: bool | None = ..., seccomp: SecurityProfile | _Mapping | None = ..., apparmor: SecurityProfile | _Mapping | None = ..., seccomp_profile_path: str | None = ...) -> None: ...
 
 class SecurityProfile(_message.Message):
     __slots__ = ("profile_type", "localhost_ref")
@@ -367,7 +369,7 @@ class SecurityProfile(_message.Message):
     LOCALHOST_REF_FIELD_NUMBER: _ClassVar[int]
     profile_type: SecurityProfile.ProfileType
     localhost_ref: str
-    def __init__(self, profile_type: _Optional[_Union[SecurityProfile.ProfileType, str]] = ..., localhost_ref: _Optional[str] = ...) -> None: ...
+    def __init__(self, profile_type: SecurityProfile.ProfileType | str | None = ..., localhost_ref: str | None = ...) -> None: ...
 
 class LinuxPodSandboxConfig(_message.Message):
     __slots__ = ("cgroup_parent", "security_context", "sysctls", "overhead", "resources")
@@ -377,7 +379,7 @@ class LinuxPodSandboxConfig(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     CGROUP_PARENT_FIELD_NUMBER: _ClassVar[int]
     SECURITY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SYSCTLS_FIELD_NUMBER: _ClassVar[int]
@@ -388,7 +390,7 @@ class LinuxPodSandboxConfig(_message.Message):
     sysctls: _containers.ScalarMap[str, str]
     overhead: LinuxContainerResources
     resources: LinuxContainerResources
-    def __init__(self, cgroup_parent: _Optional[str] = ..., security_context: _Optional[_Union[LinuxSandboxSecurityContext, _Mapping]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., overhead: _Optional[_Union[LinuxContainerResources, _Mapping]] = ..., resources: _Optional[_Union[LinuxContainerResources, _Mapping]] = ...) -> None: ...
+    def __init__(self, cgroup_parent: str | None = ..., security_context: LinuxSandboxSecurityContext | _Mapping | None = ..., sysctls: _Mapping[str, str] | None = ..., overhead: LinuxContainerResources | _Mapping | None = ..., resources: LinuxContainerResources | _Mapping | None = ...) -> None: ...
 
 class PodSandboxMetadata(_message.Message):
     __slots__ = ("name", "uid", "namespace", "attempt")
@@ -400,7 +402,7 @@ class PodSandboxMetadata(_message.Message):
     uid: str
     namespace: str
     attempt: int
-    def __init__(self, name: _Optional[str] = ..., uid: _Optional[str] = ..., namespace: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., uid: str | None = ..., namespace: str | None = ..., attempt: int | None = ...) -> None: ...
 
 class PodSandboxConfig(_message.Message):
     __slots__ = ("metadata", "hostname", "log_directory", "dns_config", "port_mappings", "labels", "annotations", "linux", "windows")
@@ -410,14 +412,14 @@ class PodSandboxConfig(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     METADATA_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     LOG_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
@@ -436,7 +438,7 @@ class PodSandboxConfig(_message.Message):
     annotations: _containers.ScalarMap[str, str]
     linux: LinuxPodSandboxConfig
     windows: WindowsPodSandboxConfig
-    def __init__(self, metadata: _Optional[_Union[PodSandboxMetadata, _Mapping]] = ..., hostname: _Optional[str] = ..., log_directory: _Optional[str] = ..., dns_config: _Optional[_Union[DNSConfig, _Mapping]] = ..., port_mappings: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., linux: _Optional[_Union[LinuxPodSandboxConfig, _Mapping]] = ..., windows: _Optional[_Union[WindowsPodSandboxConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, metadata: PodSandboxMetadata | _Mapping | None = ..., hostname: str | None = ..., log_directory: str | None = ..., dns_config: DNSConfig | _Mapping | None = ..., port_mappings: _Iterable[PortMapping | _Mapping] | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ..., linux: LinuxPodSandboxConfig | _Mapping | None = ..., windows: WindowsPodSandboxConfig | _Mapping | None = ...) -> None: ...
 
 class RunPodSandboxRequest(_message.Message):
     __slots__ = ("config", "runtime_handler")
@@ -444,19 +446,19 @@ class RunPodSandboxRequest(_message.Message):
     RUNTIME_HANDLER_FIELD_NUMBER: _ClassVar[int]
     config: PodSandboxConfig
     runtime_handler: str
-    def __init__(self, config: _Optional[_Union[PodSandboxConfig, _Mapping]] = ..., runtime_handler: _Optional[str] = ...) -> None: ...
+    def __init__(self, config: PodSandboxConfig | _Mapping | None = ..., runtime_handler: str | None = ...) -> None: ...
 
 class RunPodSandboxResponse(_message.Message):
     __slots__ = ("pod_sandbox_id",)
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
-    def __init__(self, pod_sandbox_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ...) -> None: ...
 
 class StopPodSandboxRequest(_message.Message):
     __slots__ = ("pod_sandbox_id",)
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
-    def __init__(self, pod_sandbox_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ...) -> None: ...
 
 class StopPodSandboxResponse(_message.Message):
     __slots__ = ()
@@ -466,7 +468,7 @@ class RemovePodSandboxRequest(_message.Message):
     __slots__ = ("pod_sandbox_id",)
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
-    def __init__(self, pod_sandbox_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ...) -> None: ...
 
 class RemovePodSandboxResponse(_message.Message):
     __slots__ = ()
@@ -478,13 +480,13 @@ class PodSandboxStatusRequest(_message.Message):
     VERBOSE_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
     verbose: bool
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., verbose: _Optional[bool] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., verbose: bool | None = ...) -> None: ...
 
 class PodIP(_message.Message):
     __slots__ = ("ip",)
     IP_FIELD_NUMBER: _ClassVar[int]
     ip: str
-    def __init__(self, ip: _Optional[str] = ...) -> None: ...
+    def __init__(self, ip: str | None = ...) -> None: ...
 
 class PodSandboxNetworkStatus(_message.Message):
     __slots__ = ("ip", "additional_ips")
@@ -492,19 +494,19 @@ class PodSandboxNetworkStatus(_message.Message):
     ADDITIONAL_IPS_FIELD_NUMBER: _ClassVar[int]
     ip: str
     additional_ips: _containers.RepeatedCompositeFieldContainer[PodIP]
-    def __init__(self, ip: _Optional[str] = ..., additional_ips: _Optional[_Iterable[_Union[PodIP, _Mapping]]] = ...) -> None: ...
+    def __init__(self, ip: str | None = ..., additional_ips: _Iterable[PodIP | _Mapping] | None = ...) -> None: ...
 
 class Namespace(_message.Message):
     __slots__ = ("options",)
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     options: NamespaceOption
-    def __init__(self, options: _Optional[_Union[NamespaceOption, _Mapping]] = ...) -> None: ...
+    def __init__(self, options: NamespaceOption | _Mapping | None = ...) -> None: ...
 
 class LinuxPodSandboxStatus(_message.Message):
     __slots__ = ("namespaces",)
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     namespaces: Namespace
-    def __init__(self, namespaces: _Optional[_Union[Namespace, _Mapping]] = ...) -> None: ...
+    def __init__(self, namespaces: Namespace | _Mapping | None = ...) -> None: ...
 
 class PodSandboxStatus(_message.Message):
     __slots__ = ("id", "metadata", "state", "created_at", "network", "linux", "labels", "annotations", "runtime_handler")
@@ -514,14 +516,14 @@ class PodSandboxStatus(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -540,7 +542,7 @@ class PodSandboxStatus(_message.Message):
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
     runtime_handler: str
-    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Union[PodSandboxMetadata, _Mapping]] = ..., state: _Optional[_Union[PodSandboxState, str]] = ..., created_at: _Optional[int] = ..., network: _Optional[_Union[PodSandboxNetworkStatus, _Mapping]] = ..., linux: _Optional[_Union[LinuxPodSandboxStatus, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., runtime_handler: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., metadata: PodSandboxMetadata | _Mapping | None = ..., state: PodSandboxState | str | None = ..., created_at: int | None = ..., network: PodSandboxNetworkStatus | _Mapping | None = ..., linux: LinuxPodSandboxStatus | _Mapping | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ..., runtime_handler: str | None = ...) -> None: ...
 
 class PodSandboxStatusResponse(_message.Message):
     __slots__ = ("status", "info", "containers_statuses", "timestamp")
@@ -550,7 +552,7 @@ class PodSandboxStatusResponse(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     CONTAINERS_STATUSES_FIELD_NUMBER: _ClassVar[int]
@@ -559,13 +561,13 @@ class PodSandboxStatusResponse(_message.Message):
     info: _containers.ScalarMap[str, str]
     containers_statuses: _containers.RepeatedCompositeFieldContainer[ContainerStatus]
     timestamp: int
-    def __init__(self, status: _Optional[_Union[PodSandboxStatus, _Mapping]] = ..., info: _Optional[_Mapping[str, str]] = ..., containers_statuses: _Optional[_Iterable[_Union[ContainerStatus, _Mapping]]] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    def __init__(self, status: PodSandboxStatus | _Mapping | None = ..., info: _Mapping[str, str] | None = ..., containers_statuses: _Iterable[ContainerStatus | _Mapping] | None = ..., timestamp: int | None = ...) -> None: ...
 
 class PodSandboxStateValue(_message.Message):
     __slots__ = ("state",)
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: PodSandboxState
-    def __init__(self, state: _Optional[_Union[PodSandboxState, str]] = ...) -> None: ...
+    def __init__(self, state: PodSandboxState | str | None = ...) -> None: ...
 
 class PodSandboxFilter(_message.Message):
     __slots__ = ("id", "state", "label_selector")
@@ -575,20 +577,20 @@ class PodSandboxFilter(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: PodSandboxStateValue
     label_selector: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[PodSandboxStateValue, _Mapping]] = ..., label_selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., state: PodSandboxStateValue | _Mapping | None = ..., label_selector: _Mapping[str, str] | None = ...) -> None: ...
 
 class ListPodSandboxRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: PodSandboxFilter
-    def __init__(self, filter: _Optional[_Union[PodSandboxFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: PodSandboxFilter | _Mapping | None = ...) -> None: ...
 
 class PodSandbox(_message.Message):
     __slots__ = ("id", "metadata", "state", "created_at", "labels", "annotations", "runtime_handler")
@@ -598,14 +600,14 @@ class PodSandbox(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -620,37 +622,37 @@ class PodSandbox(_message.Message):
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
     runtime_handler: str
-    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Union[PodSandboxMetadata, _Mapping]] = ..., state: _Optional[_Union[PodSandboxState, str]] = ..., created_at: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., runtime_handler: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., metadata: PodSandboxMetadata | _Mapping | None = ..., state: PodSandboxState | str | None = ..., created_at: int | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ..., runtime_handler: str | None = ...) -> None: ...
 
 class ListPodSandboxResponse(_message.Message):
     __slots__ = ("items",)
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[PodSandbox]
-    def __init__(self, items: _Optional[_Iterable[_Union[PodSandbox, _Mapping]]] = ...) -> None: ...
+    def __init__(self, items: _Iterable[PodSandbox | _Mapping] | None = ...) -> None: ...
 
 class StreamPodSandboxesRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: PodSandboxFilter
-    def __init__(self, filter: _Optional[_Union[PodSandboxFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: PodSandboxFilter | _Mapping | None = ...) -> None: ...
 
 class StreamPodSandboxesResponse(_message.Message):
     __slots__ = ("pod_sandboxes",)
     POD_SANDBOXES_FIELD_NUMBER: _ClassVar[int]
     pod_sandboxes: _containers.RepeatedCompositeFieldContainer[PodSandbox]
-    def __init__(self, pod_sandboxes: _Optional[_Iterable[_Union[PodSandbox, _Mapping]]] = ...) -> None: ...
+    def __init__(self, pod_sandboxes: _Iterable[PodSandbox | _Mapping] | None = ...) -> None: ...
 
 class PodSandboxStatsRequest(_message.Message):
     __slots__ = ("pod_sandbox_id",)
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
-    def __init__(self, pod_sandbox_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ...) -> None: ...
 
 class PodSandboxStatsResponse(_message.Message):
     __slots__ = ("stats",)
     STATS_FIELD_NUMBER: _ClassVar[int]
     stats: PodSandboxStats
-    def __init__(self, stats: _Optional[_Union[PodSandboxStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, stats: PodSandboxStats | _Mapping | None = ...) -> None: ...
 
 class PodSandboxStatsFilter(_message.Message):
     __slots__ = ("id", "label_selector")
@@ -660,36 +662,36 @@ class PodSandboxStatsFilter(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     label_selector: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., label_selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., label_selector: _Mapping[str, str] | None = ...) -> None: ...
 
 class ListPodSandboxStatsRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: PodSandboxStatsFilter
-    def __init__(self, filter: _Optional[_Union[PodSandboxStatsFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: PodSandboxStatsFilter | _Mapping | None = ...) -> None: ...
 
 class ListPodSandboxStatsResponse(_message.Message):
     __slots__ = ("stats",)
     STATS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[PodSandboxStats]
-    def __init__(self, stats: _Optional[_Iterable[_Union[PodSandboxStats, _Mapping]]] = ...) -> None: ...
+    def __init__(self, stats: _Iterable[PodSandboxStats | _Mapping] | None = ...) -> None: ...
 
 class StreamPodSandboxStatsRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: PodSandboxStatsFilter
-    def __init__(self, filter: _Optional[_Union[PodSandboxStatsFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: PodSandboxStatsFilter | _Mapping | None = ...) -> None: ...
 
 class StreamPodSandboxStatsResponse(_message.Message):
     __slots__ = ("pod_sandbox_stats",)
     POD_SANDBOX_STATS_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_stats: _containers.RepeatedCompositeFieldContainer[PodSandboxStats]
-    def __init__(self, pod_sandbox_stats: _Optional[_Iterable[_Union[PodSandboxStats, _Mapping]]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_stats: _Iterable[PodSandboxStats | _Mapping] | None = ...) -> None: ...
 
 class PodSandboxAttributes(_message.Message):
     __slots__ = ("id", "metadata", "labels", "annotations")
@@ -699,14 +701,14 @@ class PodSandboxAttributes(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -715,7 +717,7 @@ class PodSandboxAttributes(_message.Message):
     metadata: PodSandboxMetadata
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Union[PodSandboxMetadata, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., metadata: PodSandboxMetadata | _Mapping | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ...) -> None: ...
 
 class PodSandboxStats(_message.Message):
     __slots__ = ("attributes", "linux", "windows")
@@ -725,7 +727,7 @@ class PodSandboxStats(_message.Message):
     attributes: PodSandboxAttributes
     linux: LinuxPodSandboxStats
     windows: WindowsPodSandboxStats
-    def __init__(self, attributes: _Optional[_Union[PodSandboxAttributes, _Mapping]] = ..., linux: _Optional[_Union[LinuxPodSandboxStats, _Mapping]] = ..., windows: _Optional[_Union[WindowsPodSandboxStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, attributes: PodSandboxAttributes | _Mapping | None = ..., linux: LinuxPodSandboxStats | _Mapping | None = ..., windows: WindowsPodSandboxStats | _Mapping | None = ...) -> None: ...
 
 class LinuxPodSandboxStats(_message.Message):
     __slots__ = ("cpu", "memory", "network", "process", "containers", "io")
@@ -741,7 +743,7 @@ class LinuxPodSandboxStats(_message.Message):
     process: ProcessUsage
     containers: _containers.RepeatedCompositeFieldContainer[ContainerStats]
     io: IoUsage
-    def __init__(self, cpu: _Optional[_Union[CpuUsage, _Mapping]] = ..., memory: _Optional[_Union[MemoryUsage, _Mapping]] = ..., network: _Optional[_Union[NetworkUsage, _Mapping]] = ..., process: _Optional[_Union[ProcessUsage, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[ContainerStats, _Mapping]]] = ..., io: _Optional[_Union[IoUsage, _Mapping]] = ...) -> None: ...
+    def __init__(self, cpu: CpuUsage | _Mapping | None = ..., memory: MemoryUsage | _Mapping | None = ..., network: NetworkUsage | _Mapping | None = ..., process: ProcessUsage | _Mapping | None = ..., containers: _Iterable[ContainerStats | _Mapping] | None = ..., io: IoUsage | _Mapping | None = ...) -> None: ...
 
 class WindowsPodSandboxStats(_message.Message):
     __slots__ = ("cpu", "memory", "network", "process", "containers")
@@ -755,7 +757,7 @@ class WindowsPodSandboxStats(_message.Message):
     network: WindowsNetworkUsage
     process: WindowsProcessUsage
     containers: _containers.RepeatedCompositeFieldContainer[WindowsContainerStats]
-    def __init__(self, cpu: _Optional[_Union[WindowsCpuUsage, _Mapping]] = ..., memory: _Optional[_Union[WindowsMemoryUsage, _Mapping]] = ..., network: _Optional[_Union[WindowsNetworkUsage, _Mapping]] = ..., process: _Optional[_Union[WindowsProcessUsage, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[WindowsContainerStats, _Mapping]]] = ...) -> None: ...
+    def __init__(self, cpu: WindowsCpuUsage | _Mapping | None = ..., memory: WindowsMemoryUsage | _Mapping | None = ..., network: WindowsNetworkUsage | _Mapping | None = ..., process: WindowsProcessUsage | _Mapping | None = ..., containers: _Iterable[WindowsContainerStats | _Mapping] | None = ...) -> None: ...
 
 class NetworkUsage(_message.Message):
     __slots__ = ("timestamp", "default_interface", "interfaces")
@@ -765,7 +767,7 @@ class NetworkUsage(_message.Message):
     timestamp: int
     default_interface: NetworkInterfaceUsage
     interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterfaceUsage]
-    def __init__(self, timestamp: _Optional[int] = ..., default_interface: _Optional[_Union[NetworkInterfaceUsage, _Mapping]] = ..., interfaces: _Optional[_Iterable[_Union[NetworkInterfaceUsage, _Mapping]]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., default_interface: NetworkInterfaceUsage | _Mapping | None = ..., interfaces: _Iterable[NetworkInterfaceUsage | _Mapping] | None = ...) -> None: ...
 
 class WindowsNetworkUsage(_message.Message):
     __slots__ = ("timestamp", "default_interface", "interfaces")
@@ -775,7 +777,7 @@ class WindowsNetworkUsage(_message.Message):
     timestamp: int
     default_interface: WindowsNetworkInterfaceUsage
     interfaces: _containers.RepeatedCompositeFieldContainer[WindowsNetworkInterfaceUsage]
-    def __init__(self, timestamp: _Optional[int] = ..., default_interface: _Optional[_Union[WindowsNetworkInterfaceUsage, _Mapping]] = ..., interfaces: _Optional[_Iterable[_Union[WindowsNetworkInterfaceUsage, _Mapping]]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., default_interface: WindowsNetworkInterfaceUsage | _Mapping | None = ..., interfaces: _Iterable[WindowsNetworkInterfaceUsage | _Mapping] | None = ...) -> None: ...
 
 class NetworkInterfaceUsage(_message.Message):
     __slots__ = ("name", "rx_bytes", "rx_errors", "tx_bytes", "tx_errors")
@@ -789,7 +791,7 @@ class NetworkInterfaceUsage(_message.Message):
     rx_errors: UInt64Value
     tx_bytes: UInt64Value
     tx_errors: UInt64Value
-    def __init__(self, name: _Optional[str] = ..., rx_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., rx_errors: _Optional[_Union[UInt64Value, _Mapping]] = ..., tx_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., tx_errors: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., rx_bytes: UInt64Value | _Mapping | None = ..., rx_errors: UInt64Value | _Mapping | None = ..., tx_bytes: UInt64Value | _Mapping | None = ..., tx_errors: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class WindowsNetworkInterfaceUsage(_message.Message):
     __slots__ = ("name", "rx_bytes", "rx_packets_dropped", "tx_bytes", "tx_packets_dropped")
@@ -803,7 +805,7 @@ class WindowsNetworkInterfaceUsage(_message.Message):
     rx_packets_dropped: UInt64Value
     tx_bytes: UInt64Value
     tx_packets_dropped: UInt64Value
-    def __init__(self, name: _Optional[str] = ..., rx_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., rx_packets_dropped: _Optional[_Union[UInt64Value, _Mapping]] = ..., tx_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., tx_packets_dropped: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., rx_bytes: UInt64Value | _Mapping | None = ..., rx_packets_dropped: UInt64Value | _Mapping | None = ..., tx_bytes: UInt64Value | _Mapping | None = ..., tx_packets_dropped: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class ProcessUsage(_message.Message):
     __slots__ = ("timestamp", "process_count")
@@ -811,7 +813,7 @@ class ProcessUsage(_message.Message):
     PROCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
     timestamp: int
     process_count: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., process_count: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., process_count: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class WindowsProcessUsage(_message.Message):
     __slots__ = ("timestamp", "process_count")
@@ -819,7 +821,7 @@ class WindowsProcessUsage(_message.Message):
     PROCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
     timestamp: int
     process_count: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., process_count: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., process_count: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class ImageSpec(_message.Message):
     __slots__ = ("image", "annotations", "user_specified_image", "runtime_handler", "image_ref")
@@ -829,7 +831,7 @@ class ImageSpec(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     USER_SPECIFIED_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -840,7 +842,7 @@ class ImageSpec(_message.Message):
     user_specified_image: str
     runtime_handler: str
     image_ref: str
-    def __init__(self, image: _Optional[str] = ..., annotations: _Optional[_Mapping[str, str]] = ..., user_specified_image: _Optional[str] = ..., runtime_handler: _Optional[str] = ..., image_ref: _Optional[str] = ...) -> None: ...
+    def __init__(self, image: str | None = ..., annotations: _Mapping[str, str] | None = ..., user_specified_image: str | None = ..., runtime_handler: str | None = ..., image_ref: str | None = ...) -> None: ...
 
 class KeyValue(_message.Message):
     __slots__ = ("key", "value")
@@ -848,7 +850,7 @@ class KeyValue(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: bytes
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, key: str | None = ..., value: bytes | None = ...) -> None: ...
 
 class LinuxContainerResources(_message.Message):
     __slots__ = ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_in_bytes", "oom_score_adj", "cpuset_cpus", "cpuset_mems", "hugepage_limits", "unified", "memory_swap_limit_in_bytes")
@@ -858,7 +860,7 @@ class LinuxContainerResources(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     CPU_PERIOD_FIELD_NUMBER: _ClassVar[int]
     CPU_QUOTA_FIELD_NUMBER: _ClassVar[int]
     CPU_SHARES_FIELD_NUMBER: _ClassVar[int]
@@ -879,7 +881,7 @@ class LinuxContainerResources(_message.Message):
     hugepage_limits: _containers.RepeatedCompositeFieldContainer[HugepageLimit]
     unified: _containers.ScalarMap[str, str]
     memory_swap_limit_in_bytes: int
-    def __init__(self, cpu_period: _Optional[int] = ..., cpu_quota: _Optional[int] = ..., cpu_shares: _Optional[int] = ..., memory_limit_in_bytes: _Optional[int] = ..., oom_score_adj: _Optional[int] = ..., cpuset_cpus: _Optional[str] = ..., cpuset_mems: _Optional[str] = ..., hugepage_limits: _Optional[_Iterable[_Union[HugepageLimit, _Mapping]]] = ..., unified: _Optional[_Mapping[str, str]] = ..., memory_swap_limit_in_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, cpu_period: int | None = ..., cpu_quota: int | None = ..., cpu_shares: int | None = ..., memory_limit_in_bytes: int | None = ..., oom_score_adj: int | None = ..., cpuset_cpus: str | None = ..., cpuset_mems: str | None = ..., hugepage_limits: _Iterable[HugepageLimit | _Mapping] | None = ..., unified: _Mapping[str, str] | None = ..., memory_swap_limit_in_bytes: int | None = ...) -> None: ...
 
 class HugepageLimit(_message.Message):
     __slots__ = ("page_size", "limit")
@@ -887,7 +889,7 @@ class HugepageLimit(_message.Message):
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     page_size: str
     limit: int
-    def __init__(self, page_size: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    def __init__(self, page_size: str | None = ..., limit: int | None = ...) -> None: ...
 
 class SELinuxOption(_message.Message):
     __slots__ = ("user", "role", "type", "level")
@@ -899,7 +901,7 @@ class SELinuxOption(_message.Message):
     role: str
     type: str
     level: str
-    def __init__(self, user: _Optional[str] = ..., role: _Optional[str] = ..., type: _Optional[str] = ..., level: _Optional[str] = ...) -> None: ...
+    def __init__(self, user: str | None = ..., role: str | None = ..., type: str | None = ..., level: str | None = ...) -> None: ...
 
 class Capability(_message.Message):
     __slots__ = ("add_capabilities", "drop_capabilities", "add_ambient_capabilities")
@@ -909,7 +911,7 @@ class Capability(_message.Message):
     add_capabilities: _containers.RepeatedScalarFieldContainer[str]
     drop_capabilities: _containers.RepeatedScalarFieldContainer[str]
     add_ambient_capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, add_capabilities: _Optional[_Iterable[str]] = ..., drop_capabilities: _Optional[_Iterable[str]] = ..., add_ambient_capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, add_capabilities: _Iterable[str] | None = ..., drop_capabilities: _Iterable[str] | None = ..., add_ambient_capabilities: _Iterable[str] | None = ...) -> None: ...
 
 class LinuxContainerSecurityContext(_message.Message):
     __slots__ = ("capabilities", "privileged", "namespace_options", "selinux_options", "run_as_user", "run_as_group", "run_as_username", "readonly_rootfs", "supplemental_groups", "supplemental_groups_policy", "no_new_privs", "masked_paths", "readonly_paths", "seccomp", "apparmor", "apparmor_profile", "seccomp_profile_path")
@@ -947,7 +949,7 @@ class LinuxContainerSecurityContext(_message.Message):
     apparmor: SecurityProfile
     apparmor_profile: str
     seccomp_profile_path: str
-    def __init__(self, capabilities: _Optional[_Union[Capability, _Mapping]] = ..., privileged: _Optional[bool] = ..., namespace_options: _Optional[_Union[NamespaceOption, _Mapping]] = ..., selinux_options: _Optional[_Union[SELinuxOption, _Mapping]] = ..., run_as_user: _Optional[_Union[Int64Value, _Mapping]] = ..., run_as_group: _Optional[_Union[Int64Value, _Mapping]] = ..., run_as_username: _Optional[str] = ..., readonly_rootfs: _Optional[bool] = ..., supplemental_groups: _Optional[_Iterable[int]] = ..., supplemental_groups_policy: _Optional[_Union[SupplementalGroupsPolicy, str]] = ..., no_new_privs: _Optional[bool] = ..., masked_paths: _Optional[_Iterable[str]] = ..., readonly_paths: _Optional[_Iterable[str]] = ..., seccomp: _Optional[_Union[SecurityProfile, _Mapping]] = ..., apparmor: _Optional[_Union[SecurityProfile, _Mapping]] = ..., apparmor_profile: _Optional[str] = ..., seccomp_profile_path: _Optional[str] = ...) -> None: ...
+    def __init__(self, capabilities: Capability | _Mapping | None = ..., privileged: bool | None = ..., namespace_options: NamespaceOption | _Mapping | None = ..., selinux_options: SELinuxOption | _Mapping | None = ..., run_as_user: Int64Value | _Mapping | None = ..., run_as_group: Int64Value | _Mapping | None = ..., run_as_username: str | None = ..., readonly_rootfs: bool | None = ..., supplemental_groups: _Iterable[int] | None = ..., supplemental_groups_policy: SupplementalGroupsPolicy | str | None = ..., no_new_privs: bool | None = ..., masked_paths: _Iterable[str] | None = ..., readonly_paths: _Iterable[str] | None = ..., seccomp: SecurityProfile | _Mapping | None = ..., apparmor: SecurityProfile | _Mapping | None = ..., apparmor_profile: str | None = ..., seccomp_profile_path: str | None = ...) -> None: ...
 
 class LinuxContainerConfig(_message.Message):
     __slots__ = ("resources", "security_context")
@@ -955,7 +957,7 @@ class LinuxContainerConfig(_message.Message):
     SECURITY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     resources: LinuxContainerResources
     security_context: LinuxContainerSecurityContext
-    def __init__(self, resources: _Optional[_Union[LinuxContainerResources, _Mapping]] = ..., security_context: _Optional[_Union[LinuxContainerSecurityContext, _Mapping]] = ...) -> None: ...
+    def __init__(self, resources: LinuxContainerResources | _Mapping | None = ..., security_context: LinuxContainerSecurityContext | _Mapping | None = ...) -> None: ...
 
 class LinuxContainerUser(_message.Message):
     __slots__ = ("uid", "gid", "supplemental_groups")
@@ -965,13 +967,13 @@ class LinuxContainerUser(_message.Message):
     uid: int
     gid: int
     supplemental_groups: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, uid: _Optional[int] = ..., gid: _Optional[int] = ..., supplemental_groups: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, uid: int | None = ..., gid: int | None = ..., supplemental_groups: _Iterable[int] | None = ...) -> None: ...
 
 class WindowsNamespaceOption(_message.Message):
     __slots__ = ("network",)
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     network: NamespaceMode
-    def __init__(self, network: _Optional[_Union[NamespaceMode, str]] = ...) -> None: ...
+    def __init__(self, network: NamespaceMode | str | None = ...) -> None: ...
 
 class WindowsSandboxSecurityContext(_message.Message):
     __slots__ = ("run_as_username", "credential_spec", "host_process", "namespace_options")
@@ -983,13 +985,13 @@ class WindowsSandboxSecurityContext(_message.Message):
     credential_spec: str
     host_process: bool
     namespace_options: WindowsNamespaceOption
-    def __init__(self, run_as_username: _Optional[str] = ..., credential_spec: _Optional[str] = ..., host_process: _Optional[bool] = ..., namespace_options: _Optional[_Union[WindowsNamespaceOption, _Mapping]] = ...) -> None: ...
+    def __init__(self, run_as_username: str | None = ..., credential_spec: str | None = ..., host_process: bool | None = ..., namespace_options: WindowsNamespaceOption | _Mapping | None = ...) -> None: ...
 
 class WindowsPodSandboxConfig(_message.Message):
     __slots__ = ("security_context",)
     SECURITY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     security_context: WindowsSandboxSecurityContext
-    def __init__(self, security_context: _Optional[_Union[WindowsSandboxSecurityContext, _Mapping]] = ...) -> None: ...
+    def __init__(self, security_context: WindowsSandboxSecurityContext | _Mapping | None = ...) -> None: ...
 
 class WindowsContainerSecurityContext(_message.Message):
     __slots__ = ("run_as_username", "credential_spec", "host_process")
@@ -999,7 +1001,7 @@ class WindowsContainerSecurityContext(_message.Message):
     run_as_username: str
     credential_spec: str
     host_process: bool
-    def __init__(self, run_as_username: _Optional[str] = ..., credential_spec: _Optional[str] = ..., host_process: _Optional[bool] = ...) -> None: ...
+    def __init__(self, run_as_username: str | None = ..., credential_spec: str | None = ..., host_process: bool | None = ...) -> None: ...
 
 class WindowsContainerConfig(_message.Message):
     __slots__ = ("resources", "security_context")
@@ -1007,7 +1009,7 @@ class WindowsContainerConfig(_message.Message):
     SECURITY_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     resources: WindowsContainerResources
     security_context: WindowsContainerSecurityContext
-    def __init__(self, resources: _Optional[_Union[WindowsContainerResources, _Mapping]] = ..., security_context: _Optional[_Union[WindowsContainerSecurityContext, _Mapping]] = ...) -> None: ...
+    def __init__(self, resources: WindowsContainerResources | _Mapping | None = ..., security_context: WindowsContainerSecurityContext | _Mapping | None = ...) -> None: ...
 
 class WindowsContainerResources(_message.Message):
     __slots__ = ("cpu_shares", "cpu_count", "cpu_maximum", "memory_limit_in_bytes", "rootfs_size_in_bytes", "affinity_cpus")
@@ -1023,7 +1025,7 @@ class WindowsContainerResources(_message.Message):
     memory_limit_in_bytes: int
     rootfs_size_in_bytes: int
     affinity_cpus: _containers.RepeatedCompositeFieldContainer[WindowsCpuGroupAffinity]
-    def __init__(self, cpu_shares: _Optional[int] = ..., cpu_count: _Optional[int] = ..., cpu_maximum: _Optional[int] = ..., memory_limit_in_bytes: _Optional[int] = ..., rootfs_size_in_bytes: _Optional[int] = ..., affinity_cpus: _Optional[_Iterable[_Union[WindowsCpuGroupAffinity, _Mapping]]] = ...) -> None: ...
+    def __init__(self, cpu_shares: int | None = ..., cpu_count: int | None = ..., cpu_maximum: int | None = ..., memory_limit_in_bytes: int | None = ..., rootfs_size_in_bytes: int | None = ..., affinity_cpus: _Iterable[WindowsCpuGroupAffinity | _Mapping] | None = ...) -> None: ...
 
 class WindowsCpuGroupAffinity(_message.Message):
     __slots__ = ("cpu_mask", "cpu_group")
@@ -1031,7 +1033,7 @@ class WindowsCpuGroupAffinity(_message.Message):
     CPU_GROUP_FIELD_NUMBER: _ClassVar[int]
     cpu_mask: int
     cpu_group: int
-    def __init__(self, cpu_mask: _Optional[int] = ..., cpu_group: _Optional[int] = ...) -> None: ...
+    def __init__(self, cpu_mask: int | None = ..., cpu_group: int | None = ...) -> None: ...
 
 class ContainerMetadata(_message.Message):
     __slots__ = ("name", "attempt")
@@ -1039,7 +1041,7 @@ class ContainerMetadata(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     name: str
     attempt: int
-    def __init__(self, name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., attempt: int | None = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("container_path", "host_path", "permissions")
@@ -1049,13 +1051,13 @@ class Device(_message.Message):
     container_path: str
     host_path: str
     permissions: str
-    def __init__(self, container_path: _Optional[str] = ..., host_path: _Optional[str] = ..., permissions: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_path: str | None = ..., host_path: str | None = ..., permissions: str | None = ...) -> None: ...
 
 class CDIDevice(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: str | None = ...) -> None: ...
 
 class ContainerConfig(_message.Message):
     __slots__ = ("metadata", "image", "command", "args", "working_dir", "envs", "mounts", "devices", "labels", "annotations", "log_path", "stdin", "stdin_once", "tty", "linux", "windows", "CDI_devices", "stop_signal")
@@ -1065,14 +1067,14 @@ class ContainerConfig(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     METADATA_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -1109,7 +1111,7 @@ class ContainerConfig(_message.Message):
     windows: WindowsContainerConfig
     CDI_devices: _containers.RepeatedCompositeFieldContainer[CDIDevice]
     stop_signal: Signal
-    def __init__(self, metadata: _Optional[_Union[ContainerMetadata, _Mapping]] = ..., image: _Optional[_Union[ImageSpec, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., args: _Optional[_Iterable[str]] = ..., working_dir: _Optional[str] = ..., envs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., log_path: _Optional[str] = ..., stdin: _Optional[bool] = ..., stdin_once: _Optional[bool] = ..., tty: _Optional[bool] = ..., linux: _Optional[_Union[LinuxContainerConfig, _Mapping]] = ..., windows: _Optional[_Union[WindowsContainerConfig, _Mapping]] = ..., CDI_devices: _Optional[_Iterable[_Union[CDIDevice, _Mapping]]] = ..., stop_signal: _Optional[_Union[Signal, str]] = ...) -> None: ...
+    def __init__(self, metadata: ContainerMetadata | _Mapping | None = ..., image: ImageSpec | _Mapping | None = ..., command: _Iterable[str] | None = ..., args: _Iterable[str] | None = ..., working_dir: str | None = ..., envs: _Iterable[KeyValue | _Mapping] | None = ..., mounts: _Iterable[Mount | _Mapping] | None = ..., devices: _Iterable[Device | _Mapping] | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ..., log_path: str | None = ..., stdin: bool | None = ..., stdin_once: bool | None = ..., tty: bool | None = ..., linux: LinuxContainerConfig | _Mapping | None = ..., windows: WindowsContainerConfig | _Mapping | None = ..., CDI_devices: _Iterable[CDIDevice | _Mapping] | None = ..., stop_signal: Signal | str | None = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
     __slots__ = ("pod_sandbox_id", "config", "sandbox_config")
@@ -1119,19 +1121,19 @@ class CreateContainerRequest(_message.Message):
     pod_sandbox_id: str
     config: ContainerConfig
     sandbox_config: PodSandboxConfig
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., sandbox_config: _Optional[_Union[PodSandboxConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., config: ContainerConfig | _Mapping | None = ..., sandbox_config: PodSandboxConfig | _Mapping | None = ...) -> None: ...
 
 class CreateContainerResponse(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
-    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
-    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ...) -> None: ...
 
 class StartContainerResponse(_message.Message):
     __slots__ = ()
@@ -1143,7 +1145,7 @@ class StopContainerRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     timeout: int
-    def __init__(self, container_id: _Optional[str] = ..., timeout: _Optional[int] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., timeout: int | None = ...) -> None: ...
 
 class StopContainerResponse(_message.Message):
     __slots__ = ()
@@ -1153,7 +1155,7 @@ class RemoveContainerRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
-    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ...) -> None: ...
 
 class RemoveContainerResponse(_message.Message):
     __slots__ = ()
@@ -1163,7 +1165,7 @@ class ContainerStateValue(_message.Message):
     __slots__ = ("state",)
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: ContainerState
-    def __init__(self, state: _Optional[_Union[ContainerState, str]] = ...) -> None: ...
+    def __init__(self, state: ContainerState | str | None = ...) -> None: ...
 
 class ContainerFilter(_message.Message):
     __slots__ = ("id", "state", "pod_sandbox_id", "label_selector")
@@ -1173,7 +1175,7 @@ class ContainerFilter(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
@@ -1182,13 +1184,13 @@ class ContainerFilter(_message.Message):
     state: ContainerStateValue
     pod_sandbox_id: str
     label_selector: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ContainerStateValue, _Mapping]] = ..., pod_sandbox_id: _Optional[str] = ..., label_selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., state: ContainerStateValue | _Mapping | None = ..., pod_sandbox_id: str | None = ..., label_selector: _Mapping[str, str] | None = ...) -> None: ...
 
 class ListContainersRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: ContainerFilter
-    def __init__(self, filter: _Optional[_Union[ContainerFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: ContainerFilter | _Mapping | None = ...) -> None: ...
 
 class Container(_message.Message):
     __slots__ = ("id", "pod_sandbox_id", "metadata", "image", "image_ref", "state", "created_at", "labels", "annotations", "image_id")
@@ -1198,14 +1200,14 @@ class Container(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
@@ -1226,25 +1228,25 @@ class Container(_message.Message):
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
     image_id: str
-    def __init__(self, id: _Optional[str] = ..., pod_sandbox_id: _Optional[str] = ..., metadata: _Optional[_Union[ContainerMetadata, _Mapping]] = ..., image: _Optional[_Union[ImageSpec, _Mapping]] = ..., image_ref: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., created_at: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., image_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., pod_sandbox_id: str | None = ..., metadata: ContainerMetadata | _Mapping | None = ..., image: ImageSpec | _Mapping | None = ..., image_ref: str | None = ..., state: ContainerState | str | None = ..., created_at: int | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ..., image_id: str | None = ...) -> None: ...
 
 class ListContainersResponse(_message.Message):
     __slots__ = ("containers",)
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     containers: _containers.RepeatedCompositeFieldContainer[Container]
-    def __init__(self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ...) -> None: ...
+    def __init__(self, containers: _Iterable[Container | _Mapping] | None = ...) -> None: ...
 
 class StreamContainersRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: ContainerFilter
-    def __init__(self, filter: _Optional[_Union[ContainerFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: ContainerFilter | _Mapping | None = ...) -> None: ...
 
 class StreamContainersResponse(_message.Message):
     __slots__ = ("containers",)
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     containers: _containers.RepeatedCompositeFieldContainer[Container]
-    def __init__(self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ...) -> None: ...
+    def __init__(self, containers: _Iterable[Container | _Mapping] | None = ...) -> None: ...
 
 class ContainerStatusRequest(_message.Message):
     __slots__ = ("container_id", "verbose")
@@ -1252,7 +1254,7 @@ class ContainerStatusRequest(_message.Message):
     VERBOSE_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     verbose: bool
-    def __init__(self, container_id: _Optional[str] = ..., verbose: _Optional[bool] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., verbose: bool | None = ...) -> None: ...
 
 class ContainerStatus(_message.Message):
     __slots__ = ("id", "metadata", "state", "created_at", "started_at", "finished_at", "exit_code", "image", "image_ref", "reason", "message", "labels", "annotations", "mounts", "log_path", "resources", "image_id", "user", "stop_signal")
@@ -1262,14 +1264,14 @@ class ContainerStatus(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -1308,7 +1310,7 @@ class ContainerStatus(_message.Message):
     image_id: str
     user: ContainerUser
     stop_signal: Signal
-    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Union[ContainerMetadata, _Mapping]] = ..., state: _Optional[_Union[ContainerState, str]] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., exit_code: _Optional[int] = ..., image: _Optional[_Union[ImageSpec, _Mapping]] = ..., image_ref: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., log_path: _Optional[str] = ..., resources: _Optional[_Union[ContainerResources, _Mapping]] = ..., image_id: _Optional[str] = ..., user: _Optional[_Union[ContainerUser, _Mapping]] = ..., stop_signal: _Optional[_Union[Signal, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., metadata: ContainerMetadata | _Mapping | None = ..., state: ContainerState | str | None = ..., created_at: int | None = ..., started_at: int | None = ..., finished_at: int | None = ..., exit_code: int | None = ..., image: ImageSpec | _Mapping | None = ..., image_ref: str | None = ..., reason: str | None = ..., message: str | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ..., mounts: _Iterable[Mount | _Mapping] | None = ..., log_path: str | None = ..., resources: ContainerResources | _Mapping | None = ..., image_id: str | None = ..., user: ContainerUser | _Mapping | None = ..., stop_signal: Signal | str | None = ...) -> None: ...
 
 class ContainerStatusResponse(_message.Message):
     __slots__ = ("status", "info")
@@ -1318,12 +1320,12 @@ class ContainerStatusResponse(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     status: ContainerStatus
     info: _containers.ScalarMap[str, str]
-    def __init__(self, status: _Optional[_Union[ContainerStatus, _Mapping]] = ..., info: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, status: ContainerStatus | _Mapping | None = ..., info: _Mapping[str, str] | None = ...) -> None: ...
 
 class ContainerResources(_message.Message):
     __slots__ = ("linux", "windows")
@@ -1331,13 +1333,13 @@ class ContainerResources(_message.Message):
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     linux: LinuxContainerResources
     windows: WindowsContainerResources
-    def __init__(self, linux: _Optional[_Union[LinuxContainerResources, _Mapping]] = ..., windows: _Optional[_Union[WindowsContainerResources, _Mapping]] = ...) -> None: ...
+    def __init__(self, linux: LinuxContainerResources | _Mapping | None = ..., windows: WindowsContainerResources | _Mapping | None = ...) -> None: ...
 
 class ContainerUser(_message.Message):
     __slots__ = ("linux",)
     LINUX_FIELD_NUMBER: _ClassVar[int]
     linux: LinuxContainerUser
-    def __init__(self, linux: _Optional[_Union[LinuxContainerUser, _Mapping]] = ...) -> None: ...
+    def __init__(self, linux: LinuxContainerUser | _Mapping | None = ...) -> None: ...
 
 class UpdateContainerResourcesRequest(_message.Message):
     __slots__ = ("container_id", "linux", "windows", "annotations")
@@ -1347,7 +1349,7 @@ class UpdateContainerResourcesRequest(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     LINUX_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
@@ -1356,7 +1358,7 @@ class UpdateContainerResourcesRequest(_message.Message):
     linux: LinuxContainerResources
     windows: WindowsContainerResources
     annotations: _containers.ScalarMap[str, str]
-    def __init__(self, container_id: _Optional[str] = ..., linux: _Optional[_Union[LinuxContainerResources, _Mapping]] = ..., windows: _Optional[_Union[WindowsContainerResources, _Mapping]] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., linux: LinuxContainerResources | _Mapping | None = ..., windows: WindowsContainerResources | _Mapping | None = ..., annotations: _Mapping[str, str] | None = ...) -> None: ...
 
 class UpdateContainerResourcesResponse(_message.Message):
     __slots__ = ()
@@ -1370,7 +1372,7 @@ class ExecSyncRequest(_message.Message):
     container_id: str
     cmd: _containers.RepeatedScalarFieldContainer[str]
     timeout: int
-    def __init__(self, container_id: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., timeout: _Optional[int] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., cmd: _Iterable[str] | None = ..., timeout: int | None = ...) -> None: ...
 
 class ExecSyncResponse(_message.Message):
     __slots__ = ("stdout", "stderr", "exit_code")
@@ -1380,7 +1382,7 @@ class ExecSyncResponse(_message.Message):
     stdout: bytes
     stderr: bytes
     exit_code: int
-    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    def __init__(self, stdout: bytes | None = ..., stderr: bytes | None = ..., exit_code: int | None = ...) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("container_id", "cmd", "tty", "stdin", "stdout", "stderr")
@@ -1396,13 +1398,13 @@ class ExecRequest(_message.Message):
     stdin: bool
     stdout: bool
     stderr: bool
-    def __init__(self, container_id: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., tty: _Optional[bool] = ..., stdin: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., cmd: _Iterable[str] | None = ..., tty: bool | None = ..., stdin: bool | None = ..., stdout: bool | None = ..., stderr: bool | None = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("url",)
     URL_FIELD_NUMBER: _ClassVar[int]
     url: str
-    def __init__(self, url: _Optional[str] = ...) -> None: ...
+    def __init__(self, url: str | None = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("container_id", "stdin", "tty", "stdout", "stderr")
@@ -1416,13 +1418,13 @@ class AttachRequest(_message.Message):
     tty: bool
     stdout: bool
     stderr: bool
-    def __init__(self, container_id: _Optional[str] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., stdin: bool | None = ..., tty: bool | None = ..., stdout: bool | None = ..., stderr: bool | None = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("url",)
     URL_FIELD_NUMBER: _ClassVar[int]
     url: str
-    def __init__(self, url: _Optional[str] = ...) -> None: ...
+    def __init__(self, url: str | None = ...) -> None: ...
 
 class PortForwardRequest(_message.Message):
     __slots__ = ("pod_sandbox_id", "port")
@@ -1430,25 +1432,25 @@ class PortForwardRequest(_message.Message):
     PORT_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
     port: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., port: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., port: _Iterable[int] | None = ...) -> None: ...
 
 class PortForwardResponse(_message.Message):
     __slots__ = ("url",)
     URL_FIELD_NUMBER: _ClassVar[int]
     url: str
-    def __init__(self, url: _Optional[str] = ...) -> None: ...
+    def __init__(self, url: str | None = ...) -> None: ...
 
 class ImageFilter(_message.Message):
     __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     image: ImageSpec
-    def __init__(self, image: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, image: ImageSpec | _Mapping | None = ...) -> None: ...
 
 class ListImagesRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: ImageFilter
-    def __init__(self, filter: _Optional[_Union[ImageFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: ImageFilter | _Mapping | None = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("id", "repo_tags", "repo_digests", "size", "uid", "username", "spec", "pinned")
@@ -1468,25 +1470,25 @@ class Image(_message.Message):
     username: str
     spec: ImageSpec
     pinned: bool
-    def __init__(self, id: _Optional[str] = ..., repo_tags: _Optional[_Iterable[str]] = ..., repo_digests: _Optional[_Iterable[str]] = ..., size: _Optional[int] = ..., uid: _Optional[_Union[Int64Value, _Mapping]] = ..., username: _Optional[str] = ..., spec: _Optional[_Union[ImageSpec, _Mapping]] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., repo_tags: _Iterable[str] | None = ..., repo_digests: _Iterable[str] | None = ..., size: int | None = ..., uid: Int64Value | _Mapping | None = ..., username: str | None = ..., spec: ImageSpec | _Mapping | None = ..., pinned: bool | None = ...) -> None: ...
 
 class ListImagesResponse(_message.Message):
     __slots__ = ("images",)
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+    def __init__(self, images: _Iterable[Image | _Mapping] | None = ...) -> None: ...
 
 class StreamImagesRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: ImageFilter
-    def __init__(self, filter: _Optional[_Union[ImageFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: ImageFilter | _Mapping | None = ...) -> None: ...
 
 class StreamImagesResponse(_message.Message):
     __slots__ = ("images",)
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+    def __init__(self, images: _Iterable[Image | _Mapping] | None = ...) -> None: ...
 
 class ImageStatusRequest(_message.Message):
     __slots__ = ("image", "verbose")
@@ -1494,7 +1496,7 @@ class ImageStatusRequest(_message.Message):
     VERBOSE_FIELD_NUMBER: _ClassVar[int]
     image: ImageSpec
     verbose: bool
-    def __init__(self, image: _Optional[_Union[ImageSpec, _Mapping]] = ..., verbose: _Optional[bool] = ...) -> None: ...
+    def __init__(self, image: ImageSpec | _Mapping | None = ..., verbose: bool | None = ...) -> None: ...
 
 class ImageStatusResponse(_message.Message):
     __slots__ = ("image", "info")
@@ -1504,12 +1506,12 @@ class ImageStatusResponse(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     image: Image
     info: _containers.ScalarMap[str, str]
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., info: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, image: Image | _Mapping | None = ..., info: _Mapping[str, str] | None = ...) -> None: ...
 
 class AuthConfig(_message.Message):
     __slots__ = ("username", "password", "auth", "server_address", "identity_token", "registry_token")
@@ -1525,7 +1527,7 @@ class AuthConfig(_message.Message):
     server_address: str
     identity_token: str
     registry_token: str
-    def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., auth: _Optional[str] = ..., server_address: _Optional[str] = ..., identity_token: _Optional[str] = ..., registry_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, username: str | None = ..., password: str | None = ..., auth: str | None = ..., server_address: str | None = ..., identity_token: str | None = ..., registry_token: str | None = ...) -> None: ...
 
 class PullImageRequest(_message.Message):
     __slots__ = ("image", "auth", "sandbox_config")
@@ -1535,19 +1537,19 @@ class PullImageRequest(_message.Message):
     image: ImageSpec
     auth: AuthConfig
     sandbox_config: PodSandboxConfig
-    def __init__(self, image: _Optional[_Union[ImageSpec, _Mapping]] = ..., auth: _Optional[_Union[AuthConfig, _Mapping]] = ..., sandbox_config: _Optional[_Union[PodSandboxConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, image: ImageSpec | _Mapping | None = ..., auth: AuthConfig | _Mapping | None = ..., sandbox_config: PodSandboxConfig | _Mapping | None = ...) -> None: ...
 
 class PullImageResponse(_message.Message):
     __slots__ = ("image_ref",)
     IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
     image_ref: str
-    def __init__(self, image_ref: _Optional[str] = ...) -> None: ...
+    def __init__(self, image_ref: str | None = ...) -> None: ...
 
 class RemoveImageRequest(_message.Message):
     __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     image: ImageSpec
-    def __init__(self, image: _Optional[_Union[ImageSpec, _Mapping]] = ...) -> None: ...
+    def __init__(self, image: ImageSpec | _Mapping | None = ...) -> None: ...
 
 class RemoveImageResponse(_message.Message):
     __slots__ = ()
@@ -1557,19 +1559,19 @@ class NetworkConfig(_message.Message):
     __slots__ = ("pod_cidr",)
     POD_CIDR_FIELD_NUMBER: _ClassVar[int]
     pod_cidr: str
-    def __init__(self, pod_cidr: _Optional[str] = ...) -> None: ...
+    def __init__(self, pod_cidr: str | None = ...) -> None: ...
 
 class RuntimeConfig(_message.Message):
     __slots__ = ("network_config",)
     NETWORK_CONFIG_FIELD_NUMBER: _ClassVar[int]
     network_config: NetworkConfig
-    def __init__(self, network_config: _Optional[_Union[NetworkConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, network_config: NetworkConfig | _Mapping | None = ...) -> None: ...
 
 class UpdateRuntimeConfigRequest(_message.Message):
     __slots__ = ("runtime_config",)
     RUNTIME_CONFIG_FIELD_NUMBER: _ClassVar[int]
     runtime_config: RuntimeConfig
-    def __init__(self, runtime_config: _Optional[_Union[RuntimeConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, runtime_config: RuntimeConfig | _Mapping | None = ...) -> None: ...
 
 class UpdateRuntimeConfigResponse(_message.Message):
     __slots__ = ()
@@ -1585,19 +1587,19 @@ class RuntimeCondition(_message.Message):
     status: bool
     reason: str
     message: str
-    def __init__(self, type: _Optional[str] = ..., status: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, type: str | None = ..., status: bool | None = ..., reason: str | None = ..., message: str | None = ...) -> None: ...
 
 class RuntimeStatus(_message.Message):
     __slots__ = ("conditions",)
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     conditions: _containers.RepeatedCompositeFieldContainer[RuntimeCondition]
-    def __init__(self, conditions: _Optional[_Iterable[_Union[RuntimeCondition, _Mapping]]] = ...) -> None: ...
+    def __init__(self, conditions: _Iterable[RuntimeCondition | _Mapping] | None = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("verbose",)
     VERBOSE_FIELD_NUMBER: _ClassVar[int]
     verbose: bool
-    def __init__(self, verbose: _Optional[bool] = ...) -> None: ...
+    def __init__(self, verbose: bool | None = ...) -> None: ...
 
 class RuntimeHandlerFeatures(_message.Message):
     __slots__ = ("recursive_read_only_mounts", "user_namespaces")
@@ -1605,7 +1607,7 @@ class RuntimeHandlerFeatures(_message.Message):
     USER_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     recursive_read_only_mounts: bool
     user_namespaces: bool
-    def __init__(self, recursive_read_only_mounts: _Optional[bool] = ..., user_namespaces: _Optional[bool] = ...) -> None: ...
+    def __init__(self, recursive_read_only_mounts: bool | None = ..., user_namespaces: bool | None = ...) -> None: ...
 
 class RuntimeHandler(_message.Message):
     __slots__ = ("name", "features")
@@ -1613,7 +1615,7 @@ class RuntimeHandler(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     features: RuntimeHandlerFeatures
-    def __init__(self, name: _Optional[str] = ..., features: _Optional[_Union[RuntimeHandlerFeatures, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., features: RuntimeHandlerFeatures | _Mapping | None = ...) -> None: ...
 
 class RuntimeFeatures(_message.Message):
     __slots__ = ("supplemental_groups_policy", "user_namespaces_host_network", "mount_options")
@@ -1623,7 +1625,7 @@ class RuntimeFeatures(_message.Message):
     supplemental_groups_policy: bool
     user_namespaces_host_network: bool
     mount_options: bool
-    def __init__(self, supplemental_groups_policy: _Optional[bool] = ..., user_namespaces_host_network: _Optional[bool] = ..., mount_options: _Optional[bool] = ...) -> None: ...
+    def __init__(self, supplemental_groups_policy: bool | None = ..., user_namespaces_host_network: bool | None = ..., mount_options: bool | None = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("status", "info", "runtime_handlers", "features")
@@ -1633,7 +1635,7 @@ class StatusResponse(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_HANDLERS_FIELD_NUMBER: _ClassVar[int]
@@ -1642,7 +1644,7 @@ class StatusResponse(_message.Message):
     info: _containers.ScalarMap[str, str]
     runtime_handlers: _containers.RepeatedCompositeFieldContainer[RuntimeHandler]
     features: RuntimeFeatures
-    def __init__(self, status: _Optional[_Union[RuntimeStatus, _Mapping]] = ..., info: _Optional[_Mapping[str, str]] = ..., runtime_handlers: _Optional[_Iterable[_Union[RuntimeHandler, _Mapping]]] = ..., features: _Optional[_Union[RuntimeFeatures, _Mapping]] = ...) -> None: ...
+    def __init__(self, status: RuntimeStatus | _Mapping | None = ..., info: _Mapping[str, str] | None = ..., runtime_handlers: _Iterable[RuntimeHandler | _Mapping] | None = ..., features: RuntimeFeatures | _Mapping | None = ...) -> None: ...
 
 class ImageFsInfoRequest(_message.Message):
     __slots__ = ()
@@ -1652,13 +1654,13 @@ class UInt64Value(_message.Message):
     __slots__ = ("value",)
     VALUE_FIELD_NUMBER: _ClassVar[int]
     value: int
-    def __init__(self, value: _Optional[int] = ...) -> None: ...
+    def __init__(self, value: int | None = ...) -> None: ...
 
 class FilesystemIdentifier(_message.Message):
     __slots__ = ("mountpoint",)
     MOUNTPOINT_FIELD_NUMBER: _ClassVar[int]
     mountpoint: str
-    def __init__(self, mountpoint: _Optional[str] = ...) -> None: ...
+    def __init__(self, mountpoint: str | None = ...) -> None: ...
 
 class FilesystemUsage(_message.Message):
     __slots__ = ("timestamp", "fs_id", "used_bytes", "inodes_used")
@@ -1670,7 +1672,7 @@ class FilesystemUsage(_message.Message):
     fs_id: FilesystemIdentifier
     used_bytes: UInt64Value
     inodes_used: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., fs_id: _Optional[_Union[FilesystemIdentifier, _Mapping]] = ..., used_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., inodes_used: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., fs_id: FilesystemIdentifier | _Mapping | None = ..., used_bytes: UInt64Value | _Mapping | None = ..., inodes_used: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class WindowsFilesystemUsage(_message.Message):
     __slots__ = ("timestamp", "fs_id", "used_bytes")
@@ -1680,7 +1682,7 @@ class WindowsFilesystemUsage(_message.Message):
     timestamp: int
     fs_id: FilesystemIdentifier
     used_bytes: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., fs_id: _Optional[_Union[FilesystemIdentifier, _Mapping]] = ..., used_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., fs_id: FilesystemIdentifier | _Mapping | None = ..., used_bytes: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class ImageFsInfoResponse(_message.Message):
     __slots__ = ("image_filesystems", "container_filesystems")
@@ -1688,25 +1690,25 @@ class ImageFsInfoResponse(_message.Message):
     CONTAINER_FILESYSTEMS_FIELD_NUMBER: _ClassVar[int]
     image_filesystems: _containers.RepeatedCompositeFieldContainer[FilesystemUsage]
     container_filesystems: _containers.RepeatedCompositeFieldContainer[FilesystemUsage]
-    def __init__(self, image_filesystems: _Optional[_Iterable[_Union[FilesystemUsage, _Mapping]]] = ..., container_filesystems: _Optional[_Iterable[_Union[FilesystemUsage, _Mapping]]] = ...) -> None: ...
+    def __init__(self, image_filesystems: _Iterable[FilesystemUsage | _Mapping] | None = ..., container_filesystems: _Iterable[FilesystemUsage | _Mapping] | None = ...) -> None: ...
 
 class ContainerStatsRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
-    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ...) -> None: ...
 
 class ContainerStatsResponse(_message.Message):
     __slots__ = ("stats",)
     STATS_FIELD_NUMBER: _ClassVar[int]
     stats: ContainerStats
-    def __init__(self, stats: _Optional[_Union[ContainerStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, stats: ContainerStats | _Mapping | None = ...) -> None: ...
 
 class ListContainerStatsRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: ContainerStatsFilter
-    def __init__(self, filter: _Optional[_Union[ContainerStatsFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: ContainerStatsFilter | _Mapping | None = ...) -> None: ...
 
 class ContainerStatsFilter(_message.Message):
     __slots__ = ("id", "pod_sandbox_id", "label_selector")
@@ -1716,32 +1718,32 @@ class ContainerStatsFilter(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     pod_sandbox_id: str
     label_selector: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., pod_sandbox_id: _Optional[str] = ..., label_selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., pod_sandbox_id: str | None = ..., label_selector: _Mapping[str, str] | None = ...) -> None: ...
 
 class ListContainerStatsResponse(_message.Message):
     __slots__ = ("stats",)
     STATS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[ContainerStats]
-    def __init__(self, stats: _Optional[_Iterable[_Union[ContainerStats, _Mapping]]] = ...) -> None: ...
+    def __init__(self, stats: _Iterable[ContainerStats | _Mapping] | None = ...) -> None: ...
 
 class StreamContainerStatsRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: ContainerStatsFilter
-    def __init__(self, filter: _Optional[_Union[ContainerStatsFilter, _Mapping]] = ...) -> None: ...
+    def __init__(self, filter: ContainerStatsFilter | _Mapping | None = ...) -> None: ...
 
 class StreamContainerStatsResponse(_message.Message):
     __slots__ = ("container_stats",)
     CONTAINER_STATS_FIELD_NUMBER: _ClassVar[int]
     container_stats: _containers.RepeatedCompositeFieldContainer[ContainerStats]
-    def __init__(self, container_stats: _Optional[_Iterable[_Union[ContainerStats, _Mapping]]] = ...) -> None: ...
+    def __init__(self, container_stats: _Iterable[ContainerStats | _Mapping] | None = ...) -> None: ...
 
 class ContainerAttributes(_message.Message):
     __slots__ = ("id", "metadata", "labels", "annotations")
@@ -1751,14 +1753,14 @@ class ContainerAttributes(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     class AnnotationsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -1767,7 +1769,7 @@ class ContainerAttributes(_message.Message):
     metadata: ContainerMetadata
     labels: _containers.ScalarMap[str, str]
     annotations: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Union[ContainerMetadata, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., annotations: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, id: str | None = ..., metadata: ContainerMetadata | _Mapping | None = ..., labels: _Mapping[str, str] | None = ..., annotations: _Mapping[str, str] | None = ...) -> None: ...
 
 class ContainerStats(_message.Message):
     __slots__ = ("attributes", "cpu", "memory", "writable_layer", "swap", "io")
@@ -1783,7 +1785,7 @@ class ContainerStats(_message.Message):
     writable_layer: FilesystemUsage
     swap: SwapUsage
     io: IoUsage
-    def __init__(self, attributes: _Optional[_Union[ContainerAttributes, _Mapping]] = ..., cpu: _Optional[_Union[CpuUsage, _Mapping]] = ..., memory: _Optional[_Union[MemoryUsage, _Mapping]] = ..., writable_layer: _Optional[_Union[FilesystemUsage, _Mapping]] = ..., swap: _Optional[_Union[SwapUsage, _Mapping]] = ..., io: _Optional[_Union[IoUsage, _Mapping]] = ...) -> None: ...
+    def __init__(self, attributes: ContainerAttributes | _Mapping | None = ..., cpu: CpuUsage | _Mapping | None = ..., memory: MemoryUsage | _Mapping | None = ..., writable_layer: FilesystemUsage | _Mapping | None = ..., swap: SwapUsage | _Mapping | None = ..., io: IoUsage | _Mapping | None = ...) -> None: ...
 
 class WindowsContainerStats(_message.Message):
     __slots__ = ("attributes", "cpu", "memory", "writable_layer")
@@ -1795,7 +1797,7 @@ class WindowsContainerStats(_message.Message):
     cpu: WindowsCpuUsage
     memory: WindowsMemoryUsage
     writable_layer: WindowsFilesystemUsage
-    def __init__(self, attributes: _Optional[_Union[ContainerAttributes, _Mapping]] = ..., cpu: _Optional[_Union[WindowsCpuUsage, _Mapping]] = ..., memory: _Optional[_Union[WindowsMemoryUsage, _Mapping]] = ..., writable_layer: _Optional[_Union[WindowsFilesystemUsage, _Mapping]] = ...) -> None: ...
+    def __init__(self, attributes: ContainerAttributes | _Mapping | None = ..., cpu: WindowsCpuUsage | _Mapping | None = ..., memory: WindowsMemoryUsage | _Mapping | None = ..., writable_layer: WindowsFilesystemUsage | _Mapping | None = ...) -> None: ...
 
 class PsiStats(_message.Message):
     __slots__ = ("Full", "Some")
@@ -1803,7 +1805,7 @@ class PsiStats(_message.Message):
     SOME_FIELD_NUMBER: _ClassVar[int]
     Full: PsiData
     Some: PsiData
-    def __init__(self, Full: _Optional[_Union[PsiData, _Mapping]] = ..., Some: _Optional[_Union[PsiData, _Mapping]] = ...) -> None: ...
+    def __init__(self, Full: PsiData | _Mapping | None = ..., Some: PsiData | _Mapping | None = ...) -> None: ...
 
 class PsiData(_message.Message):
     __slots__ = ("Total", "Avg10", "Avg60", "Avg300")
@@ -1815,7 +1817,7 @@ class PsiData(_message.Message):
     Avg10: float
     Avg60: float
     Avg300: float
-    def __init__(self, Total: _Optional[int] = ..., Avg10: _Optional[float] = ..., Avg60: _Optional[float] = ..., Avg300: _Optional[float] = ...) -> None: ...
+    def __init__(self, Total: int | None = ..., Avg10: float | None = ..., Avg60: float | None = ..., Avg300: float | None = ...) -> None: ...
 
 class CpuUsage(_message.Message):
     __slots__ = ("timestamp", "usage_core_nano_seconds", "usage_nano_cores", "psi")
@@ -1827,7 +1829,7 @@ class CpuUsage(_message.Message):
     usage_core_nano_seconds: UInt64Value
     usage_nano_cores: UInt64Value
     psi: PsiStats
-    def __init__(self, timestamp: _Optional[int] = ..., usage_core_nano_seconds: _Optional[_Union[UInt64Value, _Mapping]] = ..., usage_nano_cores: _Optional[_Union[UInt64Value, _Mapping]] = ..., psi: _Optional[_Union[PsiStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., usage_core_nano_seconds: UInt64Value | _Mapping | None = ..., usage_nano_cores: UInt64Value | _Mapping | None = ..., psi: PsiStats | _Mapping | None = ...) -> None: ...
 
 class WindowsCpuUsage(_message.Message):
     __slots__ = ("timestamp", "usage_core_nano_seconds", "usage_nano_cores")
@@ -1837,7 +1839,7 @@ class WindowsCpuUsage(_message.Message):
     timestamp: int
     usage_core_nano_seconds: UInt64Value
     usage_nano_cores: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., usage_core_nano_seconds: _Optional[_Union[UInt64Value, _Mapping]] = ..., usage_nano_cores: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., usage_core_nano_seconds: UInt64Value | _Mapping | None = ..., usage_nano_cores: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class MemoryUsage(_message.Message):
     __slots__ = ("timestamp", "working_set_bytes", "available_bytes", "usage_bytes", "rss_bytes", "page_faults", "major_page_faults", "psi")
@@ -1857,7 +1859,7 @@ class MemoryUsage(_message.Message):
     page_faults: UInt64Value
     major_page_faults: UInt64Value
     psi: PsiStats
-    def __init__(self, timestamp: _Optional[int] = ..., working_set_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., available_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., usage_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., rss_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., page_faults: _Optional[_Union[UInt64Value, _Mapping]] = ..., major_page_faults: _Optional[_Union[UInt64Value, _Mapping]] = ..., psi: _Optional[_Union[PsiStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., working_set_bytes: UInt64Value | _Mapping | None = ..., available_bytes: UInt64Value | _Mapping | None = ..., usage_bytes: UInt64Value | _Mapping | None = ..., rss_bytes: UInt64Value | _Mapping | None = ..., page_faults: UInt64Value | _Mapping | None = ..., major_page_faults: UInt64Value | _Mapping | None = ..., psi: PsiStats | _Mapping | None = ...) -> None: ...
 
 class IoUsage(_message.Message):
     __slots__ = ("timestamp", "psi")
@@ -1865,7 +1867,7 @@ class IoUsage(_message.Message):
     PSI_FIELD_NUMBER: _ClassVar[int]
     timestamp: int
     psi: PsiStats
-    def __init__(self, timestamp: _Optional[int] = ..., psi: _Optional[_Union[PsiStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., psi: PsiStats | _Mapping | None = ...) -> None: ...
 
 class SwapUsage(_message.Message):
     __slots__ = ("timestamp", "swap_available_bytes", "swap_usage_bytes")
@@ -1875,7 +1877,7 @@ class SwapUsage(_message.Message):
     timestamp: int
     swap_available_bytes: UInt64Value
     swap_usage_bytes: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., swap_available_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., swap_usage_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., swap_available_bytes: UInt64Value | _Mapping | None = ..., swap_usage_bytes: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class WindowsMemoryUsage(_message.Message):
     __slots__ = ("timestamp", "working_set_bytes", "available_bytes", "page_faults", "commit_memory_bytes")
@@ -1889,13 +1891,13 @@ class WindowsMemoryUsage(_message.Message):
     available_bytes: UInt64Value
     page_faults: UInt64Value
     commit_memory_bytes: UInt64Value
-    def __init__(self, timestamp: _Optional[int] = ..., working_set_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., available_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ..., page_faults: _Optional[_Union[UInt64Value, _Mapping]] = ..., commit_memory_bytes: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, timestamp: int | None = ..., working_set_bytes: UInt64Value | _Mapping | None = ..., available_bytes: UInt64Value | _Mapping | None = ..., page_faults: UInt64Value | _Mapping | None = ..., commit_memory_bytes: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class ReopenContainerLogRequest(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     container_id: str
-    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ...) -> None: ...
 
 class ReopenContainerLogResponse(_message.Message):
     __slots__ = ()
@@ -1909,7 +1911,7 @@ class CheckpointContainerRequest(_message.Message):
     container_id: str
     location: str
     timeout: int
-    def __init__(self, container_id: _Optional[str] = ..., location: _Optional[str] = ..., timeout: _Optional[int] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., location: str | None = ..., timeout: int | None = ...) -> None: ...
 
 class CheckpointContainerResponse(_message.Message):
     __slots__ = ()
@@ -1923,7 +1925,7 @@ class CheckpointPodRequest(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     POD_SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -1932,7 +1934,7 @@ class CheckpointPodRequest(_message.Message):
     output_path: str
     container_ids: _containers.RepeatedScalarFieldContainer[str]
     options: _containers.ScalarMap[str, str]
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., output_path: _Optional[str] = ..., container_ids: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., output_path: str | None = ..., container_ids: _Iterable[str] | None = ..., options: _Mapping[str, str] | None = ...) -> None: ...
 
 class CheckpointPodResponse(_message.Message):
     __slots__ = ()
@@ -1946,7 +1948,7 @@ class RestorePodRequest(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_HANDLER_FIELD_NUMBER: _ClassVar[int]
@@ -1957,7 +1959,7 @@ class RestorePodRequest(_message.Message):
     runtime_handler: str
     options: _containers.ScalarMap[str, str]
     container_configs: _containers.RepeatedCompositeFieldContainer[ContainerConfig]
-    def __init__(self, checkpoint_path: _Optional[str] = ..., config: _Optional[_Union[PodSandboxConfig, _Mapping]] = ..., runtime_handler: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., container_configs: _Optional[_Iterable[_Union[ContainerConfig, _Mapping]]] = ...) -> None: ...
+    def __init__(self, checkpoint_path: str | None = ..., config: PodSandboxConfig | _Mapping | None = ..., runtime_handler: str | None = ..., options: _Mapping[str, str] | None = ..., container_configs: _Iterable[ContainerConfig | _Mapping] | None = ...) -> None: ...
 
 class RestoredContainer(_message.Message):
     __slots__ = ("name", "container_id")
@@ -1965,7 +1967,7 @@ class RestoredContainer(_message.Message):
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     container_id: str
-    def __init__(self, name: _Optional[str] = ..., container_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., container_id: str | None = ...) -> None: ...
 
 class RestorePodResponse(_message.Message):
     __slots__ = ("pod_sandbox_id", "restored_containers")
@@ -1973,7 +1975,7 @@ class RestorePodResponse(_message.Message):
     RESTORED_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_id: str
     restored_containers: _containers.RepeatedCompositeFieldContainer[RestoredContainer]
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., restored_containers: _Optional[_Iterable[_Union[RestoredContainer, _Mapping]]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., restored_containers: _Iterable[RestoredContainer | _Mapping] | None = ...) -> None: ...
 
 class GetEventsRequest(_message.Message):
     __slots__ = ()
@@ -1991,7 +1993,7 @@ class ContainerEventResponse(_message.Message):
     created_at: int
     pod_sandbox_status: PodSandboxStatus
     containers_statuses: _containers.RepeatedCompositeFieldContainer[ContainerStatus]
-    def __init__(self, container_id: _Optional[str] = ..., container_event_type: _Optional[_Union[ContainerEventType, str]] = ..., created_at: _Optional[int] = ..., pod_sandbox_status: _Optional[_Union[PodSandboxStatus, _Mapping]] = ..., containers_statuses: _Optional[_Iterable[_Union[ContainerStatus, _Mapping]]] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., container_event_type: ContainerEventType | str | None = ..., created_at: int | None = ..., pod_sandbox_status: PodSandboxStatus | _Mapping | None = ..., containers_statuses: _Iterable[ContainerStatus | _Mapping] | None = ...) -> None: ...
 
 class ListMetricDescriptorsRequest(_message.Message):
     __slots__ = ()
@@ -2001,7 +2003,7 @@ class ListMetricDescriptorsResponse(_message.Message):
     __slots__ = ("descriptors",)
     DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
     descriptors: _containers.RepeatedCompositeFieldContainer[MetricDescriptor]
-    def __init__(self, descriptors: _Optional[_Iterable[_Union[MetricDescriptor, _Mapping]]] = ...) -> None: ...
+    def __init__(self, descriptors: _Iterable[MetricDescriptor | _Mapping] | None = ...) -> None: ...
 
 class MetricDescriptor(_message.Message):
     __slots__ = ("name", "help", "label_keys")
@@ -2011,7 +2013,7 @@ class MetricDescriptor(_message.Message):
     name: str
     help: str
     label_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., help: _Optional[str] = ..., label_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., help: str | None = ..., label_keys: _Iterable[str] | None = ...) -> None: ...
 
 class ListPodSandboxMetricsRequest(_message.Message):
     __slots__ = ()
@@ -2021,7 +2023,7 @@ class ListPodSandboxMetricsResponse(_message.Message):
     __slots__ = ("pod_metrics",)
     POD_METRICS_FIELD_NUMBER: _ClassVar[int]
     pod_metrics: _containers.RepeatedCompositeFieldContainer[PodSandboxMetrics]
-    def __init__(self, pod_metrics: _Optional[_Iterable[_Union[PodSandboxMetrics, _Mapping]]] = ...) -> None: ...
+    def __init__(self, pod_metrics: _Iterable[PodSandboxMetrics | _Mapping] | None = ...) -> None: ...
 
 class StreamPodSandboxMetricsRequest(_message.Message):
     __slots__ = ()
@@ -2031,7 +2033,7 @@ class StreamPodSandboxMetricsResponse(_message.Message):
     __slots__ = ("pod_sandbox_metrics",)
     POD_SANDBOX_METRICS_FIELD_NUMBER: _ClassVar[int]
     pod_sandbox_metrics: _containers.RepeatedCompositeFieldContainer[PodSandboxMetrics]
-    def __init__(self, pod_sandbox_metrics: _Optional[_Iterable[_Union[PodSandboxMetrics, _Mapping]]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_metrics: _Iterable[PodSandboxMetrics | _Mapping] | None = ...) -> None: ...
 
 class PodSandboxMetrics(_message.Message):
     __slots__ = ("pod_sandbox_id", "metrics", "container_metrics")
@@ -2041,7 +2043,7 @@ class PodSandboxMetrics(_message.Message):
     pod_sandbox_id: str
     metrics: _containers.RepeatedCompositeFieldContainer[Metric]
     container_metrics: _containers.RepeatedCompositeFieldContainer[ContainerMetrics]
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., container_metrics: _Optional[_Iterable[_Union[ContainerMetrics, _Mapping]]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., metrics: _Iterable[Metric | _Mapping] | None = ..., container_metrics: _Iterable[ContainerMetrics | _Mapping] | None = ...) -> None: ...
 
 class ContainerMetrics(_message.Message):
     __slots__ = ("container_id", "metrics")
@@ -2049,7 +2051,7 @@ class ContainerMetrics(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     metrics: _containers.RepeatedCompositeFieldContainer[Metric]
-    def __init__(self, container_id: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ...) -> None: ...
+    def __init__(self, container_id: str | None = ..., metrics: _Iterable[Metric | _Mapping] | None = ...) -> None: ...
 
 class Metric(_message.Message):
     __slots__ = ("name", "timestamp", "metric_type", "label_values", "value")
@@ -2063,7 +2065,7 @@ class Metric(_message.Message):
     metric_type: MetricType
     label_values: _containers.RepeatedScalarFieldContainer[str]
     value: UInt64Value
-    def __init__(self, name: _Optional[str] = ..., timestamp: _Optional[int] = ..., metric_type: _Optional[_Union[MetricType, str]] = ..., label_values: _Optional[_Iterable[str]] = ..., value: _Optional[_Union[UInt64Value, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: str | None = ..., timestamp: int | None = ..., metric_type: MetricType | str | None = ..., label_values: _Iterable[str] | None = ..., value: UInt64Value | _Mapping | None = ...) -> None: ...
 
 class RuntimeConfigRequest(_message.Message):
     __slots__ = ()
@@ -2073,13 +2075,13 @@ class RuntimeConfigResponse(_message.Message):
     __slots__ = ("linux",)
     LINUX_FIELD_NUMBER: _ClassVar[int]
     linux: LinuxRuntimeConfiguration
-    def __init__(self, linux: _Optional[_Union[LinuxRuntimeConfiguration, _Mapping]] = ...) -> None: ...
+    def __init__(self, linux: LinuxRuntimeConfiguration | _Mapping | None = ...) -> None: ...
 
 class LinuxRuntimeConfiguration(_message.Message):
     __slots__ = ("cgroup_driver",)
     CGROUP_DRIVER_FIELD_NUMBER: _ClassVar[int]
     cgroup_driver: CgroupDriver
-    def __init__(self, cgroup_driver: _Optional[_Union[CgroupDriver, str]] = ...) -> None: ...
+    def __init__(self, cgroup_driver: CgroupDriver | str | None = ...) -> None: ...
 
 class UpdatePodSandboxResourcesRequest(_message.Message):
     __slots__ = ("pod_sandbox_id", "overhead", "resources")
@@ -2089,7 +2091,7 @@ class UpdatePodSandboxResourcesRequest(_message.Message):
     pod_sandbox_id: str
     overhead: LinuxContainerResources
     resources: LinuxContainerResources
-    def __init__(self, pod_sandbox_id: _Optional[str] = ..., overhead: _Optional[_Union[LinuxContainerResources, _Mapping]] = ..., resources: _Optional[_Union[LinuxContainerResources, _Mapping]] = ...) -> None: ...
+    def __init__(self, pod_sandbox_id: str | None = ..., overhead: LinuxContainerResources | _Mapping | None = ..., resources: LinuxContainerResources | _Mapping | None = ...) -> None: ...
 
 class UpdatePodSandboxResourcesResponse(_message.Message):
     __slots__ = ()

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from runtime.errors import MoorageError
+from moorage.core.errors import MoorageError
 
 from .backend import ByteQueue, InputStream, Writer
 
@@ -233,7 +233,7 @@ async def run_command(io: CommandIO, call: BackendCall, what: str = "error execu
         status = status_internal_error(f"{what}: {e.message}")
     except (ConnectionError, asyncio.CancelledError):
         return  # the client went away while we were writing to it
-    except Exception as e:  # noqa: BLE001 - the client must hear about any failure
+    except Exception as e:
         log.exception("streaming backend call failed")
         status = status_internal_error(f"{what}: {e}")
     with contextlib.suppress(ConnectionError):

@@ -18,7 +18,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from runtime.errors import InvalidArgument, ResourceExhausted
+from moorage.core.errors import InvalidArgument, ResourceExhausted
 
 from . import portforward as pf
 from . import remotecommand as rc
@@ -231,7 +231,7 @@ class StreamingServer:
             await task
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("streaming connection failed")
         finally:
             self._conns.discard(task)

@@ -28,13 +28,15 @@ import tempfile
 import time
 import uuid
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-from cri.api import api_pb2 as pb  # noqa: E402
-from test.fixtures.daemon import DaemonProcess, _teardown  # noqa: E402
-from test.fixtures.registry import TestRegistry, _push_images, _start_registry, _stop_process  # noqa: E402
-from test.helpers.runtime_env import remove_cgroup_tree  # noqa: E402
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.daemon import DaemonProcess, teardown
+from moorage.testing.registry import (
+    TestRegistry,
+    _push_images,
+    _start_registry,
+    _stop_process,
+)
+from moorage.testing.runtime_env import remove_cgroup_tree
 
 STEPS = ["RunPodSandbox", "CreateContainer", "StartContainer", "StopContainer", "RemoveContainer",
          "StopPodSandbox", "RemovePodSandbox"]
@@ -187,7 +189,7 @@ def main() -> int:
         print("needs root", file=sys.stderr)
         return 2
 
-    from hack.build_test_images import build_all
+    from moorage.testing.testimages import build_all
 
     work = tempfile.mkdtemp(prefix="mrg-bench-", dir="/tmp")
     reg = TestRegistry(host="", scheme="http", base_dir=os.path.join(work, "registry"))
@@ -274,7 +276,7 @@ def main() -> int:
             if d.proc is not None and d.proc.poll() is None:
                 d.cleanup_pods()
         finally:
-            _teardown(d)
+            teardown(d)
             _stop_process(reg.proc)
             shutil.rmtree(work, ignore_errors=True)
             remove_cgroup_tree(parent)

@@ -15,18 +15,15 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-from cri.api import api_pb2 as pb  # noqa: E402
-from test.fixtures.daemon import DaemonProcess, _new_base, _teardown  # noqa: E402
-from test.helpers.cri import pod_config  # noqa: E402
-from test.integration.test_network_lab import LOCK_PATH, NetLab, iptables_state  # noqa: E402
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config
+from moorage.testing.daemon import DaemonProcess, new_base, teardown
+from moorage.testing.net import iptables_state
+from moorage.testing.netlab import LOCK_PATH, NetLab
 
 HOST_NET = pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
     namespace_options=pb.NamespaceOption(network=pb.NODE)))
@@ -92,13 +89,13 @@ def main() -> None:
     try:
         lab.iptables_before = iptables_state()
         lab.make_bridge()
-        d = lab.daemon(lambda start=False: DaemonProcess(base=_new_base()))
+        d = lab.daemon(lambda start=False: DaemonProcess(base=new_base()))
         cni = sequential(d, args.runs, host_network=False)
         host = sequential(d, args.runs, host_network=True)
         total, lat, rm = parallel(d, args.parallel)
     finally:
         if d is not None:
-            _teardown(d)
+            teardown(d)
         lab.cleanup()
         shutil.rmtree(root, ignore_errors=True)
         fcntl.flock(lock, fcntl.LOCK_UN)

@@ -32,16 +32,13 @@ import tarfile
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+import httpx
 
-import httpx  # noqa: E402
-
-from cri.api import api_pb2 as pb  # noqa: E402
-from images import oci  # noqa: E402
-from images.platform import host_platform  # noqa: E402
-from images.registry import RegistryClient  # noqa: E402
-from test.fixtures.daemon import DaemonProcess, free_port  # noqa: E402
+from moorage.cri.api import api_pb2 as pb
+from moorage.images import oci
+from moorage.images.platform import host_platform
+from moorage.images.registry import RegistryClient
+from moorage.testing.daemon import DaemonProcess, free_port
 
 MB = 1_000_000
 

@@ -16,7 +16,6 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -24,14 +23,11 @@ import tempfile
 import time
 import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-from cri.api import api_pb2 as pb  # noqa: E402
-from hack.build_test_images import build_all  # noqa: E402
-from test.fixtures import registry as regfix  # noqa: E402
-from test.fixtures.daemon import DaemonProcess, _new_base, _teardown  # noqa: E402
-from test.helpers.cri import container_config, pod_config  # noqa: E402
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing import registry as regfix
+from moorage.testing.cri import container_config, pod_config
+from moorage.testing.daemon import DaemonProcess, new_base, teardown
+from moorage.testing.testimages import build_all
 
 
 def timings(fn, rounds: int) -> list[float]:
@@ -59,7 +55,7 @@ def main() -> int:
 
     img_dir = tempfile.mkdtemp(prefix="moorage-bench-img-")
     reg = regfix.TestRegistry(host="", scheme="http", base_dir=tempfile.mkdtemp(prefix="moorage-bench-reg-"))
-    d = DaemonProcess(base=_new_base())
+    d = DaemonProcess(base=new_base())
     try:
         layouts = build_all(img_dir)
         regfix._start_registry(reg, tls=None, auth=None, verify=False)
@@ -111,7 +107,7 @@ def main() -> int:
         return 0
     finally:
         if d.proc is not None:
-            _teardown(d)
+            teardown(d)
         else:
             shutil.rmtree(d.base, ignore_errors=True)
         regfix._stop_process(reg.proc)

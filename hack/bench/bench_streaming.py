@@ -24,16 +24,13 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+import grpc
+import websocket
 
-import grpc  # noqa: E402
-import websocket  # noqa: E402
-
-from cri.api import api_pb2 as pb  # noqa: E402
-from cri.api import api_pb2_grpc as pbg  # noqa: E402
-from cri.streaming import client as spdy_client  # noqa: E402
-from test.helpers.cri import container_config, pod_config, run_container, wait_for  # noqa: E402
+from moorage.cri.api import api_pb2 as pb
+from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.cri.streaming import client as spdy_client
+from moorage.testing.cri import container_config, pod_config, run_container, wait_for
 
 PORT = 8080
 
@@ -183,9 +180,14 @@ def main() -> int:
         run(pbg.RuntimeServiceStub(ch), pbg.ImageServiceStub(ch), args.image, args)
         return 0
 
-    from hack.build_test_images import build_all
-    from test.fixtures.daemon import DaemonProcess, _teardown
-    from test.fixtures.registry import TestRegistry, _push_images, _start_registry, _stop_process
+    from moorage.testing.daemon import DaemonProcess, teardown
+    from moorage.testing.registry import (
+        TestRegistry,
+        _push_images,
+        _start_registry,
+        _stop_process,
+    )
+    from moorage.testing.testimages import build_all
 
     work = tempfile.mkdtemp(prefix="mrg-bench-")
     reg = TestRegistry(host="", scheme="http", base_dir=os.path.join(work, "registry"))
@@ -198,7 +200,7 @@ def main() -> int:
         d.start()
         run(d.runtime, d.images, reg.images["busybox"].ref, args)
     finally:
-        _teardown(d)
+        teardown(d)
         _stop_process(reg.proc)
         shutil.rmtree(work, ignore_errors=True)
     return 0

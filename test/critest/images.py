@@ -3,7 +3,7 @@
 
     python test/critest/images.py --registry 127.0.0.1:PORT --certs-d DIR [--work DIR]
 
-Builds ``hack/build_test_images.build_critest_images`` (busybox-static based, no network),
+Builds ``moorage.testing.testimages.build_critest_images`` (busybox-static based, no network),
 pushes every image to ``http://<registry>/<upstream path>`` under its tags, and writes one
 containerd-style ``DIR/<upstream host>/hosts.toml`` per upstream registry (registry.k8s.io,
 k8s.gcr.io, gcr.io, docker.io) whose only mirror is the local registry (pull + resolve).
@@ -19,12 +19,9 @@ import os
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-from hack.build_test_images import build_critest_images  # noqa: E402
-from images.registry import RegistryClient  # noqa: E402
-from test.fixtures.registry import push_layout  # noqa: E402
+from moorage.images.registry import RegistryClient
+from moorage.testing.registry import push_layout
+from moorage.testing.testimages import build_critest_images
 
 UPSTREAM_HOSTS = ("registry.k8s.io", "k8s.gcr.io", "gcr.io", "docker.io")
 

@@ -72,8 +72,7 @@ cleanup() {
     if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
         "$PY" - "$SOCK" <<'PYEOF' 2>/dev/null
 import sys, grpc
-sys.path.insert(0, ".")
-from cri.api import api_pb2 as pb, api_pb2_grpc as pbg
+from moorage.cri.api import api_pb2 as pb, api_pb2_grpc as pbg
 ch = grpc.insecure_channel("unix://" + sys.argv[1]); rt = pbg.RuntimeServiceStub(ch)
 for p in rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items:
     for call, req in ((rt.StopPodSandbox, pb.StopPodSandboxRequest), (rt.RemovePodSandbox, pb.RemovePodSandboxRequest)):
@@ -163,7 +162,7 @@ conf_dir = "$WORK/cni/net.d"
 [images]
 registry_config_path = "$WORK/certs.d"
 TEOF
-(cd "$REPO" && exec "$PY" -m cri.cli serve --config "$WORK/config.toml") >"$REPORT_DIR/daemon.log" 2>&1 </dev/null &
+(cd "$REPO" && exec "$PY" -m moorage.cri.cli serve --config "$WORK/config.toml") >"$REPORT_DIR/daemon.log" 2>&1 </dev/null &
 DAEMON_PID=$!
 for _ in $(seq 300); do
     [ -S "$SOCK" ] && break

@@ -17,18 +17,16 @@ import ipaddress
 import json
 import os
 import random
-import shlex
 import shutil
 import socket
-import subprocess
 import threading
 import uuid
 
 import pytest
 
-from cni import netns
-from cni.manager import Bandwidth, CNIManager, PortMapping
-from runtime.errors import InvalidArgument
+from moorage.core import netns
+from moorage.cni.manager import Bandwidth, CNIManager, PortMapping
+from moorage.core.errors import InvalidArgument
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +37,14 @@ if os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")):
     pytest.skip("needs root and the CNI plugins in /usr/lib/cni", allow_module_level=True)
 
 
-from test.helpers.net import (  # noqa: E402,F401 - shared with the other CNI tests
-    PORTMAP_JUMP, PORTMAP_TOP, iptables_state, remove_portmap_scaffolding_if_ours, remove_rules_of_network, sh,
+from moorage.testing.net import (
+    PORTMAP_TOP,
+    iptables_state,
+    remove_portmap_scaffolding_if_ours,
+    remove_rules_of_network,
+    sh,
 )
-from test.helpers.net import free_subnet as _free_subnet  # noqa: E402
+from moorage.testing.net import free_subnet as _free_subnet
 
 
 def free_subnet():

@@ -7,11 +7,12 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
+from moorage.cri.api import api_pb2 as pb
 
 
 def test_version(daemon):
@@ -53,11 +54,11 @@ def test_sigterm_shuts_down_cleanly(daemon):
 
 def test_second_daemon_on_same_root_is_refused(daemon):
     # Same root, another socket: the root lock refuses it.
-    cfg = open(daemon.config_path).read().replace(daemon.socket, daemon.socket + "2")
+    cfg = Path(daemon.config_path).read_text().replace(daemon.socket, daemon.socket + "2")
     other = os.path.join(daemon.base, "other.toml")
     with open(other, "w") as f:
         f.write(cfg)
-    p = subprocess.run([sys.executable, "-m", "cri.cli", "serve", "--config", other],
+    p = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "serve", "--config", other],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert f"another moorage daemon (pid {daemon.proc.pid}) is already running" in p.stderr
@@ -87,14 +88,14 @@ def test_kill9_then_restart(daemon):
 def test_bad_config_names_the_key(tmp_path):
     bad = tmp_path / "c.toml"
     bad.write_text('[streaming]\nport = 99999\n')
-    p = subprocess.run([sys.executable, "-m", "cri.cli", "serve", "--config", str(bad)],
+    p = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "serve", "--config", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert f"{bad}: key 'streaming.port'" in p.stderr
 
 
 def test_check_reports_every_item_ok():
-    p = subprocess.run([sys.executable, "-m", "cri.cli", "check"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "check"], capture_output=True, text=True, timeout=60)
     lines = p.stdout.strip().splitlines()
     labels = " ".join(lines)
     for item in ("runc", "crun", "conmon", "catatonit", "CNI plugins", "overlayfs", "cgroups", "namespaces", "iptables"):

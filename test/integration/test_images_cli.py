@@ -9,17 +9,22 @@ import sys
 
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.fixtures.daemon import REPO
-from test.helpers.cri import container_config, pod_config, run_container, wait_exited
-from test.integration.test_images_service import content_files, list_images, snapshot_entries, status
-from test.unit.test_archive import tar_layout
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, pod_config, run_container, wait_exited
+from moorage.testing.daemon import REPO
+from moorage.testing.imagesenv import (
+    content_files,
+    list_images,
+    snapshot_entries,
+    status,
+)
+from moorage.testing.layouts import tar_layout
 
 pytestmark = pytest.mark.integration
 
 
 def moorage(d, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "cri.cli", "images", args[0], "--config", d.config_path, *args[1:]],
+    r = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "images", args[0], "--config", d.config_path, *args[1:]],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"moorage images {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
@@ -52,7 +57,7 @@ def test_pull_errors_are_reported(daemon, registry):
     assert r.returncode == 2 and "lowercase" in r.stderr
     r = moorage(daemon, "pull", f"{registry.host}/test/busybox:missing", check=False)
     assert r.returncode == 2 and "missing" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "cri.cli", "images", "ls", "--socket", "/nonexistent.sock"],
+    r = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "images", "ls", "--socket", "/nonexistent.sock"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no daemon socket" in r.stderr
 

@@ -15,11 +15,17 @@ import shutil
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from hack.build_test_images import EVIL_TARGET_DIR
-from test.fixtures.registry import FakeResponse
-from test.integration.test_images_service import (RegistryProxy, content_files, list_images, pull,
-                                                   snapshot_entries, status)
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.imagesenv import (
+    RegistryProxy,
+    content_files,
+    list_images,
+    pull,
+    snapshot_entries,
+    status,
+)
+from moorage.testing.registry import FakeResponse
+from moorage.testing.testimages import EVIL_TARGET_DIR
 
 pytestmark = pytest.mark.integration
 

@@ -5,23 +5,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from pathlib import Path
 
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.integration.test_network_lab import (  # noqa: F401 - netlab is a fixture
-    NEEDS,
-    links_on_bridge,
-    netlab,
-    network_condition,
-    pod_config,
-    pod_status,
-    rpc_error,
-    run_pod,
-    stop_and_remove,
-    wait_for,
-)
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config, wait_for
+from moorage.testing.netlab import NEEDS, links_on_bridge, network_condition, pod_status, rpc_error, run_pod, stop_and_remove
 
 pytestmark = [pytest.mark.integration, NEEDS]
 
@@ -87,10 +78,10 @@ def test_update_runtime_config_writes_template_for_pod_cidr(netlab, daemon_facto
     assert ipaddress.ip_address(ip) in netlab.subnet and netlab.reservations() == [ip]
 
     # once a network exists, another CIDR changes nothing (an admin's or earlier config wins)
-    before = open(written).read()
+    before = Path(written).read_text()
     d.runtime.UpdateRuntimeConfig(pb.UpdateRuntimeConfigRequest(runtime_config=pb.RuntimeConfig(
         network_config=pb.NetworkConfig(pod_cidr="10.223.0.0/24"))))
-    assert open(written).read() == before
+    assert Path(written).read_text() == before
     stop_and_remove(d, sid)
     assert links_on_bridge(netlab.bridge) == [] and netlab.reservations() == []
 
@@ -104,7 +95,7 @@ def test_update_runtime_config_without_template_writes_nothing(netlab, daemon_fa
 
 
 def test_shipped_default_network_parses_and_uses_installed_plugins():
-    from cni.config import load_file
+    from moorage.cni.config import load_file
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     net = load_file(os.path.join(repo, "manifests", "cni", "10-moorage-bridge.conflist"))
@@ -119,7 +110,7 @@ def test_shipped_default_network_parses_and_uses_installed_plugins():
 
 def test_shipped_default_network_chain_works_on_a_test_bridge(netlab, daemon_factory, registry):
     """The shipped plugin chain, moved onto the test's bridge and subnet (10.88.0.0/16 is never used)."""
-    from cni.config import load_file
+    from moorage.cni.config import load_file
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     conf = load_file(os.path.join(repo, "manifests", "cni", "10-moorage-bridge.conflist")).to_dict()
@@ -135,7 +126,7 @@ def test_shipped_default_network_chain_works_on_a_test_bridge(netlab, daemon_fac
     sid = run_pod(d, cfg)
     ip = pod_status(d, sid).network.ip
     assert ipaddress.ip_address(ip) in netlab.subnet
-    from test.integration.test_network_lab import exec_sync, start_busybox
+    from moorage.testing.netlab import exec_sync, start_busybox
 
     cid = start_busybox(d, sid, cfg, image, "exec sleep 3600")
     code, out, err = exec_sync(d, cid, ["ip", "-o", "addr"])

@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.integration.test_network_lab import (  # noqa: F401 - netlab is a fixture
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config, wait_for
+from moorage.testing.netlab import (
     NEEDS,
     PLUGIN_DIR,
     fake_passthrough_body,
     links_on_bridge,
-    netlab,
-    pod_config,
     pod_status,
     rpc_error,
     run_pod,
     stop_and_remove,
-    wait_for,
     write_fake_plugin,
 )
 
@@ -69,9 +68,9 @@ def test_hung_plugin_times_out_and_everything_is_cleaned(netlab, daemon_factory)
     err = rpc_error(run_pod, d, pod_config("net-hang"))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "CNI plugin mrg-hang did not finish ADD within 2s and was killed" in err.details()
-    pid = int(open(marker).read())
+    pid = int(Path(marker).read_text())
     netlab.fake_pids.append(pid)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert_nothing_left(netlab, d)
 
 
@@ -81,8 +80,8 @@ def test_daemon_killed_during_add_releases_ip_and_veth_on_restart(netlab, daemon
     d = netlab.daemon(daemon_factory, conf=netlab.conflist([{"type": "mrg-slow"}]))
 
     call = d.runtime.RunPodSandbox.future(pb.RunPodSandboxRequest(config=pod_config("net-crash")), timeout=120)
-    wait_for(lambda: os.path.exists(marker) and open(marker).read().strip(), 60, what="the slow plugin's ADD")
-    netlab.fake_pids.append(int(open(marker).read()))
+    wait_for(lambda: os.path.exists(marker) and Path(marker).read_text().strip(), 60, what="the slow plugin's ADD")
+    netlab.fake_pids.append(int(Path(marker).read_text()))
     # the bridge plugin has run: a veth and an address exist, the sandbox is not recorded as made
     assert len(links_on_bridge(netlab.bridge)) == 1 and len(netlab.reservations()) == 1
     (entry,) = netlab.cache_entries(d)
@@ -131,7 +130,7 @@ def test_parallel_pods_get_distinct_addresses(netlab, daemon_factory):
     def one(i: int) -> None:
         try:
             sids.append(run_pod(d, pod_config(f"net-par-{i}")))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
@@ -168,5 +167,5 @@ def test_network_left_by_a_failed_teardown_is_released_after_restart(netlab, dae
     d.stop()
     d.start()
     wait_for(lambda: netlab.cache_entries(d) == [], 30, what="the orphaned network to be released")
-    assert open(calls).read().split() == [sid, sid]
+    assert Path(calls).read_text().split() == [sid, sid]
     assert_nothing_left(netlab, d)

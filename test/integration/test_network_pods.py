@@ -7,26 +7,24 @@ import os
 import random
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.integration.test_network_lab import (  # noqa: F401 - netlab is a fixture
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config, wait_for
+from moorage.testing.net import iptables_state, remove_portmap_scaffolding_if_ours
+from moorage.testing.netlab import (
     NEEDS,
     exec_sync,
-    iptables_state,
     link_exists,
     links_on_bridge,
-    netlab,
-    pod_config,
     pod_status,
     pull,
-    remove_portmap_scaffolding_if_ours,
     rules_of_network,
     run_pod,
     start_busybox,
     stop_and_remove,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, NEEDS]
@@ -199,7 +197,7 @@ def test_bandwidth_annotations_shape_the_pod(netlab, daemon_factory):
 
 
 def test_dual_stack_pod_reports_additional_ip(netlab, daemon_factory):
-    if open("/proc/sys/net/ipv6/conf/default/disable_ipv6").read().strip() != "0":
+    if Path("/proc/sys/net/ipv6/conf/default/disable_ipv6").read_text().strip() != "0":
         pytest.skip("IPv6 is disabled on this host")
     v6 = ipaddress.ip_network(f"fd00:6d72:{netlab.subnet.network_address.packed[2]:x}:{random.randint(1, 0xffff):x}::/64")
     conf = netlab.conflist(portmap=False, bandwidth=False)

@@ -8,9 +8,9 @@ import threading
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from cri.api import api_pb2_grpc as pbg
-from test.helpers.cri import container_config, pod_config, run_container, wait_exited
+from moorage.cri.api import api_pb2 as pb
+from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.testing.cri import container_config, pod_config, run_container, wait_exited
 
 E = pb.ContainerEventType
 LIFECYCLE = [E.CONTAINER_CREATED_EVENT, E.CONTAINER_STARTED_EVENT, E.CONTAINER_STOPPED_EVENT,

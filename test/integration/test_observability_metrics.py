@@ -9,8 +9,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config, run_container, wait_exited
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, pod_config, run_container, wait_exited
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -93,6 +93,6 @@ def test_scrape_config_points_at_the_default_address():
     with open(os.path.join(REPO, "manifests", "prometheus", "scrape-config.yaml")) as f:
         text = f.read()
     assert "job_name: moorage" in text and '"127.0.0.1:9464"' in text and "metrics_path: /metrics" in text
-    from cri.config import Config
+    from moorage.cri.config import Config
 
     assert Config().metrics.address == "127.0.0.1:9464"

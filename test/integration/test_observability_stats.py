@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config, run_container, wait_for
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, pod_config, run_container, wait_for
 
 MiB = 1024 * 1024
 

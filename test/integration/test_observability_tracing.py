@@ -15,21 +15,23 @@ import threading
 
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config, run_container
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, pod_config, run_container
 
 
 class OTLPReceiver:
     """POST /v1/traces bodies (ExportTraceServiceRequest) decoded into span dicts."""
 
     def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
 
         self.spans: list[dict] = []
         outer = self
 
         class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 req = ExportTraceServiceRequest.FromString(body)
                 for rs in req.resource_spans:

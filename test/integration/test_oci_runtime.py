@@ -22,12 +22,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from busybox_rootfs import make_bundle  # noqa: E402
-
-from runtime import cgroups  # noqa: E402
-from runtime.errors import DeadlineExceeded, FailedPrecondition, MoorageError, NotFound  # noqa: E402
-from runtime.oci import OCIRuntime, RuntimeHandler  # noqa: E402
+from moorage.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    MoorageError,
+    NotFound,
+)
+from moorage.runtime import cgroups
+from moorage.runtime.oci import OCIRuntime, RuntimeHandler
+from moorage.testing.busybox_rootfs import make_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -350,7 +353,7 @@ def test_oom_kill_is_detected(env):
 
 CREATOR = r"""
 import asyncio, json, sys
-from runtime.oci import OCIRuntime, RuntimeHandler
+from moorage.runtime.oci import OCIRuntime, RuntimeHandler
 async def main():
     handler, state, cid, bundle, log = sys.argv[1:6]
     rt = OCIRuntime(RuntimeHandler("runc", handler), state)
@@ -437,7 +440,7 @@ def test_create_with_an_existing_id_leaves_the_existing_container_alone(runc_env
 
     async def main():
         cid, pid = await env.run(["sleep", "1000"])
-        from runtime.errors import AlreadyExists
+        from moorage.core.errors import AlreadyExists
         with pytest.raises(AlreadyExists):
             await env.rt.create(cid, os.path.join(env.dir, "bundles", cid), log_path=env.log_path(cid))
         st = await env.rt.state(cid)

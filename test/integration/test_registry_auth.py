@@ -7,9 +7,8 @@ import base64
 
 import pytest
 
-from images import oci
-from images.registry import Credentials, RegistryClient
-from runtime.errors import Unauthenticated, Unavailable
+from moorage.core.errors import Unauthenticated, Unavailable
+from moorage.images.registry import Credentials, RegistryClient
 
 
 def run(coro):
@@ -124,7 +123,7 @@ def test_token_cached_per_scope(token_registry):
 
 
 def test_identity_token_refresh_flow(token_registry):
-    from test.fixtures.registry import TEST_IDENTITY_TOKEN
+    from moorage.testing.registry import TEST_IDENTITY_TOKEN
     issuer = token_registry.token_issuer
     before = len(issuer.requests)
     r = run(_pull_config(token_registry, Credentials(identity_token=TEST_IDENTITY_TOKEN)))

@@ -1,7 +1,7 @@
 """Faults and mirrors: tampered content, dropped and stalled transfers, 5xx, hosts.toml mirrors.
 
 Tampering and network faults come from a tiny scriptable HTTP server on 127.0.0.1
-(test.fixtures.registry.FakeHTTPServer); mirror tests also use the real registry.
+(moorage.testing.registry.FakeHTTPServer); mirror tests also use the real registry.
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from images import oci
-from images.oci import Descriptor
-from images.registry import RegistryClient
-from runtime.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
-from test.fixtures.registry import FakeHTTPServer, FakeRequest, FakeResponse
+from moorage.core.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from moorage.images import oci
+from moorage.images.oci import Descriptor
+from moorage.images.registry import RegistryClient
+from moorage.testing.registry import FakeHTTPServer, FakeRequest, FakeResponse
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 BLOB_DESC = Descriptor(oci.OCI_LAYER, oci.sha256_digest(BLOB), len(BLOB))
@@ -399,7 +405,7 @@ class EndlessHTTP:
         self.status, self.cap, self.sent, self.port = status, cap, 0, 0
         self._tasks: set[asyncio.Task] = set()
 
-    async def __aenter__(self) -> "EndlessHTTP":
+    async def __aenter__(self) -> EndlessHTTP:
         self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -445,7 +451,7 @@ def test_endless_token_server_response_is_read_bounded(status, error, words):
             async with FakeHTTPServer(handler) as srv, RegistryClient(retries=1, **FAST) as c:
                 try:
                     await c.fetch_manifest(f"{srv.host}/test/x", "latest")
-                except Exception as e:  # noqa: BLE001 - checked below
+                except Exception as e:
                     return e, tok.sent
         return None, tok.sent
 

@@ -8,11 +8,10 @@ import os
 
 import pytest
 
-from images import oci
-from images.oci import Descriptor, Platform
-from images.platform import host_platform
-from images.registry import RegistryClient
-from runtime.errors import InvalidArgument, NotFound
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.images import oci
+from moorage.images.oci import Descriptor, Platform
+from moorage.images.platform import host_platform
 
 
 def run(coro):

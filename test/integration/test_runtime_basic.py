@@ -2,9 +2,9 @@
 
 import os
 import re
+from pathlib import Path
 
-from cri.api import api_pb2 as pb
-from test.helpers.runtime_env import env, module_env  # noqa: F401 - fixtures
+from moorage.cri.api import api_pb2 as pb
 
 LINE = re.compile(r"^(\S+) (stdout|stderr) ([FP]) (.*)$")
 
@@ -67,12 +67,12 @@ def test_stop_timeout_kills_container_ignoring_sigterm(env):
     sid, pcfg = env.run_pod(log_dir=logdir)
     cid = env.run(sid, pcfg, ["sh", "-c", "trap 'echo got-term' TERM; echo ready; while true; do sleep 0.1; done"],
                   log_path="t.log")
-    from test.helpers.cri import wait_for
-    wait_for(lambda: os.path.exists(os.path.join(logdir, "t.log")) and "ready" in open(os.path.join(logdir, "t.log")).read())
+    from moorage.testing.cri import wait_for
+    wait_for(lambda: os.path.exists(os.path.join(logdir, "t.log")) and "ready" in Path(os.path.join(logdir, "t.log")).read_text())
     env.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=2), timeout=120)
     st = env.status(cid).status
     assert st.state == pb.CONTAINER_EXITED and st.exit_code == 137, st
-    assert "got-term" in open(os.path.join(logdir, "t.log")).read()
+    assert "got-term" in Path(os.path.join(logdir, "t.log")).read_text()
 
 
 def test_image_stop_signal_is_honoured(env):
@@ -108,7 +108,7 @@ def test_remove_stops_a_running_container(env):
     cid = env.run(sid, pcfg, ["sleep", "1000"])
     pid = env.pid(cid)
     env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     assert not env.rt.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(id=cid))).containers
 
 
@@ -119,7 +119,7 @@ def test_env_and_workdir(env):
     assert env.sh(cid, "pwd") == "/tmp\n"
     out = env.sh(cid, "echo \"$FOO|$PATH\"; cat /proc/1/environ | tr '\\0' '\\n'")
     assert out.startswith("bar baz|/bin:/sbin\n")
-    assert "FOO=bar baz" in out and f"HOSTNAME=" in out
+    assert "FOO=bar baz" in out and "HOSTNAME=" in out
     cwd = env.sh(cid, "readlink /proc/1/cwd")
     assert cwd == "/tmp\n"
 

@@ -8,9 +8,8 @@ import uuid
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config
-from test.helpers.runtime_env import env, module_env  # noqa: F401
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, pod_config
 
 SLEEP = ["sleep", "1000"]
 MISSING = "f" * 64

@@ -11,8 +11,7 @@ import os
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.runtime_env import env, module_env  # noqa: F401
+from moorage.cri.api import api_pb2 as pb
 
 SLEEP = ["sleep", "1000"]
 VOL = "/mnt/image-volume"

@@ -3,13 +3,20 @@
 import json
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import pod_config, wait_for
-from test.helpers.runtime_env import (RuntimeEnv, cgroup_dirs, make_daemon, memory_limit_file, proc_cgroups,
-                                      remove_cgroup_tree)
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config, wait_for
+from moorage.testing.runtime_env import (
+    RuntimeEnv,
+    cgroup_dirs,
+    make_daemon,
+    memory_limit_file,
+    proc_cgroups,
+    remove_cgroup_tree,
+)
 
 
 @pytest.fixture
@@ -46,7 +53,7 @@ def test_kill9_restart_finds_everything(fresh_env):
     # The container exits while nobody watches.
     exit_pid = before[exits]
     open(f"/proc/{exit_pid}/root/tmp/go", "w").close()
-    wait_for(lambda: not os.path.exists(f"/proc/{exit_pid}") or open(f"/proc/{exit_pid}/stat").read().split()[2] == "Z",
+    wait_for(lambda: not os.path.exists(f"/proc/{exit_pid}") or Path(f"/proc/{exit_pid}/stat").read_text().split()[2] == "Z",
              what="the container to exit while the daemon is down")
     for c in (long1, long2):
         assert os.path.exists(f"/proc/{before[c]}")
@@ -93,7 +100,7 @@ def test_cgroup_parent_honoured_cgroupfs(fresh_env):
         assert cg[key] == f"{parent}/{cid}", cg
         info = json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True)).info["info"])
         assert proc_cgroups(info["pid"])[key] == f"{parent}/{sid}"
-        assert int(open(memory_limit_file(cg)).read()) == 50 << 20
+        assert int(Path(memory_limit_file(cg)).read_text()) == 50 << 20
         env.cleanup()
         for d in cgroup_dirs(parent):
             assert not os.path.exists(os.path.join(d, cid)) and not os.path.exists(os.path.join(d, sid))
@@ -128,7 +135,7 @@ def _wipe_runtime_state(d, obj_id: str) -> None:
     with open(os.path.join(pdir, "conmon.pid")) as f:
         conmon = int(f.read().strip())
     os.kill(conmon, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{conmon}") or open(f"/proc/{conmon}/stat").read().split()[2] == "Z",
+    wait_for(lambda: not os.path.exists(f"/proc/{conmon}") or Path(f"/proc/{conmon}/stat").read_text().split()[2] == "Z",
              what="conmon to die")
     subprocess.run(["runc", "--root", os.path.join(oci, "runc"), "delete", "--force", obj_id], check=True,
                    capture_output=True)

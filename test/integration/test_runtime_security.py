@@ -3,13 +3,13 @@
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import pod_config, wait_for
-from test.helpers.runtime_env import env, module_env  # noqa: F401 - fixtures
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config
 
 SLEEP = ["sleep", "1000"]
 
@@ -188,6 +188,6 @@ def test_bind_mount_rshared_propagates_back_to_host(env, shared_host_dir):
     cid = env.run(sid, pcfg, SLEEP, mounts=[mnt], linux=sc(privileged=True))
     env.sh(cid, "mount -t tmpfs tmpfs /data/sub && echo inner > /data/sub/f")
     try:
-        assert open(os.path.join(d, "sub", "f")).read() == "inner\n"
+        assert Path(os.path.join(d, "sub", "f")).read_text() == "inner\n"
     finally:
         env.sh(cid, "umount /data/sub")

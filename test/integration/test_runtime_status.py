@@ -3,13 +3,14 @@
 import json
 import os
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import pod_config, wait_for
-from test.helpers.runtime_env import env, memory_limit_file, module_env, proc_cgroups  # noqa: F401
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import pod_config, wait_for
+from moorage.testing.runtime_env import memory_limit_file, proc_cgroups
 
 SLEEP = ["sleep", "1000"]
 
@@ -54,7 +55,7 @@ def test_pod_sandbox_status_verbose(env):
     assert info["pid"] > 0
     # runc start returns once the exec fifo is released; the execve into catatonit may
     # still be under way for a moment (cmdline reads empty then).
-    wait_for(lambda: "catatonit" in open(f"/proc/{info['pid']}/cmdline").read(), 10, what="infra to exec catatonit")
+    wait_for(lambda: "catatonit" in Path(f"/proc/{info['pid']}/cmdline").read_text(), 10, what="infra to exec catatonit")
     assert info["runtimeSpec"]["process"]["args"][-1] == "-P"
     assert info["netNamespacePath"] and os.path.exists(info["netNamespacePath"])
     env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid))
@@ -101,10 +102,10 @@ def test_update_container_resources_visible_in_cgroup(env):
     cid = env.run(sid, pcfg, SLEEP, linux=pb.LinuxContainerConfig(
         resources=pb.LinuxContainerResources(memory_limit_in_bytes=128 << 20)))
     limit_file = memory_limit_file(proc_cgroups(env.pid(cid)))
-    assert int(open(limit_file).read()) == 128 << 20
+    assert int(Path(limit_file).read_text()) == 128 << 20
     env.rt.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
         container_id=cid, linux=pb.LinuxContainerResources(memory_limit_in_bytes=96 << 20, cpu_shares=512)))
-    assert int(open(limit_file).read()) == 96 << 20
+    assert int(Path(limit_file).read_text()) == 96 << 20
     st = env.status(cid).status
     assert st.resources.linux.memory_limit_in_bytes == 96 << 20 and st.resources.linux.cpu_shares == 512
 
@@ -115,12 +116,12 @@ def test_reopen_container_log(env):
     cid = env.run(sid, pcfg, ["sh", "-c", "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.05; done"],
                   log_path="r.log")
     path = os.path.join(logdir, "r.log")
-    wait_for(lambda: os.path.exists(path) and "line1" in open(path).read())
+    wait_for(lambda: os.path.exists(path) and "line1" in Path(path).read_text())
     os.rename(path, path + ".1")
     env.rt.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid))
-    wait_for(lambda: os.path.exists(path) and "stdout F line" in open(path).read(), what="the reopened log")
-    old = open(path + ".1").read()
-    new = open(path).read()
+    wait_for(lambda: os.path.exists(path) and "stdout F line" in Path(path).read_text(), what="the reopened log")
+    old = Path(path + ".1").read_text()
+    new = Path(path).read_text()
     last_old = int(old.strip().splitlines()[-1].rsplit("line", 1)[1])
     first_new = int(new.splitlines()[0].rsplit("line", 1)[1])
     assert first_new > last_old
@@ -152,7 +153,7 @@ def test_image_reported_as_repo_tag_when_created_by_image_id(env):
     img = env.d.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=env.busybox))).image
     assert img.id.startswith("sha256:") and img.repo_tags
     sid, pcfg = env.run_pod()
-    from test.helpers.cri import container_config
+    from moorage.testing.cri import container_config
 
     cfg = container_config(img.id, SLEEP)
     cfg.image.user_specified_image = "busybox:written-by-user"

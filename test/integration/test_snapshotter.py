@@ -8,24 +8,20 @@ import tarfile
 
 import pytest
 
-from images.digest import Digest
-from images.snapshotter import (
+from moorage.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from moorage.core.mount import PAGE_SIZE, compact_lowerdirs, mount, unmount, unmount_all
+from moorage.images.digest import Digest
+from moorage.images.snapshotter import (
     BACKEND_NATIVE,
     BACKEND_OVERLAY,
-    PAGE_SIZE,
     JsonFileMetaStore,
     MemoryMetaStore,
     MetaStore,
     Snapshotter,
     chain_id,
     chain_ids,
-    compact_lowerdirs,
-    mount,
-    unmount,
-    unmount_all,
 )
-from images.unpack import LayerError, unpack_to_snapshot
-from runtime.errors import AlreadyExists, FailedPrecondition, NotFound
+from moorage.images.unpack import LayerError, unpack_to_snapshot
 
 pytestmark = [
     pytest.mark.integration,
@@ -251,7 +247,7 @@ def test_failed_unpack_leaves_no_snapshot(base):
         unpack_to_snapshot(sn, io.BytesIO(bad), chain_id=diff_id(bad), parent=None,
                            expected_diff_id=diff_id(bad), label="sha256:bad")
     good = tar_of(("f", b"1"))
-    from images.unpack import DiffIDMismatch
+    from moorage.images.unpack import DiffIDMismatch
 
     with pytest.raises(DiffIDMismatch):
         unpack_to_snapshot(sn, io.BytesIO(good), chain_id=diff_id(good), parent=None,
@@ -301,7 +297,7 @@ def test_bind_mount_readonly_and_unmount_idempotent(base):
     (src / "f").write_bytes(b"x")
     target = base / "t"
     target.mkdir()
-    from images.snapshotter import Mount
+    from moorage.core.mount import Mount
 
     mount([Mount("bind", str(src), ["rbind", "ro"])], str(target))
     try:
@@ -356,7 +352,7 @@ def test_remove_and_create_on_it_are_atomic(base):
     def run(name, fn):
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - inspected below
+        except Exception as e:
             errors[name] = e
         finally:
             if name == "A":

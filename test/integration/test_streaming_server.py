@@ -23,12 +23,17 @@ import urllib.parse
 import pytest
 import websocket
 
-from cri.streaming import client as sc
-from cri.streaming import spdy
-from cri.streaming.remotecommand import V4, RemoteCommandError
-from cri.streaming.spdyio import StreamClosedError
-from cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
-from runtime.errors import NotFound
+from moorage.core.errors import NotFound
+from moorage.cri.streaming import client as sc
+from moorage.cri.streaming import spdy
+from moorage.cri.streaming.remotecommand import V4, RemoteCommandError
+from moorage.cri.streaming.server import (
+    AttachRequest,
+    ExecRequest,
+    PortForwardRequest,
+    StreamingServer,
+)
+from moorage.cri.streaming.spdyio import StreamClosedError
 
 BIG = 10 * 1024 * 1024
 

@@ -10,10 +10,16 @@ import uuid
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config, run_container, status, wait_for
-from test.helpers.procs import cmdlines
-from test.integration.test_streaming_e2e import WS, exec_sessions_on_host
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import (
+    container_config,
+    pod_config,
+    run_container,
+    status,
+    wait_for,
+)
+from moorage.testing.procs import cmdlines
+from moorage.testing.streams import WS, exec_sessions_on_host
 
 pytestmark = [
     pytest.mark.integration,

@@ -3,7 +3,7 @@ flags and wire-critical field numbers, read from the descriptors."""
 
 import pytest
 
-from cri.api import api_pb2, api_pb2_grpc
+from moorage.cri.api import api_pb2, api_pb2_grpc
 
 RUNTIME_RPCS = [
     "Version",

@@ -10,14 +10,16 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from hack.build_test_images import EVIL_TARGET_DIR, read_layout_blob
-from images import archive, oci
-from images.service import ImageService, ImageSettings
-from runtime.errors import InvalidArgument
-from runtime.store import Store
+from moorage.core.errors import InvalidArgument
+from moorage.core.store import Store
+from moorage.images import archive, oci
+from moorage.images.service import ImageService, ImageSettings
+from moorage.testing.layouts import tar_layout
+from moorage.testing.testimages import EVIL_TARGET_DIR
 
 
 @pytest.fixture
@@ -28,21 +30,6 @@ def svc(tmp_path):
                      store)
     yield s
     store.close()
-
-
-def tar_layout(layout_dir: str, out: str, mutate=None) -> str:
-    with tarfile.open(out, "w") as tf:
-        for dirpath, _, files in os.walk(layout_dir):
-            for f in sorted(files):
-                full = os.path.join(dirpath, f)
-                arc = os.path.relpath(full, layout_dir)
-                data = open(full, "rb").read()
-                if mutate is not None:
-                    data = mutate(arc, data)
-                ti = tarfile.TarInfo(arc)
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-    return out
 
 
 def tree(svc, key: str) -> str:
@@ -84,7 +71,7 @@ def test_bare_tags_without_base_name_import_untagged(svc, test_image_layouts, tm
 
 
 def test_import_multiarch_index_picks_this_platform(svc, test_image_layouts, tmp_path):
-    from images.platform import host_platform
+    from moorage.images.platform import host_platform
 
     info = test_image_layouts["multiarch"]
     out = archive.import_archive(svc, tar_layout(info.path, str(tmp_path / "ma.tar")), base_name="x.io/ma")
@@ -98,7 +85,7 @@ def test_multilayer_whiteouts_apply(svc, test_image_layouts, tmp_path):
     info = test_image_layouts["multilayer"]
     rec = archive.import_archive(svc, tar_layout(info.path, str(tmp_path / "ml.tar")), base_name="x.io/ml")[0].record
     top = tree(svc, rec.chain_id)  # native: the top snapshot is the whole tree
-    assert open(os.path.join(top, "data", "keep.txt")).read() == "v3\n"
+    assert Path(os.path.join(top, "data", "keep.txt")).read_text() == "v3\n"
     assert not os.path.exists(os.path.join(top, "data", "delete-me.txt"))
     assert sorted(os.listdir(os.path.join(top, "opaque"))) == ["new.txt"]
 
@@ -285,7 +272,7 @@ def test_not_an_archive(svc, tmp_path):
 
 
 def test_export_unknown_image_is_not_found(svc, tmp_path):
-    from runtime.errors import NotFound
+    from moorage.core.errors import NotFound
 
     with pytest.raises(NotFound):
         archive.export_images(svc, ["nothere:latest"], str(tmp_path / "x.tar"))

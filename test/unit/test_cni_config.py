@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from cni.config import (
+from moorage.cni.config import (
     ConfigError,
     NetworkConfigWatcher,
     load_dir,
@@ -13,7 +13,7 @@ from cni.config import (
     plugin_config,
     render_template,
 )
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
 
 CONFLIST = {
     "cniVersion": "1.0.0",

@@ -10,12 +10,26 @@ import os
 import stat
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from cni.manager import Bandwidth, CNIManager, DNSConfig, PortMapping, capability_args
-from cni.plugin import PluginError, PluginExec, PluginNotFound, PluginTimeout
-from runtime.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from moorage.cni.manager import (
+    Bandwidth,
+    CNIManager,
+    DNSConfig,
+    PortMapping,
+    capability_args,
+)
+from moorage.cni.plugin import PluginError, PluginExec, PluginNotFound, PluginTimeout
+from moorage.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 NETNS = "/proc/self/ns/net"
 SID = "0123456789abcdef" * 4
@@ -169,9 +183,9 @@ def test_teardown_with_netns_gone_passes_empty_netns(env, tmp_path):
     run(m.setup(SID, NETNS, "ns", "p"))
     # rewrite the cached netns to a path that no longer exists
     path = os.path.join(env.cache, "results", f"fakenet-{SID}-eth0")
-    entry = json.load(open(path))
+    entry = json.loads(Path(path).read_text())
     entry["netns"] = str(tmp_path / "gone")
-    json.dump(entry, open(path, "w"))
+    Path(path).write_text(json.dumps(entry))
     env.clear()
     run(env.manager().teardown(SID, None))
     assert [c["env"]["CNI_NETNS"] for c in env.calls()] == [""]
@@ -216,9 +230,9 @@ def test_failed_rollback_keeps_cache_for_later_teardown(env):
     assert len(os.listdir(os.path.join(env.cache, "results"))) == 1
     # the admin fixes the plugin; the cached config is what teardown uses, so fix it there
     path = os.path.join(env.cache, "results", os.listdir(os.path.join(env.cache, "results"))[0])
-    entry = json.load(open(path))
+    entry = json.loads(Path(path).read_text())
     del entry["config"]["plugins"][0]["failOn"]
-    json.dump(entry, open(path, "w"))
+    Path(path).write_text(json.dumps(entry))
     run(m.teardown(SID, NETNS))
     assert os.listdir(os.path.join(env.cache, "results")) == []
 
@@ -248,7 +262,7 @@ def test_hung_plugin_is_killed(env):
         run(m.setup(SID, NETNS, "ns", "p"))
     assert isinstance(ei.value, DeadlineExceeded)
     assert "did not finish ADD within 1s and was killed" in ei.value.message
-    pid = int(open(env.pidfile).read())
+    pid = int(Path(env.pidfile).read_text())
     assert f"pid {pid}" in ei.value.message
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cni.result import ResultError, parse_result, pod_ips
+from moorage.cni.result import ResultError, parse_result, pod_ips
 
 BRIDGE_RESULT = {
     "cniVersion": "1.0.0",

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from cri import config as c
+from moorage.cri import config as c
 
 
 def test_default_config_round_trips_through_toml():
@@ -37,13 +37,13 @@ def test_partial_config_keeps_other_defaults():
 
 
 def test_cli_config_default_and_check(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cri.cli", "config", "default"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "config", "default"], capture_output=True, text=True, check=True)
     good = tmp_path / "good.toml"
     good.write_text(out.stdout)
-    r = subprocess.run([sys.executable, "-m", "cri.cli", "config", "check", str(good)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "config", "check", str(good)], capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[cni]\nplugin_timout = 3\n')
-    r = subprocess.run([sys.executable, "-m", "cri.cli", "config", "check", str(bad)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "config", "check", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     assert f"{bad}: unknown key 'cni.plugin_timout'" in r.stderr

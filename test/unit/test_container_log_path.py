@@ -2,8 +2,8 @@
 
 import pytest
 
-from runtime.container import container_log_path
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.runtime.container import container_log_path
 
 
 def test_relative_and_absolute_paths_join_under_the_log_directory():

@@ -5,9 +5,14 @@ import threading
 
 import pytest
 
-from images.content import BlobTooLarge, ContentStore, DigestMismatch, SizeMismatch
-from images.digest import Digest
-from runtime.errors import FailedPrecondition, NotFound
+from moorage.core.errors import FailedPrecondition, NotFound
+from moorage.images.content import (
+    BlobTooLarge,
+    ContentStore,
+    DigestMismatch,
+    SizeMismatch,
+)
+from moorage.images.digest import Digest
 
 
 def dg(data: bytes) -> Digest:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from runtime import events
-from runtime.errors import ResourceExhausted
+from moorage.core.errors import ResourceExhausted
+from moorage.runtime import events
 
 
 @dataclass

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from images.hosts import TLSSettings, is_loopback, parse_hosts_toml, resolve_hosts
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.images.hosts import (
+    TLSSettings,
+    is_loopback,
+    parse_hosts_toml,
+    resolve_hosts,
+)
 
 
 def _write(tmp_path, ns, text):

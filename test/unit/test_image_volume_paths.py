@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from runtime.container import _check_sub_path, _resolve_sub_path
-from runtime.errors import InvalidArgument, NotFound
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.runtime.container import _check_sub_path, _resolve_sub_path
 
 
 @pytest.mark.parametrize("sub", ["..", "../x", "a/../..", "a/..", "/etc", "/", "a\0b"])

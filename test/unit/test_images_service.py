@@ -9,11 +9,11 @@ import asyncio
 
 import pytest
 
-from images import archive
-from images.service import ImageService, ImageSettings
-from runtime.errors import InvalidArgument
-from runtime.store import Store
-from test.unit.test_archive import tar_layout
+from moorage.core.errors import InvalidArgument
+from moorage.core.store import Store
+from moorage.images import archive
+from moorage.images.service import ImageService, ImageSettings
+from moorage.testing.layouts import tar_layout
 
 
 @pytest.fixture

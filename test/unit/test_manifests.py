@@ -2,7 +2,7 @@
 
 import os
 
-from cri import config
+from moorage.cri import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

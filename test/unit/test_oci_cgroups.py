@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime import cgroups
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.runtime import cgroups
 
 PROC_CGROUP_V1 = """\
 12:name=systemd:/kubepods/pod1/c1

@@ -6,7 +6,8 @@ import struct
 
 import pytest
 
-from runtime.conmon import (
+from moorage.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from moorage.runtime.conmon import (
     IN_MOVED_TO,
     IN_Q_OVERFLOW,
     ConmonOptions,
@@ -17,8 +18,7 @@ from runtime.conmon import (
     parse_inotify_events,
     parse_sync_message,
 )
-from runtime.errors import AlreadyExists, FailedPrecondition, NotFound
-from runtime.oci import OCIRuntimeError, _classify
+from moorage.runtime.oci import OCIRuntimeError, _classify
 
 
 def base(**kw) -> ConmonOptions:

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from runtime.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
-from runtime.oci import OCIRuntime, OCIRuntimeAPI, RuntimeHandler
+from moorage.core.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound
+from moorage.runtime.oci import OCIRuntime, OCIRuntimeAPI, RuntimeHandler
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from images import platform as P
-from images.oci import OCI_MANIFEST, Descriptor, Platform
-from runtime.errors import InvalidArgument, NotFound
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.images import platform as P
+from moorage.images.oci import OCI_MANIFEST, Descriptor, Platform
 
 
 @pytest.mark.parametrize("machine, arch, variant", [

@@ -1,8 +1,8 @@
 import pytest
 
-from images.digest import Digest
-from images.reference import Reference, is_image_id, parse_reference
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.images.digest import Digest
+from moorage.images.reference import Reference, is_image_id, parse_reference
 
 H = "a" * 64
 H512 = "b" * 128

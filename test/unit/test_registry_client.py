@@ -6,10 +6,20 @@ import base64
 
 import pytest
 
-from images.hosts import parse_hosts_toml, resolve_hosts
-from images.registry import (Challenge, Credentials, RepoName, as_repo, blob_url, display_ref, manifest_url,
-                             parse_www_authenticate, split_reference, upload_url)
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.images.hosts import parse_hosts_toml, resolve_hosts
+from moorage.images.registry import (
+    Challenge,
+    Credentials,
+    RepoName,
+    as_repo,
+    blob_url,
+    display_ref,
+    manifest_url,
+    parse_www_authenticate,
+    split_reference,
+    upload_url,
+)
 
 DIG = "sha256:" + "ab" * 32
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from images import oci
-from runtime.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument
+from moorage.images import oci
 
 D1 = "sha256:" + "a" * 64
 D2 = "sha256:" + "b" * 64

@@ -7,14 +7,20 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import zstandard
 
-from hack.build_test_images import (BUSYBOX_TAGS, build_all, evil_layers, read_layout_blob,
-                                    write_evil_layers)
-from images import oci
-from images.platform import host_platform
+from moorage.images import oci
+from moorage.images.platform import host_platform
+from moorage.testing.testimages import (
+    BUSYBOX_TAGS,
+    build_all,
+    evil_layers,
+    read_layout_blob,
+    write_evil_layers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,8 @@ def test_deterministic(built, tmp_path):
 
 def test_layout_files(built):
     info = built["busybox"]
-    assert json.loads(open(os.path.join(info.path, "oci-layout")).read()) == {"imageLayoutVersion": "1.0.0"}
-    index = oci.parse_index(open(os.path.join(info.path, "index.json"), "rb").read())
+    assert json.loads(Path(os.path.join(info.path, "oci-layout")).read_text()) == {"imageLayoutVersion": "1.0.0"}
+    index = oci.parse_index(Path(os.path.join(info.path, "index.json")).read_bytes())
     assert [d.annotations["org.opencontainers.image.ref.name"] for d in index.manifests] == list(BUSYBOX_TAGS)
     assert {d.digest for d in index.manifests} == {info.digest}
     for d in info.blobs:
@@ -94,7 +100,7 @@ def test_nonroot_and_digest_only(built):
     _, c = _image(built["nonroot"])
     assert c.user == "tester"
     assert built["digestonly"].tags == []
-    idx = json.load(open(os.path.join(built["digestonly"].path, "index.json")))
+    idx = json.loads(Path(os.path.join(built["digestonly"].path, "index.json")).read_text())
     assert "annotations" not in idx["manifests"][0]
 
 

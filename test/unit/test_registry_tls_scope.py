@@ -15,10 +15,10 @@ import ssl
 import httpx
 import pytest
 
-from images import oci
-from images.hosts import TLSSettings
-from images.oci import Descriptor
-from images.registry import RegistryClient
+from moorage.images import oci
+from moorage.images.hosts import TLSSettings
+from moorage.images.oci import Descriptor
+from moorage.images.registry import RegistryClient
 
 REG = "reg.example:5000"
 BLOB = b"layer bytes" * 100

@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from runtime import container as ctrmod
-from runtime import events
-from runtime.errors import FailedPrecondition, NotFound
-from runtime.model import ContainerConfig, ContainerMetadata, LinuxContainerResources
-from runtime.modelio import to_plain
-from runtime.sandbox import NOTREADY, READY
-from runtime.service import Runtime, RuntimeSettings
-from runtime.store import ContainerRecord, SandboxRecord, Store, now_ns
+from moorage.core.errors import FailedPrecondition, NotFound
+from moorage.core.store import ContainerRecord, SandboxRecord, Store, now_ns
+from moorage.runtime import container as ctrmod
+from moorage.runtime.model import (
+    ContainerConfig,
+    ContainerMetadata,
+    LinuxContainerResources,
+)
+from moorage.runtime.modelio import to_plain
+from moorage.runtime.sandbox import READY
+from moorage.runtime.service import Runtime, RuntimeSettings
 
 
 class FakeOCI:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from cri.api import api_pb2 as pb
-from cri.runtime_service import RuntimeServicer
-from runtime.model import ContainerConfig, ContainerMetadata
-from runtime.modelio import to_plain
-from runtime.store import ContainerRecord, SandboxRecord
+from moorage.core.store import ContainerRecord, SandboxRecord
+from moorage.cri.api import api_pb2 as pb
+from moorage.cri.runtime_service import RuntimeServicer
+from moorage.runtime.model import ContainerConfig, ContainerMetadata
+from moorage.runtime.modelio import to_plain
 
 IMG = "sha256:" + "b" * 64
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from runtime.errors import InvalidArgument, NotFound
-from runtime.seccomp import default_profile, load_localhost, parse_profile
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.runtime.seccomp import default_profile, load_localhost, parse_profile
 
 DEFAULT_CAPS = {
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
@@ -224,7 +224,7 @@ def test_profile_validation(doc, msg):
 
 
 def test_localhost_too_big(tmp_path, monkeypatch):
-    import runtime.seccomp as sc
+    import moorage.runtime.seccomp as sc
 
     monkeypatch.setattr(sc, "MAX_PROFILE_BYTES", 10)
     with pytest.raises(InvalidArgument, match="larger than"):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from runtime.model import (
+from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from moorage.runtime.model import (
     Capability,
     ContainerConfig,
     ContainerMetadata,
@@ -30,7 +30,7 @@ from runtime.model import (
     SELinuxOption,
     UserNamespace,
 )
-from runtime.spec import (
+from moorage.runtime.spec import (
     ALL_CAPABILITIES,
     DEFAULT_CAPABILITIES,
     DEFAULT_MASKED_PATHS,

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from runtime.errors import InvalidArgument, NotFound
-from runtime.model import (
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.runtime.model import (
+    IDMapping,
     ImageConfig,
     LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext,
@@ -15,22 +16,21 @@ from runtime.model import (
     PodSandboxConfig,
     PodSandboxMetadata,
     SecurityProfile,
-    IDMapping,
     UserNamespace,
 )
-from runtime.spec import (
+from moorage.runtime.spec import (
     ALL_CAPABILITIES,
     DEFAULT_MASKED_PATHS,
     INFRA_PATH_IN_CONTAINER,
     HostDevice,
     HostLookups,
     RuntimeSpecConfig,
+    _real_devices_at,
     build_sandbox_spec,
     cgroups_path,
     normalize_sysctl_name,
     validate_sysctls,
 )
-from runtime.spec import _real_devices_at  # noqa: PLC2701 - the default look-up itself
 
 HOST = HostLookups(
     path_exists=lambda p: True,

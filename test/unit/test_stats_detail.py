@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import socket
 
-from cri import rpc_stats
-from runtime import cgroups as cg
-from runtime import stats as st
-from test.unit.test_stats_parsers import V1_DIRS, Ctr, FakeRuntime, Sb, fake_fs, v1_files
+from moorage.cri import rpc_stats
+from moorage.runtime import cgroups as cg
+from moorage.runtime import stats as st
+from moorage.testing.statsfs import V1_DIRS, Ctr, FakeRuntime, Sb, fake_fs, v1_files
 
 MiB = 1024 * 1024
 V1_UNLIMITED = "9223372036854771712\n"
@@ -234,7 +234,7 @@ def test_every_required_metric_is_described_and_has_a_value_with_matching_labels
 
 
 def test_collector_detail_on_a_fake_v2_host(tmp_path, monkeypatch):
-    from test.unit.test_stats_parsers import make_v2_host
+    from moorage.testing.statsfs import make_v2_host
     mounts = [cg.CgroupMount(str(tmp_path), "/", 2, ())]
     c = Ctr("c1", "s1", pid=os.getpid())
     rt = FakeRuntime([Sb("s1")], [c])

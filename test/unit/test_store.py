@@ -7,9 +7,16 @@ import textwrap
 
 import pytest
 
-from runtime.errors import AlreadyExists, NotFound
-from runtime.store import (SCHEMA_VERSION, ContainerRecord, ImageRecord, SandboxRecord, SchemaTooNew,
-                           SnapshotRecord, Store)
+from moorage.core.errors import AlreadyExists, NotFound
+from moorage.core.store import (
+    SCHEMA_VERSION,
+    ContainerRecord,
+    ImageRecord,
+    SandboxRecord,
+    SchemaTooNew,
+    SnapshotRecord,
+    Store,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,7 +88,7 @@ def test_kill9_mid_transaction_loses_nothing_committed(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {REPO!r})
-        from runtime.store import Store, SandboxRecord
+        from moorage.core.store import Store, SandboxRecord
         s = Store({str(tmp_path)!r})
         for i in range(50):
             s.add_sandbox(SandboxRecord(id=f"s{{i}}", name=f"n{{i}}"))

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from cri.streaming import remotecommand as rc
-from cri.streaming.backend import ByteQueue
-from runtime.errors import NotFound
+from moorage.core.errors import NotFound
+from moorage.cri.streaming import remotecommand as rc
+from moorage.cri.streaming.backend import ByteQueue
 
 
 def test_negotiation_prefers_the_clients_order():

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from cri.streaming import portforward as pf
-from cri.streaming.backend import ByteQueue
-from cri.streaming.server import (
+from moorage.core.errors import InvalidArgument, ResourceExhausted
+from moorage.cri.streaming import portforward as pf
+from moorage.cri.streaming.backend import ByteQueue
+from moorage.cri.streaming.server import (
     AttachRequest,
     BadRequest,
     ExecRequest,
@@ -18,7 +19,6 @@ from cri.streaming.server import (
     TokenCache,
     parse_request_head,
 )
-from runtime.errors import InvalidArgument, ResourceExhausted
 
 
 class Clock:

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from cri.streaming import spdy
+from moorage.cri.streaming import spdy
 
 
 def H(s: str) -> bytes:

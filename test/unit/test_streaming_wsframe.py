@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from cri.streaming import wsframe as ws
+from moorage.cri.streaming import wsframe as ws
 
 
 def H(s: str) -> bytes:

@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cri import tracing
-from runtime.service import Runtime
+from moorage.cri import tracing
+from moorage.runtime.service import Runtime
 
 EXPORTER = InMemorySpanExporter()
 

@@ -10,8 +10,8 @@ import tarfile
 import pytest
 import zstandard
 
-from images.digest import Digest
-from images.unpack import (
+from moorage.images.digest import Digest
+from moorage.images.unpack import (
     MODE_COPY,
     MODE_OVERLAY,
     OPAQUE_XATTR,

@@ -6,8 +6,13 @@ import os
 
 import pytest
 
-from runtime.errors import InvalidArgument, NotFound
-from runtime.users import parse_group, parse_passwd, read_file_in_root, resolve_user
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.runtime.users import (
+    parse_group,
+    parse_passwd,
+    read_file_in_root,
+    resolve_user,
+)
 
 PASSWD = """\
 root:x:0:0:root:/root:/bin/sh

@@ -15,8 +15,8 @@ import uuid
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config, wait_for
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, pod_config, wait_for
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -204,10 +204,10 @@ def make_daemon(factory, extra_config: str = "", base: str | None = None, start:
 @pytest.fixture(scope="module")
 def module_env(registry):
     """One daemon per test module, busybox and nonroot pulled."""
-    from test.fixtures.daemon import DaemonProcess, _new_base, _teardown
+    from moorage.testing.daemon import DaemonProcess, new_base, teardown
 
     parent = f"/moorage-test-{uuid.uuid4().hex[:10]}"
-    d = DaemonProcess(base=_new_base(), extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n')
+    d = DaemonProcess(base=new_base(), extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n')
     d.cgroup_parent = parent
     try:
         d.start()
@@ -216,7 +216,7 @@ def module_env(registry):
         env.pull("nonroot")
         yield env
     finally:
-        _teardown(d)
+        teardown(d)
         remove_cgroup_tree(parent)
 
 

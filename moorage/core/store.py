@@ -18,11 +18,12 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
-from runtime.errors import AlreadyExists, FailedPrecondition, NotFound
+from moorage.core.errors import AlreadyExists, FailedPrecondition, NotFound
 
 DEFAULT_NAMESPACE = "k8s.io"
 DB_NAME = "meta.db"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from cri.api import api_pb2 as pb
+from moorage.cri.api import api_pb2 as pb
 
 
 def pod_config(name: str = "", namespace: str = "default", log_dir: str = "", **kw) -> pb.PodSandboxConfig:

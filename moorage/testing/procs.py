@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def cmdlines() -> Iterator[tuple[int, list[bytes]]]:

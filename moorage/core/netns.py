@@ -24,10 +24,11 @@ import errno
 import fcntl
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
-from runtime.errors import Internal, InvalidArgument, NotFound
+from moorage.core.errors import Internal, InvalidArgument, NotFound
 
 DEFAULT_PIN_DIR = "/run/moorage/netns"
 

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the end-to-end pod network tests (no tests here).
+"""Shared fixtures and helpers for the end-to-end pod network tests .
 
 Every network test runs a real daemon whose CNI conf dir holds a conflist for
 a bridge and subnet the test owns:
@@ -23,8 +23,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import random
-import shlex
 import shutil
 import signal
 import stat
@@ -35,22 +33,26 @@ import uuid
 import grpc
 import pytest
 
-from cri.api import api_pb2 as pb
-from test.helpers.cri import container_config, pod_config, run_container, wait_for
+from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import container_config, run_container
+from moorage.testing.net import free_subnet as _free_subnet
+from moorage.testing.net import (
+    iptables_state,
+    remove_portmap_scaffolding_if_ours,
+    remove_rules_of_network,
+    sh,
+)
 
 PLUGIN_DIR = "/usr/lib/cni"
+
+
 LOCK_PATH = "/run/lock/moorage-test-cni.lock"
+
 
 NEEDS = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")),
     reason="needs root and the CNI plugins in /usr/lib/cni",
 )
-
-
-from test.helpers.net import (  # noqa: E402,F401 - shared with the other CNI tests
-    PORTMAP_JUMP, PORTMAP_TOP, iptables_state, remove_portmap_scaffolding_if_ours, remove_rules_of_network, sh,
-)
-from test.helpers.net import free_subnet as _free_subnet  # noqa: E402
 
 
 def free_subnet():
@@ -59,8 +61,6 @@ def free_subnet():
 
 def rules_of_network(network: str) -> set[str]:
     return {line for line in iptables_state() if f'name: \\"{network}\\"' in line}
-
-
 
 
 def link_exists(name: str) -> bool:
@@ -205,7 +205,7 @@ class NetLab:
             if d.proc is not None and d.proc.poll() is None:
                 try:
                     d.cleanup_pods()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
         for v in links_on_bridge(self.bridge) if link_exists(self.bridge) else []:
             sh("ip", "link", "del", v, check=False)
@@ -233,9 +233,6 @@ def netlab():
             shutil.rmtree(root, ignore_errors=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()
-
-
-# --- CRI helpers -------------------------------------------------------------------------
 
 
 def run_pod(d, cfg: pb.PodSandboxConfig, timeout: float = 120) -> str:
@@ -274,5 +271,3 @@ def rpc_error(fn, *args, **kw) -> grpc.RpcError:
         fn(*args, **kw)
     return e.value
 
-
-__all__ = ["netlab", "NetLab", "NEEDS", "pod_config", "wait_for"]

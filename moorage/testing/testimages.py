@@ -25,10 +25,10 @@ evil-*          (``build_all(include_evil=True)``) one hostile layer each, for u
 
 Library use::
 
-    from hack.build_test_images import build_all
+    from moorage.testing.testimages import build_all
     images = build_all("/tmp/layouts")      # name -> LayoutInfo
 
-CLI: ``python hack/build_test_images.py OUT_DIR [--evil]`` prints a JSON summary.
+CLI: ``python -m moorage.testing.testimages OUT_DIR [--evil]`` prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -42,14 +42,11 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from images import oci  # noqa: E402
-from images.platform import host_platform  # noqa: E402
+from moorage.images import oci
+from moorage.images.platform import host_platform
 
 BUSYBOX = "/bin/busybox"
 CATATONIT = "/usr/bin/catatonit"
