@@ -46,7 +46,7 @@ def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    k = max(0, min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1)))))
+    k = max(0, min(len(xs) - 1, round(p / 100 * (len(xs) - 1))))
     return xs[k]
 
 

@@ -152,7 +152,7 @@ def run(rt, images, image: str, args) -> None:
         lat: dict[str, list[float]] = {"ExecSync true": [], "streaming exec true (SPDY/3.1)": [],
                                        "streaming exec true (WebSocket v5)": []}
         for _ in range(args.n):
-            for (name, xs), fn in zip(lat.items(), (bench_exec_sync, bench_spdy_exec, bench_ws_exec)):
+            for (_name, xs), fn in zip(lat.items(), (bench_exec_sync, bench_spdy_exec, bench_ws_exec)):
                 xs += fn(rt, main, 1)
         for name, xs in lat.items():
             report(name, xs)

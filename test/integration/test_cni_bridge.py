@@ -24,9 +24,17 @@ import uuid
 
 import pytest
 
-from moorage.core import netns
 from moorage.cni.manager import Bandwidth, CNIManager, PortMapping
+from moorage.core import netns
 from moorage.core.errors import InvalidArgument
+from moorage.testing.net import (
+    PORTMAP_TOP,
+    iptables_state,
+    remove_portmap_scaffolding_if_ours,
+    remove_rules_of_network,
+    sh,
+)
+from moorage.testing.net import free_subnet as _free_subnet
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +44,6 @@ LOCK_PATH = "/run/lock/moorage-test-cni.lock"
 if os.geteuid() != 0 or not os.path.exists(os.path.join(PLUGIN_DIR, "bridge")):
     pytest.skip("needs root and the CNI plugins in /usr/lib/cni", allow_module_level=True)
 
-
-from moorage.testing.net import (
-    PORTMAP_TOP,
-    iptables_state,
-    remove_portmap_scaffolding_if_ours,
-    remove_rules_of_network,
-    sh,
-)
-from moorage.testing.net import free_subnet as _free_subnet
 
 
 def free_subnet():

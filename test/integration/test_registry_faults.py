@@ -354,7 +354,7 @@ def test_mirror_serves_when_server_is_down(registry, tmp_path):
 def test_unreachable_mirror_falls_through(registry, tmp_path):
     img = registry.images["busybox"]
     hosts_dir = _hosts_dir(tmp_path, registry.host,
-                           'server = "http://%s"\n[host."http://127.0.0.1:9"]\n' % registry.host)
+                           f'server = "http://{registry.host}"\n[host."http://127.0.0.1:9"]\n')
 
     async def go():
         async with RegistryClient(hosts_dir=hosts_dir, retries=0, **FAST) as c:

@@ -234,7 +234,7 @@ def test_hostile_layer_in_archive_imports_nothing(svc, test_image_layouts, tmp_p
 
 def test_hostile_archive_member_names_are_never_used(svc, test_image_layouts, tmp_path):
     """Members with ../ or absolute names, and links leaving the archive, are never read or written."""
-    info = test_image_layouts["busybox"]
+    test_image_layouts["busybox"]
     path = str(tmp_path / "hostile.tar")
     marker = tmp_path / "outside.txt"
     with tarfile.open(path, "w") as tf:

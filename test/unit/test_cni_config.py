@@ -113,7 +113,8 @@ def test_load_dir_missing_dir(tmp_path):
 
 def test_plugin_config_injects_only_declared_capabilities():
     net = parse_conflist(CONFLIST, "f")
-    caps = {"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}], "bandwidth": {"ingressRate": 1}, "dns": {"servers": ["1.1.1.1"]}}
+    caps = {"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}],
+            "bandwidth": {"ingressRate": 1}, "dns": {"servers": ["1.1.1.1"]}}
     prev = {"cniVersion": "1.0.0", "ips": []}
     c0 = plugin_config(net, 0, None, caps)
     assert c0["name"] == "net1" and c0["cniVersion"] == "1.0.0"

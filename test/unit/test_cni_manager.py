@@ -59,7 +59,8 @@ FAKE = textwrap.dedent(
         sys.stderr.write("panic: something exploded\\n")
         sys.exit(2)
     if fail:
-        print(json.dumps({{"cniVersion": conf["cniVersion"], "code": fail["code"], "msg": fail["msg"], "details": fail.get("details", "")}}))
+        print(json.dumps({{"cniVersion": conf["cniVersion"], "code": fail["code"], "msg": fail["msg"],
+                          "details": fail.get("details", "")}}))
         sys.exit(1)
     if cmd == "ADD":
         res = conf.get("result") or conf.get("prevResult") or {{"cniVersion": conf["cniVersion"]}}
@@ -85,7 +86,7 @@ def env(tmp_path):
 
     class Env:
         conf = str(tmp_path / "conf")
-        bins = [str(tmp_path / "nothing-here"), str(bindir)]
+        bins = (str(tmp_path / "nothing-here"), str(bindir))
         cache = str(tmp_path / "cache")
         log = str(tmp_path / "calls.log")
         pidfile = str(tmp_path / "plugin.pid")

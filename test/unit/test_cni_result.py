@@ -39,7 +39,8 @@ def test_pod_ips_dual_stack_v4_primary_and_skips_host_side():
 
 
 def test_pod_ips_without_interface_info():
-    r = parse_result({"cniVersion": "0.4.0", "ips": [{"version": "6", "address": "fd00::2/64"}, {"version": "4", "address": "10.1.0.2/24"}]})
+    r = parse_result({"cniVersion": "0.4.0",
+                      "ips": [{"version": "6", "address": "fd00::2/64"}, {"version": "4", "address": "10.1.0.2/24"}]})
     assert pod_ips(r) == ["10.1.0.2", "fd00::2"]
 
 
@@ -67,5 +68,5 @@ def test_legacy_0_2_result():
 )
 def test_bad_results(doc, needle):
     with pytest.raises(ResultError) as ei:
-        parse_result(doc if isinstance(doc, str) else doc, where="CNI plugin bridge")
+        parse_result(doc, where="CNI plugin bridge")
     assert "CNI plugin bridge" in ei.value.message and needle in ei.value.message

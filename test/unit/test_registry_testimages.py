@@ -91,7 +91,7 @@ def test_multiarch(built):
     index = oci.parse_index(read_layout_blob(info.path, info.digest))
     plats = [str(d.platform) for d in index.manifests]
     assert plats[:3] == ["linux/amd64", "linux/arm64", "linux/arm/v7"]
-    for i, d in enumerate(index.manifests):
+    for i, _d in enumerate(index.manifests):
         _, c = _image(info, i)
         assert str(c.platform) == plats[i]
 

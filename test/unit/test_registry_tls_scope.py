@@ -88,7 +88,7 @@ def test_skip_verify_is_not_extended_to_token_server_and_redirect_target(recorde
     client, log = recorded
     assert _pull(client) == BLOB
     by_host = {}
-    for tls, _, url, headers in log:
+    for tls, _, url, _headers in log:
         by_host.setdefault(httpx.URL(url).host, set()).add(tls)
     assert by_host["reg.example"] == {TLSSettings(skip_verify=True)}
     assert by_host["auth.example"] == {TLSSettings()}

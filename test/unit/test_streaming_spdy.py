@@ -55,7 +55,8 @@ def test_control_frame_layouts(frame, expected):
 
 def test_header_block_layout_joins_repeated_names_with_nul():
     block = spdy.encode_header_block([("StreamType", "error"), ("a", "1"), ("a", "2")])
-    assert block == H("00000002") + H("0000000a") + b"streamtype" + H("00000005") + b"error" + H("00000001") + b"a" + H("00000003") + b"1\x002"
+    assert block == (H("00000002") + H("0000000a") + b"streamtype" + H("00000005") + b"error"
+                     + H("00000001") + b"a" + H("00000003") + b"1\x002")
     assert spdy.decode_header_block(block) == [("streamtype", "error"), ("a", "1"), ("a", "2")]
 
 
