@@ -9,12 +9,12 @@ import shutil
 import sys
 
 from moorage.core.errors import MoorageError
+from moorage.cri import cli_images, logs, server, tracing
 from moorage.cri import config as configmod
+from moorage.cri.version import CRI_API_VERSION, VERSION
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from moorage.cri import logs, server, tracing
-
     cfg = configmod.load(args.config)
     if args.log_level:
         cfg.log_level = args.log_level
@@ -87,8 +87,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
-    from moorage.cri.server import CRI_API_VERSION, VERSION
-
     print(f"moorage {VERSION} (CRI {CRI_API_VERSION})")
     return 0
 
@@ -119,12 +117,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=_cmd_version)
 
-    try:
-        from moorage.cri import cli_images
-
-        cli_images.register(sub)
-    except ImportError:
-        pass
+    cli_images.register(sub)
     return p
 
 

@@ -5,8 +5,10 @@ call's metadata), records the latency and result metric, writes one structured
 log line, and maps domain errors to gRPC status codes (via ``cri.errors``).
 Handlers below it raise typed errors only.
 
-Services are registered from the proto's descriptors, so an RPC the servicer
-does not implement still answers, with UNIMPLEMENTED naming it.
+Services are registered from the proto's descriptors, so an RPC no servicer
+implements still answers, with UNIMPLEMENTED naming it.  A service may be
+served by several RPC groups (the RuntimeService by the runtime, streaming and
+stats servicers); each RPC must be found on exactly one of them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias
 
 import grpc
 from opentelemetry import propagate, trace
@@ -27,6 +29,10 @@ from moorage.cri.errors import status_for
 from moorage.cri.metrics import METRICS
 
 log = logging.getLogger("moorage.cri")
+
+Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
+Unary: TypeAlias = Callable[[Any, Ctx], Awaitable[Any]]
+Streaming: TypeAlias = Callable[[Any, Ctx], AsyncIterator[Any]]
 
 # Calls the kubelet makes every second or so: logged at debug level only.
 _POLLED = ("List", "Status", "Version", "ImageFsInfo", "ContainerStats", "PodSandboxStats", "RuntimeConfig")
@@ -50,7 +56,7 @@ class Edge:
         # ready() returns None when calls may proceed, else the reason they may not.
         self.ready = ready
 
-    def _begin(self, service: str, method: str, context: grpc.aio.ServicerContext):
+    def _begin(self, service: str, method: str, context: grpc.aio.ServicerContext) -> trace.Span:
         tracer = trace.get_tracer("moorage")
         ctx = propagate.extract(_carrier(context))
         span = tracer.start_span(f"{service}/{method}", context=ctx, kind=SpanKind.SERVER,
@@ -58,7 +64,7 @@ class Edge:
                                              "rpc.method": method})
         return span
 
-    def _finish(self, service: str, method: str, span, start: float, code: grpc.StatusCode, msg: str) -> None:
+    def _finish(self, service: str, method: str, span: trace.Span, start: float, code: grpc.StatusCode, msg: str) -> None:
         elapsed = time.perf_counter() - start
         METRICS.rpc_seconds.labels(service, method).observe(elapsed)
         METRICS.rpc_total.labels(service, method, code.name).inc()
@@ -77,7 +83,7 @@ class Edge:
                 log.log(level, "cri call", extra={"fields": fields})
 
     @contextlib.asynccontextmanager
-    async def _call(self, service: str, method: str, context: grpc.aio.ServicerContext):
+    async def _call(self, service: str, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Readiness, span, metrics, log line and error mapping around one call."""
         not_ready = self.ready()
         if not_ready:
@@ -104,39 +110,36 @@ class Edge:
             METRICS.rpc_in_flight.dec()
             self._finish(service, method, span, start, code, msg)
 
-    def unary(self, service: str, method: str, fn: Callable) -> Callable:
+    def unary(self, service: str, method: str, fn: Unary) -> Unary:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(service, method, context):
                 return await fn(request, context)
 
         return handler
 
-    def stream(self, service: str, method: str, fn: Callable) -> Callable:
-        async def handler(request: Any, context: grpc.aio.ServicerContext):
+    def stream(self, service: str, method: str, fn: Streaming) -> Streaming:
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(service, method, context):
                 async for item in fn(request, context):
                     yield item
 
         return handler
 
-    def service_handler(self, service: str, impl: object) -> grpc.GenericRpcHandler:
-        """A generic handler for ``runtime.v1.<service>`` backed by ``impl``'s methods."""
+    def service_handler(self, service: str, *impls: object) -> grpc.GenericRpcHandler:
+        """A generic handler for ``runtime.v1.<service>`` backed by the methods of ``impls``."""
         desc = api_pb2.DESCRIPTOR.services_by_name[service]
         handlers = {}
         for m in desc.methods:
             req = getattr(api_pb2, m.input_type.name)
             resp = getattr(api_pb2, m.output_type.name)
-            fn = getattr(impl, m.name, None)
+            found = [getattr(impl, m.name) for impl in impls if hasattr(impl, m.name)]
+            if len(found) > 1:
+                raise TypeError(f"{service}/{m.name} is implemented by more than one servicer")
+            fn = found[0] if found else None
             if m.server_streaming:
-                if fn is None:
-                    unimpl = _Unimplemented(service, m.name)
-
-                    async def fn(request, context, _u=unimpl):  # type: ignore[misc]
-                        await _u(request, context)
-                        yield  # pragma: no cover
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                    self.stream(service, m.name, fn), request_deserializer=req.FromString,
-                    response_serializer=resp.SerializeToString,
+                    self.stream(service, m.name, fn or _unimplemented_stream(service, m.name)),
+                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
                 )
             else:
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(
@@ -144,3 +147,13 @@ class Edge:
                     request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
                 )
         return grpc.method_handlers_generic_handler(desc.full_name, handlers)
+
+
+def _unimplemented_stream(service: str, method: str) -> Streaming:
+    unimpl = _Unimplemented(service, method)
+
+    async def fn(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await unimpl(request, context)
+        yield  # pragma: no cover - abort raised above; the yield makes this an async generator
+
+    return fn

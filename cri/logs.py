@@ -10,6 +10,9 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
+
+from opentelemetry import trace
 
 # Set by cri.tracing.setup when tracing is on.  With tracing off the ids are left out even when a
 # caller sent a traceparent (the no-op tracer would otherwise hand its ids to every line).
@@ -18,10 +21,6 @@ TRACE_IDS = False
 
 def _trace_ids() -> dict:
     if not TRACE_IDS:
-        return {}
-    try:
-        from opentelemetry import trace
-    except ImportError:  # pragma: no cover
         return {}
     ctx = trace.get_current_span().get_span_context()
     if not ctx.is_valid:
@@ -60,7 +59,7 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(f"{k}={_logfmt_value(v)}" for k, v in _record_fields(record).items())
 
 
-def setup(level: str = "info", fmt: str = "json", stream=None) -> None:
+def setup(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()

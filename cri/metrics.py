@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -57,7 +58,7 @@ class Metrics:
             "moorage_oci_operation_duration_seconds", "runc/crun and conmon calls", ["operation"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self._server = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def serve(self, address: str) -> int:

@@ -14,11 +14,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TypeAlias
+
+import grpc
 
 from moorage.core.errors import NotFound
+from moorage.core.store import SandboxRecord
 from moorage.cri.api import api_pb2 as pb
+from moorage.cri.batches import Batching
 from moorage.runtime import stats as st
+from moorage.runtime.service import Runtime
+
+Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
 
 # cAdvisor's labels as the kubelet's /metrics/cadvisor shows them: id, name, image (cAdvisor's own)
 # plus container, pod and namespace (added by the kubelet).  For pod-level series container="POD".
@@ -27,7 +34,7 @@ BASE_LABELS = ("id", "name", "image", "container", "pod", "namespace")
 _C, _G = pb.COUNTER, pb.GAUGE
 
 # name -> (help, extra label keys, type)
-DESCRIPTORS: dict[str, tuple[str, tuple[str, ...], int]] = {
+DESCRIPTORS: dict[str, tuple[str, tuple[str, ...], pb.MetricType]] = {
     "container_cpu_usage_seconds_total": ("Cumulative cpu time consumed in seconds.", ("cpu",), _C),
     "container_memory_usage_bytes": (
         "Current memory usage in bytes, including all memory regardless of when it was accessed", (), _G),
@@ -212,7 +219,7 @@ def container_metrics(s: st.ContainerSample, pod_md: dict, image: str) -> list[p
     name = (rec.metadata or {}).get("name", "")
     b = _MetricBuilder([rec.id, rec.name, image, name, pod_md.get("name", ""), pod_md.get("namespace", "")],
                        time.time_ns())
-    b.add("container_last_seen", time.time())
+    b.add("container_last_seen", int(time.time()))
     if s.cpu is not None:
         b.add("container_cpu_usage_seconds_total", s.cpu.usage_core_ns // 1_000_000_000, "total")
     m = s.memory
@@ -270,25 +277,29 @@ def pod_metrics(p: st.PodSample, image_names: dict[str, str]) -> pb.PodSandboxMe
 # --------------------------------------------------------------------------- the RPCs
 
 
-def _labels(f: Any) -> dict[str, str]:
+def _labels(f: pb.ContainerStatsFilter | pb.PodSandboxStatsFilter | None) -> dict[str, str]:
     return dict(f.label_selector) if f is not None else {}
 
 
 class StatsRPCs:
-    """Mixed into RuntimeServicer; ``self.rt`` is the Runtime, ``self.stats`` the stats collector."""
+    """The RuntimeService's stats and metrics RPCs: records from ``runtime``, samples from ``collector``.
 
-    def _collector(self) -> st.StatsCollector:
-        if getattr(self, "stats", None) is None:
-            self.stats = st.StatsCollector(self.rt)
-        return self.stats
+    Each Stream* RPC sends what its List* counterpart returns (same filter, same
+    code), split by ``batching``.
+    """
 
-    async def ContainerStats(self, request: pb.ContainerStatsRequest, context) -> pb.ContainerStatsResponse:
+    def __init__(self, runtime: Runtime, collector: st.StatsCollector, batching: Batching | None = None) -> None:
+        self.rt = runtime
+        self.collector = collector
+        self.batching = batching or Batching()
+
+    async def ContainerStats(self, request: pb.ContainerStatsRequest, context: Ctx) -> pb.ContainerStatsResponse:
         rec = self.rt.get_container(request.container_id)  # NOT_FOUND names it
-        s = await asyncio.to_thread(self._collector().container, rec)
+        s = await asyncio.to_thread(self.collector.container, rec)
         return pb.ContainerStatsResponse(stats=container_stats_pb(s))
 
     async def _list_container_stats(self, f: pb.ContainerStatsFilter | None) -> list[pb.ContainerStats]:
-        col = self._collector()
+        col = self.collector
         if f is None or not (f.id or f.pod_sandbox_id or f.label_selector):
             col.forget_gone()
         recs = self.rt.list_containers(id_prefix=f.id if f is not None else "",
@@ -299,16 +310,19 @@ class StatsRPCs:
 
         return await asyncio.to_thread(work)
 
-    async def ListContainerStats(self, request: pb.ListContainerStatsRequest, context):
+    async def ListContainerStats(self, request: pb.ListContainerStatsRequest,
+                                 context: Ctx) -> pb.ListContainerStatsResponse:
         f = request.filter if request.HasField("filter") else None
         return pb.ListContainerStatsResponse(stats=await self._list_container_stats(f))
 
-    async def StreamContainerStats(self, request: pb.StreamContainerStatsRequest, context) -> AsyncIterator:
+    async def StreamContainerStats(self, request: pb.StreamContainerStatsRequest,
+                                   context: Ctx) -> AsyncIterator[pb.StreamContainerStatsResponse]:
         f = request.filter if request.HasField("filter") else None
-        yield pb.StreamContainerStatsResponse(container_stats=await self._list_container_stats(f))
+        for batch in self.batching.split(await self._list_container_stats(f)):
+            yield pb.StreamContainerStatsResponse(container_stats=batch)
 
-    async def _pod_stats(self, sbs: list) -> list[pb.PodSandboxStats]:
-        col = self._collector()
+    async def _pod_stats(self, sbs: list[SandboxRecord]) -> list[pb.PodSandboxStats]:
+        col = self.collector
         plan = col.plan_pods(sbs)
 
         def work() -> list[pb.PodSandboxStats]:
@@ -316,7 +330,7 @@ class StatsRPCs:
 
         return await asyncio.to_thread(work)
 
-    async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest, context) -> pb.PodSandboxStatsResponse:
+    async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest, context: Ctx) -> pb.PodSandboxStatsResponse:
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
         if sb.extra.get("phase"):
             raise NotFound(f"pod sandbox {sb.id} is still being created")
@@ -326,19 +340,23 @@ class StatsRPCs:
         return await self._pod_stats(self.rt.list_sandboxes(id_prefix=f.id if f is not None else "",
                                                             labels=_labels(f) or None))
 
-    async def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest, context):
+    async def ListPodSandboxStats(self, request: pb.ListPodSandboxStatsRequest,
+                                  context: Ctx) -> pb.ListPodSandboxStatsResponse:
         f = request.filter if request.HasField("filter") else None
         return pb.ListPodSandboxStatsResponse(stats=await self._list_pod_stats(f))
 
-    async def StreamPodSandboxStats(self, request: pb.StreamPodSandboxStatsRequest, context) -> AsyncIterator:
+    async def StreamPodSandboxStats(self, request: pb.StreamPodSandboxStatsRequest,
+                                    context: Ctx) -> AsyncIterator[pb.StreamPodSandboxStatsResponse]:
         f = request.filter if request.HasField("filter") else None
-        yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=await self._list_pod_stats(f))
+        for batch in self.batching.split(await self._list_pod_stats(f)):
+            yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=batch)
 
-    async def ListMetricDescriptors(self, request, context) -> pb.ListMetricDescriptorsResponse:
+    async def ListMetricDescriptors(self, request: pb.ListMetricDescriptorsRequest,
+                                    context: Ctx) -> pb.ListMetricDescriptorsResponse:
         return pb.ListMetricDescriptorsResponse(descriptors=descriptors())
 
     async def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
-        col = self._collector()
+        col = self.collector
         images = {c.id: c.image_name or c.image_ref for c in self.rt.containers.values()}
         plan = col.plan_pods(self.rt.list_sandboxes(state=st.SANDBOX_READY))
 
@@ -347,8 +365,11 @@ class StatsRPCs:
 
         return await asyncio.to_thread(work)
 
-    async def ListPodSandboxMetrics(self, request, context) -> pb.ListPodSandboxMetricsResponse:
+    async def ListPodSandboxMetrics(self, request: pb.ListPodSandboxMetricsRequest,
+                                    context: Ctx) -> pb.ListPodSandboxMetricsResponse:
         return pb.ListPodSandboxMetricsResponse(pod_metrics=await self._pod_metrics())
 
-    async def StreamPodSandboxMetrics(self, request, context) -> AsyncIterator:
-        yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=await self._pod_metrics())
+    async def StreamPodSandboxMetrics(self, request: pb.StreamPodSandboxMetricsRequest,
+                                      context: Ctx) -> AsyncIterator[pb.StreamPodSandboxMetricsResponse]:
+        for batch in self.batching.split(await self._pod_metrics()):
+            yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=batch)

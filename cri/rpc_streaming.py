@@ -10,41 +10,44 @@ the client connects.
 
 from __future__ import annotations
 
-from moorage.core.errors import FailedPrecondition, Unavailable
+from typing import TypeAlias
+
+import grpc
+
+from moorage.core.errors import FailedPrecondition
 from moorage.cri.api import api_pb2 as pb
-from moorage.cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest
+from moorage.cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
+from moorage.runtime.service import Runtime
+
+Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
 
 SANDBOX_READY = "SANDBOX_READY"
 
 
 class StreamingRPCs:
-    """Mixed into RuntimeServicer; ``self.rt`` is the Runtime, ``self.streaming`` the server."""
+    """Exec, Attach and PortForward of the RuntimeService: checks on ``runtime``, URLs from ``server``."""
 
-    def _streaming_server(self):
-        if getattr(self, "streaming", None) is None:
-            raise Unavailable("the streaming server is not running; exec, attach and port-forward are unavailable")
-        return self.streaming
+    def __init__(self, runtime: Runtime, server: StreamingServer) -> None:
+        self.rt = runtime
+        self.server = server
 
-    async def Exec(self, request: pb.ExecRequest, context) -> pb.ExecResponse:
-        server = self._streaming_server()
+    async def Exec(self, request: pb.ExecRequest, context: Ctx) -> pb.ExecResponse:
         rec = self.rt.running_container(request.container_id)
-        url = server.get_exec_url(ExecRequest(
+        url = self.server.get_exec_url(ExecRequest(
             container_id=rec.id, cmd=list(request.cmd), tty=request.tty, stdin=request.stdin,
             stdout=request.stdout, stderr=request.stderr))
         return pb.ExecResponse(url=url)
 
-    async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
-        server = self._streaming_server()
+    async def Attach(self, request: pb.AttachRequest, context: Ctx) -> pb.AttachResponse:
         rec = self.rt.attachable_container(request.container_id, stdin=request.stdin)
-        url = server.get_attach_url(AttachRequest(
+        url = self.server.get_attach_url(AttachRequest(
             container_id=rec.id, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
             stderr=request.stderr))
         return pb.AttachResponse(url=url)
 
-    async def PortForward(self, request: pb.PortForwardRequest, context) -> pb.PortForwardResponse:
-        server = self._streaming_server()
+    async def PortForward(self, request: pb.PortForwardRequest, context: Ctx) -> pb.PortForwardResponse:
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
         if sb.state != SANDBOX_READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready; cannot forward ports to it")
-        url = server.get_portforward_url(PortForwardRequest(sandbox_id=sb.id, ports=list(request.port)))
+        url = self.server.get_portforward_url(PortForwardRequest(sandbox_id=sb.id, ports=list(request.port)))
         return pb.PortForwardResponse(url=url)

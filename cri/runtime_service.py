@@ -10,27 +10,43 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
-from moorage.core.errors import InvalidArgument
+import grpc
+
+from moorage.core.errors import InvalidArgument, NotFound
+from moorage.core.store import ContainerRecord, SandboxRecord
 from moorage.cri import config as configmod
 from moorage.cri import convert
 from moorage.cri.api import api_pb2 as pb
-from moorage.cri.rpc_stats import StatsRPCs
-from moorage.cri.rpc_streaming import StreamingRPCs
+from moorage.cri.batches import Batching
+from moorage.cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, VERSION
 from moorage.runtime import model
 from moorage.runtime.modelio import container_config_from, from_plain
+from moorage.runtime.service import Runtime
 
-RUNTIME_NAME = "moorage"
+Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
+ImageMemo = dict[str, tuple[str, str, str]]  # image ref -> (image_ref, image_id, first repo tag)
 
 
-class RuntimeServicer(StreamingRPCs, StatsRPCs):
-    def __init__(self, cfg: configmod.Config, runtime=None, network=None, streaming=None, stats=None) -> None:
+class Network(Protocol):
+    """What the runtime service needs of pod networking (``cni.manager.CNIManager``)."""
+
+    def status(self) -> tuple[bool, str, str]: ...
+
+    def write_conf_from_template(self, template_path: str, pod_cidr: str) -> str | None: ...
+
+
+class RuntimeServicer:
+    """Sandbox, container, status and event RPCs; exec/attach/port-forward are in
+    ``rpc_streaming``, stats and metrics in ``rpc_stats`` (the edge serves all three)."""
+
+    def __init__(self, cfg: configmod.Config, runtime: Runtime, network: Network | None = None,
+                 batching: Batching | None = None) -> None:
         self.cfg = cfg
         self.rt = runtime
-        self.network = network  # CNIManager or None
-        self.streaming = streaming
-        self.stats = stats
+        self.network = network
+        self.batching = batching or Batching()
 
     def network_status(self) -> tuple[bool, str, str]:
         if self.network is None:
@@ -39,13 +55,11 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
 
     # -- runtime -------------------------------------------------------------------------------
 
-    async def Version(self, request: pb.VersionRequest, context) -> pb.VersionResponse:
-        from moorage.cri.server import CRI_API_VERSION, VERSION
-
-        return pb.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME, runtime_version=VERSION,
+    async def Version(self, request: pb.VersionRequest, context: Ctx) -> pb.VersionResponse:
+        return pb.VersionResponse(version=KUBELET_API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=VERSION,
                                   runtime_api_version=CRI_API_VERSION)
 
-    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+    async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:
         net_ok, net_reason, net_msg = self.network_status()
         conditions = [
             pb.RuntimeCondition(type="RuntimeReady", status=True),
@@ -60,11 +74,12 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
                                  runtime_handlers=handlers, features=pb.RuntimeFeatures())
 
-    async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context) -> pb.RuntimeConfigResponse:
+    async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context: Ctx) -> pb.RuntimeConfigResponse:
         driver = pb.SYSTEMD if self.cfg.runtime.cgroup_driver == "systemd" else pb.CGROUPFS
         return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
-    async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest, context):
+    async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest,
+                                  context: Ctx) -> pb.UpdateRuntimeConfigResponse:
         cidr = request.runtime_config.network_config.pod_cidr
         if cidr and self.network is not None and self.cfg.cni.conf_template:
             await asyncio.to_thread(self.network.write_conf_from_template, self.cfg.cni.conf_template, cidr)
@@ -72,25 +87,23 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
 
     # -- sandboxes -------------------------------------------------------------------------------
 
-    async def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context) -> pb.RunPodSandboxResponse:
+    async def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context: Ctx) -> pb.RunPodSandboxResponse:
         cfg = convert.sandbox_config(request.config)
         sid = await self.rt.run_sandbox(cfg, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sid)
 
-    async def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context) -> pb.StopPodSandboxResponse:
-        from moorage.core.errors import NotFound
-
+    async def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context: Ctx) -> pb.StopPodSandboxResponse:
         try:
             await self.rt.stop_sandbox(request.pod_sandbox_id)
         except NotFound:
             pass  # stopping what is gone is success, as the CRI asks
         return pb.StopPodSandboxResponse()
 
-    async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context) -> pb.RemovePodSandboxResponse:
+    async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context: Ctx) -> pb.RemovePodSandboxResponse:
         await self.rt.remove_sandbox(request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
 
-    def _sandbox_status(self, rec) -> pb.PodSandboxStatus:
+    def _sandbox_status(self, rec: SandboxRecord) -> pb.PodSandboxStatus:
         cfg = from_plain(model.PodSandboxConfig, rec.config)
         sc = cfg.linux.security_context if cfg.linux else None
         nso = (sc.namespace_options if sc else None) or model.NamespaceOption()
@@ -102,15 +115,15 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
             labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler,
         )
 
-    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context) -> pb.PodSandboxStatusResponse:
+    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Ctx) -> pb.PodSandboxStatusResponse:
         rec, info = self.rt.sandbox_status(request.pod_sandbox_id, request.verbose)
-        memo: dict = {}  # one image look-up per image, not per container (the kubelet asks often)
+        memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet asks often)
         statuses = [self._container_status(c, memo) for c in self.rt.list_containers(sandbox_id=rec.id)
                     if c.sandbox_id == rec.id]
         return pb.PodSandboxStatusResponse(status=self._sandbox_status(rec), info=info,
                                            containers_statuses=statuses, timestamp=time.time_ns())
 
-    def _sandbox_item(self, rec) -> pb.PodSandbox:
+    def _sandbox_item(self, rec: SandboxRecord) -> pb.PodSandbox:
         return pb.PodSandbox(id=rec.id, metadata=pb.PodSandboxMetadata(**rec.metadata),
                              state=pb.PodSandboxState.Value(rec.state), created_at=rec.created_at,
                              labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler)
@@ -123,33 +136,34 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
                 kw["state"] = pb.PodSandboxState.Name(f.state.state)
         return [self._sandbox_item(r) for r in self.rt.list_sandboxes(**kw)]
 
-    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context) -> pb.ListPodSandboxResponse:
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx) -> pb.ListPodSandboxResponse:
         return pb.ListPodSandboxResponse(items=self._sandboxes(request.filter if request.HasField("filter") else None))
 
-    async def StreamPodSandboxes(self, request, context) -> AsyncIterator:
-        for item in self._sandboxes(request.filter if request.HasField("filter") else None):
-            yield pb.StreamPodSandboxesResponse(pod_sandbox=item)
+    async def StreamPodSandboxes(self, request: pb.StreamPodSandboxesRequest,
+                                 context: Ctx) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
+        for batch in self.batching.split(self._sandboxes(request.filter if request.HasField("filter") else None)):
+            yield pb.StreamPodSandboxesResponse(pod_sandboxes=batch)
 
     # -- containers --------------------------------------------------------------------------------
 
-    async def CreateContainer(self, request: pb.CreateContainerRequest, context) -> pb.CreateContainerResponse:
+    async def CreateContainer(self, request: pb.CreateContainerRequest, context: Ctx) -> pb.CreateContainerResponse:
         cfg = convert.container_config(request.config)
         cid = await self.rt.create_container(request.pod_sandbox_id, cfg)
         return pb.CreateContainerResponse(container_id=cid)
 
-    async def StartContainer(self, request: pb.StartContainerRequest, context) -> pb.StartContainerResponse:
+    async def StartContainer(self, request: pb.StartContainerRequest, context: Ctx) -> pb.StartContainerResponse:
         await self.rt.start_container(request.container_id)
         return pb.StartContainerResponse()
 
-    async def StopContainer(self, request: pb.StopContainerRequest, context) -> pb.StopContainerResponse:
+    async def StopContainer(self, request: pb.StopContainerRequest, context: Ctx) -> pb.StopContainerResponse:
         await self.rt.stop_container(request.container_id, request.timeout)
         return pb.StopContainerResponse()
 
-    async def RemoveContainer(self, request: pb.RemoveContainerRequest, context) -> pb.RemoveContainerResponse:
+    async def RemoveContainer(self, request: pb.RemoveContainerRequest, context: Ctx) -> pb.RemoveContainerResponse:
         await self.rt.remove_container(request.container_id)
         return pb.RemoveContainerResponse()
 
-    def _image_ref(self, rec, memo: dict | None = None) -> tuple[str, str, str]:
+    def _image_ref(self, rec: ContainerRecord, memo: ImageMemo | None = None) -> tuple[str, str, str]:
         """(image_ref, image_id, first repo tag) for a container: the repo digest where there is one."""
         if memo is not None and rec.image_ref in memo:
             return memo[rec.image_ref]
@@ -164,20 +178,20 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
         return out
 
     @staticmethod
-    def _image_spec(rec, tag: str) -> pb.ImageSpec:
+    def _image_spec(rec: ContainerRecord, tag: str) -> pb.ImageSpec:
         """As containerd: the image's first repo tag, else what the user wrote, else what was asked for
         (the kubelet creates containers with the image id)."""
         user = (rec.config or {}).get("user_specified_image") or ""
         return pb.ImageSpec(image=tag or user or rec.image_name, user_specified_image=user)
 
-    def _container_item(self, rec, memo: dict | None = None) -> pb.Container:
+    def _container_item(self, rec: ContainerRecord, memo: ImageMemo | None = None) -> pb.Container:
         ref, iid, tag = self._image_ref(rec, memo)
         return pb.Container(id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=pb.ContainerMetadata(**rec.metadata),
                             image=self._image_spec(rec, tag), image_ref=ref, image_id=iid,
                             state=pb.ContainerState.Value(rec.state), created_at=rec.created_at,
                             labels=rec.labels, annotations=rec.annotations)
 
-    def _container_status(self, rec, memo: dict | None = None) -> pb.ContainerStatus:
+    def _container_status(self, rec: ContainerRecord, memo: ImageMemo | None = None) -> pb.ContainerStatus:
         cfg = container_config_from(rec.config)
         ref, iid, tag = self._image_ref(rec, memo)
         res = cfg.linux.resources if cfg.linux and cfg.linux.resources else None
@@ -194,10 +208,10 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
             resources=pb.ContainerResources(linux=convert.to_pb(pb.LinuxContainerResources, res)) if res else None,
             user=pb.ContainerUser(linux=pb.LinuxContainerUser(uid=user.get("uid", 0), gid=user.get("gid", 0),
                                                               supplemental_groups=user.get("gids", []))),
-            stop_signal=pb.Signal.Value(f"SIGNAL_{sig}") if f"SIGNAL_{sig}" in pb.Signal.keys() else 0,
+            stop_signal=pb.Signal.Value(f"SIGNAL_{sig}") if f"SIGNAL_{sig}" in pb.Signal.keys() else pb.SIGNAL_RUNTIME_DEFAULT,
         )
 
-    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context) -> pb.ContainerStatusResponse:
+    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx) -> pb.ContainerStatusResponse:
         rec, info = self.rt.container_status(request.container_id, request.verbose)
         return pb.ContainerStatusResponse(status=self._container_status(rec), info=info)
 
@@ -207,33 +221,37 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
             kw = dict(id_prefix=f.id, sandbox_id=f.pod_sandbox_id, labels=dict(f.label_selector))
             if f.HasField("state"):
                 kw["state"] = pb.ContainerState.Name(f.state.state)
-        memo: dict = {}  # one image look-up per image, not per container (the kubelet lists every second)
+        memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet lists every second)
         return [self._container_item(r, memo) for r in self.rt.list_containers(**kw)]
 
-    async def ListContainers(self, request: pb.ListContainersRequest, context) -> pb.ListContainersResponse:
+    async def ListContainers(self, request: pb.ListContainersRequest, context: Ctx) -> pb.ListContainersResponse:
         return pb.ListContainersResponse(containers=self._containers(request.filter if request.HasField("filter") else None))
 
-    async def StreamContainers(self, request, context) -> AsyncIterator:
-        for item in self._containers(request.filter if request.HasField("filter") else None):
-            yield pb.StreamContainersResponse(container=item)
+    async def StreamContainers(self, request: pb.StreamContainersRequest,
+                               context: Ctx) -> AsyncIterator[pb.StreamContainersResponse]:
+        for batch in self.batching.split(self._containers(request.filter if request.HasField("filter") else None)):
+            yield pb.StreamContainersResponse(containers=batch)
 
-    async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest, context):
+    async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
+                                       context: Ctx) -> pb.UpdateContainerResourcesResponse:
         if not request.HasField("linux"):
             raise InvalidArgument("UpdateContainerResources needs linux resources")
         await self.rt.update_resources(request.container_id, convert.resources(request.linux))
         return pb.UpdateContainerResourcesResponse()
 
-    async def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest, context):
+    async def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest,
+                                 context: Ctx) -> pb.ReopenContainerLogResponse:
         await self.rt.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
-    async def ExecSync(self, request: pb.ExecSyncRequest, context) -> pb.ExecSyncResponse:
+    async def ExecSync(self, request: pb.ExecSyncRequest, context: Ctx) -> pb.ExecSyncResponse:
         code, out, err = await self.rt.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return pb.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
 
     # -- events ------------------------------------------------------------------------------------
 
-    async def GetContainerEvents(self, request: pb.GetEventsRequest, context) -> AsyncIterator:
+    async def GetContainerEvents(self, request: pb.GetEventsRequest,
+                                 context: Ctx) -> AsyncIterator[pb.ContainerEventResponse]:
         sub = self.rt.events.subscribe()
         try:
             # Initial metadata tells the client it is subscribed: events from now on reach it.
@@ -249,7 +267,7 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
                     ctrs = self.rt.list_containers(sandbox_id=sb.id) if sb is not None else []
                 if sb is not None:
                     sandbox_status = self._sandbox_status(sb)
-                    memo = {}
+                    memo: ImageMemo = {}
                     statuses = [self._container_status(c, memo) for c in ctrs]
                 yield pb.ContainerEventResponse(
                     container_id=ev.container_id, container_event_type=pb.ContainerEventType.Value(ev.type),

@@ -17,11 +17,9 @@ from moorage.core.store import Store
 from moorage.cri import config as configmod
 from moorage.cri.edge import Edge
 from moorage.cri.metrics import METRICS
+from moorage.cri.services import Component, build_services
 
 log = logging.getLogger("moorage.server")
-
-VERSION = "0.1.0"
-CRI_API_VERSION = "v1"
 
 
 class DaemonLock:
@@ -78,10 +76,9 @@ class Daemon:
         self.lock = DaemonLock(cfg.root_dir)
         self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
-        self.services: list[object] = []
         self._stopping = False
         self._stop_event = asyncio.Event()
-        self.components: list = []  # objects with async start()/stop(), in start order
+        self.components: list[Component] = []  # in start order
 
     def not_ready(self) -> str | None:
         if self._stopping:
@@ -95,9 +92,8 @@ class Daemon:
             for d in (cfg.root_dir, cfg.state_dir):
                 os.makedirs(d, mode=0o711, exist_ok=True)
             self.store = Store(cfg.root_dir, cfg.namespace)
-            from moorage.cri.services import build_services
-
-            runtime_svc, image_svc, self.components = build_services(self)
+            services = build_services(cfg, self.store)
+            self.components = services.components
             for comp in self.components:
                 await comp.start()
             _prepare_socket(cfg.socket)
@@ -107,7 +103,7 @@ class Daemon:
                          ("grpc.max_send_message_length", 64 * 1024 * 1024)]
             )
             self.server.add_generic_rpc_handlers(
-                (edge.service_handler("RuntimeService", runtime_svc), edge.service_handler("ImageService", image_svc))
+                tuple(edge.service_handler(name, *groups) for name, groups in services.rpc_groups().items())
             )
             self.server.add_insecure_port(f"unix://{cfg.socket}")
             await self.server.start()

@@ -1,23 +1,54 @@
-"""Composition root: builds the domain objects and the CRI servicers over them."""
+"""Composition root: builds the domain objects and the CRI servicers over them.
+
+The one module that knows every part: the other cri modules receive what they
+use through typed constructors and import none of their peers' wiring.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from moorage.cni.manager import CNIManager
+from moorage.core.store import Store
+from moorage.cri import config as configmod
+from moorage.cri.batches import Batching
 from moorage.cri.image_service import ImageServicer
 from moorage.cri.metrics import METRICS
+from moorage.cri.rpc_stats import StatsRPCs
+from moorage.cri.rpc_streaming import StreamingRPCs
 from moorage.cri.runtime_service import RuntimeServicer
+from moorage.cri.streaming_backend import build_streaming
 from moorage.images.service import ImageService, ImageSettings
 from moorage.runtime.service import Runtime, RuntimeSettings
 from moorage.runtime.spec import RuntimeSpecConfig
-
-if TYPE_CHECKING:
-    from moorage.cri.server import Daemon
+from moorage.runtime.stats import StatsCollector
 
 
-def runtime_settings(cfg) -> RuntimeSettings:
+class Component(Protocol):
+    """A part the daemon starts before serving and stops after (in reverse order)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class Services:
+    runtime: RuntimeServicer
+    streaming: StreamingRPCs
+    stats: StatsRPCs
+    images: ImageServicer
+    components: list[Component] = field(default_factory=list)  # in start order
+
+    def rpc_groups(self) -> dict[str, tuple[object, ...]]:
+        """The servicers behind each CRI service, as ``Edge.service_handler`` takes them."""
+        return {"RuntimeService": (self.runtime, self.streaming, self.stats), "ImageService": (self.images,)}
+
+
+def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
     return RuntimeSettings(
         root_dir=cfg.root_dir, state_dir=cfg.state_dir,
         handlers={n: h.path for n, h in cfg.runtime.handlers.items()},
@@ -32,7 +63,7 @@ def runtime_settings(cfg) -> RuntimeSettings:
     )
 
 
-def image_settings(cfg) -> ImageSettings:
+def image_settings(cfg: configmod.Config) -> ImageSettings:
     return ImageSettings(
         root_dir=cfg.root_dir, snapshotter=cfg.images.snapshotter, hosts_dir=cfg.images.registry_config_path,
         insecure_registries=list(cfg.images.insecure_registries), retries=cfg.images.pull_retries,
@@ -42,30 +73,28 @@ def image_settings(cfg) -> ImageSettings:
     )
 
 
-def build_services(daemon: Daemon) -> tuple[object, object, list]:
-    """Returns (runtime servicer, image servicer, components to start/stop in order)."""
-    cfg = daemon.cfg
+def _observe(op: str, secs: float) -> None:
+    if op.startswith("oci"):
+        METRICS.oci_seconds.labels(op).observe(secs)
+    else:
+        METRICS.cni_seconds.labels(op).observe(secs)
+
+
+def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] = os.environ) -> Services:
+    """Every domain object and servicer of a daemon over ``store``; ``env`` may set the stream batch size."""
     cni = CNIManager(cfg.cni.conf_dir, cfg.cni.bin_dirs, cfg.cni_cache_dir, cfg.cni.plugin_timeout,
                      cfg.cni.network_name or None)
-    images = ImageService(image_settings(cfg), daemon.store, metrics=METRICS)
-    runtime = Runtime(runtime_settings(cfg), daemon.store, images, cni,
-                      observe=lambda op, secs: METRICS.oci_seconds.labels(op).observe(secs)
-                      if op.startswith("oci") else METRICS.cni_seconds.labels(op).observe(secs))
+    images = ImageService(image_settings(cfg), store, metrics=METRICS)
+    runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe)
     images.in_use = lambda: {c.image_ref for c in runtime.containers.values()}
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
-    components: list = [images, runtime]
-    streaming = None
-    try:
-        from moorage.cri.streaming_backend import build_streaming
-
-        streaming = build_streaming(cfg, runtime)
-        components.append(streaming)
-    except ImportError:
-        pass
-    from moorage.runtime.stats import StatsCollector
-
-    runtime_svc = RuntimeServicer(cfg, runtime=runtime, network=cni, streaming=streaming,
-                                  stats=StatsCollector(runtime))
-    image_svc = ImageServicer(cfg, images)
-    return runtime_svc, image_svc, components
+    streaming = build_streaming(cfg.streaming, runtime)
+    batching = Batching.from_env(env)
+    return Services(
+        runtime=RuntimeServicer(cfg, runtime=runtime, network=cni, batching=batching),
+        streaming=StreamingRPCs(runtime, streaming),
+        stats=StatsRPCs(runtime, StatsCollector(runtime), batching),
+        images=ImageServicer(images, batching),
+        components=[images, runtime, streaming],
+    )

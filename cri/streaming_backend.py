@@ -24,9 +24,12 @@ from collections.abc import AsyncIterator
 
 from moorage.core import netns as netnsmod
 from moorage.core.errors import FailedPrecondition, MoorageError, NotFound
+from moorage.core.store import ContainerRecord
+from moorage.cri.config import StreamingConfig
 from moorage.cri.streaming.backend import InputStream, Writer
 from moorage.cri.streaming.server import StreamingServer
-from moorage.runtime.oci import ExecSession, connect_seqpacket
+from moorage.runtime.oci import ExecSession, OCIRuntime, connect_seqpacket
+from moorage.runtime.service import Runtime
 
 log = logging.getLogger("moorage.streaming")
 
@@ -99,13 +102,13 @@ async def _cancel(*tasks: asyncio.Task | None) -> None:
 class RuntimeStreamingBackend:
     """:class:`cri.streaming.backend.StreamingBackend` over :class:`runtime.service.Runtime`."""
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.sessions: set[str] = set()  # exec ids in flight (for tests and metrics)
 
     # ------------------------------------------------------------------ exec
 
-    def _running(self, container_id: str):
+    def _running(self, container_id: str) -> tuple[ContainerRecord, OCIRuntime]:
         rec = self.rt.running_container(container_id)  # NOT_FOUND / FAILED_PRECONDITION
         return rec, self.rt.oci(rec.runtime_handler)
 
@@ -130,23 +133,25 @@ class RuntimeStreamingBackend:
             sess = await oci.exec_session(rec.id, list(cmd), tty=tty, stdin=stdin is not None,
                                           console_size=console_size)
             self.sessions.add(sess.exec_id)
+            sock = sess.sock
+            assert sock is not None  # exec_session returns a session with its attach socket connected
             if sizes is not None:
                 tasks.append(asyncio.create_task(self._resize_loop(sess, sizes)))
-            out_task = asyncio.create_task(_pump_output(sess.sock, stdout, stderr, tty))
+            out_task = asyncio.create_task(_pump_output(sock, stdout, stderr, tty))
             tasks.append(out_task)
             if stdin is not None:
-                tasks.append(asyncio.create_task(_pump_input(sess.sock, stdin)))
+                tasks.append(asyncio.create_task(_pump_input(sock, stdin)))
             exit_task = asyncio.create_task(sess.wait())
             tasks.append(exit_task)
             await asyncio.wait({out_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
-            if out_task.done() and out_task.exception() is not None:
-                raise out_task.exception()
+            if out_task.done() and (exc := out_task.exception()) is not None:
+                raise exc
             code = await exit_task
             # conmon closes the attach socket before reporting; what it sent is already buffered.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(out_task), OUTPUT_DRAIN_GRACE)
-            if out_task.done() and not out_task.cancelled() and out_task.exception() is not None:
-                raise out_task.exception()
+            if out_task.done() and not out_task.cancelled() and (exc := out_task.exception()) is not None:
+                raise exc
             return code
         finally:
             await _cancel(feeder, *tasks)
@@ -187,7 +192,7 @@ class RuntimeStreamingBackend:
             sock.close()
 
     @staticmethod
-    async def _attach_resize(oci, cid: str, resize: AsyncIterator[tuple[int, int]]) -> None:
+    async def _attach_resize(oci: OCIRuntime, cid: str, resize: AsyncIterator[tuple[int, int]]) -> None:
         async for width, height in resize:
             try:
                 await oci.resize(cid, height, width)
@@ -210,9 +215,8 @@ class RuntimeStreamingBackend:
         return await asyncio.open_connection(sock=sock, limit=256 * 1024)
 
 
-def build_streaming(cfg, runtime) -> StreamingServer:
+def build_streaming(s: StreamingConfig, runtime: Runtime) -> StreamingServer:
     """The daemon's streaming server component (``start``/``stop``) over ``runtime``."""
-    s = cfg.streaming
     return StreamingServer(
         RuntimeStreamingBackend(runtime), s.address, s.port, tls_cert=s.tls_cert or None,
         tls_key=s.tls_key or None, token_ttl=s.token_ttl,

@@ -22,18 +22,23 @@ import threading
 from collections.abc import Sequence
 
 from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Tracer
 
-_provider = None
+from moorage.cri import logs
+
+_provider: TracerProvider | None = None
 
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def span_dict(span) -> dict:
+def span_dict(span: ReadableSpan) -> dict:
     """A finished SDK span as a plain dict (ids in lowercase hex)."""
     ctx = span.get_span_context()
+    assert ctx is not None  # only spans the SDK made reach here, and those always have one
     return {
         "name": span.name,
         "trace_id": format(ctx.trace_id, "032x"),
@@ -48,16 +53,14 @@ def span_dict(span) -> dict:
     }
 
 
-class JSONLinesFileExporter:
+class JSONLinesFileExporter(SpanExporter):
     """A SpanExporter that appends one JSON object per span to a file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
 
-    def export(self, spans: Sequence) -> object:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(json.dumps(span_dict(s), default=str) + "\n" for s in spans)
         with self._lock, open(self.path, "a") as f:
             f.write(lines)
@@ -71,7 +74,7 @@ class JSONLinesFileExporter:
 
 
 def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, service_name: str = "moorage",
-          exporter=None) -> Tracer:
+          exporter: SpanExporter | None = None) -> Tracer:
     """Install a tracer provider; ``exporter`` overrides OTLP (tests pass an in-memory one)."""
     global _provider
     env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -79,7 +82,6 @@ def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, servic
     if _env_true("OTEL_SDK_DISABLED") or not (enabled or env_endpoint or exporter is not None):
         return trace.NoOpTracer()
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
@@ -107,8 +109,6 @@ def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, servic
         provider.add_span_processor(SimpleSpanProcessor(JSONLinesFileExporter(trace_file)))
     _provider = provider
     trace.set_tracer_provider(provider)
-    from moorage.cri import logs
-
     logs.TRACE_IDS = True
     return provider.get_tracer("moorage")
 

@@ -205,6 +205,6 @@ class PortForwardClient:
     async def __aenter__(self) -> PortForwardClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
             await self.close()

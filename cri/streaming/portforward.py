@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from .backend import InputStream, StreamingBackend, Writer
 
@@ -56,23 +57,26 @@ def request_id(headers: dict[str, str], stream_id: int) -> str:
     return str(stream_id if headers.get(STREAM_TYPE) == ERROR else stream_id - 2)
 
 
+S = TypeVar("S")
+
+
 @dataclass
-class _Pair:
-    error: object | None = None
-    data: object | None = None
+class StreamPair(Generic[S]):
+    error: S | None = None
+    data: S | None = None
     port: int = 0
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
-class StreamPairs:
-    """Collects (error, data) stream pairs by request id; transport-agnostic."""
+class StreamPairs(Generic[S]):
+    """Collects (error, data) stream pairs by request id; transport-agnostic (``S`` is the stream type)."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, _Pair] = {}
+        self.pending: dict[str, StreamPair[S]] = {}
 
-    def add(self, rid: str, stream_type: str, port: int, stream: object) -> tuple[_Pair, bool]:
+    def add(self, rid: str, stream_type: str, port: int, stream: S) -> tuple[StreamPair[S], bool]:
         """Returns (pair, complete).  Raises PortForwardError on a duplicate stream type."""
-        pair = self.pending.setdefault(rid, _Pair(port=port))
+        pair: StreamPair[S] = self.pending.setdefault(rid, StreamPair(port=port))
         if getattr(pair, stream_type) is not None:
             raise PortForwardError(f"{stream_type} stream already assigned for request {rid}")
         setattr(pair, stream_type, stream)

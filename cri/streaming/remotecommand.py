@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from moorage.core.errors import MoorageError
 
@@ -203,7 +204,8 @@ class CommandIO:
 
 
 BackendCall = Callable[
-    [InputStream | None, Writer | None, Writer | None, AsyncIterator[tuple[int, int]] | None], Awaitable[int | None]
+    [InputStream | None, Writer | None, Writer | None, AsyncIterator[tuple[int, int]] | None],
+    Coroutine[Any, Any, int | None],
 ]
 
 

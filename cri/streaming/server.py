@@ -16,14 +16,16 @@ import secrets
 import ssl
 import time
 import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from moorage.core.errors import InvalidArgument, ResourceExhausted
 
 from . import portforward as pf
 from . import remotecommand as rc
 from . import spdy, wsframe
-from .backend import StreamingBackend
+from .backend import InputStream, StreamingBackend, Writer
 from .spdyio import SpdySession, SpdyStream
 from .wsio import WebSocketChannels
 
@@ -62,7 +64,7 @@ _KIND = {ExecRequest: "exec", AttachRequest: "attach", PortForwardRequest: "port
 class TokenCache:
     """Single-use tokens that expire; bounded so a flood of URLs cannot grow it forever."""
 
-    def __init__(self, ttl: float = 60.0, max_size: int = 1000, clock=time.monotonic) -> None:
+    def __init__(self, ttl: float = 60.0, max_size: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl, self.max_size, self._clock = ttl, max_size, clock
         self._entries: dict[str, tuple[float, StreamRequest]] = {}
 
@@ -158,6 +160,8 @@ class StreamingServer:
         self.tokens = TokenCache(token_ttl)
         self._ssl: ssl.SSLContext | None = None
         if tls_cert or tls_key:
+            if not tls_cert:
+                raise InvalidArgument("the streaming server's TLS needs a certificate as well as a key")
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(tls_cert, tls_key)
         self._base_url = base_url
@@ -186,7 +190,7 @@ class StreamingServer:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     @property
@@ -266,7 +270,8 @@ class StreamingServer:
         except BadRequest as e:
             await _respond(writer, e.status, e.message, e.headers)
 
-    async def _spdy(self, req: HttpRequest, request: StreamRequest, reader, writer) -> None:
+    async def _spdy(self, req: HttpRequest, request: StreamRequest, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
         supported = [pf.PROTOCOL] if isinstance(request, PortForwardRequest) else rc.SPDY_PROTOCOLS
         offered = rc.split_header_values(req.headers.get("x-stream-protocol-version", []))
         proto = rc.negotiate(offered, supported)
@@ -345,21 +350,29 @@ class StreamingServer:
 
     async def _run_command(self, io: rc.CommandIO, request: ExecRequest | AttachRequest) -> None:
         if isinstance(request, ExecRequest):
-            async def call(stdin, stdout, stderr, resize):
-                return await self.backend.exec(request.container_id, list(request.cmd), request.tty, stdin, stdout, stderr, resize)
-            await rc.run_command(io, call)
+            exec_request = request
+
+            async def run_exec(stdin: InputStream | None, stdout: Writer | None, stderr: Writer | None,
+                               resize: AsyncIterator[tuple[int, int]] | None) -> int | None:
+                return await self.backend.exec(exec_request.container_id, list(exec_request.cmd), exec_request.tty,
+                                               stdin, stdout, stderr, resize)
+            await rc.run_command(io, run_exec)
         else:
-            async def call(stdin, stdout, stderr, resize):
-                await self.backend.attach(request.container_id, request.tty, stdin, stdout, stderr, resize)
+            attach_request = request
+
+            async def run_attach(stdin: InputStream | None, stdout: Writer | None, stderr: Writer | None,
+                                 resize: AsyncIterator[tuple[int, int]] | None) -> int | None:
+                await self.backend.attach(attach_request.container_id, attach_request.tty, stdin, stdout, stderr,
+                                          resize)
                 return 0
-            await rc.run_command(io, call, "error attaching to container")
+            await rc.run_command(io, run_attach, "error attaching to container")
 
     async def _spdy_portforward(self, session: SpdySession, request: PortForwardRequest) -> None:
-        pairs = pf.StreamPairs()
+        pairs: pf.StreamPairs[SpdyStream] = pf.StreamPairs()
         tasks: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
 
-        def start(coro) -> None:
+        def start(coro: Coroutine[Any, Any, None]) -> None:
             task = asyncio.create_task(coro)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -401,6 +414,7 @@ class StreamingServer:
                     log.info("%s", e)
                     continue
                 if complete:
+                    assert pair.data is not None and pair.error is not None
                     if pair.data.was_reset or pair.error.was_reset:  # one of them went away while pending
                         pair.data.reset()
                         pair.error.reset()
@@ -417,8 +431,9 @@ class StreamingServer:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _spdy_forward_pair(self, sandbox_id: str, pair) -> None:
+    async def _spdy_forward_pair(self, sandbox_id: str, pair: pf.StreamPair[SpdyStream]) -> None:
         data, error = pair.data, pair.error
+        assert data is not None and error is not None  # only complete pairs are forwarded
         try:
             await pf.forward(self.backend, sandbox_id, pair.port, data.incoming, data.write, _aclose(data))
         except Exception as e:  # noqa: BLE001 - reported to the client (if it is still there)
@@ -428,7 +443,8 @@ class StreamingServer:
             data.close()
             error.close()
 
-    async def _websocket(self, req: HttpRequest, request: StreamRequest, reader, writer) -> None:
+    async def _websocket(self, req: HttpRequest, request: StreamRequest, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
         if req.header("sec-websocket-version") != "13" or not req.header("sec-websocket-key"):
             raise BadRequest(400, "unsupported websocket version (13 required) or missing key")
         is_pf = isinstance(request, PortForwardRequest)
@@ -441,7 +457,8 @@ class StreamingServer:
                 f"requested protocol(s) are not supported: {offered}; supports {supported}",
                 [(rc.HEADER_ACCEPTED_VERSIONS, p) for p in supported],
             )
-        if is_pf:
+        ports: list[int] = []
+        if isinstance(request, PortForwardRequest):
             try:
                 ports = pf.parse_ports_query(req.query.get("port", [])) if "port" in req.query else list(request.ports)
             except pf.PortForwardError as e:
@@ -456,7 +473,7 @@ class StreamingServer:
         chans = WebSocketChannels(reader, writer, codec, readable)
         chans.start()
         try:
-            if is_pf:
+            if isinstance(request, PortForwardRequest):
                 await self._ws_portforward(chans, request.sandbox_id, ports)
             else:
                 await self._ws_command(chans, request)
@@ -467,7 +484,7 @@ class StreamingServer:
         # An empty message on the lowest writable channel tells the client the session is up.
         await chans.send(1 if request.stdout else 2 if request.stderr else 3, b"")
 
-        def writer(ch: int):
+        def writer(ch: int) -> Writer:
             return lambda data: chans.send(ch, data)
 
         async def write_status(data: bytes) -> None:
@@ -506,7 +523,8 @@ class StreamingServer:
         work = asyncio.gather(*(one(i, p) for i, p in enumerate(ports)), return_exceptions=True)
         gone = asyncio.create_task(chans.disconnected.wait())
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {work, gone}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             work.cancel()
@@ -514,7 +532,7 @@ class StreamingServer:
                 await work
 
 
-def _aclose(stream: SpdyStream):
+def _aclose(stream: SpdyStream) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
         stream.close()
 

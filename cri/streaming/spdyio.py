@@ -154,6 +154,7 @@ class SpdySession:
         stream = self.streams[sid] = SpdyStream(self, sid, headers, local=True)
         self.flush()
         await self.drain()
+        assert stream.replied is not None  # a stream we open waits for the peer's reply
         await stream.replied
         return stream
 
@@ -199,12 +200,13 @@ class SpdySession:
             self._mark_closed()
 
     async def _dispatch(self, ev: spdy.Event) -> None:
+        stream: SpdyStream | None
         if isinstance(ev, spdy.StreamOpened):
-            stream = self.streams[ev.stream_id] = SpdyStream(self, ev.stream_id, ev.headers)
+            opened = self.streams[ev.stream_id] = SpdyStream(self, ev.stream_id, ev.headers)
             if ev.fin:
-                stream.ended = True
-                stream.incoming.feed_eof()
-            self._accept.put_nowait(stream)
+                opened.ended = True
+                opened.incoming.feed_eof()
+            self._accept.put_nowait(opened)
         elif isinstance(ev, spdy.DataReceived):
             stream = self.streams.get(ev.stream_id)
             if stream is None:

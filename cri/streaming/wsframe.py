@@ -212,7 +212,7 @@ class WebSocketConnection:
             payload = apply_mask(payload, mask)
         return bool(b0 & 0x80), b0 & 0x0F, payload
 
-    def _on_frame(self, fin: bool, opcode: int, payload: bytes):
+    def _on_frame(self, fin: bool, opcode: int, payload: bytes) -> MessageReceived | CloseReceived | PongReceived | None:
         if opcode >= 0x8:
             if not fin or len(payload) > 125:
                 raise WebSocketError("control frames must be whole and at most 125 bytes")
