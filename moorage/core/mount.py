@@ -145,7 +145,7 @@ def _mount_in_dir(chdir: str, source: str, target: str, fstype: str, flags: int,
                 raise OSError(e, f"unshare(CLONE_FS): {os.strerror(e)}")
             os.chdir(chdir)
             _sys_mount(source, target, fstype, flags, data)
-        except BaseException as e:  # reported to the caller
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread, which re-raises it
             result["error"] = e
 
     t = threading.Thread(target=run, name="moorage-mount", daemon=True)
@@ -206,7 +206,7 @@ def _umount(target: str, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def _umount_once(target: str, detach: bool, sleep=time.sleep) -> bool:
+def _umount_once(target: str, detach: bool) -> bool:
     """One unmount of the top mount at ``target``; False when nothing is mounted there.
 
     EBUSY is retried ``UNMOUNT_BUSY_TRIES`` times, ``UNMOUNT_BUSY_DELAY`` apart;
@@ -223,7 +223,7 @@ def _umount_once(target: str, detach: bool, sleep=time.sleep) -> bool:
             if e.errno != errno.EBUSY:
                 raise Internal(f"unmount {target} failed: {e.strerror}") from None
             if attempt + 1 < UNMOUNT_BUSY_TRIES:
-                sleep(UNMOUNT_BUSY_DELAY)
+                time.sleep(UNMOUNT_BUSY_DELAY)
     log.warning("unmount %s: still busy after %d tries %.0f ms apart; detaching it lazily",
                 target, UNMOUNT_BUSY_TRIES, UNMOUNT_BUSY_DELAY * 1000)
     try:
