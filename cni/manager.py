@@ -366,7 +366,7 @@ class CNIManager:
                 await self.exec.run(plugins[i]["type"], "DEL", conf, rt)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # keep going: every plugin gets its DEL
+            except Exception as exc:  # noqa: BLE001 -- keep going: every plugin gets its DEL
                 errors.append(str(exc))
         return errors
 

@@ -44,7 +44,11 @@ CODE_LIMITED = 51
 
 
 class PluginError(Internal):
-    """A plugin failed; ``code``/``msg``/``details`` come from its error document."""
+    """A plugin failed; ``cni_code``/``msg``/``details`` come from its error document.
+
+    The CNI error code is not ``code``: that one is the status name every
+    MoorageError carries for the gRPC mapping (here INTERNAL).
+    """
 
     def __init__(self, plugin: str, command: str, code: int | None, msg: str, details: str = "") -> None:
         what = ERROR_CODES.get(code or -1)
@@ -57,7 +61,7 @@ class PluginError(Internal):
         super().__init__(text)
         self.plugin = plugin
         self.command = command
-        self.code = code
+        self.cni_code = code
         self.msg = msg
         self.details = details
 
@@ -193,7 +197,8 @@ class PluginExec:
             self._kill(proc)
             try:
                 await asyncio.shield(proc.wait())
-            except BaseException:
+            # the exception being handled is re-raised below; a second cancel while reaping must not replace it
+            except BaseException:  # noqa: BLE001
                 pass
             raise
         return self._interpret(plugin_type, command, proc.returncode or 0, out, err)

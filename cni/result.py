@@ -96,7 +96,8 @@ def _cidr(v: Any, what: str, where: str) -> str:
 
 def _legacy_to_current(obj: dict[str, Any]) -> dict[str, Any]:
     """Map a 0.1.0/0.2.0 result (``ip4``/``ip6`` blocks) to the 0.3+ shape."""
-    ips, routes = [], []
+    ips: list[dict[str, Any]] = []
+    routes: list[Any] = []  # the plugin's route objects, checked later with the 0.3+ ones
     for key in ("ip4", "ip6"):
         blk = obj.get(key)
         if isinstance(blk, dict):

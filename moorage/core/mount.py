@@ -145,7 +145,7 @@ def _mount_in_dir(chdir: str, source: str, target: str, fstype: str, flags: int,
                 raise OSError(e, f"unshare(CLONE_FS): {os.strerror(e)}")
             os.chdir(chdir)
             _sys_mount(source, target, fstype, flags, data)
-        except BaseException as e:  # reported to the caller
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller's thread, which re-raises it
             result["error"] = e
 
     t = threading.Thread(target=run, name="moorage-mount", daemon=True)

@@ -91,7 +91,7 @@ def _in_thread(fn: Callable[[], T], name: str) -> T:
     def target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread, which re-raises it
             box["error"] = exc
 
     t = threading.Thread(target=target, name=name, daemon=True)
@@ -248,6 +248,11 @@ class InterfaceStats:
     tx_dropped: int
 
 
+def _counter(stats: Any, key: str) -> int:
+    """One counter of a pyroute2 IFLA_STATS(64) attribute (untyped); absent counts as 0."""
+    return int(stats.get(key, 0) or 0)
+
+
 def _read_stats() -> dict[str, InterfaceStats]:
     from pyroute2 import IPRoute
 
@@ -258,17 +263,16 @@ def _read_stats() -> dict[str, InterfaceStats]:
             st = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
             if st is None:
                 continue
-            g = lambda k: int(st.get(k, 0) or 0)  # noqa: E731
             out[name] = InterfaceStats(
                 name=name,
-                rx_bytes=g("rx_bytes"),
-                rx_packets=g("rx_packets"),
-                rx_errors=g("rx_errors"),
-                rx_dropped=g("rx_dropped"),
-                tx_bytes=g("tx_bytes"),
-                tx_packets=g("tx_packets"),
-                tx_errors=g("tx_errors"),
-                tx_dropped=g("tx_dropped"),
+                rx_bytes=_counter(st, "rx_bytes"),
+                rx_packets=_counter(st, "rx_packets"),
+                rx_errors=_counter(st, "rx_errors"),
+                rx_dropped=_counter(st, "rx_dropped"),
+                tx_bytes=_counter(st, "tx_bytes"),
+                tx_packets=_counter(st, "tx_packets"),
+                tx_errors=_counter(st, "tx_errors"),
+                tx_dropped=_counter(st, "tx_dropped"),
             )
     return out
 

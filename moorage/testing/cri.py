@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from moorage.cri.api import api_pb2 as pb
+from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.testing.daemon import DaemonProcess
+
+T = TypeVar("T")
 
 
-def pod_config(name: str = "", namespace: str = "default", log_dir: str = "", **kw) -> pb.PodSandboxConfig:
+def runtime_client(d: DaemonProcess) -> pbg.RuntimeServiceStub:
+    """The daemon's RuntimeService stub; the daemon must have been started."""
+    if d.runtime is None:
+        raise RuntimeError(f"daemon in {d.base} was never started")
+    return d.runtime
+
+
+def image_client(d: DaemonProcess) -> pbg.ImageServiceStub:
+    """The daemon's ImageService stub; the daemon must have been started."""
+    if d.images is None:
+        raise RuntimeError(f"daemon in {d.base} was never started")
+    return d.images
+
+
+def pod_config(name: str = "", namespace: str = "default", log_dir: str = "", **kw: Any) -> pb.PodSandboxConfig:
     name = name or f"pod-{uuid.uuid4().hex[:8]}"
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name=name, namespace=namespace, uid=uuid.uuid4().hex, attempt=0),
@@ -16,13 +36,14 @@ def pod_config(name: str = "", namespace: str = "default", log_dir: str = "", **
 
 
 def container_config(image: str, command: list[str] | None = None, name: str = "", log_path: str = "",
-                     **kw) -> pb.ContainerConfig:
+                     **kw: Any) -> pb.ContainerConfig:
     return pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name or f"c-{uuid.uuid4().hex[:6]}"),
         image=pb.ImageSpec(image=image), command=command or [], log_path=log_path, **kw)
 
 
-def wait_for(fn, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+def wait_for(fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
+    """Poll ``fn`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
     while True:
         v = fn()
@@ -33,19 +54,23 @@ def wait_for(fn, timeout: float = 30.0, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
-def run_container(rt, sandbox_id: str, sandbox_cfg: pb.PodSandboxConfig, cfg: pb.ContainerConfig,
+def run_container(rt: pbg.RuntimeServiceStub, sandbox_id: str, sandbox_cfg: pb.PodSandboxConfig, cfg: pb.ContainerConfig,
                   start: bool = True) -> str:
-    cid = rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=cfg,
-                                                       sandbox_config=sandbox_cfg)).container_id
+    cid: str = rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=cfg,
+                                                            sandbox_config=sandbox_cfg)).container_id
     if start:
         rt.StartContainer(pb.StartContainerRequest(container_id=cid))
     return cid
 
 
-def status(rt, cid: str) -> pb.ContainerStatus:
-    return rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+def status(rt: pbg.RuntimeServiceStub, cid: str) -> pb.ContainerStatus:
+    st: pb.ContainerStatus = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+    return st
 
 
-def wait_exited(rt, cid: str, timeout: float = 30.0) -> pb.ContainerStatus:
-    return wait_for(lambda: (s := status(rt, cid)).state == pb.CONTAINER_EXITED and s, timeout,
-                    what=f"container {cid[:12]} to exit")
+def wait_exited(rt: pbg.RuntimeServiceStub, cid: str, timeout: float = 30.0) -> pb.ContainerStatus:
+    def exited() -> pb.ContainerStatus | None:
+        s = status(rt, cid)
+        return s if s.state == pb.CONTAINER_EXITED else None
+
+    return wait_for(exited, timeout, what=f"container {cid[:12]} to exit")

@@ -5,29 +5,40 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import httpx
 
 from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import image_client
+from moorage.testing.daemon import DaemonProcess
 from moorage.testing.registry import FakeHTTPServer, FakeRequest, FakeResponse
 
+#: ``hook(request, count)`` of a RegistryProxy: a response (or a coroutine giving one) to inject, None to forward.
+ProxyHook = Callable[[FakeRequest, int], FakeResponse | Coroutine[Any, Any, FakeResponse | None] | None]
 
-def pull(d, ref: str, auth: pb.AuthConfig | None = None, timeout: float = 120) -> str:
+
+def pull(d: DaemonProcess, ref: str, auth: pb.AuthConfig | None = None, timeout: float = 120) -> str:
     req = pb.PullImageRequest(image=pb.ImageSpec(image=ref))
     if auth is not None:
         req.auth.CopyFrom(auth)
-    return d.images.PullImage(req, timeout=timeout).image_ref
+    r: pb.PullImageResponse = image_client(d).PullImage(req, timeout=timeout)
+    return r.image_ref
 
 
-def status(d, ref: str, verbose: bool = False) -> pb.ImageStatusResponse:
-    return d.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref), verbose=verbose), timeout=30)
+def status(d: DaemonProcess, ref: str, verbose: bool = False) -> pb.ImageStatusResponse:
+    r: pb.ImageStatusResponse = image_client(d).ImageStatus(
+        pb.ImageStatusRequest(image=pb.ImageSpec(image=ref), verbose=verbose), timeout=30)
+    return r
 
 
-def list_images(d, ref: str = "") -> list[pb.Image]:
+def list_images(d: DaemonProcess, ref: str = "") -> list[pb.Image]:
     req = pb.ListImagesRequest()
     if ref:
         req.filter.image.image = ref
-    return list(d.images.ListImages(req, timeout=30).images)
+    r: pb.ListImagesResponse = image_client(d).ListImages(req, timeout=30)
+    return list(r.images)
 
 
 def files_under(path: str) -> list[str]:
@@ -38,11 +49,11 @@ def files_under(path: str) -> list[str]:
     return sorted(out)
 
 
-def content_files(d) -> list[str]:
+def content_files(d: DaemonProcess) -> list[str]:
     return files_under(os.path.join(d.root, "images", "content"))
 
 
-def snapshot_entries(d) -> list[str]:
+def snapshot_entries(d: DaemonProcess) -> list[str]:
     snaps = os.path.join(d.root, "images", "snapshotter", "snapshots")
     return sorted(os.listdir(snaps)) if os.path.isdir(snaps) else []
 
@@ -55,7 +66,7 @@ class RegistryProxy:
     forwarded.  ``.requests`` records every request.
     """
 
-    def __init__(self, upstream: str, hook=None) -> None:
+    def __init__(self, upstream: str, hook: ProxyHook | None = None) -> None:
         self.upstream = upstream
         self.hook = hook
         self.counts: dict[tuple[str, str], int] = {}
@@ -67,6 +78,7 @@ class RegistryProxy:
 
     @property
     def host(self) -> str:
+        assert self.srv is not None, "the proxy is not running (use it as a context manager)"
         return self.srv.host
 
     def blob_gets(self) -> dict[str, int]:
@@ -106,7 +118,9 @@ class RegistryProxy:
         assert self._ready.wait(30), "proxy did not start"
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        # both are set before __enter__ saw the server ready
+        assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 

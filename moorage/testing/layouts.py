@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 
-def tar_layout(layout_dir: str, out: str, mutate=None) -> str:
+def tar_layout(layout_dir: str, out: str, mutate: Callable[[str, bytes], bytes] | None = None) -> str:
+    """Write ``layout_dir`` as a tar to ``out``; ``mutate(name, data)`` may rewrite each member's bytes."""
     with tarfile.open(out, "w") as tf:
         for dirpath, _, files in os.walk(layout_dir):
             for f in sorted(files):

@@ -14,7 +14,7 @@ def sh(*args: str, check: bool = True) -> str:
 
 def iptables_state() -> set[str]:
     """Rules and user chains of every table (counters and comments stripped)."""
-    out = set()
+    out: set[str] = set()
     table = ""
     for line in sh("iptables-save").splitlines():
         if line.startswith("*"):
@@ -50,7 +50,7 @@ def remove_portmap_scaffolding_if_ours(before: set[str]) -> None:
 
 def remove_rules_of_network(network: str) -> None:
     """Safety net for a failed test: delete nat rules naming ``network`` and the per-pod chains they jump to."""
-    chains = set()
+    chains: set[str] = set()
     for line in sorted(iptables_state()):
         table, _, rule = line.partition(" ")
         if table == "nat" and rule.startswith("-A ") and f'name: \\"{network}\\"' in rule:
@@ -70,5 +70,5 @@ def free_subnet(second_octet: int) -> ipaddress.IPv4Network:
     for _ in range(200):
         third = random.randint(1, 254)
         if f"10.{second_octet}.{third}." not in used:
-            return ipaddress.ip_network(f"10.{second_octet}.{third}.0/24")
+            return ipaddress.IPv4Network(f"10.{second_octet}.{third}.0/24")
     raise RuntimeError(f"no free 10.{second_octet}.x.0/24 subnet")

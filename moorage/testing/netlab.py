@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the end-to-end pod network tests .
+"""Shared fixtures and helpers for the end-to-end pod network tests.
 
 Every network test runs a real daemon whose CNI conf dir holds a conflist for
 a bridge and subnet the test owns:
@@ -29,12 +29,15 @@ import stat
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from moorage.cri.api import api_pb2 as pb
-from moorage.testing.cri import container_config, run_container
+from moorage.testing.cri import container_config, image_client, run_container, runtime_client
+from moorage.testing.daemon import DaemonProcess
 from moorage.testing.net import free_subnet as _free_subnet
 from moorage.testing.net import (
     iptables_state,
@@ -55,7 +58,7 @@ NEEDS = pytest.mark.skipif(
 )
 
 
-def free_subnet():
+def free_subnet() -> ipaddress.IPv4Network:
     return _free_subnet(223)
 
 
@@ -64,7 +67,7 @@ def rules_of_network(network: str) -> set[str]:
 
 
 def link_exists(name: str) -> bool:
-    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True, check=False).returncode == 0
 
 
 def links_on_bridge(bridge: str) -> list[str]:
@@ -96,6 +99,8 @@ def fake_passthrough_body(on_add: str = "") -> str:
 
 
 class NetLab:
+    """One test's bridge, subnet, conflist and fake plugins, and the daemons that use them."""
+
     def __init__(self, root: str) -> None:
         tag = uuid.uuid4().hex[:6]
         self.tag = tag
@@ -107,7 +112,7 @@ class NetLab:
         self.data_dir = os.path.join(root, "ipam")
         self.bin_dir = os.path.join(root, "bin")  # fake plugins
         self.iptables_before: set[str] = set()
-        self.daemons: list = []
+        self.daemons: list[DaemonProcess] = []
         self.fake_pids: list[int] = []
 
     # --- the network ----------------------------------------------------------------
@@ -117,9 +122,9 @@ class NetLab:
         sh("ip", "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
         sh("ip", "link", "set", self.bridge, "up")
 
-    def conflist(self, extra_plugins: list[dict] | None = None, *, portmap: bool = True,
-                 bandwidth: bool = True, bridge_type: str = "bridge") -> dict:
-        plugins: list[dict] = [{
+    def conflist(self, extra_plugins: list[dict[str, Any]] | None = None, *, portmap: bool = True,
+                 bandwidth: bool = True, bridge_type: str = "bridge") -> dict[str, Any]:
+        plugins: list[dict[str, Any]] = [{
             "type": bridge_type, "bridge": self.bridge, "isGateway": False, "ipMasq": False,
             "ipam": {"type": "host-local", "dataDir": self.data_dir,
                      "ranges": [[{"subnet": str(self.subnet), "gateway": self.gateway}]]},
@@ -131,7 +136,7 @@ class NetLab:
             plugins.append({"type": "bandwidth", "capabilities": {"bandwidth": True}})
         return {"cniVersion": "1.0.0", "name": self.network, "plugins": plugins}
 
-    def write_conf(self, d, conf: dict | str | None = None, name: str = "10-test.conflist") -> str:
+    def write_conf(self, d: DaemonProcess, conf: dict[str, Any] | str | None = None, name: str = "10-test.conflist") -> str:
         conf = self.conflist() if conf is None else conf
         path = os.path.join(d.cni_conf_dir, name)
         os.makedirs(d.cni_conf_dir, exist_ok=True)
@@ -154,7 +159,8 @@ class NetLab:
 
     # --- daemons ------------------------------------------------------------------
 
-    def daemon(self, factory, cni: str = "", conf: dict | str | None = None, start: bool = True):
+    def daemon(self, factory: Callable[..., DaemonProcess], cni: str = "", conf: dict[str, Any] | str | None = None,
+               start: bool = True) -> DaemonProcess:
         """A daemon with ``cni`` (TOML lines) added to its [cni] table and our conflist written."""
         d = factory(start=False)
         d.write_config()
@@ -172,7 +178,7 @@ class NetLab:
         return d
 
     @staticmethod
-    def cache_entries(d) -> list[dict]:
+    def cache_entries(d: DaemonProcess) -> list[dict[str, Any]]:
         results = os.path.join(d.state, "cni", "results")
         out = []
         for n in sorted(os.listdir(results)) if os.path.isdir(results) else []:
@@ -183,11 +189,11 @@ class NetLab:
         return out
 
     @staticmethod
-    def netns_pins(d) -> list[str]:
+    def netns_pins(d: DaemonProcess) -> list[str]:
         p = os.path.join(d.state, "netns")
         return sorted(os.listdir(p)) if os.path.isdir(p) else []
 
-    def host_veth(self, d, sandbox_id: str) -> str:
+    def host_veth(self, d: DaemonProcess, sandbox_id: str) -> str:
         for e in self.cache_entries(d):
             if e["containerId"] == sandbox_id and e.get("result"):
                 for i in e["result"].get("interfaces", []):
@@ -216,7 +222,7 @@ class NetLab:
 
 
 @pytest.fixture
-def netlab():
+def netlab() -> Iterator[NetLab]:
     os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
     root = tempfile.mkdtemp(prefix="mrgn-")
     lab = NetLab(root)
@@ -235,38 +241,43 @@ def netlab():
             lock.close()
 
 
-def run_pod(d, cfg: pb.PodSandboxConfig, timeout: float = 120) -> str:
-    return d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=timeout).pod_sandbox_id
+def run_pod(d: DaemonProcess, cfg: pb.PodSandboxConfig, timeout: float = 120) -> str:
+    r: pb.RunPodSandboxResponse = runtime_client(d).RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=timeout)
+    return r.pod_sandbox_id
 
 
-def pod_status(d, sid: str) -> pb.PodSandboxStatus:
-    return d.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid)).status
+def pod_status(d: DaemonProcess, sid: str) -> pb.PodSandboxStatus:
+    r: pb.PodSandboxStatusResponse = runtime_client(d).PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid))
+    return r.status
 
 
-def network_condition(d) -> pb.RuntimeCondition:
-    st = d.runtime.Status(pb.StatusRequest())
+def network_condition(d: DaemonProcess) -> pb.RuntimeCondition:
+    st: pb.StatusResponse = runtime_client(d).Status(pb.StatusRequest())
     return {c.type: c for c in st.status.conditions}["NetworkReady"]
 
 
-def pull(d, ref: str) -> None:
-    d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=120)
+def pull(d: DaemonProcess, ref: str) -> None:
+    image_client(d).PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=120)
 
 
-def start_busybox(d, sid: str, sandbox_cfg: pb.PodSandboxConfig, image: str, script: str) -> str:
-    return run_container(d.runtime, sid, sandbox_cfg, container_config(image, ["sh", "-c", script]))
+def start_busybox(d: DaemonProcess, sid: str, sandbox_cfg: pb.PodSandboxConfig, image: str, script: str) -> str:
+    return run_container(runtime_client(d), sid, sandbox_cfg, container_config(image, ["sh", "-c", script]))
 
 
-def exec_sync(d, cid: str, cmd: list[str], timeout: int = 30) -> tuple[int, str, str]:
-    r = d.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout), timeout=timeout + 30)
+def exec_sync(d: DaemonProcess, cid: str, cmd: list[str], timeout: int = 30) -> tuple[int, str, str]:
+    r: pb.ExecSyncResponse = runtime_client(d).ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout),
+                                                          timeout=timeout + 30)
     return r.exit_code, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
 
 
-def stop_and_remove(d, sid: str) -> None:
-    d.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
-    d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+def stop_and_remove(d: DaemonProcess, sid: str) -> None:
+    rt = runtime_client(d)
+    rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+    rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
 
 
-def rpc_error(fn, *args, **kw) -> grpc.RpcError:
+def rpc_error(fn: Callable[..., object], *args: Any, **kw: Any) -> grpc.RpcError:
+    """The gRPC error ``fn(*args, **kw)`` must raise (the test fails if it returns)."""
     with pytest.raises(grpc.RpcError) as e:
         fn(*args, **kw)
     return e.value

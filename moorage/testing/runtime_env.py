@@ -9,14 +9,20 @@ cgroups that were not there before the test.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from moorage.cri.api import api_pb2 as pb
-from moorage.testing.cri import container_config, pod_config, wait_for
+from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.testing.cri import container_config, image_client, pod_config, runtime_client, wait_for
+from moorage.testing.daemon import DaemonProcess, new_base, teardown
+from moorage.testing.registry import TestRegistry
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -30,7 +36,7 @@ def cgroup_dirs(path: str) -> list[str]:
     path = path.lstrip("/")
     if cgroup_v2():
         return [os.path.join(CGROUP_ROOT, path)]
-    out = []
+    out: list[str] = []
     for name in sorted(os.listdir(CGROUP_ROOT)):
         d = os.path.join(CGROUP_ROOT, name)
         if os.path.isdir(d) and not os.path.islink(d):
@@ -40,7 +46,7 @@ def cgroup_dirs(path: str) -> list[str]:
 
 def remove_cgroup_tree(path: str) -> None:
     for d in cgroup_dirs(path):
-        for dirpath, dirnames, _ in sorted(os.walk(d, topdown=False), key=lambda t: -len(t[0])):
+        for dirpath, _, _ in sorted(os.walk(d, topdown=False), key=lambda t: -len(t[0])):
             try:
                 os.rmdir(dirpath)
             except OSError:
@@ -56,7 +62,7 @@ def memory_limit_file(cgroup_dir_of: dict[str, str]) -> str:
 
 def proc_cgroups(pid: int) -> dict[str, str]:
     """controller → path from /proc/<pid>/cgroup ("" for the v2 entry)."""
-    out = {}
+    out: dict[str, str] = {}
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, ctrls, path = line.rstrip("\n").split(":", 2)
@@ -66,53 +72,67 @@ def proc_cgroups(pid: int) -> dict[str, str]:
 
 
 class RuntimeEnv:
-    def __init__(self, daemon, registry) -> None:
+    """A started daemon whose configured ``default_cgroup_parent`` is ``cgroup_parent``, and its leak checks."""
+
+    def __init__(self, daemon: DaemonProcess, registry: TestRegistry, cgroup_parent: str) -> None:
+        if not cgroup_parent.strip("/"):
+            # the leak check lists the cgroups under it: the host's root would never be quiet
+            raise ValueError("RuntimeEnv needs a cgroup parent of the daemon's own")
         self.d = daemon
         self.reg = registry
-        self.rt = daemon.runtime
-        self.busybox = registry.images["busybox"].ref if registry else ""
+        self.cgroup_parent = cgroup_parent
+        self.rt: pbg.RuntimeServiceStub = runtime_client(daemon)
+        self.busybox = registry.images["busybox"].ref
         self.pods: list[str] = []
-        self._baseline: dict[str, set] = {}
+        self._baseline: dict[str, set[str]] = {}
 
     # -- images ------------------------------------------------------------------------------
 
     def pull(self, name: str) -> str:
         ref = self.reg.images[name].ref
-        self.d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=120)
+        image_client(self.d).PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=120)
         return ref
 
     # -- pods and containers -----------------------------------------------------------------
 
-    def run_pod(self, cfg: pb.PodSandboxConfig | None = None, handler: str = "", **kw) -> tuple[str, pb.PodSandboxConfig]:
+    def run_pod(self, cfg: pb.PodSandboxConfig | None = None, handler: str = "", **kw: Any) -> tuple[str, pb.PodSandboxConfig]:
         cfg = cfg or pod_config(name=f"p-{uuid.uuid4().hex[:8]}", **kw)
-        sid = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler),
+        sid: str = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler),
                                     timeout=120).pod_sandbox_id
         self.pods.append(sid)
         return sid, cfg
 
     def create(self, sid: str, pcfg: pb.PodSandboxConfig, command: list[str] | None = None,
-               image: str = "", **kw) -> str:
+               image: str = "", **kw: Any) -> str:
         cfg = container_config(image or self.busybox, command, **kw)
-        return self.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg,
-                                                                 sandbox_config=pcfg), timeout=120).container_id
+        r: pb.CreateContainerResponse = self.rt.CreateContainer(
+            pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg, sandbox_config=pcfg), timeout=120)
+        return r.container_id
 
     def start(self, cid: str) -> None:
         self.rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
 
-    def run(self, sid: str, pcfg: pb.PodSandboxConfig, command: list[str] | None = None, **kw) -> str:
+    def run(self, sid: str, pcfg: pb.PodSandboxConfig, command: list[str] | None = None, **kw: Any) -> str:
         cid = self.create(sid, pcfg, command, **kw)
         self.start(cid)
         return cid
 
     def status(self, cid: str, verbose: bool = False) -> pb.ContainerStatusResponse:
-        return self.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid, verbose=verbose), timeout=30)
+        r: pb.ContainerStatusResponse = self.rt.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=cid, verbose=verbose), timeout=30)
+        return r
 
     def wait_exited(self, cid: str, timeout: float = 60) -> pb.ContainerStatus:
-        return wait_for(lambda: (s := self.status(cid).status).state == pb.CONTAINER_EXITED and s, timeout,
-                        what=f"container {cid[:12]} to exit")
+        def exited() -> pb.ContainerStatus | None:
+            s = self.status(cid).status
+            return s if s.state == pb.CONTAINER_EXITED else None
+
+        return wait_for(exited, timeout, what=f"container {cid[:12]} to exit")
 
     def exec(self, cid: str, cmd: list[str], timeout: int = 30) -> pb.ExecSyncResponse:
-        return self.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout), timeout=timeout + 60)
+        r: pb.ExecSyncResponse = self.rt.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout),
+                                                  timeout=timeout + 60)
+        return r
 
     def sh(self, cid: str, script: str) -> str:
         r = self.exec(cid, ["sh", "-c", script])
@@ -123,9 +143,7 @@ class RuntimeEnv:
         wait_for(lambda: self.exec(cid, ["test", "-e", path]).exit_code == 0, what=f"{path} in {cid[:12]}")
 
     def pid(self, cid: str) -> int:
-        import json
-
-        return json.loads(self.status(cid, verbose=True).info["info"])["pid"]
+        return int(json.loads(self.status(cid, verbose=True).info["info"])["pid"])
 
     def log_dir(self) -> str:
         d = os.path.join(self.d.base, "logs", uuid.uuid4().hex[:8])
@@ -148,13 +166,13 @@ class RuntimeEnv:
                     pass
         self.pods.clear()
 
-    def snapshot(self) -> dict[str, set]:
+    def snapshot(self) -> dict[str, set[str]]:
         base = self.d.base
         with open("/proc/self/mountinfo") as f:
             mnts = {line.split()[4] for line in f if base in line.split()[4] or base in line}
         netns_dir = os.path.join(self.d.state, "netns")
         netns = set(os.listdir(netns_dir)) if os.path.isdir(netns_dir) else set()
-        procs = set()
+        procs: set[str] = set()
         me = os.getpid()
         daemon_pid = self.d.proc.pid if self.d.proc else -1
         for p in os.listdir("/proc"):
@@ -168,20 +186,16 @@ class RuntimeEnv:
                 continue
             if base in cmd or base in root:
                 procs.add(f"{p}:{cmd[:120]}:{root}")
-        cgroups = set()
+        cgroups: set[str] = set()
         for d in cgroup_dirs(self.cgroup_parent):
             if os.path.isdir(d):
                 cgroups |= {os.path.join(d, n) for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))}
         return {"mounts": mnts, "netns": netns, "processes": procs, "cgroups": cgroups}
 
-    @property
-    def cgroup_parent(self) -> str:
-        return self.d.cgroup_parent
-
     def begin(self) -> None:
         self._baseline = self.snapshot()
 
-    def leaks(self) -> dict[str, set]:
+    def leaks(self) -> dict[str, set[str]]:
         now = self.snapshot()
         return {k: v - self._baseline.get(k, set()) for k, v in now.items() if v - self._baseline.get(k, set())}
 
@@ -189,29 +203,35 @@ class RuntimeEnv:
         try:
             wait_for(lambda: not self.leaks(), timeout=30, interval=0.2, what="leftovers to go away")
         except AssertionError:
-            raise AssertionError(f"leftovers after the test: {self.leaks()}\n--- daemon log ---\n{self.d.log()[-4000:]}")
+            raise AssertionError(
+                f"leftovers after the test: {self.leaks()}\n--- daemon log ---\n{self.d.log()[-4000:]}") from None
 
 
-def make_daemon(factory, extra_config: str = "", base: str | None = None, start: bool = True):
-    """A daemon with a cgroup parent of its own (so cgroup leak checks see only its cgroups)."""
+def own_cgroup_parent() -> tuple[str, str]:
+    """A fresh cgroup parent and the daemon config lines that make it the default one."""
     parent = f"/moorage-test-{uuid.uuid4().hex[:10]}"
-    d = factory(extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n{extra_config}', start=start,
-                base=base)
-    d.cgroup_parent = parent
-    return d
+    return parent, f'[runtime]\ndefault_cgroup_parent = "{parent}"\n'
+
+
+def make_daemon(factory: Callable[..., DaemonProcess], extra_config: str = "", base: str | None = None,
+                start: bool = True) -> tuple[DaemonProcess, str]:
+    """A daemon with a cgroup parent of its own (so cgroup leak checks see only its cgroups), and that parent.
+
+    ``extra_config`` lines go into the daemon's [runtime] table.
+    """
+    parent, runtime_table = own_cgroup_parent()
+    d = factory(extra_config=runtime_table + extra_config, start=start, base=base)
+    return d, parent
 
 
 @pytest.fixture(scope="module")
-def module_env(registry):
+def module_env(registry: TestRegistry) -> Iterator[RuntimeEnv]:
     """One daemon per test module, busybox and nonroot pulled."""
-    from moorage.testing.daemon import DaemonProcess, new_base, teardown
-
-    parent = f"/moorage-test-{uuid.uuid4().hex[:10]}"
-    d = DaemonProcess(base=new_base(), extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n')
-    d.cgroup_parent = parent
+    parent, runtime_table = own_cgroup_parent()
+    d = DaemonProcess(base=new_base(), extra_config=runtime_table)
     try:
         d.start()
-        env = RuntimeEnv(d, registry)
+        env = RuntimeEnv(d, registry, parent)
         env.pull("busybox")
         env.pull("nonroot")
         yield env
@@ -221,7 +241,7 @@ def module_env(registry):
 
 
 @pytest.fixture
-def env(module_env):
+def env(module_env: RuntimeEnv) -> Iterator[RuntimeEnv]:
     """The module daemon; the test's pods are removed after it and leaks are checked."""
     module_env.begin()
     yield module_env

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 
@@ -17,11 +20,12 @@ total_pgmajfault 7
 """
 
 
-def fake_fs(files: dict[str, str]):
-    return lambda p: files.get(p)
+def fake_fs(files: dict[str, str]) -> Callable[[str], str | None]:
+    """A ``reader`` for the stats functions: a file's text, or None where ``files`` has none."""
+    return files.get
 
 
-def v1_files(base="/cg", limit="9223372036854771712\n"):
+def v1_files(base: str = "/cg", limit: str = "9223372036854771712\n") -> dict[str, str]:
     return {
         f"{base}/memory/c/memory.usage_in_bytes": f"{80 * MiB}\n",
         f"{base}/memory/c/memory.limit_in_bytes": limit,
@@ -42,9 +46,9 @@ class Ctr:
     state: str = "CONTAINER_RUNNING"
     pid: int = 0
     name: str = "c_pod_0"
-    metadata: dict = field(default_factory=lambda: {"name": "c", "attempt": 1})
-    labels: dict = field(default_factory=dict)
-    annotations: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=lambda: {"name": "c", "attempt": 1})
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
     snapshot_key: str = ""
     image_name: str = "busybox"
     image_ref: str = "sha256:x"
@@ -58,26 +62,29 @@ class Sb:
     name: str = "pod_ns_uid_0"
     cgroup_parent: str = "/kubepods/podA"
     netns_path: str = ""
-    metadata: dict = field(default_factory=lambda: {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0})
-    labels: dict = field(default_factory=dict)
-    annotations: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=lambda: {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0})
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FakeRuntime:
-    def __init__(self, sbs, ctrs):
+    """The two listing calls of the runtime the stats collector uses (labels and state are not filtered)."""
+
+    def __init__(self, sbs: Iterable[Sb], ctrs: Iterable[Ctr]) -> None:
         self.sandboxes = {s.id: s for s in sbs}
         self.containers = {c.id: c for c in ctrs}
 
-    def list_containers(self, id_prefix="", sandbox_id="", labels=None, state=None):
+    def list_containers(self, id_prefix: str = "", sandbox_id: str = "", labels: dict[str, str] | None = None,
+                        state: str | None = None) -> list[Ctr]:
         return [c for c in self.containers.values() if c.id.startswith(id_prefix)
                 and c.sandbox_id.startswith(sandbox_id)]
 
-    def list_sandboxes(self, id_prefix="", labels=None, state=None):
+    def list_sandboxes(self, id_prefix: str = "", labels: dict[str, str] | None = None, state: str | None = None) -> list[Sb]:
         return [s for s in self.sandboxes.values() if s.id.startswith(id_prefix)]
 
 
-def make_v2_host(tmp_path, rel: str, usage_usec: int, current: int):
+def make_v2_host(tmp_path: Path, rel: str, usage_usec: int, current: int) -> Path:
     d = tmp_path / rel.lstrip("/")
     d.mkdir(parents=True, exist_ok=True)
     (d / "memory.current").write_text(f"{current}\n")

@@ -76,8 +76,10 @@ class WS:
 
     def abort(self) -> None:
         """Drop the TCP connection without a close handshake (a client that vanished)."""
-        self.ws.sock.shutdown(socket.SHUT_RDWR)
-        self.ws.sock.close()
+        sock = self.ws.sock
+        assert sock is not None, "the connection was already shut down"
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
 
 def exec_sessions_on_host(cid: str) -> list[int]:

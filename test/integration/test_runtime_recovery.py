@@ -21,8 +21,8 @@ from moorage.testing.runtime_env import (
 
 @pytest.fixture
 def fresh_env(daemon_factory, registry):
-    d = make_daemon(daemon_factory)
-    env = RuntimeEnv(d, registry)
+    d, parent = make_daemon(daemon_factory)
+    env = RuntimeEnv(d, registry, parent)
     env.pull("busybox")
     env.begin()
     try:
@@ -30,7 +30,7 @@ def fresh_env(daemon_factory, registry):
     finally:
         if d.proc is not None and d.proc.poll() is None:
             env.cleanup()
-        remove_cgroup_tree(d.cgroup_parent)
+        remove_cgroup_tree(parent)
 
 
 def test_kill9_restart_finds_everything(fresh_env):
@@ -110,17 +110,17 @@ def test_cgroup_parent_honoured_cgroupfs(fresh_env):
 
 
 def test_systemd_cgroup_driver_selectable(daemon_factory):
-    d = make_daemon(daemon_factory, extra_config='cgroup_driver = "systemd"\n')
+    d, parent = make_daemon(daemon_factory, extra_config='cgroup_driver = "systemd"\n')
     try:
         r = d.runtime.RuntimeConfig(pb.RuntimeConfigRequest())
         assert r.linux.cgroup_driver == pb.SYSTEMD
         cfg = json.loads(d.runtime.Status(pb.StatusRequest(verbose=True)).info["config"])
         assert cfg["runtime"]["cgroup_driver"] == "systemd"
     finally:
-        remove_cgroup_tree(d.cgroup_parent)
-    d2 = make_daemon(daemon_factory)
+        remove_cgroup_tree(parent)
+    d2, parent2 = make_daemon(daemon_factory)
     assert d2.runtime.RuntimeConfig(pb.RuntimeConfigRequest()).linux.cgroup_driver == pb.CGROUPFS
-    remove_cgroup_tree(d2.cgroup_parent)
+    remove_cgroup_tree(parent2)
 
 
 def _wipe_runtime_state(d, obj_id: str) -> None:

@@ -206,7 +206,8 @@ def test_error_json_names_plugin_and_rolls_back(env):
         run(m.setup(SID, NETNS, "ns", "p"))
     err = ei.value
     assert isinstance(err, Internal)
-    assert err.plugin == "fake" and err.code == 7 and err.msg == "bad subnet" and err.details == "10.0.0.0/33"
+    assert err.plugin == "fake" and err.cni_code == 7 and err.msg == "bad subnet" and err.details == "10.0.0.0/33"
+    assert err.code == "INTERNAL"  # the gRPC status name, not the plugin's code
     assert "CNI plugin fake failed on ADD (code 7: invalid network config): bad subnet (10.0.0.0/33)" == err.message
     # a, b, c were ADDed (c failed): all three get a DEL, in reverse order; d never ran
     assert [(c["cmd"], c["tag"]) for c in env.calls()] == [
