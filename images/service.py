@@ -26,7 +26,7 @@ from opentelemetry import trace
 
 from moorage.core import mount as mountmod
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
-from moorage.core.store import ImageRecord, SnapshotRecord, Store, now_ns
+from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
 from moorage.images import oci
 from moorage.images import snapshotter as snapmod
@@ -59,64 +59,6 @@ class ImageSettings:
     pinned_refs: list[str] = field(default_factory=list)  # e.g. the sandbox image
 
 
-class StoreSnapshotMeta:
-    """The snapshotter's metadata protocol on the daemon's SQLite store."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    @staticmethod
-    def _to(rec: SnapshotRecord) -> snapmod.SnapshotRecord:
-        return snapmod.SnapshotRecord(key=rec.key, kind=rec.kind, parent=rec.parent or None, dir_id=rec.dir_id,
-                                      labels=dict(rec.labels), created=rec.created_at / 1e9)
-
-    @staticmethod
-    def _from(rec: snapmod.SnapshotRecord) -> SnapshotRecord:
-        return SnapshotRecord(key=rec.key, kind=rec.kind, parent=rec.parent or "", dir_id=rec.dir_id,
-                              labels=dict(rec.labels), created_at=int((rec.created or time.time()) * 1e9))
-
-    def get(self, key: str) -> snapmod.SnapshotRecord | None:
-        rec = self.store.get_snapshot(key)
-        return self._to(rec) if rec else None
-
-    def add(self, record: snapmod.SnapshotRecord) -> None:
-        if self.store.get_snapshot(record.key) is not None:
-            raise AlreadyExists(f"snapshot {record.key!r} already exists")
-        self.store.put_snapshot(self._from(record))
-
-    def commit(self, key: str, name: str, labels: dict[str, str] | None) -> snapmod.SnapshotRecord:
-        from moorage.core.store import _to_json  # one transaction for delete + insert
-
-        with self.store.transaction() as db:
-            ns = self.store.namespace
-            row = db.execute("SELECT data FROM snapshots WHERE namespace=? AND key=?", (ns, key)).fetchone()
-            if row is None:
-                raise NotFound(f"snapshot {key!r} not found")
-            if db.execute("SELECT 1 FROM snapshots WHERE namespace=? AND key=?", (ns, name)).fetchone():
-                raise AlreadyExists(f"snapshot {name!r} already exists")
-            old = json.loads(row[0])
-            new = SnapshotRecord(key=name, kind="committed", parent=old.get("parent", ""), dir_id=old["dir_id"],
-                                 labels=dict(labels if labels is not None else old.get("labels") or {}),
-                                 created_at=now_ns())
-            db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (ns, key))
-            db.execute("INSERT INTO snapshots (namespace, key, kind, parent, data) VALUES (?,?,?,?,?)",
-                       (ns, name, new.kind, new.parent, _to_json(new)))
-        return self._to(new)
-
-    def remove(self, key: str) -> snapmod.SnapshotRecord:
-        rec = self.store.get_snapshot(key)
-        if rec is None:
-            raise NotFound(f"snapshot {key!r} not found")
-        self.store.delete_snapshot(key)
-        return self._to(rec)
-
-    def children(self, key: str) -> list[str]:
-        return self.store.snapshot_children(key)
-
-    def list(self) -> list[snapmod.SnapshotRecord]:
-        return [self._to(r) for r in self.store.list_snapshots()]
-
-
 class ImageService:
     def __init__(self, settings: ImageSettings, store: Store, metrics: Any = None) -> None:
         self.s = settings
@@ -125,7 +67,7 @@ class ImageService:
         self.root = os.path.join(settings.root_dir, "images")
         self.content = contentmod.ContentStore(os.path.join(self.root, "content"))
         backend = snapmod.BACKEND_OVERLAY if settings.snapshotter == "overlayfs" else snapmod.BACKEND_NATIVE
-        self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), StoreSnapshotMeta(store),
+        self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), snapmod.StoreMetaStore(store),
                                              backend=backend)
         self.client = RegistryClient(hosts_dir=settings.hosts_dir, insecure_hosts=settings.insecure_registries,
                                      retries=settings.retries, stall_timeout=settings.stall_timeout)

@@ -138,3 +138,41 @@ def test_leases(tmp_path):
     s.release_lease("pull-1")
     assert s.leased_resources() == {"sha256:b"}
     assert s.clear_leases() == 1 and s.leased_resources() == set()
+
+
+def test_snapshot_add_commit_remove(tmp_path):
+    s = Store(str(tmp_path))
+    s.add_snapshot(SnapshotRecord(key="base", kind="committed", dir_id="1", created_at=5))
+    with pytest.raises(AlreadyExists, match="'base' already exists"):
+        s.add_snapshot(SnapshotRecord(key="base", kind="active", dir_id="9"))
+    assert s.get_snapshot("base").dir_id == "1"  # the refused insert changed nothing
+    s.add_snapshot(SnapshotRecord(key="x-active", kind="active", parent="base", dir_id="2",
+                                  labels={"a": "b"}, created_at=7))
+    assert s.snapshot_children("base") == ["x-active"]
+
+    with pytest.raises(AlreadyExists):
+        s.commit_snapshot("x-active", "base", None)
+    with pytest.raises(NotFound):
+        s.commit_snapshot("missing", "new", None)
+    new = s.commit_snapshot("x-active", "x", None)
+    assert (new.key, new.kind, new.parent, new.dir_id, new.labels, new.created_at) == \
+        ("x", "committed", "base", "2", {"a": "b"}, 7)
+    assert new.updated_at > 0
+    assert s.get_snapshot("x-active") is None and s.get_snapshot("x") == new
+    assert s.snapshot_children("base") == ["x"]
+
+    assert s.remove_snapshot("x") == new
+    with pytest.raises(NotFound):
+        s.remove_snapshot("x")
+    assert [r.key for r in s.list_snapshots()] == ["base"]
+
+
+def test_snapshot_rows_of_older_writers_read_back(tmp_path):
+    # Before the snapshotter and the store shared one record, "no parent" was "" in the JSON.
+    s = Store(str(tmp_path))
+    with s.transaction() as db:
+        db.execute("INSERT INTO snapshots (namespace, key, kind, parent, data) VALUES ('k8s.io', 'k', 'committed',"
+                   " '', '{\"key\": \"k\", \"kind\": \"committed\", \"parent\": \"\", \"dir_id\": \"3\","
+                   " \"labels\": {}, \"created_at\": 1, \"from_the_future\": 1}')")
+    rec = s.get_snapshot("k")
+    assert rec is not None and rec.parent is None and rec.dir_id == "3" and rec.updated_at == 0
