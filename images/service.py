@@ -391,32 +391,33 @@ class ImageService:
         point at the image; ``tags`` are extra full ``name:tag`` references (archive import).
         """
         iid = str(manifest.config.digest)
-        try:
-            rec = self.store.get_image(iid)
-        except NotFound:
-            rec = ImageRecord(id=iid, created_at=now_ns())
         new_tags = list(tags)
         if r is not None and r.tag and r.digest is None:
             new_tags.append(f"{r.name}:{r.tag}")
-        for t in new_tags:
-            if t not in rec.repo_tags:
-                rec.repo_tags.append(t)
         names = {t.rsplit(":", 1)[0] for t in new_tags}
         if r is not None:
             names.add(r.name)
-        for name in sorted(names):
-            if repo_digest and f"{name}@{repo_digest}" not in rec.repo_digests:
-                rec.repo_digests.append(f"{name}@{repo_digest}")
-        rec.manifest_digest = manifest_digest
-        rec.config = config
-        rec.chain_id = top
-        rec.layers = [str(l.digest) for l in manifest.layers]
-        rec.size = sum(l.size for l in manifest.layers) + manifest.config.size
-        rec.extra = {**rec.extra, "root_digest": root_digest, "manifest_digest": manifest_digest,
-                     "manifest_media_type": manifest.media_type}
-        rec.pinned = rec.pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)
-        self.store.put_image(rec)
-        return rec
+
+        def change(old: ImageRecord | None) -> ImageRecord:
+            # Runs inside the store's transaction, so a concurrent pull's tags are kept.
+            rec = old if old is not None else ImageRecord(id=iid, created_at=now_ns())
+            for t in new_tags:
+                if t not in rec.repo_tags:
+                    rec.repo_tags.append(t)
+            for name in sorted(names):
+                if repo_digest and f"{name}@{repo_digest}" not in rec.repo_digests:
+                    rec.repo_digests.append(f"{name}@{repo_digest}")
+            rec.manifest_digest = manifest_digest
+            rec.config = config
+            rec.chain_id = top
+            rec.layers = [str(layer.digest) for layer in manifest.layers]
+            rec.size = sum(layer.size for layer in manifest.layers) + manifest.config.size
+            rec.extra = {**rec.extra, "root_digest": root_digest, "manifest_digest": manifest_digest,
+                         "manifest_media_type": manifest.media_type}
+            rec.pinned = rec.pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)
+            return rec
+
+        return self.store.update_image(iid, change)
 
     # -- remove and GC --------------------------------------------------------------------------
 
@@ -430,11 +431,16 @@ class ImageService:
             r = parse_reference(ref)
             tag = f"{r.name}:{r.tag}"
             if len(rec.repo_tags) > 1 and tag in rec.repo_tags:
-                rec.repo_tags = [t for t in rec.repo_tags if t != tag]
-                # the repo digest goes with the last tag of its repository
-                if not any(t.rsplit(":", 1)[0] == r.name for t in rec.repo_tags):
-                    rec.repo_digests = [d for d in rec.repo_digests if d.split("@", 1)[0] != r.name]
-                self.store.put_image(rec)
+                def untag(cur: ImageRecord | None) -> ImageRecord:
+                    # on the stored record, in the store's transaction: tags added meanwhile stay
+                    cur = cur if cur is not None else rec
+                    cur.repo_tags = [t for t in cur.repo_tags if t != tag]
+                    # the repo digest goes with the last tag of its repository
+                    if not any(t.rsplit(":", 1)[0] == r.name for t in cur.repo_tags):
+                        cur.repo_digests = [d for d in cur.repo_digests if d.split("@", 1)[0] != r.name]
+                    return cur
+
+                self.store.update_image(rec.id, untag)
                 log.info("untagged image", extra={"fields": {"id": rec.id, "tag": tag}})
                 return
         self.store.delete_image(rec.id)

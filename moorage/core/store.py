@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -342,6 +342,17 @@ class Store:
         """
         with self.transaction() as db:
             self._put_image(db, rec)
+
+    def update_image(self, iid: str, change: Callable[[ImageRecord | None], ImageRecord]) -> ImageRecord:
+        """Read image ``iid`` (None when absent), let ``change`` return its new state and
+        store that (with its refs, as put_image), all in one transaction: two pulls that add
+        different tags to one image both keep theirs.  ``change`` must be quick and pure."""
+        with self.transaction() as db:
+            rec = change(self._get_image(db, iid))
+            if rec.id != iid:
+                raise ValueError(f"update_image({iid!r}) returned image {rec.id!r}")
+            self._put_image(db, rec)
+        return rec
 
     def _put_image(self, db: sqlite3.Connection, rec: ImageRecord) -> None:
         ns = self.namespace

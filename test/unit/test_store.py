@@ -176,3 +176,24 @@ def test_snapshot_rows_of_older_writers_read_back(tmp_path):
                    " \"labels\": {}, \"created_at\": 1, \"from_the_future\": 1}')")
     rec = s.get_snapshot("k")
     assert rec is not None and rec.parent is None and rec.dir_id == "3" and rec.updated_at == 0
+
+
+def test_update_image_reads_and_writes_in_one_transaction(tmp_path):
+    s = Store(str(tmp_path))
+    seen = []
+
+    def add_tag(tag):
+        def change(old):
+            seen.append(None if old is None else list(old.repo_tags))
+            rec = old if old is not None else ImageRecord(id="sha256:aa")
+            rec.repo_tags.append(tag)
+            return rec
+        return change
+
+    s.update_image("sha256:aa", add_tag("x:1"))
+    s.update_image("sha256:aa", add_tag("x:2"))
+    assert seen == [None, ["x:1"]]
+    assert s.image_by_ref("x:1").repo_tags == ["x:1", "x:2"] and s.image_by_ref("x:2").id == "sha256:aa"
+    with pytest.raises(ValueError):
+        s.update_image("sha256:bb", lambda old: ImageRecord(id="sha256:cc"))
+    assert [i.id for i in s.list_images()] == ["sha256:aa"]
