@@ -48,6 +48,7 @@ def build_services(daemon: Daemon) -> tuple[object, object, list]:
     cni = CNIManager(cfg.cni.conf_dir, cfg.cni.bin_dirs, cfg.cni_cache_dir, cfg.cni.plugin_timeout,
                      cfg.cni.network_name or None)
     images = ImageService(image_settings(cfg), daemon.store, metrics=METRICS)
+    METRICS.json_routes["/debug/pulls"] = lambda: {"pulls": images.pulls.snapshot()}  # `moorage images pull` reads it
     runtime = Runtime(runtime_settings(cfg), daemon.store, images, cni,
                       observe=lambda op, secs: METRICS.oci_seconds.labels(op).observe(secs)
                       if op.startswith("oci") else METRICS.cni_seconds.labels(op).observe(secs))

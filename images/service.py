@@ -30,6 +30,7 @@ from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
 from moorage.images import oci
 from moorage.images import snapshotter as snapmod
+from moorage.images.progress import PullProgress, PullTracker
 from moorage.images.reference import Reference, parse_reference
 from moorage.images.registry import Credentials, RegistryClient
 from moorage.images.unpack import MODE_OVERLAY, apply_layer
@@ -81,7 +82,7 @@ class ImageService:
         self._download_slots = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._usage_cache: dict[str, snapmod.Usage] = {}
         self.in_use: Callable[[], set[str]] = set  # image ids used by containers (set by the runtime)
-        self.progress: Callable[[str, int, int], None] | None = None
+        self.pulls = PullTracker()  # per-pull progress, served by the daemon at /debug/pulls
         self._pinned = set()
         for ref in settings.pinned_refs:
             try:
@@ -225,6 +226,7 @@ class ImageService:
         lease_name = f"pull-{secrets.token_hex(8)}"
         shown = str(r)
         downloaded: list[int] = []
+        prog = self.pulls.begin(shown)
         try:
             with self.content.lease(lease_name) as lease:
                 async def read_config(repo: Any, desc: Any) -> bytes:
@@ -240,6 +242,7 @@ class ImageService:
                     raise InvalidArgument(f"image {shown}: config lists {len(diff_ids)} diff_ids for "
                                           f"{len(manifest.layers)} layers")
                 chains = [str(c) for c in snapmod.chain_ids(diff_ids)] if diff_ids else []
+                prog.set_layers([(str(layer.digest), int(layer.size)) for layer in manifest.layers])
                 with self._hold_chains(chains):
                     for data, desc in ((resolved.root_bytes, resolved.root), (resolved.manifest_bytes,
                                         resolved.manifest_descriptor), (resolved.config_bytes, manifest.config)):
@@ -250,7 +253,7 @@ class ImageService:
                         lease.add(layer.digest)
                     # Downloads run in parallel; layer i is unpacked as soon as it and layer i-1 are
                     # done, so unpacking overlaps the remaining downloads.
-                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds))
+                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds, prog))
                              for l in manifest.layers]
                     try:
                         with _span("image.unpack", **{"image.ref": shown, "image.layers": len(manifest.layers)}):
@@ -264,11 +267,13 @@ class ImageService:
                     rec = self._record(r, str(resolved.digest), str(resolved.root.digest),
                                        str(resolved.manifest_descriptor.digest), manifest, config, top)
         except BaseException as e:
+            self.pulls.finish(prog, error=(e.message if isinstance(e, MoorageError) else str(e)) or type(e).__name__)
             if self.metrics is not None:
                 self.metrics.image_pulls.labels("failure").inc()
             if not isinstance(e, (KeyboardInterrupt, SystemExit)):
                 await self._cleanup_failed(shown)
             raise
+        self.pulls.finish(prog)
         if self.metrics is not None:
             self.metrics.image_pulls.labels("success").inc()
             self.metrics.image_pull_bytes.inc(sum(downloaded))
@@ -299,20 +304,27 @@ class ImageService:
                 return data
         return await asyncio.to_thread(self.content.read_bytes, desc.digest, oci.MAX_CONFIG_SIZE)
 
-    async def _fetch_layer_traced(self, repo: Any, desc: Any, creds: Credentials | None) -> int:
+    async def _fetch_layer_traced(self, repo: Any, desc: Any, creds: Credentials | None,
+                                  prog: PullProgress | None = None) -> int:
         with _span("image.fetch_layer", **{"image.layer.digest": str(desc.digest),
                                            "image.layer.size": int(desc.size)}) as span:
-            n = await self._fetch_layer(repo, desc, creds)
+            n = await self._fetch_layer(repo, desc, creds, prog)
             span.set_attribute("image.layer.downloaded_bytes", n)
             return n
 
-    async def _fetch_layer(self, repo: Any, desc: Any, creds: Credentials | None) -> int:
+    async def _fetch_layer(self, repo: Any, desc: Any, creds: Credentials | None,
+                           prog: PullProgress | None = None) -> int:
         """Download one blob unless present; returns the bytes downloaded."""
+        digest = str(desc.digest)
         if self.content.exists(desc.digest):
+            if prog is not None:
+                prog.layer_finished(digest, present=True)
             return 0
         async with self.content.ingest_lock(desc.digest):
             if self.content.exists(desc.digest):
-                return 0  # a concurrent pull fetched it while we waited
+                if prog is not None:  # a concurrent pull fetched it while we waited
+                    prog.layer_finished(digest, present=True)
+                return 0
             async with self._download_slots:
                 w = self.content.writer(desc.digest, desc.size)
                 n = 0
@@ -320,9 +332,11 @@ class ImageService:
                     async for chunk in self.client.fetch_blob(repo, desc, credentials=creds):
                         w.write(chunk)
                         n += len(chunk)
-                        if self.progress is not None:
-                            self.progress(str(desc.digest), n, desc.size)
+                        if prog is not None:
+                            prog.layer_bytes(digest, n)
                     await asyncio.to_thread(w.commit)
+                    if prog is not None:
+                        prog.layer_finished(digest)
                 except BaseException:
                     w.abort()
                     raise
