@@ -10,6 +10,7 @@ that start-up cleans (temp ingests, half-extracted snapshots, unreferenced blobs
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import json
@@ -18,7 +19,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ from moorage.images.unpack import MODE_OVERLAY, apply_layer
 log = logging.getLogger("moorage.images")
 
 
-def _span(name: str, **attrs: Any):
+def _span(name: str, **attrs: Any) -> contextlib.AbstractContextManager[trace.Span]:
     """A child span of the current one (a no-op one when tracing is off)."""
     return trace.get_tracer("moorage").start_as_current_span(name, attributes=attrs)
 
@@ -97,7 +98,7 @@ class ImageService:
     # (and its blobs and snapshots under a store lease) until its image is recorded.
 
     @contextlib.contextmanager
-    def gc_lock(self, shared: bool = False, blocking: bool = True):
+    def gc_lock(self, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
         path = os.path.join(self.root, GC_LOCK)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -202,7 +203,7 @@ class ImageService:
         return await asyncio.shield(fut)
 
     @contextlib.contextmanager
-    def _hold_chains(self, chains: list[str]):
+    def _hold_chains(self, chains: builtins.list[str]) -> Iterator[None]:
         """Keep GC off these snapshots while a pull may reuse or create them.  A GC that began
         earlier and has not reached them yet sees them (live) before it removes anything."""
         with self._chains_lock:
@@ -237,7 +238,7 @@ class ImageService:
                     resolved = await self.client.resolve_image(shown, credentials=creds, read_config=read_config)
                 manifest = resolved.manifest
                 config = json.loads(resolved.config_bytes)
-                diff_ids = [d for d in (config.get("rootfs") or {}).get("diff_ids") or []]
+                diff_ids = [str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
                 if len(diff_ids) != len(manifest.layers):
                     raise InvalidArgument(f"image {shown}: config lists {len(diff_ids)} diff_ids for "
                                           f"{len(manifest.layers)} layers")
@@ -289,7 +290,7 @@ class ImageService:
             if any(removed.values()):
                 log.info("removed what a failed pull left", extra={"fields": {
                     "ref": shown, **{k: len(v) for k, v in removed.items()}}})
-        except Exception as e:  # the pull's own error is what the caller needs to see
+        except Exception as e:  # noqa: BLE001 -- the pull's own error is what the caller needs to see
             log.warning("cleaning up after a failed pull of %s: %s", shown, e)
 
     async def _fetch_config(self, repo: Any, desc: Any, creds: Credentials | None) -> bytes:
@@ -342,7 +343,8 @@ class ImageService:
                     raise
                 return n
 
-    async def _unpack(self, shown: str, layers: list, diff_ids: list[str], ready: list | None = None) -> str:
+    async def _unpack(self, shown: str, layers: Sequence[Any], diff_ids: Sequence[str],
+                      ready: Sequence[asyncio.Future[int]] | None = None) -> str:
         """Apply layers into snapshots keyed by chain ID; returns the top chain ID.
 
         ``ready[i]`` (optional) is awaited before layer i is applied (its download).
@@ -359,8 +361,9 @@ class ImageService:
                     while not ready[i].done():
                         done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                         for t in done:
-                            if t.exception() is not None:
-                                raise t.exception()
+                            exc = t.exception()
+                            if exc is not None:
+                                raise exc
                         pending = [t for t in pending if not t.done()]
                 ready[i].result()
             lock = self._chain_locks.setdefault(chain, asyncio.Lock())
@@ -398,7 +401,7 @@ class ImageService:
             pass
 
     def _record(self, r: Reference | None, repo_digest: str, root_digest: str, manifest_digest: str,
-                manifest: Any, config: dict, top: str, *, tags: list[str] = ()) -> ImageRecord:
+                manifest: Any, config: dict, top: str, *, tags: Sequence[str] = ()) -> ImageRecord:
         """Record (or update) the image whose config is ``manifest.config``.
 
         ``r`` is the reference pulled: its tag (when it has no digest) and ``name@repo_digest``
@@ -462,15 +465,15 @@ class ImageService:
         if self.s.gc_on_remove:
             await self.gc()
 
-    async def gc(self) -> dict[str, list[str]]:
+    async def gc(self) -> dict[str, builtins.list[str]]:
         """Remove blobs and committed snapshots that no image (or pull in flight) needs."""
         return await asyncio.to_thread(self._gc)
 
-    def _gc(self) -> dict[str, list[str]]:
+    def _gc(self) -> dict[str, builtins.list[str]]:
         with self.gc_lock():
             return self._gc_locked()
 
-    def _gc_locked(self) -> dict[str, list[str]]:
+    def _gc_locked(self) -> dict[str, builtins.list[str]]:
         with self._chains_lock:
             # In-flight chains first, images after: a pull records its image before it lets go
             # of its chains.  Chains registered from here on are collected in _gc_touched and
@@ -497,7 +500,7 @@ class ImageService:
         self.snapshots.remove_dir(key, d)
         return True
 
-    def _gc_collect(self, keep_snaps: set[str]) -> dict[str, list[str]]:
+    def _gc_collect(self, keep_snaps: set[str]) -> dict[str, builtins.list[str]]:
         keep_blobs = {str(d) for d in self.content.leased_digests()}
         for res in self.store.leased_resources():  # other processes' work (offline imports)
             keep_blobs.add(res)
@@ -511,7 +514,8 @@ class ImageService:
         for rec in records.values():
             if rec.kind != "committed":
                 keep_snaps.add(rec.key)
-        for key in list(keep_snaps):
+        for top in list(keep_snaps):
+            key: str | None = top
             while key and key in records:
                 keep_snaps.add(key)
                 key = records[key].parent
@@ -519,7 +523,7 @@ class ImageService:
         progress = True
         while progress:
             progress = False
-            for key, rec in list(records.items()):
+            for key in list(records):
                 if key in keep_snaps or self.store.snapshot_children(key):
                     continue
                 try:
@@ -529,9 +533,10 @@ class ImageService:
                     keep_snaps.add(key)
                     continue
                 if not gone:  # a pull started using it: it stays, and so does what is below it
-                    while key and key in records:
-                        keep_snaps.add(key)
-                        key = records[key].parent
+                    below: str | None = key
+                    while below and below in records:
+                        keep_snaps.add(below)
+                        below = records[below].parent
                     continue
                 self._usage_cache.pop(key, None)
                 removed_snaps.append(key)
@@ -549,7 +554,7 @@ class ImageService:
 
     # -- offline import support ------------------------------------------------------------------
 
-    def import_image(self, refs: list[Reference], root_digest: str, manifest_digest: str,
+    def import_image(self, refs: builtins.list[Reference], root_digest: str, manifest_digest: str,
                      manifest: Any, config_bytes: bytes) -> ImageRecord:
         """Unpack an image whose blobs are all in the content store, then record it.
 
@@ -641,11 +646,11 @@ class ImageService:
 
     # -- fs info -----------------------------------------------------------------------------------
 
-    async def fs_info(self) -> list[tuple[str, int, int]]:
+    async def fs_info(self) -> builtins.list[tuple[str, int, int]]:
         """[(mountpoint, bytes, inodes)] for the image filesystem, then the container one."""
         return await asyncio.to_thread(self._fs_info)
 
-    def _fs_info(self) -> list[tuple[str, int, int]]:
+    def _fs_info(self) -> builtins.list[tuple[str, int, int]]:
         img_bytes = img_inodes = ctr_bytes = ctr_inodes = 0
         for rec in self.store.list_snapshots():
             try:
