@@ -11,22 +11,29 @@ over, ``moorage images import`` it, and the kubelet finds the image.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 import urllib.request
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from moorage.core.errors import InvalidArgument, MoorageError, NotFound, Unavailable
 from moorage.cri import config as configmod
 
+if TYPE_CHECKING:  # imported where used: `moorage images ls` should not pay for them
+    from moorage.core.store import Store
+    from moorage.images.registry import Credentials
+    from moorage.images.service import ImageService
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("images", help="pull, list, remove, import and export images")
     isub = p.add_subparsers(dest="images_cmd", required=True)
 
-    def common(sp, socket: bool = True, root: bool = False):
+    def common(sp: argparse.ArgumentParser, socket: bool = True, root: bool = False) -> None:
         sp.add_argument("--config", help=f"TOML config file (default {configmod.DEFAULT_CONFIG_PATH} if present)")
         if socket:
             sp.add_argument("--socket", help="the daemon's gRPC socket (default: from the config)")
@@ -69,7 +76,7 @@ def register(sub) -> None:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _cfg(args) -> configmod.Config:
+def _cfg(args: argparse.Namespace) -> configmod.Config:
     cfg = configmod.load(getattr(args, "config", None))
     if getattr(args, "socket", None):
         cfg.socket = args.socket
@@ -78,7 +85,7 @@ def _cfg(args) -> configmod.Config:
     return cfg
 
 
-def _stubs(cfg: configmod.Config):
+def _stubs(cfg: configmod.Config) -> tuple[Any, Any]:
     import grpc
 
     from moorage.cri.api import api_pb2_grpc as pbg
@@ -89,7 +96,7 @@ def _stubs(cfg: configmod.Config):
     return ch, pbg.ImageServiceStub(ch)
 
 
-def _rpc(fn, req, timeout):
+def _rpc(fn: Callable[..., Any], req: Any, timeout: float | None) -> Any:
     import grpc
 
     try:
@@ -101,7 +108,7 @@ def _rpc(fn, req, timeout):
         raise err from None
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -190,7 +197,7 @@ class _Progress:
         self.out.flush()
 
 
-def _parse_creds(s: str | None):
+def _parse_creds(s: str | None) -> Credentials | None:
     from moorage.images.registry import Credentials
 
     if not s:
@@ -201,7 +208,7 @@ def _parse_creds(s: str | None):
     return Credentials(username=user, password=password)
 
 
-def _cmd_pull(args) -> int:
+def _cmd_pull(args: argparse.Namespace) -> int:
     from moorage.cri.api import api_pb2 as pb
     from moorage.images.reference import parse_reference
 
@@ -228,7 +235,7 @@ def _cmd_pull(args) -> int:
         ch.close()
 
 
-def _cmd_ls(args) -> int:
+def _cmd_ls(args: argparse.Namespace) -> int:
     from moorage.cri.api import api_pb2 as pb
 
     cfg = _cfg(args)
@@ -259,7 +266,7 @@ def _cmd_ls(args) -> int:
     return 0
 
 
-def _cmd_rm(args) -> int:
+def _cmd_rm(args: argparse.Namespace) -> int:
     from moorage.cri.api import api_pb2 as pb
 
     cfg = _cfg(args)
@@ -279,7 +286,7 @@ def _cmd_rm(args) -> int:
     return rc
 
 
-def _offline_service(cfg: configmod.Config):
+def _offline_service(cfg: configmod.Config) -> tuple[ImageService, Store]:
     from moorage.core.store import Store
     from moorage.cri.services import image_settings
     from moorage.images.service import ImageService
@@ -288,7 +295,7 @@ def _offline_service(cfg: configmod.Config):
     return ImageService(image_settings(cfg), store), store
 
 
-def _cmd_import(args) -> int:
+def _cmd_import(args: argparse.Namespace) -> int:
     from moorage.images import archive
 
     cfg = _cfg(args)
@@ -305,7 +312,7 @@ def _cmd_import(args) -> int:
     return 0
 
 
-def _cmd_export(args) -> int:
+def _cmd_export(args: argparse.Namespace) -> int:
     from moorage.images import archive
 
     cfg = _cfg(args)

@@ -50,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from moorage.images import oci
 from moorage.images.platform import host_platform
@@ -266,7 +267,7 @@ def _layer(tar: bytes, compression: str, docker: bool = False) -> _Layer:
 def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: str = "",
                  config_extra: dict | None = None, labels: dict | None = None,
                  docker: bool = False, history: list[str] | None = None) -> tuple[oci.Descriptor, ManifestInfo]:
-    cfg = {"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"}
+    cfg: dict[str, Any] = {"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"}
     if labels:
         cfg["Labels"] = dict(labels)
     cfg.update(config_extra or {})
@@ -283,13 +284,14 @@ def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: 
         config["variant"] = variant
     config_bytes = oci.canonical_json(config)
     config_digest = w.put(config_bytes)
-    layer_descs = []
+    layer_descs: list[dict[str, Any]] = []
     for l in layers:
         d = w.put(l.blob)
         layer_descs.append({"mediaType": l.media_type, "digest": d, "size": len(l.blob)})
+    media_type = oci.DOCKER_MANIFEST if docker else oci.OCI_MANIFEST
     manifest = {
         "schemaVersion": 2,
-        "mediaType": oci.DOCKER_MANIFEST if docker else oci.OCI_MANIFEST,
+        "mediaType": media_type,
         "config": {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG,
                    "digest": config_digest, "size": len(config_bytes)},
         "layers": layer_descs,
@@ -297,9 +299,9 @@ def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: 
     mbytes = oci.canonical_json(manifest)
     mdigest = w.put(mbytes)
     plat = oci.Platform("linux", arch, variant)
-    desc = oci.Descriptor(manifest["mediaType"], mdigest, len(mbytes), platform=plat)
-    info = ManifestInfo(mdigest, len(mbytes), manifest["mediaType"], str(plat), config_digest,
-                        [d["digest"] for d in layer_descs])
+    desc = oci.Descriptor(media_type, mdigest, len(mbytes), platform=plat)
+    info = ManifestInfo(mdigest, len(mbytes), media_type, str(plat), config_digest,
+                        [str(d["digest"]) for d in layer_descs])
     return desc, info
 
 
@@ -317,7 +319,7 @@ class Builder:
             self._busybox_tar = tar_bytes(busybox_entries())
         return self._busybox_tar
 
-    def _single(self, name: str, layers: list[_Layer], tags: list[str], **kw) -> LayoutInfo:
+    def _single(self, name: str, layers: list[_Layer], tags: list[str], **kw: Any) -> LayoutInfo:
         w = _LayoutWriter(os.path.join(self.out_dir, name))
         desc, info = _write_image(w, layers, arch=self.native.architecture, variant=self.native.variant, **kw)
         root = oci.Descriptor(desc.media_type, desc.digest, desc.size)
@@ -771,7 +773,7 @@ def build_critest_images(out_dir: str) -> dict[str, CritestImage]:
     out: dict[str, CritestImage] = {}
 
     def add(name: str, upstream: str, extra: list[Entry], tags: list[str], *,
-            entries: list[Entry] | None = None, **kw) -> None:
+            entries: list[Entry] | None = None, **kw: Any) -> None:
         top = tar_bytes((entries if entries is not None else common) + extra)
         info = b._single(f"critest-{name}", [base, _layer(top, "gzip")], tags,
                          history=["busybox-static with applet hardlinks", f"critest stand-in: {name}"], **kw)
