@@ -11,22 +11,29 @@ over, ``moorage images import`` it, and the kubelet finds the image.
 
 from __future__ import annotations
 
-import asyncio
-import glob
+import argparse
+import json
 import os
 import sys
-import threading
 import time
+import urllib.request
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from moorage.core.errors import InvalidArgument, MoorageError, NotFound, Unavailable
 from moorage.cri import config as configmod
 
+if TYPE_CHECKING:  # imported where used: `moorage images ls` should not pay for them
+    from moorage.core.store import Store
+    from moorage.images.registry import Credentials
+    from moorage.images.service import ImageService
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("images", help="pull, list, remove, import and export images")
     isub = p.add_subparsers(dest="images_cmd", required=True)
 
-    def common(sp, socket: bool = True, root: bool = False):
+    def common(sp: argparse.ArgumentParser, socket: bool = True, root: bool = False) -> None:
         sp.add_argument("--config", help=f"TOML config file (default {configmod.DEFAULT_CONFIG_PATH} if present)")
         if socket:
             sp.add_argument("--socket", help="the daemon's gRPC socket (default: from the config)")
@@ -35,7 +42,7 @@ def register(sub) -> None:
             sp.add_argument("--root", help="the daemon's root dir (default: from the config)")
 
     s = isub.add_parser("pull", help="pull an image through the daemon, with progress on stderr")
-    common(s, root=True)
+    common(s)
     s.add_argument("ref")
     s.add_argument("--creds", help="USER:PASSWORD for the registry")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress; print only the image id")
@@ -69,7 +76,7 @@ def register(sub) -> None:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _cfg(args) -> configmod.Config:
+def _cfg(args: argparse.Namespace) -> configmod.Config:
     cfg = configmod.load(getattr(args, "config", None))
     if getattr(args, "socket", None):
         cfg.socket = args.socket
@@ -78,7 +85,7 @@ def _cfg(args) -> configmod.Config:
     return cfg
 
 
-def _stubs(cfg: configmod.Config):
+def _stubs(cfg: configmod.Config) -> tuple[Any, Any]:
     import grpc
 
     from moorage.cri.api import api_pb2_grpc as pbg
@@ -89,7 +96,7 @@ def _stubs(cfg: configmod.Config):
     return ch, pbg.ImageServiceStub(ch)
 
 
-def _rpc(fn, req, timeout):
+def _rpc(fn: Callable[..., Any], req: Any, timeout: float | None) -> Any:
     import grpc
 
     try:
@@ -101,7 +108,7 @@ def _rpc(fn, req, timeout):
         raise err from None
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -111,70 +118,78 @@ def _size(n: int) -> str:
 
 # --- pull with progress ------------------------------------------------------------------------
 
-class _Progress:
-    """Progress of a pull the daemon runs, read from the content store it writes into.
+def _pulls_url(cfg: configmod.Config) -> str | None:
+    """Where the daemon serves its pulls' progress: ``/debug/pulls`` on its metrics address
+    (a wildcard listen address is reached on loopback)."""
+    if not cfg.metrics.enabled:
+        return None
+    host, _, port = cfg.metrics.address.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/debug/pulls"
 
-    The total comes from resolving the reference here (same hosts config, same credentials);
-    the done bytes are the committed layer blobs plus their partial ingests.  Without access
-    to either (another root, a registry we cannot reach), it degrades to a spinner.
+
+class _Progress:
+    """Progress of a pull the daemon runs, as the daemon reports it (``/debug/pulls``).
+
+    The daemon keeps per-pull numbers (bytes done and total per layer); this only polls
+    and draws them.  When the endpoint cannot be reached (metrics off, another address),
+    it degrades to a spinner.
     """
 
-    def __init__(self, cfg: configmod.Config, ref: str, creds, out=sys.stderr) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: configmod.Config, ref: str, out: TextIO = sys.stderr) -> None:
+        self.url = _pulls_url(cfg)
         self.ref = ref
-        self.creds = creds
         self.out = out
-        self.layers: list[tuple[str, int]] | None = None
-        self.content = os.path.join(cfg.root_dir, "images", "content")
+        self.pull: dict[str, Any] | None = None  # the daemon's latest report on our pull
         self.tty = out.isatty()
         self._last_line = 0.0
         self._t0 = time.monotonic()
-        threading.Thread(target=self._resolve, daemon=True).start()
+        self._started_wall = time.time()
 
-    def _resolve(self) -> None:
-        from moorage.images.registry import RegistryClient
-
-        async def go():
-            async with RegistryClient(hosts_dir=self.cfg.images.registry_config_path,
-                                      insecure_hosts=self.cfg.images.insecure_registries, retries=0) as c:
-                r = await c.resolve_image(self.ref, credentials=self.creds)
-                return [(str(l.digest), l.size) for l in r.manifest.layers]
+    def poll(self) -> None:
+        """Fetch the daemon's report and pick our pull: the newest one of this reference
+        that is in flight or ended after we started (a pull of the same reference already
+        in flight when we asked is the one the daemon joins us to)."""
+        if self.url is None:
+            return
         try:
-            self.layers = asyncio.run(go())
-        except Exception:
-            self.layers = None
-
-    def _done(self) -> int:
-        done = 0
-        for digest, size in self.layers or []:
-            alg, hexd = digest.split(":", 1)
-            if os.path.exists(os.path.join(self.content, "blobs", alg, hexd)):
-                done += size
-                continue
-            for p in glob.glob(os.path.join(self.content, "ingest", f"{hexd[:16]}-*")):
-                try:
-                    done += min(os.path.getsize(p), size)
-                except OSError:
-                    pass
-        return done
+            # loopback: never through an http_proxy from the environment
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(self.url, timeout=2) as resp:
+                pulls = json.loads(resp.read()).get("pulls") or []
+        except (OSError, ValueError):
+            return
+        mine = [p for p in pulls if p.get("ref") == self.ref
+                and (not p.get("finished_at") or p["finished_at"] >= self._started_wall - 1)]
+        if self.pull is not None:  # once chosen, stay with it while the daemon shows it
+            same = [p for p in mine if p.get("id") == self.pull.get("id")]
+            mine = same or mine
+        if mine:
+            self.pull = max(mine, key=lambda p: p.get("id", 0))
 
     def render(self, final: bool = False) -> None:
         now = time.monotonic()
         if not self.tty and not final and now - self._last_line < 1.0:
             return
         self._last_line = now
+        self.poll()
         elapsed = now - self._t0
-        if self.layers:
-            total = sum(s for _, s in self.layers) or 1
-            done = total if final else min(self._done(), total)
+        p = self.pull
+        total = int(p.get("total_bytes", 0)) if p else 0
+        if p and p.get("layers"):
+            done = total if final else min(int(p.get("done_bytes", 0)), total)
+            total = total or 1
             width = 30
             filled = int(width * done / total)
             bar = "#" * filled + "." * (width - filled)
             line = (f"{self.ref}: [{bar}] {100 * done // total:3d}% {_size(done)}/{_size(total)} "
-                    f"{len(self.layers)} layer(s) {elapsed:.1f}s")
+                    f"{len(p['layers'])} layer(s) {elapsed:.1f}s")
         else:
             spin = "|/-\\"[int(elapsed * 4) % 4]
-            line = f"{self.ref}: pulling {spin} {elapsed:.1f}s"
+            line = f"{self.ref}: {'pulled' if final else 'pulling ' + spin} {elapsed:.1f}s"
         if self.tty:
             self.out.write("\r\x1b[K" + line + ("\n" if final else ""))
         else:
@@ -182,7 +197,7 @@ class _Progress:
         self.out.flush()
 
 
-def _parse_creds(s: str | None):
+def _parse_creds(s: str | None) -> Credentials | None:
     from moorage.images.registry import Credentials
 
     if not s:
@@ -193,7 +208,7 @@ def _parse_creds(s: str | None):
     return Credentials(username=user, password=password)
 
 
-def _cmd_pull(args) -> int:
+def _cmd_pull(args: argparse.Namespace) -> int:
     from moorage.cri.api import api_pb2 as pb
     from moorage.images.reference import parse_reference
 
@@ -206,7 +221,7 @@ def _cmd_pull(args) -> int:
         if creds is not None:
             req.auth.username, req.auth.password = creds.username, creds.password
         fut = images.PullImage.future(req, timeout=args.timeout or None)
-        progress = None if args.quiet else _Progress(cfg, ref, creds)
+        progress = None if args.quiet else _Progress(cfg, ref)
         while not fut.done():
             if progress is not None:
                 progress.render()
@@ -220,7 +235,7 @@ def _cmd_pull(args) -> int:
         ch.close()
 
 
-def _cmd_ls(args) -> int:
+def _cmd_ls(args: argparse.Namespace) -> int:
     from moorage.cri.api import api_pb2 as pb
 
     cfg = _cfg(args)
@@ -251,7 +266,7 @@ def _cmd_ls(args) -> int:
     return 0
 
 
-def _cmd_rm(args) -> int:
+def _cmd_rm(args: argparse.Namespace) -> int:
     from moorage.cri.api import api_pb2 as pb
 
     cfg = _cfg(args)
@@ -271,7 +286,7 @@ def _cmd_rm(args) -> int:
     return rc
 
 
-def _offline_service(cfg: configmod.Config):
+def _offline_service(cfg: configmod.Config) -> tuple[ImageService, Store]:
     from moorage.core.store import Store
     from moorage.cri.services import image_settings
     from moorage.images.service import ImageService
@@ -280,7 +295,7 @@ def _offline_service(cfg: configmod.Config):
     return ImageService(image_settings(cfg), store), store
 
 
-def _cmd_import(args) -> int:
+def _cmd_import(args: argparse.Namespace) -> int:
     from moorage.images import archive
 
     cfg = _cfg(args)
@@ -297,7 +312,7 @@ def _cmd_import(args) -> int:
     return 0
 
 
-def _cmd_export(args) -> int:
+def _cmd_export(args: argparse.Namespace) -> int:
     from moorage.images import archive
 
     cfg = _cfg(args)

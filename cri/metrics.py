@@ -1,12 +1,20 @@
-"""Prometheus metrics for the daemon, in one registry served at /metrics."""
+"""Prometheus metrics for the daemon, in one registry served at /metrics.
+
+The same HTTP server answers a few read-only JSON debug routes (``json_routes``, e.g.
+``/debug/pulls``) that other parts register; every other path is the metrics page.
+"""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
@@ -29,6 +37,15 @@ class _StateCollector:
         for state, n in sorted(self.container_states().items()):
             ct.add_metric([state], n)
         yield ct
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up shutdown
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # one line per scrape would drown the daemon's log
 
 
 class Metrics:
@@ -58,13 +75,36 @@ class Metrics:
             "moorage_oci_operation_duration_seconds", "runc/crun and conmon calls", ["operation"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        # path -> a function returning something JSON-serialisable; read at request time
+        self.json_routes: dict[str, Callable[[], object]] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
+    def _app(self) -> Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]:
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            route = self.json_routes.get(environ.get("PATH_INFO", ""))
+            if route is None:
+                return metrics_app(environ, start_response)
+            body = json.dumps(route(), sort_keys=True).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+
+        return app
+
     def serve(self, address: str) -> int:
-        """Serve /metrics on ``host:port``; returns the bound port."""
+        """Serve /metrics (and the JSON routes) on ``host:port``; returns the bound port."""
         host, _, port = address.rpartition(":")
-        server, thread = start_http_server(int(port), addr=host, registry=self.registry)
+        family, *_, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+
+        class Server(_Server):
+            address_family = family  # an IPv6 host needs an AF_INET6 socket
+
+        server = make_server(str(sockaddr[0]), int(port), self._app(), Server, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         return server.server_address[1]
 

@@ -85,6 +85,7 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
     cni = CNIManager(cfg.cni.conf_dir, cfg.cni.bin_dirs, cfg.cni_cache_dir, cfg.cni.plugin_timeout,
                      cfg.cni.network_name or None)
     images = ImageService(image_settings(cfg), store, metrics=METRICS)
+    METRICS.json_routes["/debug/pulls"] = lambda: {"pulls": images.pulls.snapshot()}  # `moorage images pull` reads it
     runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe)
     images.in_use = lambda: {c.image_ref for c in runtime.containers.values()}
     METRICS.states.sandbox_states = lambda: runtime.states()[0]

@@ -38,14 +38,16 @@ import secrets
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from moorage.core.errors import InvalidArgument, MoorageError
 from moorage.core.store import ImageRecord
 from moorage.images import oci
 from moorage.images.digest import Digest
+from moorage.images.oci import Platform
 from moorage.images.platform import select_manifest
 from moorage.images.reference import Reference, parse_reference
+from moorage.images.service import ImageService
 from moorage.images.unpack import bounded_tarinfo
 
 log = logging.getLogger("moorage.images.archive")
@@ -111,7 +113,7 @@ class _Archive:
         n = _norm(name)
         for _ in range(_MAX_LINK_HOPS):
             m = self.members.get(n) if n is not None else None
-            if m is None:
+            if m is None or n is None:
                 if missing_ok:
                     return None
                 raise ArchiveError(f"{self.path}: has no member {name!r}")
@@ -124,10 +126,10 @@ class _Archive:
                 n = _norm(m.linkname)
         raise ArchiveError(f"{self.path}: member {name!r} is a chain of links")
 
-    def open(self, name: str) -> tuple[BinaryIO, int]:
+    def open(self, name: str) -> tuple[IO[bytes], int]:
         m = self._resolve(name)
-        f = self.tf.extractfile(m)
-        if f is None:  # pragma: no cover - only regular members are resolved
+        f = self.tf.extractfile(m) if m is not None else None
+        if m is None or f is None:  # pragma: no cover - only regular members are resolved
             raise ArchiveError(f"{self.path}: member {name!r} is not a file")
         return f, m.size
 
@@ -153,7 +155,7 @@ def _blob_name(digest: str) -> str:
 
 
 class _Importer:
-    def __init__(self, svc, arc: _Archive, lease_id: str, platform=None) -> None:
+    def __init__(self, svc: ImageService, arc: _Archive, lease_id: str, platform: Platform | None = None) -> None:
         self.svc = svc
         self.arc = arc
         self.lease_id = lease_id
@@ -328,7 +330,8 @@ def _import_docker(imp: _Importer) -> list[Imported]:
     return out
 
 
-def import_archive(svc, path: str, *, base_name: str | None = None, platform=None) -> list[Imported]:
+def import_archive(svc: ImageService, path: str, *, base_name: str | None = None,
+                   platform: Platform | None = None) -> list[Imported]:
     """Import every image of the archive at *path* into *svc* (an ImageService). Blocking."""
     if base_name:
         r = parse_reference(base_name, default_tag=None)
@@ -360,7 +363,7 @@ def import_archive(svc, path: str, *, base_name: str | None = None, platform=Non
     return result
 
 
-def _forget(svc, digests: list[str]) -> None:
+def _forget(svc: ImageService, digests: list[str]) -> None:
     """After a failed import: drop the blobs it wrote that no image references."""
     referenced: set[str] = set()
     for img in svc.store.list_images():
@@ -385,7 +388,7 @@ def _add_dir(tf: tarfile.TarFile, name: str) -> None:
     tf.addfile(ti)
 
 
-def export_images(svc, refs: list[str], path: str) -> list[ImageRecord]:
+def export_images(svc: ImageService, refs: list[str], path: str) -> list[ImageRecord]:
     """Write the images named by *refs* to an OCI layout tar at *path* (atomically). Blocking."""
     if not refs:
         raise InvalidArgument("nothing to export: name at least one image")

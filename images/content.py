@@ -29,7 +29,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -147,7 +147,7 @@ class Writer:
     def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self.committed:
             self.abort()
 
@@ -355,7 +355,7 @@ class ContentStore:
             self._lock_unref(d, lk)
 
     @contextlib.asynccontextmanager
-    async def ingest_lock(self, digest: Digest | str):
+    async def ingest_lock(self, digest: Digest | str) -> AsyncIterator[None]:
         """Per-digest lock for coroutines; also excludes :meth:`ingest_lock_sync` holders.
 
         Coroutines queue on an asyncio.Lock (no thread per waiter); the holder
@@ -376,7 +376,11 @@ class ContentStore:
                         await asyncio.shield(fut)
                     except asyncio.CancelledError:
                         # the acquire still completes in its thread: give the lock back then
-                        fut.add_done_callback(lambda f: (not f.cancelled() and f.result()) and lk.tlock.release())
+                        def give_back(f: asyncio.Future[bool], tlock: threading.Lock = lk.tlock) -> None:
+                            if not f.cancelled() and f.result():
+                                tlock.release()
+
+                        fut.add_done_callback(give_back)
                         raise
                 try:
                     yield

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 from moorage.core.errors import InvalidArgument
 
@@ -19,6 +20,17 @@ ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
 
 _ALGORITHM_GRAMMAR = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*")
 _HEX = re.compile(r"[a-f0-9]+")
+
+
+class Hasher(Protocol):
+    """What hashlib's objects offer (their class is private to hashlib)."""
+
+    def update(self, data: bytes, /) -> None: ...
+    def digest(self) -> bytes: ...
+    def hexdigest(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +73,7 @@ class Digest:
             raise InvalidArgument(f"unsupported digest algorithm \"{algorithm}\"")
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
-    def hasher(self):
+    def hasher(self) -> Hasher:
         """A fresh hashlib object for this digest's algorithm."""
         return hashlib.new(self.algorithm)
 
@@ -78,7 +90,7 @@ def parse_digest(value: str | Digest) -> Digest:
     return Digest.parse(value)
 
 
-def new_hasher(algorithm: str = "sha256"):
+def new_hasher(algorithm: str = "sha256") -> Hasher:
     if algorithm not in ALGORITHMS:
         raise InvalidArgument(f"unsupported digest algorithm \"{algorithm}\"")
     return hashlib.new(algorithm)

@@ -18,6 +18,7 @@ import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from moorage.core.errors import InvalidArgument
@@ -128,7 +129,7 @@ def _resolve_path(p: str, base_dir: str) -> str:
     return p if os.path.isabs(p) else os.path.join(base_dir, p)
 
 
-def _parse_ca(v, base_dir: str, what: str) -> tuple[str, ...]:
+def _parse_ca(v: Any, base_dir: str, what: str) -> tuple[str, ...]:
     if v is None:
         return ()
     if isinstance(v, str):
@@ -138,7 +139,7 @@ def _parse_ca(v, base_dir: str, what: str) -> tuple[str, ...]:
     raise InvalidArgument(f"{what}: ca must be a path or a list of paths")
 
 
-def _parse_client(v, base_dir: str, what: str) -> tuple[tuple[str, str], ...]:
+def _parse_client(v: Any, base_dir: str, what: str) -> tuple[tuple[str, str], ...]:
     # containerd accepts: "cert-and-key.pem", ["cert", "key"], [["c1","k1"], ["c2","k2"]], ["pem1", "pem2"]?
     if v is None:
         return ()
@@ -161,7 +162,7 @@ def _parse_client(v, base_dir: str, what: str) -> tuple[tuple[str, str], ...]:
     raise InvalidArgument(f"{what}: client must be a path, a [cert, key] pair or a list of pairs")
 
 
-def _parse_capabilities(v, what: str) -> tuple[str, ...]:
+def _parse_capabilities(v: Any, what: str) -> tuple[str, ...]:
     if v is None:
         return ALL_CAPABILITIES
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
@@ -172,7 +173,7 @@ def _parse_capabilities(v, what: str) -> tuple[str, ...]:
     return tuple(x for x in ALL_CAPABILITIES if x in v)
 
 
-def _parse_headers(v, what: str) -> tuple[tuple[str, str], ...]:
+def _parse_headers(v: Any, what: str) -> tuple[tuple[str, str], ...]:
     if v is None:
         return ()
     if not isinstance(v, dict):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moorage.core.errors import InvalidArgument
+from moorage.images.digest import Hasher
 
 # --- media types ----------------------------------------------------------------
 
@@ -91,7 +92,7 @@ def is_digest(s: str) -> bool:
         return False
 
 
-def hasher_for(digest: str):
+def hasher_for(digest: str) -> Hasher:
     """A fresh hashlib object for the algorithm of *digest*."""
     alg = validate_digest(digest).split(":", 1)[0]
     return hashlib.new(alg)

@@ -83,7 +83,7 @@ def normalize(p: Platform) -> Platform:
 
 def parse(spec: str) -> Platform:
     """Parse "os/arch[/variant]" (or just "arch", taken as linux/arch)."""
-    parts = [x for x in spec.strip().split("/")]
+    parts = spec.strip().split("/")
     if not spec.strip() or any(not x for x in parts) or len(parts) > 3:
         raise InvalidArgument(f"invalid platform {spec!r}: want os/arch[/variant], e.g. linux/arm64")
     if len(parts) == 1:

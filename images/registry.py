@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
@@ -50,6 +51,7 @@ from moorage.images.hosts import RegistryHost, TLSSettings, resolve_hosts
 from moorage.images.oci import Descriptor, ImageConfig, Index, Manifest, Platform
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 USER_AGENT = "moorage/0.1"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -249,8 +251,8 @@ def parse_www_authenticate(headers: str | Iterable[str]) -> list[Challenge]:
                     j += 1  # the closing quote
                     val = "".join(buf)
                 else:
-                    vm = _BARE_VALUE_RE.match(value, j)
-                    val, j = vm.group(0), vm.end()
+                    vm = _BARE_VALUE_RE.match(value, j)  # matches (maybe empty) at any j
+                    val, j = (vm.group(0), vm.end()) if vm is not None else ("", j)
                 current.params[tok.lower()] = val
                 pos = j
                 continue
@@ -615,7 +617,7 @@ class RegistryClient:
                     h[k] = v
         raise _Retryable(f"{method} {url}: more than {_MAX_REDIRECTS} redirects")
 
-    async def _with_retries(self, what: str, fn):
+    async def _with_retries(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run *fn()* retrying _Retryable failures; give Unavailable when they persist."""
         for attempt in range(self.retries + 1):
             try:
@@ -627,14 +629,15 @@ class RegistryClient:
                 await self._sleep_backoff(attempt)
         raise AssertionError("unreachable")
 
-    async def _over_hosts(self, repo: RepoName, capability: str, what: str, fn):
+    async def _over_hosts(self, repo: RepoName, capability: str, what: str,
+                          fn: Callable[[RegistryHost], Awaitable[T]]) -> T:
         """Try *fn(host)* on each host in order; mirrors fall through on not-found/unavailable."""
         hosts = self.hosts(repo.registry, capability)
         errors: list[MoorageError] = []
         for i, host in enumerate(hosts):
             last = i == len(hosts) - 1
             try:
-                return await self._with_retries(f"{what} from {host.netloc}", lambda: fn(host))
+                return await self._with_retries(f"{what} from {host.netloc}", functools.partial(fn, host))
             except _HostNotFound as e:
                 err: MoorageError = NotFound(str(e))
             except (Unavailable, Unauthenticated, PermissionDenied) as e:
@@ -1006,8 +1009,8 @@ def _netloc(url: str) -> str:
     return urlsplit(url).netloc.lower()
 
 
-async def _send_streamed(client: httpx.AsyncClient, method: str, url: str, *, auth=None,
-                         **kw: Any) -> httpx.Response:
+async def _send_streamed(client: httpx.AsyncClient, method: str, url: str, *,
+                         auth: httpx.Auth | tuple[str, str] | None = None, **kw: Any) -> httpx.Response:
     """A streamed request whose body arrives uncompressed (it is read raw and bounded)."""
     req = client.build_request(method, url, headers={"Accept-Encoding": "identity"}, **kw)
     return await client.send(req, stream=True, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)

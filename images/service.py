@@ -10,6 +10,7 @@ that start-up cleans (temp ingests, half-extracted snapshots, unreferenced blobs
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import json
@@ -18,7 +19,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,11 @@ from opentelemetry import trace
 
 from moorage.core import mount as mountmod
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
-from moorage.core.store import ImageRecord, SnapshotRecord, Store, now_ns
+from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
 from moorage.images import oci
 from moorage.images import snapshotter as snapmod
+from moorage.images.progress import PullProgress, PullTracker
 from moorage.images.reference import Reference, parse_reference
 from moorage.images.registry import Credentials, RegistryClient
 from moorage.images.unpack import MODE_OVERLAY, apply_layer
@@ -37,7 +39,7 @@ from moorage.images.unpack import MODE_OVERLAY, apply_layer
 log = logging.getLogger("moorage.images")
 
 
-def _span(name: str, **attrs: Any):
+def _span(name: str, **attrs: Any) -> contextlib.AbstractContextManager[trace.Span]:
     """A child span of the current one (a no-op one when tracing is off)."""
     return trace.get_tracer("moorage").start_as_current_span(name, attributes=attrs)
 
@@ -59,64 +61,6 @@ class ImageSettings:
     pinned_refs: list[str] = field(default_factory=list)  # e.g. the sandbox image
 
 
-class StoreSnapshotMeta:
-    """The snapshotter's metadata protocol on the daemon's SQLite store."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    @staticmethod
-    def _to(rec: SnapshotRecord) -> snapmod.SnapshotRecord:
-        return snapmod.SnapshotRecord(key=rec.key, kind=rec.kind, parent=rec.parent or None, dir_id=rec.dir_id,
-                                      labels=dict(rec.labels), created=rec.created_at / 1e9)
-
-    @staticmethod
-    def _from(rec: snapmod.SnapshotRecord) -> SnapshotRecord:
-        return SnapshotRecord(key=rec.key, kind=rec.kind, parent=rec.parent or "", dir_id=rec.dir_id,
-                              labels=dict(rec.labels), created_at=int((rec.created or time.time()) * 1e9))
-
-    def get(self, key: str) -> snapmod.SnapshotRecord | None:
-        rec = self.store.get_snapshot(key)
-        return self._to(rec) if rec else None
-
-    def add(self, record: snapmod.SnapshotRecord) -> None:
-        if self.store.get_snapshot(record.key) is not None:
-            raise AlreadyExists(f"snapshot {record.key!r} already exists")
-        self.store.put_snapshot(self._from(record))
-
-    def commit(self, key: str, name: str, labels: dict[str, str] | None) -> snapmod.SnapshotRecord:
-        from moorage.core.store import _to_json  # one transaction for delete + insert
-
-        with self.store.transaction() as db:
-            ns = self.store.namespace
-            row = db.execute("SELECT data FROM snapshots WHERE namespace=? AND key=?", (ns, key)).fetchone()
-            if row is None:
-                raise NotFound(f"snapshot {key!r} not found")
-            if db.execute("SELECT 1 FROM snapshots WHERE namespace=? AND key=?", (ns, name)).fetchone():
-                raise AlreadyExists(f"snapshot {name!r} already exists")
-            old = json.loads(row[0])
-            new = SnapshotRecord(key=name, kind="committed", parent=old.get("parent", ""), dir_id=old["dir_id"],
-                                 labels=dict(labels if labels is not None else old.get("labels") or {}),
-                                 created_at=now_ns())
-            db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (ns, key))
-            db.execute("INSERT INTO snapshots (namespace, key, kind, parent, data) VALUES (?,?,?,?,?)",
-                       (ns, name, new.kind, new.parent, _to_json(new)))
-        return self._to(new)
-
-    def remove(self, key: str) -> snapmod.SnapshotRecord:
-        rec = self.store.get_snapshot(key)
-        if rec is None:
-            raise NotFound(f"snapshot {key!r} not found")
-        self.store.delete_snapshot(key)
-        return self._to(rec)
-
-    def children(self, key: str) -> list[str]:
-        return self.store.snapshot_children(key)
-
-    def list(self) -> list[snapmod.SnapshotRecord]:
-        return [self._to(r) for r in self.store.list_snapshots()]
-
-
 class ImageService:
     def __init__(self, settings: ImageSettings, store: Store, metrics: Any = None) -> None:
         self.s = settings
@@ -125,7 +69,7 @@ class ImageService:
         self.root = os.path.join(settings.root_dir, "images")
         self.content = contentmod.ContentStore(os.path.join(self.root, "content"))
         backend = snapmod.BACKEND_OVERLAY if settings.snapshotter == "overlayfs" else snapmod.BACKEND_NATIVE
-        self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), StoreSnapshotMeta(store),
+        self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), snapmod.StoreMetaStore(store),
                                              backend=backend)
         self.client = RegistryClient(hosts_dir=settings.hosts_dir, insecure_hosts=settings.insecure_registries,
                                      retries=settings.retries, stall_timeout=settings.stall_timeout)
@@ -139,7 +83,7 @@ class ImageService:
         self._download_slots = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._usage_cache: dict[str, snapmod.Usage] = {}
         self.in_use: Callable[[], set[str]] = set  # image ids used by containers (set by the runtime)
-        self.progress: Callable[[str, int, int], None] | None = None
+        self.pulls = PullTracker()  # per-pull progress, served by the daemon at /debug/pulls
         self._pinned = set()
         for ref in settings.pinned_refs:
             try:
@@ -154,7 +98,7 @@ class ImageService:
     # (and its blobs and snapshots under a store lease) until its image is recorded.
 
     @contextlib.contextmanager
-    def gc_lock(self, shared: bool = False, blocking: bool = True):
+    def gc_lock(self, shared: bool = False, blocking: bool = True) -> Iterator[bool]:
         path = os.path.join(self.root, GC_LOCK)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -259,7 +203,7 @@ class ImageService:
         return await asyncio.shield(fut)
 
     @contextlib.contextmanager
-    def _hold_chains(self, chains: list[str]):
+    def _hold_chains(self, chains: builtins.list[str]) -> Iterator[None]:
         """Keep GC off these snapshots while a pull may reuse or create them.  A GC that began
         earlier and has not reached them yet sees them (live) before it removes anything."""
         with self._chains_lock:
@@ -283,6 +227,7 @@ class ImageService:
         lease_name = f"pull-{secrets.token_hex(8)}"
         shown = str(r)
         downloaded: list[int] = []
+        prog = self.pulls.begin(shown)
         try:
             with self.content.lease(lease_name) as lease:
                 async def read_config(repo: Any, desc: Any) -> bytes:
@@ -293,11 +238,12 @@ class ImageService:
                     resolved = await self.client.resolve_image(shown, credentials=creds, read_config=read_config)
                 manifest = resolved.manifest
                 config = json.loads(resolved.config_bytes)
-                diff_ids = [d for d in (config.get("rootfs") or {}).get("diff_ids") or []]
+                diff_ids = [str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
                 if len(diff_ids) != len(manifest.layers):
                     raise InvalidArgument(f"image {shown}: config lists {len(diff_ids)} diff_ids for "
                                           f"{len(manifest.layers)} layers")
                 chains = [str(c) for c in snapmod.chain_ids(diff_ids)] if diff_ids else []
+                prog.set_layers([(str(layer.digest), int(layer.size)) for layer in manifest.layers])
                 with self._hold_chains(chains):
                     for data, desc in ((resolved.root_bytes, resolved.root), (resolved.manifest_bytes,
                                         resolved.manifest_descriptor), (resolved.config_bytes, manifest.config)):
@@ -308,7 +254,7 @@ class ImageService:
                         lease.add(layer.digest)
                     # Downloads run in parallel; layer i is unpacked as soon as it and layer i-1 are
                     # done, so unpacking overlaps the remaining downloads.
-                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds))
+                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds, prog))
                              for l in manifest.layers]
                     try:
                         with _span("image.unpack", **{"image.ref": shown, "image.layers": len(manifest.layers)}):
@@ -322,11 +268,13 @@ class ImageService:
                     rec = self._record(r, str(resolved.digest), str(resolved.root.digest),
                                        str(resolved.manifest_descriptor.digest), manifest, config, top)
         except BaseException as e:
+            self.pulls.finish(prog, error=(e.message if isinstance(e, MoorageError) else str(e)) or type(e).__name__)
             if self.metrics is not None:
                 self.metrics.image_pulls.labels("failure").inc()
             if not isinstance(e, (KeyboardInterrupt, SystemExit)):
                 await self._cleanup_failed(shown)
             raise
+        self.pulls.finish(prog)
         if self.metrics is not None:
             self.metrics.image_pulls.labels("success").inc()
             self.metrics.image_pull_bytes.inc(sum(downloaded))
@@ -342,7 +290,7 @@ class ImageService:
             if any(removed.values()):
                 log.info("removed what a failed pull left", extra={"fields": {
                     "ref": shown, **{k: len(v) for k, v in removed.items()}}})
-        except Exception as e:  # the pull's own error is what the caller needs to see
+        except Exception as e:  # noqa: BLE001 -- the pull's own error is what the caller needs to see
             log.warning("cleaning up after a failed pull of %s: %s", shown, e)
 
     async def _fetch_config(self, repo: Any, desc: Any, creds: Credentials | None) -> bytes:
@@ -357,20 +305,27 @@ class ImageService:
                 return data
         return await asyncio.to_thread(self.content.read_bytes, desc.digest, oci.MAX_CONFIG_SIZE)
 
-    async def _fetch_layer_traced(self, repo: Any, desc: Any, creds: Credentials | None) -> int:
+    async def _fetch_layer_traced(self, repo: Any, desc: Any, creds: Credentials | None,
+                                  prog: PullProgress | None = None) -> int:
         with _span("image.fetch_layer", **{"image.layer.digest": str(desc.digest),
                                            "image.layer.size": int(desc.size)}) as span:
-            n = await self._fetch_layer(repo, desc, creds)
+            n = await self._fetch_layer(repo, desc, creds, prog)
             span.set_attribute("image.layer.downloaded_bytes", n)
             return n
 
-    async def _fetch_layer(self, repo: Any, desc: Any, creds: Credentials | None) -> int:
+    async def _fetch_layer(self, repo: Any, desc: Any, creds: Credentials | None,
+                           prog: PullProgress | None = None) -> int:
         """Download one blob unless present; returns the bytes downloaded."""
+        digest = str(desc.digest)
         if self.content.exists(desc.digest):
+            if prog is not None:
+                prog.layer_finished(digest, present=True)
             return 0
         async with self.content.ingest_lock(desc.digest):
             if self.content.exists(desc.digest):
-                return 0  # a concurrent pull fetched it while we waited
+                if prog is not None:  # a concurrent pull fetched it while we waited
+                    prog.layer_finished(digest, present=True)
+                return 0
             async with self._download_slots:
                 w = self.content.writer(desc.digest, desc.size)
                 n = 0
@@ -378,15 +333,18 @@ class ImageService:
                     async for chunk in self.client.fetch_blob(repo, desc, credentials=creds):
                         w.write(chunk)
                         n += len(chunk)
-                        if self.progress is not None:
-                            self.progress(str(desc.digest), n, desc.size)
+                        if prog is not None:
+                            prog.layer_bytes(digest, n)
                     await asyncio.to_thread(w.commit)
+                    if prog is not None:
+                        prog.layer_finished(digest)
                 except BaseException:
                     w.abort()
                     raise
                 return n
 
-    async def _unpack(self, shown: str, layers: list, diff_ids: list[str], ready: list | None = None) -> str:
+    async def _unpack(self, shown: str, layers: Sequence[Any], diff_ids: Sequence[str],
+                      ready: Sequence[asyncio.Future[int]] | None = None) -> str:
         """Apply layers into snapshots keyed by chain ID; returns the top chain ID.
 
         ``ready[i]`` (optional) is awaited before layer i is applied (its download).
@@ -403,8 +361,9 @@ class ImageService:
                     while not ready[i].done():
                         done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                         for t in done:
-                            if t.exception() is not None:
-                                raise t.exception()
+                            exc = t.exception()
+                            if exc is not None:
+                                raise exc
                         pending = [t for t in pending if not t.done()]
                 ready[i].result()
             lock = self._chain_locks.setdefault(chain, asyncio.Lock())
@@ -442,39 +401,40 @@ class ImageService:
             pass
 
     def _record(self, r: Reference | None, repo_digest: str, root_digest: str, manifest_digest: str,
-                manifest: Any, config: dict, top: str, *, tags: list[str] = ()) -> ImageRecord:
+                manifest: Any, config: dict, top: str, *, tags: Sequence[str] = ()) -> ImageRecord:
         """Record (or update) the image whose config is ``manifest.config``.
 
         ``r`` is the reference pulled: its tag (when it has no digest) and ``name@repo_digest``
         point at the image; ``tags`` are extra full ``name:tag`` references (archive import).
         """
         iid = str(manifest.config.digest)
-        try:
-            rec = self.store.get_image(iid)
-        except NotFound:
-            rec = ImageRecord(id=iid, created_at=now_ns())
         new_tags = list(tags)
         if r is not None and r.tag and r.digest is None:
             new_tags.append(f"{r.name}:{r.tag}")
-        for t in new_tags:
-            if t not in rec.repo_tags:
-                rec.repo_tags.append(t)
         names = {t.rsplit(":", 1)[0] for t in new_tags}
         if r is not None:
             names.add(r.name)
-        for name in sorted(names):
-            if repo_digest and f"{name}@{repo_digest}" not in rec.repo_digests:
-                rec.repo_digests.append(f"{name}@{repo_digest}")
-        rec.manifest_digest = manifest_digest
-        rec.config = config
-        rec.chain_id = top
-        rec.layers = [str(l.digest) for l in manifest.layers]
-        rec.size = sum(l.size for l in manifest.layers) + manifest.config.size
-        rec.extra = {**rec.extra, "root_digest": root_digest, "manifest_digest": manifest_digest,
-                     "manifest_media_type": manifest.media_type}
-        rec.pinned = rec.pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)
-        self.store.put_image(rec)
-        return rec
+
+        def change(old: ImageRecord | None) -> ImageRecord:
+            # Runs inside the store's transaction, so a concurrent pull's tags are kept.
+            rec = old if old is not None else ImageRecord(id=iid, created_at=now_ns())
+            for t in new_tags:
+                if t not in rec.repo_tags:
+                    rec.repo_tags.append(t)
+            for name in sorted(names):
+                if repo_digest and f"{name}@{repo_digest}" not in rec.repo_digests:
+                    rec.repo_digests.append(f"{name}@{repo_digest}")
+            rec.manifest_digest = manifest_digest
+            rec.config = config
+            rec.chain_id = top
+            rec.layers = [str(layer.digest) for layer in manifest.layers]
+            rec.size = sum(layer.size for layer in manifest.layers) + manifest.config.size
+            rec.extra = {**rec.extra, "root_digest": root_digest, "manifest_digest": manifest_digest,
+                         "manifest_media_type": manifest.media_type}
+            rec.pinned = rec.pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)
+            return rec
+
+        return self.store.update_image(iid, change)
 
     # -- remove and GC --------------------------------------------------------------------------
 
@@ -488,11 +448,16 @@ class ImageService:
             r = parse_reference(ref)
             tag = f"{r.name}:{r.tag}"
             if len(rec.repo_tags) > 1 and tag in rec.repo_tags:
-                rec.repo_tags = [t for t in rec.repo_tags if t != tag]
-                # the repo digest goes with the last tag of its repository
-                if not any(t.rsplit(":", 1)[0] == r.name for t in rec.repo_tags):
-                    rec.repo_digests = [d for d in rec.repo_digests if d.split("@", 1)[0] != r.name]
-                self.store.put_image(rec)
+                def untag(cur: ImageRecord | None) -> ImageRecord:
+                    # on the stored record, in the store's transaction: tags added meanwhile stay
+                    cur = cur if cur is not None else rec
+                    cur.repo_tags = [t for t in cur.repo_tags if t != tag]
+                    # the repo digest goes with the last tag of its repository
+                    if not any(t.rsplit(":", 1)[0] == r.name for t in cur.repo_tags):
+                        cur.repo_digests = [d for d in cur.repo_digests if d.split("@", 1)[0] != r.name]
+                    return cur
+
+                self.store.update_image(rec.id, untag)
                 log.info("untagged image", extra={"fields": {"id": rec.id, "tag": tag}})
                 return
         self.store.delete_image(rec.id)
@@ -500,15 +465,15 @@ class ImageService:
         if self.s.gc_on_remove:
             await self.gc()
 
-    async def gc(self) -> dict[str, list[str]]:
+    async def gc(self) -> dict[str, builtins.list[str]]:
         """Remove blobs and committed snapshots that no image (or pull in flight) needs."""
         return await asyncio.to_thread(self._gc)
 
-    def _gc(self) -> dict[str, list[str]]:
+    def _gc(self) -> dict[str, builtins.list[str]]:
         with self.gc_lock():
             return self._gc_locked()
 
-    def _gc_locked(self) -> dict[str, list[str]]:
+    def _gc_locked(self) -> dict[str, builtins.list[str]]:
         with self._chains_lock:
             # In-flight chains first, images after: a pull records its image before it lets go
             # of its chains.  Chains registered from here on are collected in _gc_touched and
@@ -535,7 +500,7 @@ class ImageService:
         self.snapshots.remove_dir(key, d)
         return True
 
-    def _gc_collect(self, keep_snaps: set[str]) -> dict[str, list[str]]:
+    def _gc_collect(self, keep_snaps: set[str]) -> dict[str, builtins.list[str]]:
         keep_blobs = {str(d) for d in self.content.leased_digests()}
         for res in self.store.leased_resources():  # other processes' work (offline imports)
             keep_blobs.add(res)
@@ -549,7 +514,8 @@ class ImageService:
         for rec in records.values():
             if rec.kind != "committed":
                 keep_snaps.add(rec.key)
-        for key in list(keep_snaps):
+        for top in list(keep_snaps):
+            key: str | None = top
             while key and key in records:
                 keep_snaps.add(key)
                 key = records[key].parent
@@ -557,7 +523,7 @@ class ImageService:
         progress = True
         while progress:
             progress = False
-            for key, rec in list(records.items()):
+            for key in list(records):
                 if key in keep_snaps or self.store.snapshot_children(key):
                     continue
                 try:
@@ -567,9 +533,10 @@ class ImageService:
                     keep_snaps.add(key)
                     continue
                 if not gone:  # a pull started using it: it stays, and so does what is below it
-                    while key and key in records:
-                        keep_snaps.add(key)
-                        key = records[key].parent
+                    below: str | None = key
+                    while below and below in records:
+                        keep_snaps.add(below)
+                        below = records[below].parent
                     continue
                 self._usage_cache.pop(key, None)
                 removed_snaps.append(key)
@@ -587,7 +554,7 @@ class ImageService:
 
     # -- offline import support ------------------------------------------------------------------
 
-    def import_image(self, refs: list[Reference], root_digest: str, manifest_digest: str,
+    def import_image(self, refs: builtins.list[Reference], root_digest: str, manifest_digest: str,
                      manifest: Any, config_bytes: bytes) -> ImageRecord:
         """Unpack an image whose blobs are all in the content store, then record it.
 
@@ -679,11 +646,11 @@ class ImageService:
 
     # -- fs info -----------------------------------------------------------------------------------
 
-    async def fs_info(self) -> list[tuple[str, int, int]]:
+    async def fs_info(self) -> builtins.list[tuple[str, int, int]]:
         """[(mountpoint, bytes, inodes)] for the image filesystem, then the container one."""
         return await asyncio.to_thread(self._fs_info)
 
-    def _fs_info(self) -> list[tuple[str, int, int]]:
+    def _fs_info(self) -> builtins.list[tuple[str, int, int]]:
         img_bytes = img_inodes = ctr_bytes = ctr_inodes = 0
         for rec in self.store.list_snapshots():
             try:

@@ -7,9 +7,9 @@ Layout under ``root``::
     snapshots/<n>/work   overlay work dir, only while the snapshot is active
 
 ``<n>`` is a short number so that overlay lowerdir lists stay short.  Metadata
-(``SnapshotRecord``) lives behind the small :class:`MetaStore` protocol; the
-daemon's SQLite store implements it, :class:`MemoryMetaStore` and
-:class:`JsonFileMetaStore` are provided for tests and early wiring.
+(``moorage.core.store.SnapshotRecord``) lives behind the small :class:`MetaStore`
+protocol: :class:`StoreMetaStore` puts it in the daemon's SQLite store,
+:class:`MemoryMetaStore` and :class:`JsonFileMetaStore` are for tests and tools.
 
 Kinds (containerd semantics):
 
@@ -49,11 +49,12 @@ import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from moorage.core.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from moorage.core.mount import Mount, mount_points, mounts_using, unmount_all
+from moorage.core.store import SnapshotRecord, Store
 from moorage.images.digest import Digest
 from moorage.images.unpack import _copy_fd
 
@@ -91,24 +92,8 @@ def chain_ids(diff_ids: Sequence[Digest | str]) -> list[Digest]:
 
 
 # --------------------------------------------------------------------------- metadata
-@dataclass
-class SnapshotRecord:
-    key: str
-    kind: str                     # active | view | committed
-    parent: str | None
-    dir_id: str                   # name of the directory under <root>/snapshots
-    labels: dict[str, str] = field(default_factory=dict)
-    created: float = 0.0
-    updated: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SnapshotRecord:
-        return cls(key=d["key"], kind=d["kind"], parent=d.get("parent"), dir_id=str(d["dir_id"]),
-                   labels=dict(d.get("labels") or {}), created=float(d.get("created", 0.0)),
-                   updated=float(d.get("updated", 0.0)))
+# The record is the store's own type (one definition for every backend below): its SQL
+# lives with the store, and the in-memory and JSON-file backends use the same fields.
 
 
 @runtime_checkable
@@ -147,7 +132,7 @@ class MemoryMetaStore:
         self._lock = threading.RLock()
 
     def _copy(self, r: SnapshotRecord) -> SnapshotRecord:
-        return SnapshotRecord.from_dict(r.to_dict())
+        return replace(r, labels=dict(r.labels))
 
     def get(self, key: str) -> SnapshotRecord | None:
         with self._lock:
@@ -170,7 +155,7 @@ class MemoryMetaStore:
                 raise AlreadyExists(f"snapshot \"{name}\" already exists")
             new = SnapshotRecord(key=name, kind=KIND_COMMITTED, parent=r.parent, dir_id=r.dir_id,
                                  labels=dict(labels) if labels is not None else dict(r.labels),
-                                 created=r.created, updated=time.time())
+                                 created_at=r.created_at, updated_at=time.time_ns())
             del self._records[key]
             self._records[name] = new
             self._changed()
@@ -229,6 +214,32 @@ class JsonFileMetaStore(MemoryMetaStore):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+class StoreMetaStore:
+    """MetaStore on the daemon's SQLite store: each method is one named store call (one
+    transaction); the SQL stays in the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, key: str) -> SnapshotRecord | None:
+        return self.store.get_snapshot(key)
+
+    def add(self, record: SnapshotRecord) -> None:
+        self.store.add_snapshot(record)
+
+    def commit(self, key: str, name: str, labels: dict[str, str] | None) -> SnapshotRecord:
+        return self.store.commit_snapshot(key, name, labels)
+
+    def remove(self, key: str) -> SnapshotRecord:
+        return self.store.remove_snapshot(key)
+
+    def children(self, key: str) -> list[str]:
+        return self.store.snapshot_children(key)
+
+    def list(self) -> list[SnapshotRecord]:
+        return self.store.list_snapshots()
 
 
 # --------------------------------------------------------------------------- mounts
@@ -386,7 +397,7 @@ class Snapshotter:
         return self.meta.get(key) is not None
 
     def walk(self) -> Iterator[SnapshotRecord]:
-        yield from sorted(self.meta.list(), key=lambda r: (r.created, r.key))
+        yield from sorted(self.meta.list(), key=lambda r: (r.created_at, r.key))
 
     # -- lifecycle
     def prepare(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> list[Mount]:
@@ -420,9 +431,9 @@ class Snapshotter:
                 os.mkdir(os.path.join(self._dir(dir_id), "work"), 0o700)
             if kind == KIND_ACTIVE and self.backend == BACKEND_NATIVE and parent is not None:
                 copy_tree(self._fs(self._get(parent)), fs)
-            now = time.time()
+            now = time.time_ns()
             rec = SnapshotRecord(key=key, kind=kind, parent=parent, dir_id=dir_id,
-                                 labels=dict(labels or {}), created=now, updated=now)
+                                 labels=dict(labels or {}), created_at=now, updated_at=now)
             # One step with remove()'s children check: a parent is never removed between
             # our check and the child's record (which would leave the child dangling).
             with self._lock:

@@ -58,7 +58,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO, Literal, NoReturn, Protocol, cast, overload
 
 import zstandard
 
@@ -135,41 +135,44 @@ def bounded_tarinfo(error: Callable[[str], Exception]) -> type[tarfile.TarInfo]:
                 raise error(f"a {kind} tar header claims {self.size} bytes, more than the limit of "
                             f"{MAX_TAR_EXT_HEADER} bytes")
 
-        def _bounded_ext(self, tf, kind: str, proc):
+        # _block, _proc_gnulong and _proc_pax are tarfile's private header hooks (not in its
+        # type stubs); overriding them is the only way to bound headers while reading a stream.
+        def _bounded_ext(self, tf: tarfile.TarFile, kind: str,
+                         proc: Callable[[tarfile.TarFile], tarfile.TarInfo]) -> tarfile.TarInfo:
             self._check_size(kind)
-            body = self._block(self.size)
+            body: int = self._block(self.size)  # type: ignore[attr-defined]
             pending, depth = getattr(tf, "_moorage_ext", (0, 0))
             if depth + 1 > MAX_TAR_EXT_CHAIN or pending + body > MAX_TAR_EXT_HEADER:
                 raise error(f"a tar entry has more than {MAX_TAR_EXT_CHAIN} extended headers or more "
                             f"than {MAX_TAR_EXT_HEADER} bytes of them")
-            tf._moorage_ext = (pending + body, depth + 1)
+            setattr(tf, "_moorage_ext", (pending + body, depth + 1))  # noqa: B010 -- not in TarFile's type
             try:
                 return proc(tf)
             finally:
-                tf._moorage_ext = (pending, depth)
+                setattr(tf, "_moorage_ext", (pending, depth))  # noqa: B010
 
-        def _proc_gnulong(self, tf):
+        def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
             kind = "GNU long name" if self.type == tarfile.GNUTYPE_LONGNAME else "GNU long link"
-            return self._bounded_ext(tf, kind, super()._proc_gnulong)
+            return self._bounded_ext(tf, kind, super()._proc_gnulong)  # type: ignore[misc]
 
-        def _proc_pax(self, tf):
+        def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
             kind = "PAX global" if self.type == tarfile.XGLTYPE else "PAX extended"
             self._check_size(kind)
             if self.type == tarfile.XGLTYPE:
                 held = sum(len(k) + len(v) for k, v in tf.pax_headers.items())
                 if held + self.size > MAX_TAR_EXT_HEADER:
                     raise error(f"global PAX tar headers exceed the limit of {MAX_TAR_EXT_HEADER} bytes")
-            return self._bounded_ext(tf, kind, super()._proc_pax)
+            return self._bounded_ext(tf, kind, super()._proc_pax)  # type: ignore[misc]
 
         @staticmethod
-        def _sparse(name: str):
+        def _sparse(name: str) -> NoReturn:
             raise error(f"entry \"{name}\" is a sparse file; sparse tar members are not supported "
                         "(their holes would be written out in full)")
 
-        def _proc_sparse(self, tf):
+        def _proc_sparse(self, tf: tarfile.TarFile) -> NoReturn:
             self._sparse(self.name)
 
-        def _proc_gnusparse_00(self, next, pax_headers, *_):
+        def _proc_gnusparse_00(self, next: tarfile.TarInfo, pax_headers: dict[str, str], *_: object) -> NoReturn:
             self._sparse(pax_headers.get("GNU.sparse.name", next.name))
 
         _proc_gnusparse_01 = _proc_gnusparse_00
@@ -201,10 +204,14 @@ class _Prefixed:
         return True
 
 
+class _Reader(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class _HashingReader:
     """Counts and hashes the uncompressed stream; enforces the byte bound."""
 
-    def __init__(self, src, limit: int, label: str) -> None:
+    def __init__(self, src: _Reader, limit: int, label: str) -> None:
         self._src = src
         self._limit = limit
         self._label = label
@@ -239,14 +246,16 @@ def _read_exact(src: BinaryIO, n: int) -> bytes:
     return buf
 
 
-def open_decompressed(src: BinaryIO) -> tuple[object, str]:
+def open_decompressed(src: BinaryIO) -> tuple[_Reader, str]:
     """Detect gzip / zstd / plain by magic bytes; return (reader, compression name)."""
     head = _read_exact(src, 4)
     pre = _Prefixed(head, src)
+    # Their stubs want a seekable file; reading forward, as here, they only ever call read().
+    stream = cast(IO[bytes], pre)
     if head[:2] == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=pre, mode="rb"), "gzip"
+        return gzip.GzipFile(fileobj=stream, mode="rb"), "gzip"
     if head == _ZSTD_MAGIC:
-        return zstandard.ZstdDecompressor().stream_reader(pre, read_across_frames=True), "zstd"
+        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True), "zstd"
     return pre, "none"
 
 
@@ -331,7 +340,13 @@ class _Applier:
         return rel in self.unpacked or rel in self.ancestors
 
     # -- directory walking (never follows symlinks)
+    @overload
+    def _open_dir(self, comps: list[str], create: Literal[True]) -> int: ...
+    @overload
+    def _open_dir(self, comps: list[str], create: bool) -> int | None: ...
+
     def _open_dir(self, comps: list[str], create: bool) -> int | None:
+        """An fd of the directory ``comps`` (made when ``create``; else None when missing)."""
         fd = os.dup(self.root_fd)
         try:
             for i, c in enumerate(comps):
@@ -394,9 +409,9 @@ class _Applier:
         Returns (fd of the containing directory, lstat) or None.  Honours
         whiteouts and opaque directories of this layer and the lower ones.
         """
-        layers: list[int | str] = [self.root_fd] + self.parents
+        layers: list[int | str] = [self.root_fd, *self.parents]
         for index, layer in enumerate(layers):
-            fd = os.dup(layer) if index == 0 else os.open(
+            fd = os.dup(layer) if isinstance(layer, int) else os.open(
                 layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             stop_below = False
             try:
@@ -439,7 +454,7 @@ class _Applier:
             out.append((name, value.encode("utf-8", "surrogateescape")))
         return out
 
-    def _set_xattr(self, target, name: str, value: bytes, follow: bool = True) -> None:
+    def _set_xattr(self, target: int | str, name: str, value: bytes, follow: bool = True) -> None:
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
@@ -574,6 +589,8 @@ class _Applier:
                          0o600, dir_fd=pfd)
             try:
                 src = tf.extractfile(member)
+                if src is None:  # pragma: no cover - a regular member always has data
+                    raise self.bad("has no data")
                 remaining = member.size
                 while remaining > 0:
                     chunk = src.read(min(_CHUNK, remaining))
@@ -594,8 +611,8 @@ class _Applier:
             os.mkfifo(base, 0o600, dir_fd=pfd)
             self._meta_at(pfd, base, member)
         else:
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(base, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)
+            node = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(base, node | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)
             self._meta_at(pfd, base, member)
 
     def _hardlink(self, member: tarfile.TarInfo, comps: list[str], pfd: int,
@@ -610,7 +627,8 @@ class _Applier:
             return
         tpfd, tst = self._find_here(tcomps)
         if tst is not None and self.mode == MODE_OVERLAY and _is_whiteout(tst):
-            os.close(tpfd)
+            if tpfd is not None:
+                os.close(tpfd)
             tpfd, tst = None, None  # whited out in this layer: gone
         elif tst is None and self.mode == MODE_OVERLAY:
             if tpfd is not None:
@@ -618,7 +636,7 @@ class _Applier:
             tpfd = self._copy_up(tcomps)
             if tpfd is not None:
                 tst = os.stat(tcomps[-1], dir_fd=tpfd, follow_symlinks=False)
-        if tst is None:
+        if tst is None or tpfd is None:
             if tpfd is not None:
                 os.close(tpfd)
             raise self.bad(f"is a hardlink to \"{member.linkname}\" which does not exist in the layer "
@@ -698,12 +716,12 @@ class _Applier:
                 finally:
                     os.close(pfd)
             else:
-                pfd = self._open_dir(parent, create=False)
-                if pfd is not None:
+                found = self._open_dir(parent, create=False)
+                if found is not None:
                     try:
-                        self._clear_lower(pfd, "/".join(parent))
+                        self._clear_lower(found, "/".join(parent))
                     finally:
-                        os.close(pfd)
+                        os.close(found)
             if parent:
                 self._mark(parent)
             return
@@ -729,25 +747,25 @@ class _Applier:
             finally:
                 os.close(pfd)
         else:
-            pfd = self._open_dir(parent, create=False)
-            if pfd is None:
+            dfd = self._open_dir(parent, create=False)
+            if dfd is None:
                 return
             try:
                 try:
-                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
                     return
                 if self._kept(rel):
                     if stat.S_ISDIR(st.st_mode) and rel in self.ancestors:
-                        cfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                        cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
                         try:
                             self._clear_lower(cfd, rel)
                         finally:
                             os.close(cfd)
                     return
-                _remove_at(pfd, name)
+                _remove_at(dfd, name)
             finally:
-                os.close(pfd)
+                os.close(dfd)
         if parent:
             self._mark(parent)
 
@@ -824,7 +842,8 @@ def apply_layer(
             stream, compression = open_decompressed(src)
             hashing = _HashingReader(stream, limits.max_bytes, label)
             try:
-                tf = tarfile.open(fileobj=hashing, mode="r|", errors="surrogateescape",
+                # a stream read forward: tarfile's "r|" mode only ever calls read()
+                tf = tarfile.open(fileobj=cast(IO[bytes], hashing), mode="r|", errors="surrogateescape",
                                   tarinfo=bounded_tarinfo(lambda why: LayerError(f"layer {label}: {why}")))
             except tarfile.ReadError as e:
                 raise LayerError(f"layer {label}: not a tar archive ({e})") from None
@@ -857,8 +876,22 @@ def apply_layer(
     return UnpackResult(diff_id=diff_id, entries=count, size=hashing.count, compression=compression)
 
 
+class SnapshotterLike(Protocol):
+    """What unpack_to_snapshot uses of ``images.snapshotter.Snapshotter`` (which imports
+    this module, so it is described here rather than imported)."""
+
+    @property
+    def unpack_mode(self) -> str: ...
+    def exists(self, key: str) -> bool: ...
+    def prepare(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> Any: ...
+    def upper_dir(self, key: str) -> str: ...
+    def parent_dirs(self, key: str) -> list[str]: ...
+    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Any: ...
+    def remove(self, key: str) -> None: ...
+
+
 def unpack_to_snapshot(
-    snapshotter,
+    snapshotter: SnapshotterLike,
     src: BinaryIO,
     *,
     chain_id: Digest | str,

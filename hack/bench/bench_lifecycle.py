@@ -189,7 +189,7 @@ def main() -> int:
         print("needs root", file=sys.stderr)
         return 2
 
-    from moorage.testing.testimages import build_all
+    from moorage.testing.testimages import cached_build_all
 
     work = tempfile.mkdtemp(prefix="mrg-bench-", dir="/tmp")
     reg = TestRegistry(host="", scheme="http", base_dir=os.path.join(work, "registry"))
@@ -199,7 +199,7 @@ def main() -> int:
                                    f'default_handler = "{args.handler or "runc"}"\n')
     os.makedirs(d.base)
     try:
-        layouts = build_all(os.path.join(work, "images"))
+        layouts = cached_build_all()
         _start_registry(reg, tls=None, auth=None, verify=False)
         _push_images(reg, {"busybox": layouts["busybox"]}, ["busybox"])
         image = reg.images["busybox"].ref

@@ -27,7 +27,7 @@ from moorage.cri.api import api_pb2 as pb
 from moorage.testing import registry as regfix
 from moorage.testing.cri import container_config, pod_config
 from moorage.testing.daemon import DaemonProcess, new_base, teardown
-from moorage.testing.testimages import build_all
+from moorage.testing.testimages import cached_build_all
 
 
 def timings(fn, rounds: int) -> list[float]:
@@ -53,11 +53,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
 
-    img_dir = tempfile.mkdtemp(prefix="moorage-bench-img-")
     reg = regfix.TestRegistry(host="", scheme="http", base_dir=tempfile.mkdtemp(prefix="moorage-bench-reg-"))
     d = DaemonProcess(base=new_base())
     try:
-        layouts = build_all(img_dir)
+        layouts = cached_build_all()
         regfix._start_registry(reg, tls=None, auth=None, verify=False)
         regfix._push_images(reg, layouts, ["busybox"])
         image = reg.images["busybox"].ref
@@ -112,7 +111,6 @@ def main() -> int:
             shutil.rmtree(d.base, ignore_errors=True)
         regfix._stop_process(reg.proc)
         shutil.rmtree(reg.base_dir, ignore_errors=True)
-        shutil.rmtree(img_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

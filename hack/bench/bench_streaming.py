@@ -187,14 +187,14 @@ def main() -> int:
         _start_registry,
         _stop_process,
     )
-    from moorage.testing.testimages import build_all
+    from moorage.testing.testimages import cached_build_all
 
     work = tempfile.mkdtemp(prefix="mrg-bench-")
     reg = TestRegistry(host="", scheme="http", base_dir=os.path.join(work, "registry"))
     os.makedirs(reg.base_dir)
     d = DaemonProcess(base=tempfile.mkdtemp(prefix="mrg-", dir="/tmp"))
     try:
-        layouts = build_all(os.path.join(work, "images"))
+        layouts = cached_build_all()
         _start_registry(reg, tls=None, auth=None, verify=False)
         _push_images(reg, layouts, ["busybox"])
         d.start()

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -94,12 +94,30 @@ class ImageRecord:
 
 @dataclass
 class SnapshotRecord:
+    """One snapshot, the only record type for it: the snapshotter and every metadata
+    backend (this store, the snapshotter's in-memory and JSON-file ones) share it."""
+
     key: str
     kind: str  # committed | active | view
-    parent: str = ""
-    dir_id: str = ""
-    labels: dict = field(default_factory=dict)
-    created_at: int = 0
+    parent: str | None = None  # None: a base layer
+    dir_id: str = ""  # name of the snapshot's directory under the snapshotter's root
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: int = 0  # ns
+    updated_at: int = 0  # ns
+
+    def __post_init__(self) -> None:
+        # Rows written before the record was shared spell "no parent" as "".
+        if not self.parent:
+            self.parent = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SnapshotRecord:
+        """Tolerant of keys this version does not know (a newer writer's)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 R = TypeVar("R")
@@ -325,6 +343,17 @@ class Store:
         with self.transaction() as db:
             self._put_image(db, rec)
 
+    def update_image(self, iid: str, change: Callable[[ImageRecord | None], ImageRecord]) -> ImageRecord:
+        """Read image ``iid`` (None when absent), let ``change`` return its new state and
+        store that (with its refs, as put_image), all in one transaction: two pulls that add
+        different tags to one image both keep theirs.  ``change`` must be quick and pure."""
+        with self.transaction() as db:
+            rec = change(self._get_image(db, iid))
+            if rec.id != iid:
+                raise ValueError(f"update_image({iid!r}) returned image {rec.id!r}")
+            self._put_image(db, rec)
+        return rec
+
     def _put_image(self, db: sqlite3.Connection, rec: ImageRecord) -> None:
         ns = self.namespace
         for ref in list(rec.repo_tags) + list(rec.repo_digests):
@@ -367,18 +396,61 @@ class Store:
             db.execute("DELETE FROM image_refs WHERE namespace=? AND image_id=?", (self.namespace, iid))
             return db.execute("DELETE FROM images WHERE namespace=? AND id=?", (self.namespace, iid)).rowcount > 0
 
-    # -- snapshots (implements the snapshotter's metadata protocol) -----------------------
+    # -- snapshots (the snapshotter's metadata protocol is a thin adapter over these) -------
 
     def put_snapshot(self, rec: SnapshotRecord) -> None:
+        """Insert or replace."""
         with self.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO snapshots (namespace, key, kind, parent, data) VALUES (?,?,?,?,?)",
-                (self.namespace, rec.key, rec.kind, rec.parent, _to_json(rec)),
-            )
+            self._insert_snapshot(db, rec, replace=True)
+
+    def _insert_snapshot(self, db: sqlite3.Connection, rec: SnapshotRecord, *, replace: bool) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        # The parent column is NOT NULL: "" stands for a base layer there (never a key).
+        db.execute(
+            f"{verb} INTO snapshots (namespace, key, kind, parent, data) VALUES (?,?,?,?,?)",
+            (self.namespace, rec.key, rec.kind, rec.parent or "", _to_json(rec)),
+        )
+
+    def add_snapshot(self, rec: SnapshotRecord) -> None:
+        """Insert; AlreadyExists when ``rec.key`` is taken (checked and inserted atomically)."""
+        with self.transaction() as db:
+            try:
+                self._insert_snapshot(db, rec, replace=False)
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"snapshot {rec.key!r} already exists") from None
+
+    def commit_snapshot(self, key: str, name: str, labels: dict[str, str] | None) -> SnapshotRecord:
+        """In one transaction, turn ``key`` into the committed ``name``: same dir and parent,
+        labels replaced when given.  NotFound for ``key``, AlreadyExists for ``name``."""
+        with self.transaction() as db:
+            old = self._get_snapshot(db, key)
+            if old is None:
+                raise NotFound(f"snapshot {key!r} not found")
+            if self._get_snapshot(db, name) is not None:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            new = SnapshotRecord(key=name, kind="committed", parent=old.parent, dir_id=old.dir_id,
+                                 labels=dict(labels if labels is not None else old.labels),
+                                 created_at=old.created_at, updated_at=now_ns())
+            db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key))
+            self._insert_snapshot(db, new, replace=False)
+        return new
+
+    def remove_snapshot(self, key: str) -> SnapshotRecord:
+        """Delete and return the record, in one transaction; NotFound when absent."""
+        with self.transaction() as db:
+            rec = self._get_snapshot(db, key)
+            if rec is None:
+                raise NotFound(f"snapshot {key!r} not found")
+            db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key))
+        return rec
+
+    def _get_snapshot(self, db: sqlite3.Connection, key: str) -> SnapshotRecord | None:
+        row = db.execute("SELECT data FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key)).fetchone()
+        return _from_json(SnapshotRecord, row[0]) if row else None
 
     def get_snapshot(self, key: str) -> SnapshotRecord | None:
-        rows = self._query("SELECT data FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key))
-        return _from_json(SnapshotRecord, rows[0][0]) if rows else None
+        with self._lock:
+            return self._get_snapshot(self._db, key)
 
     def list_snapshots(self) -> list[SnapshotRecord]:
         rows = self._query("SELECT data FROM snapshots WHERE namespace=?", (self.namespace,))

@@ -25,8 +25,9 @@ evil-*          (``build_all(include_evil=True)``) one hostile layer each, for u
 
 Library use::
 
-    from moorage.testing.testimages import build_all
-    images = build_all("/tmp/layouts")      # name -> LayoutInfo
+    from moorage.testing.testimages import build_all, cached_build_all
+    images = build_all("/tmp/layouts")      # name -> LayoutInfo, built now
+    images = cached_build_all()             # the same, built once per set of inputs (see there)
 
 CLI: ``python -m moorage.testing.testimages OUT_DIR [--evil]`` prints a JSON summary.
 """
@@ -34,16 +35,22 @@ CLI: ``python -m moorage.testing.testimages OUT_DIR [--evil]`` prints a JSON sum
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterable
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from moorage.images import oci
 from moorage.images.platform import host_platform
@@ -260,7 +267,7 @@ def _layer(tar: bytes, compression: str, docker: bool = False) -> _Layer:
 def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: str = "",
                  config_extra: dict | None = None, labels: dict | None = None,
                  docker: bool = False, history: list[str] | None = None) -> tuple[oci.Descriptor, ManifestInfo]:
-    cfg = {"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"}
+    cfg: dict[str, Any] = {"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"}
     if labels:
         cfg["Labels"] = dict(labels)
     cfg.update(config_extra or {})
@@ -277,13 +284,14 @@ def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: 
         config["variant"] = variant
     config_bytes = oci.canonical_json(config)
     config_digest = w.put(config_bytes)
-    layer_descs = []
+    layer_descs: list[dict[str, Any]] = []
     for l in layers:
         d = w.put(l.blob)
         layer_descs.append({"mediaType": l.media_type, "digest": d, "size": len(l.blob)})
+    media_type = oci.DOCKER_MANIFEST if docker else oci.OCI_MANIFEST
     manifest = {
         "schemaVersion": 2,
-        "mediaType": oci.DOCKER_MANIFEST if docker else oci.OCI_MANIFEST,
+        "mediaType": media_type,
         "config": {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG,
                    "digest": config_digest, "size": len(config_bytes)},
         "layers": layer_descs,
@@ -291,9 +299,9 @@ def _write_image(w: _LayoutWriter, layers: list[_Layer], *, arch: str, variant: 
     mbytes = oci.canonical_json(manifest)
     mdigest = w.put(mbytes)
     plat = oci.Platform("linux", arch, variant)
-    desc = oci.Descriptor(manifest["mediaType"], mdigest, len(mbytes), platform=plat)
-    info = ManifestInfo(mdigest, len(mbytes), manifest["mediaType"], str(plat), config_digest,
-                        [d["digest"] for d in layer_descs])
+    desc = oci.Descriptor(media_type, mdigest, len(mbytes), platform=plat)
+    info = ManifestInfo(mdigest, len(mbytes), media_type, str(plat), config_digest,
+                        [str(d["digest"]) for d in layer_descs])
     return desc, info
 
 
@@ -311,7 +319,7 @@ class Builder:
             self._busybox_tar = tar_bytes(busybox_entries())
         return self._busybox_tar
 
-    def _single(self, name: str, layers: list[_Layer], tags: list[str], **kw) -> LayoutInfo:
+    def _single(self, name: str, layers: list[_Layer], tags: list[str], **kw: Any) -> LayoutInfo:
         w = _LayoutWriter(os.path.join(self.out_dir, name))
         desc, info = _write_image(w, layers, arch=self.native.architecture, variant=self.native.variant, **kw)
         root = oci.Descriptor(desc.media_type, desc.digest, desc.size)
@@ -409,6 +417,131 @@ def build_all(out_dir: str, include_evil: bool = False) -> dict[str, LayoutInfo]
     }
     if include_evil:
         images.update(b.evil())
+    return images
+
+
+# --- a shared cache of built layouts ----------------------------------------------------------
+#
+# Every pytest-xdist worker, fixture and benchmark wants the same layouts; building them takes
+# seconds each time.  They are built once per set of inputs into a directory named by a hash of
+# those inputs, so a changed builder or binary never serves stale layouts, and unchanged ones are
+# reused across workers and runs.  Users must treat the layouts as read-only.
+
+CACHE_ENV = "MOORAGE_TEST_LAYOUTS_CACHE"
+DEFAULT_CACHE_ROOT = "/var/tmp/moorage-test-layouts"
+CACHE_MAX_IDLE = 14 * 86400  # other keys' entries unused this long are removed
+_SUMMARY = "summary.json"
+BUILD_LOG = "builds.log"  # one line per build, for the curious (and the cache's tests)
+
+
+def inputs_key(include_evil: bool = False) -> str:
+    """A content hash of everything the layouts are made from: this module's source, the
+    OCI helpers it serialises with, the busybox and catatonit binaries, the evil flag, and
+    the host platform and library versions that shape the bytes (multiarch, tar, gzip, zstd)."""
+    import zstandard
+
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        h.update(label.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+
+    add("builder", _read(os.path.abspath(__file__)))
+    add("oci", _read(os.path.abspath(oci.__file__)))
+    add("busybox", _read(BUSYBOX))
+    add("catatonit", _read(CATATONIT) if os.path.exists(CATATONIT) else b"")
+    add("evil", b"1" if include_evil else b"0")
+    add("platform", str(host_platform()).encode())
+    add("python", sys.version.encode())
+    add("zstandard", str(zstandard.__version__).encode())
+    return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _flock(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _layout_from_json(d: dict, entry: str) -> LayoutInfo:
+    manifests = [ManifestInfo(**m) for m in d["manifests"]]
+    return LayoutInfo(**{**d, "path": os.path.join(entry, d["path"]), "manifests": manifests})
+
+
+def _load_cached(entry: str) -> dict[str, LayoutInfo] | None:
+    """The layouts in a finished cache entry, or None when it is missing or damaged (a blob
+    that no longer matches its digest: someone wrote into the cache)."""
+    try:
+        with open(os.path.join(entry, _SUMMARY), encoding="utf-8") as f:
+            summary = json.load(f)
+        images = {name: _layout_from_json(d, entry) for name, d in summary.items()}
+        for info in images.values():
+            if not os.path.isfile(os.path.join(info.path, "index.json")):
+                return None
+            for digest in info.blobs:
+                read_layout_blob(info.path, digest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(entry)  # last use, for pruning
+    return images
+
+
+def _prune(root: str, keep: str) -> None:
+    now = time.time()
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name == keep or name.endswith(".lock") or name == BUILD_LOG:
+            continue
+        try:
+            idle = now - os.stat(path).st_mtime
+        except OSError:
+            continue
+        if idle > CACHE_MAX_IDLE:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def cached_build_all(include_evil: bool = False, cache_root: str | None = None) -> dict[str, LayoutInfo]:
+    """build_all's layouts from the cache, built there first if no process has yet.
+
+    The entry is ``<cache_root>/<inputs_key()>`` (root: ``cache_root``, else
+    ``$MOORAGE_TEST_LAYOUTS_CACHE``, else /var/tmp/moorage-test-layouts).  It is built in a
+    temporary directory and renamed into place, so it is complete or absent; a file lock
+    makes concurrent callers (xdist workers) wait for one build instead of each building.
+    """
+    root = os.path.abspath(cache_root or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT)
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    key = inputs_key(include_evil)
+    entry = os.path.join(root, key)
+    images = _load_cached(entry)
+    if images is not None:
+        return images
+    with _flock(os.path.join(root, f"{key}.lock")):
+        images = _load_cached(entry)  # built by another process while we waited
+        if images is not None:
+            return images
+        shutil.rmtree(entry, ignore_errors=True)  # damaged: build it again
+        tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+        try:
+            built = build_all(os.path.join(tmp, "layouts"), include_evil=include_evil)
+            summary = {name: {**info.to_json(), "path": os.path.relpath(info.path, tmp)}
+                       for name, info in built.items()}
+            with open(os.path.join(tmp, _SUMMARY), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o755)  # mkdtemp made it 0700
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with open(os.path.join(root, BUILD_LOG), "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} built {key} evil={include_evil}\n")
+        _prune(root, keep=key)
+    images = _load_cached(entry)
+    if images is None:
+        raise RuntimeError(f"test layouts cache entry {entry} is unreadable right after it was built")
     return images
 
 
@@ -640,7 +773,7 @@ def build_critest_images(out_dir: str) -> dict[str, CritestImage]:
     out: dict[str, CritestImage] = {}
 
     def add(name: str, upstream: str, extra: list[Entry], tags: list[str], *,
-            entries: list[Entry] | None = None, **kw) -> None:
+            entries: list[Entry] | None = None, **kw: Any) -> None:
         top = tar_bytes((entries if entries is not None else common) + extra)
         info = b._single(f"critest-{name}", [base, _layer(top, "gzip")], tags,
                          history=["busybox-static with applet hardlinks", f"critest stand-in: {name}"], **kw)

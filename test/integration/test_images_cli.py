@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -13,12 +18,15 @@ from moorage.cri.api import api_pb2 as pb
 from moorage.testing.cri import container_config, pod_config, run_container, wait_exited
 from moorage.testing.daemon import REPO
 from moorage.testing.imagesenv import (
+    RegistryProxy,
     content_files,
     list_images,
     snapshot_entries,
     status,
 )
 from moorage.testing.layouts import tar_layout
+from moorage.testing.registry import FakeResponse
+from moorage.testing.testimages import read_layout_blob
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +58,60 @@ def test_pull_ls_rm(daemon, registry):
     assert list_images(daemon) == []
     r = moorage(daemon, "rm", "nothere:latest", check=False)
     assert r.returncode == 1 and "no such image" in r.stderr
+
+
+def _daemon_pulls(d) -> list[dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/debug/pulls", timeout=5) as resp:
+        assert resp.headers["Content-Type"] == "application/json"
+        return json.loads(resp.read())["pulls"]
+
+
+def test_pull_progress_comes_from_the_daemon(daemon, registry):
+    """The biggest layer of a multi-layer image stops half-way (the proxy holds the rest):
+    the daemon's /debug/pulls shows that partial value, and so does the CLI's bar."""
+    img = registry.images["multilayer"]
+    manifest = json.loads(read_layout_blob(img.layout.path, img.layout.manifests[0].digest))
+    sizes = {layer["digest"]: layer["size"] for layer in manifest["layers"]}
+    big = max(sizes, key=lambda d: sizes[d])
+    release = asyncio.Event()  # set on the proxy's loop, from this thread
+
+    with RegistryProxy(registry.host) as proxy:
+        async def hold_big_layer(req, n):
+            if req.method == "GET" and req.route.endswith(big):
+                up = await proxy._client.get(f"http://{registry.host}{req.path}")
+                return FakeResponse(200, {"Content-Type": "application/octet-stream"}, up.content,
+                                    send_only=len(up.content) // 2, then="wait", gate=release.wait)
+            return None
+
+        proxy.hook = hold_big_layer
+        ref = f"{proxy.host}/test/multilayer:latest"
+        cli = subprocess.Popen([sys.executable, "-m", "moorage.cri.cli", "images", "pull", "--config",
+                                daemon.config_path, ref], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            partial = None
+            while partial is None and time.monotonic() < deadline and cli.poll() is None:
+                for p in _daemon_pulls(daemon):
+                    layer = {x["digest"]: x for x in p["layers"]}.get(big)
+                    if p["ref"] == ref and layer and 0 < layer["done"] < layer["size"]:
+                        partial = p
+                time.sleep(0.05)
+            assert partial is not None, "never saw the held layer half done"
+            assert partial["state"] == "pulling" and partial["total_bytes"] == sum(sizes.values())
+            assert 0 < partial["done_bytes"] < partial["total_bytes"]
+            assert {x["digest"]: x["size"] for x in partial["layers"]} == sizes
+            time.sleep(2.5)  # the CLI (not a tty) draws a line a second: let it draw the partial state
+        finally:
+            proxy._loop.call_soon_threadsafe(release.set)
+            out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, err
+    assert out.strip() == img.layout.manifests[0].config_digest
+    percents = [int(m) for m in re.findall(r"\]\s+(\d+)%", err)]
+    assert any(0 < pc < 100 for pc in percents), err  # the bar showed the daemon's partial value
+    assert percents[-1] == 100, err
+    done = [p for p in _daemon_pulls(daemon) if p["ref"] == ref]
+    assert done[-1]["state"] == "done" and done[-1]["done_bytes"] == done[-1]["total_bytes"]
 
 
 def test_pull_errors_are_reported(daemon, registry):

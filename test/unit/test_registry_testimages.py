@@ -6,7 +6,10 @@ import gzip
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,13 @@ import zstandard
 
 from moorage.images import oci
 from moorage.images.platform import host_platform
+from moorage.testing import testimages
 from moorage.testing.testimages import (
+    BUILD_LOG,
     BUSYBOX_TAGS,
     build_all,
     evil_layers,
+    inputs_key,
     read_layout_blob,
     write_evil_layers,
 )
@@ -25,6 +31,7 @@ from moorage.testing.testimages import (
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    # Built fresh, not from the cache: these tests check the builder itself.
     return build_all(str(tmp_path_factory.mktemp("layouts")), include_evil=True)
 
 
@@ -126,3 +133,95 @@ def test_evil_layers(tmp_path):
 
 def test_evil_images_built(built):
     assert {n for n in built if n.startswith("evil-")} == {f"evil-{k}" for k in evil_layers()}
+
+
+# --- the shared cache (cached_build_all) -------------------------------------------------------
+
+# A stand-in for build_all that is quick but slow enough to overlap concurrent callers, and
+# makes a layout that passes the cache's checks (index.json, blobs matching their digests).
+FAKE_BUILD = textwrap.dedent("""
+    import hashlib, os, time
+    from moorage.testing import testimages
+
+    def fake_build_all(out_dir, include_evil=False):
+        time.sleep(0.5)
+        path = os.path.join(out_dir, "tiny")
+        os.makedirs(os.path.join(path, "blobs", "sha256"))
+        data = b'{"evil": %d}' % include_evil
+        hexd = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(path, "blobs", "sha256", hexd), "wb") as f:
+            f.write(data)
+        with open(os.path.join(path, "index.json"), "w") as f:
+            f.write("{}")
+        return {"tiny": testimages.LayoutInfo("tiny", path, "x", "sha256:" + hexd, len(data), ["latest"],
+                                              [], ["sha256:" + hexd])}
+
+    testimages.build_all = fake_build_all
+""")
+
+
+def _builds(root) -> list[str]:
+    try:
+        return Path(root, BUILD_LOG).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def test_cached_layouts_are_what_a_fresh_build_makes(built, test_image_layouts):
+    # test_image_layouts comes from the shared cache; built was made just now
+    assert {n: i.digest for n, i in test_image_layouts.items()} == {n: i.digest for n, i in built.items()}
+    for name, info in test_image_layouts.items():
+        assert info.blobs == built[name].blobs and info.manifests == built[name].manifests
+        for d in info.blobs:
+            read_layout_blob(info.path, d)
+
+
+def test_inputs_key_follows_the_inputs(monkeypatch, tmp_path):
+    assert inputs_key(False) == inputs_key(False) != inputs_key(True)
+    before = inputs_key(False)
+    other = tmp_path / "catatonit"
+    other.write_bytes(b"another catatonit")
+    monkeypatch.setattr(testimages, "CATATONIT", str(other))
+    assert inputs_key(False) != before
+
+
+def test_concurrent_callers_share_one_build(tmp_path):
+    root = tmp_path / "cache"
+    script = FAKE_BUILD + textwrap.dedent(f"""
+        import json, sys
+        got = testimages.cached_build_all(cache_root={str(root)!r})
+        print(json.dumps({{n: [i.path, i.digest] for n, i in got.items()}}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out))
+    assert len(_builds(root)) == 1, _builds(root)
+    assert outs[0] == outs[1] == outs[2]
+    [(path, _)] = outs[0].values()
+    key = os.path.relpath(path, root).split(os.sep)[0]
+    assert path.startswith(str(root / key) + os.sep)
+    # complete entries only: no temporary build dir is left behind
+    assert sorted(os.listdir(root)) == sorted([BUILD_LOG, key, f"{key}.lock"])
+
+
+def test_cache_rebuilds_a_damaged_entry_and_keys_the_evil_flag(tmp_path):
+    root = tmp_path / "cache"
+    script = FAKE_BUILD + textwrap.dedent(f"""
+        import sys
+        for evil in (False, True, False):
+            got = testimages.cached_build_all(include_evil=evil, cache_root={str(root)!r})
+        info = got["tiny"]
+        blob = info.path + "/blobs/sha256/" + info.digest.split(":")[1]
+        with open(blob, "ab") as f:
+            f.write(b"tampered")
+        again = testimages.cached_build_all(cache_root={str(root)!r})
+        testimages.read_layout_blob(again["tiny"].path, again["tiny"].digest)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    builds = _builds(root)
+    assert [b.split()[-1] for b in builds] == ["evil=False", "evil=True", "evil=False"], builds

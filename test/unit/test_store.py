@@ -138,3 +138,62 @@ def test_leases(tmp_path):
     s.release_lease("pull-1")
     assert s.leased_resources() == {"sha256:b"}
     assert s.clear_leases() == 1 and s.leased_resources() == set()
+
+
+def test_snapshot_add_commit_remove(tmp_path):
+    s = Store(str(tmp_path))
+    s.add_snapshot(SnapshotRecord(key="base", kind="committed", dir_id="1", created_at=5))
+    with pytest.raises(AlreadyExists, match="'base' already exists"):
+        s.add_snapshot(SnapshotRecord(key="base", kind="active", dir_id="9"))
+    assert s.get_snapshot("base").dir_id == "1"  # the refused insert changed nothing
+    s.add_snapshot(SnapshotRecord(key="x-active", kind="active", parent="base", dir_id="2",
+                                  labels={"a": "b"}, created_at=7))
+    assert s.snapshot_children("base") == ["x-active"]
+
+    with pytest.raises(AlreadyExists):
+        s.commit_snapshot("x-active", "base", None)
+    with pytest.raises(NotFound):
+        s.commit_snapshot("missing", "new", None)
+    new = s.commit_snapshot("x-active", "x", None)
+    assert (new.key, new.kind, new.parent, new.dir_id, new.labels, new.created_at) == \
+        ("x", "committed", "base", "2", {"a": "b"}, 7)
+    assert new.updated_at > 0
+    assert s.get_snapshot("x-active") is None and s.get_snapshot("x") == new
+    assert s.snapshot_children("base") == ["x"]
+
+    assert s.remove_snapshot("x") == new
+    with pytest.raises(NotFound):
+        s.remove_snapshot("x")
+    assert [r.key for r in s.list_snapshots()] == ["base"]
+
+
+def test_snapshot_rows_of_older_writers_read_back(tmp_path):
+    # Before the snapshotter and the store shared one record, "no parent" was "" in the JSON.
+    s = Store(str(tmp_path))
+    with s.transaction() as db:
+        db.execute("INSERT INTO snapshots (namespace, key, kind, parent, data) VALUES ('k8s.io', 'k', 'committed',"
+                   " '', '{\"key\": \"k\", \"kind\": \"committed\", \"parent\": \"\", \"dir_id\": \"3\","
+                   " \"labels\": {}, \"created_at\": 1, \"from_the_future\": 1}')")
+    rec = s.get_snapshot("k")
+    assert rec is not None and rec.parent is None and rec.dir_id == "3" and rec.updated_at == 0
+
+
+def test_update_image_reads_and_writes_in_one_transaction(tmp_path):
+    s = Store(str(tmp_path))
+    seen = []
+
+    def add_tag(tag):
+        def change(old):
+            seen.append(None if old is None else list(old.repo_tags))
+            rec = old if old is not None else ImageRecord(id="sha256:aa")
+            rec.repo_tags.append(tag)
+            return rec
+        return change
+
+    s.update_image("sha256:aa", add_tag("x:1"))
+    s.update_image("sha256:aa", add_tag("x:2"))
+    assert seen == [None, ["x:1"]]
+    assert s.image_by_ref("x:1").repo_tags == ["x:1", "x:2"] and s.image_by_ref("x:2").id == "sha256:aa"
+    with pytest.raises(ValueError):
+        s.update_image("sha256:bb", lambda old: ImageRecord(id="sha256:cc"))
+    assert [i.id for i in s.list_images()] == ["sha256:aa"]
