@@ -51,6 +51,7 @@ from moorage.core.errors import (
     InvalidArgument,
     MoorageError,
     NotFound,
+    RuntimeFailure,
 )
 from moorage.runtime import cgroups
 from moorage.runtime.conmon import (
@@ -87,8 +88,11 @@ _CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STRIP_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-class OCIRuntimeError(Internal):
-    """runc/crun (or conmon) failed; ``message`` carries the runtime's own words."""
+class OCIRuntimeError(RuntimeFailure):
+    """runc/crun (or conmon) failed; ``message`` carries the runtime's own words.
+
+    A domain error (gRPC UNKNOWN), not INTERNAL: the runtime refused, moorage did not break.
+    """
 
     def __init__(self, message: str, *, stderr: str = "") -> None:
         super().__init__(message)
@@ -396,9 +400,10 @@ class ExecSession:
         result = await self._sync.message()
         self.exited = True
         if result is None:
-            raise Internal(f"conmon for exec {self.cmd!r} in container {self.cid} ended without reporting an exit code")
+            raise OCIRuntimeError(
+                f"conmon for exec {self.cmd!r} in container {self.cid} ended without reporting an exit code")
         if result.data < 0 and result.message:
-            raise Internal(f"exec {self.cmd!r} in container {self.cid}: {result.message}")
+            raise OCIRuntimeError(f"exec {self.cmd!r} in container {self.cid}: {result.message}")
         return result.data
 
     async def close(self) -> None:
