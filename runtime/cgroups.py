@@ -239,6 +239,46 @@ def cgroup_dirs_for_path(path: str, mounts: list[CgroupMount] | None = None) -> 
     return cgroup_dirs(paths, mounts)
 
 
+def systemd_slice_path(slice_name: str) -> str:
+    """The cgroup path of a systemd slice: ``a-b.slice`` lives at ``/a.slice/a-b.slice``."""
+    if slice_name in ("", "-.slice"):
+        return "/"
+    stem = slice_name.removesuffix(".slice")
+    parts = stem.split("-")
+    return "/" + "/".join("-".join(parts[:i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def parent_of_cgroups_path(cgroups_path: str) -> str:
+    """The parent cgroup path of an OCI ``linux.cgroupsPath`` (cgroupfs or systemd ``slice:prefix:name``)."""
+    if not cgroups_path.startswith("/") and cgroups_path.count(":") == 2:
+        return systemd_slice_path(cgroups_path.split(":", 1)[0])
+    return os.path.dirname(cgroups_path.rstrip("/")) or "/"
+
+
+def hugetlb_missing(cgroups_path: str, *, root: str = CGROUP_ROOT,
+                    mounts: list[CgroupMount] | None = None) -> str | None:
+    """Why runc/crun could not set hugepage limits for a container at *cgroups_path*; None if they can.
+
+    cgroup v2 (*root* is a cgroup2 mount): ``hugetlb`` must be in ``cgroup.controllers``
+    of the container's parent (of its nearest existing ancestor: the runtime creates
+    the rest, enabling what that one offers).  cgroup v1, hybrid hosts included (runc
+    and crun use the v1 hierarchies there): a v1 hierarchy must have hugetlb mounted.
+    """
+    if cgroup_version(root) == 2:
+        parts = [p for p in parent_of_cgroups_path(cgroups_path).split("/") if p and p != ".."]
+        for n in range(len(parts), -1, -1):
+            text = _read(os.path.join(root, *parts[:n], "cgroup.controllers"))
+            if text is not None:
+                if "hugetlb" in text.split():
+                    return None
+                return "cgroup v2: hugetlb is not in cgroup.controllers of the container's parent cgroup"
+        return f"cgroup v2: {root}/cgroup.controllers is unreadable"
+    mounts = host_mounts() if mounts is None else mounts
+    if any(m.version == 1 and "hugetlb" in m.controllers for m in mounts):
+        return None
+    return "cgroup v1: no hierarchy has the hugetlb controller mounted (see /proc/self/mountinfo)"
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
