@@ -276,7 +276,7 @@ def hugetlb_missing(cgroups_path: str, *, root: str = CGROUP_ROOT,
     mounts = host_mounts() if mounts is None else mounts
     if any(m.version == 1 and "hugetlb" in m.controllers for m in mounts):
         return None
-    return "cgroup v1: no hierarchy has the hugetlb controller mounted (see /proc/self/mountinfo)"
+    return "cgroup v1: no hierarchy has the hugetlb controller mounted"
 
 
 def _read(path: str) -> str | None:

@@ -131,3 +131,26 @@ def test_systemd_slice_paths():
     assert cgroups.systemd_slice_path("-.slice") == "/"
     assert cgroups.parent_of_cgroups_path("/a/b/c1") == "/a/b"
     assert cgroups.parent_of_cgroups_path("kubepods.slice:moorage:c1") == "/kubepods.slice"
+
+
+# --- moorage check ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing, toml, ok, words", [
+    (None, "", True, "available"),
+    ("cgroup v1: no hugetlb", "", True, "dropped"),
+    ("cgroup v1: no hugetlb", "tolerate_missing_hugetlb_controller = false", False, "refused"),
+    ("cgroup v1: no hugetlb", "disable_hugetlb_controller = true", True, "never set"),
+])
+def test_check_reports_the_hugetlb_state(monkeypatch, missing, toml, ok, words):
+    from moorage.cri import cli
+    from moorage.cri import config as c
+
+    asked: list[str] = []
+    monkeypatch.setattr(cgroups, "hugetlb_missing", lambda p: asked.append(p) or missing)
+    cfg = c.loads(f'[runtime]\ndefault_cgroup_parent = "/kubepods"\n{toml}')
+    items = {label: (good, hint) for label, good, hint in cli._check_items(cfg)}
+    good, hint = items["hugetlb cgroup controller"]
+    assert good is ok and words in hint
+    if missing is not None and "disable" not in toml:
+        assert missing in hint and asked == ["/kubepods/check"]
