@@ -86,7 +86,11 @@ def _hugetlb_item(cfg: configmod.Config) -> tuple[str, bool, str]:
     rt = cfg.runtime
     if rt.disable_hugetlb_controller:
         return label, True, "not used (runtime.disable_hugetlb_controller = true): hugepage limits are never set"
-    why = cgroups.hugetlb_missing(spec.cgroups_path(rt.cgroup_driver, rt.default_cgroup_parent, "check"))
+    try:
+        path = spec.cgroups_path(rt.cgroup_driver, rt.default_cgroup_parent, "check")
+    except MoorageError:  # e.g. the systemd driver with a cgroupfs default parent: ask about the root
+        path = "/check"
+    why = cgroups.hugetlb_missing(path)
     if why is None:
         return label, True, "available: hugepage limits are set"
     if rt.tolerate_missing_hugetlb_controller:

@@ -254,7 +254,9 @@ def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
         except InvalidArgument as e:
             raise ConfigError(f"{where}: key {key!r}: {e.message}") from None
 
-    domain("runtime.default_cgroup_parent", lambda: specmod.cgroups_path(rt.cgroup_driver, rt.default_cgroup_parent, "x"))
+    if rt.cgroup_driver == "cgroupfs":
+        # (With systemd the kubelet always names a slice; the default parent is not checked there.)
+        domain("runtime.default_cgroup_parent", lambda: specmod.cgroups_path("cgroupfs", rt.default_cgroup_parent, "x"))
     known_caps = set(specmod.ALL_CAPABILITIES)
     for i, c in enumerate(rt.default_capabilities):
         _check(where, f"runtime.default_capabilities[{i}]", specmod.normalize_capability(c or "?") in known_caps,

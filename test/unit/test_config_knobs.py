@@ -28,7 +28,7 @@ SNIPPETS = [
     '[runtime]\ndefault_handler = "crun"',
     '[runtime]\nconmon = "/opt/bin/conmon"',
     '[runtime]\ninfra_binary = "/opt/bin/catatonit"',
-    '[runtime]\ncgroup_driver = "systemd"\ndefault_cgroup_parent = "system.slice"',
+    '[runtime]\ncgroup_driver = "systemd"',
     '[runtime]\ndefault_cgroup_parent = "/elsewhere"',
     '[runtime]\nexec_sync_max_output = 1024',
     '[runtime]\ndefault_capabilities = ["CHOWN"]',
@@ -153,7 +153,7 @@ def test_values_reach_the_spec_config():
     ('[runtime]\ndefault_capabilities = ["FLY"]', "runtime.default_capabilities[0]"),
     ('[runtime]\nexec_sync_max_output = 0', "runtime.exec_sync_max_output"),
     ('[runtime]\ndefault_cgroup_parent = "/a/../b"', "runtime.default_cgroup_parent"),
-    ('[runtime]\ncgroup_driver = "systemd"', "runtime.default_cgroup_parent"),
+    ('[runtime]\ndefault_cgroup_parent = "a.slice:x:y"', "runtime.default_cgroup_parent"),
     ('[runtime]\nstop_timeout_grace = 2.0', "runtime.stop_timeout_grace"),
 ])
 def test_bad_knob_is_reported_by_file_and_key(text, key):
