@@ -13,7 +13,13 @@ import pytest
 from moorage.cri.api import api_pb2 as pb
 from moorage.runtime import cgroups
 from moorage.testing.cri import pod_config
-from moorage.testing.runtime_env import RuntimeEnv, make_daemon, remove_cgroup_tree
+from moorage.testing.runtime_env import (
+    RuntimeEnv,
+    make_daemon,
+    memory_limit_file,
+    proc_cgroups,
+    remove_cgroup_tree,
+)
 
 SLEEP = ["sleep", "1000"]
 HANDLERS = [h for h in ("runc", "crun") if shutil.which(h)]
@@ -43,6 +49,15 @@ def kubelet_resources() -> pb.LinuxContainerResources:
                                       hugepage_limits=kubelet_hugepage_limits())
 
 
+def kubelet_guaranteed_resources() -> pb.LinuxContainerResources:
+    # A Guaranteed container (500m, 64Mi): on cgroup v1 the kubelet sets swap = memory (no swap)
+    # and oom_score_adj -997, below what a daemon without CAP_SYS_RESOURCE may set.
+    mem = 64 << 20
+    return pb.LinuxContainerResources(cpu_period=100000, cpu_quota=50000, cpu_shares=512,
+                                      memory_limit_in_bytes=mem, memory_swap_limit_in_bytes=mem,
+                                      oom_score_adj=-997, hugepage_limits=kubelet_hugepage_limits())
+
+
 def test_kubelet_page_sizes_from_the_host():
     limits = kubelet_hugepage_limits()
     assert limits and all(h.limit == 0 and h.page_size[-2:] in ("KB", "MB", "GB") for h in limits)
@@ -52,10 +67,13 @@ def test_kubelet_page_sizes_from_the_host():
 def test_kubelet_hugepage_limits_start_and_run(env, handler):
     sid, pcfg = env.run_pod(handler=handler)
     first = env.run(sid, pcfg, SLEEP, linux=pb.LinuxContainerConfig(resources=kubelet_resources()))
-    second = env.run(sid, pcfg, SLEEP, linux=pb.LinuxContainerConfig(resources=kubelet_resources()))
+    second = env.run(sid, pcfg, SLEEP, linux=pb.LinuxContainerConfig(resources=kubelet_guaranteed_resources()))
     for cid in (first, second):
         assert env.status(cid).status.state == pb.CONTAINER_RUNNING
         assert env.sh(cid, "echo up").strip() == "up"
+    limit = proc_cgroups(env.pid(second))
+    with open(memory_limit_file(limit)) as f:
+        assert int(f.read()) == 64 << 20
     if cgroups.hugetlb_missing(f"{env.cgroup_parent}/x") is not None:
         # Dropped, and said once for the daemon, not once per container.
         assert daemon_log(env).count(DROPPED) == 1
