@@ -74,7 +74,31 @@ def _check_items(cfg: configmod.Config) -> list[tuple[str, bool, str]]:
     items.append(("kernel namespaces", not missing, "net ipc uts pid mnt" if not missing else
                   f"missing: {' '.join(missing)}; the kernel lacks namespace support"))
     binary("iptables (portmap plugin)", "iptables", "iptables")
+    items.append(_hugetlb_item(cfg))
     return items
+
+
+def _hugetlb_item(cfg: configmod.Config) -> tuple[str, bool, str]:
+    """The kubelet sends hugepage limits for every container: can this host take them?"""
+    from moorage.runtime import cgroups, spec
+
+    label = "hugetlb cgroup controller"
+    rt = cfg.runtime
+    if rt.disable_hugetlb_controller:
+        return label, True, "not used (runtime.disable_hugetlb_controller = true): hugepage limits are never set"
+    try:
+        path = spec.cgroups_path(rt.cgroup_driver, rt.default_cgroup_parent, "check")
+    except MoorageError:  # e.g. the systemd driver with a cgroupfs default parent: ask about the root
+        path = "/check"
+    why = cgroups.hugetlb_missing(path)
+    if why is None:
+        return label, True, "available: hugepage limits are set"
+    if rt.tolerate_missing_hugetlb_controller:
+        return label, True, (f"not usable ({why}); hugepage limits are dropped "
+                             "(runtime.tolerate_missing_hugetlb_controller = true)")
+    return label, False, (f"not usable ({why}); every container the kubelet sends (always with hugepage limits) "
+                          "is refused: mount the hugetlb controller or set "
+                          "runtime.tolerate_missing_hugetlb_controller = true")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -8,12 +8,14 @@ with the file and the dotted key, so a typo is never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from moorage.core.errors import InvalidArgument
+from moorage.runtime import spec as specmod
 
 DEFAULT_CONFIG_PATH = "/etc/moorage/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -24,7 +26,7 @@ class HandlerConfig:
     """An OCI runtime handler (RuntimeClass handler name → binary)."""
 
     path: str = ""
-    root: str = ""  # runtime state root; empty: <state_dir>/<handler name>
+    root: str = ""  # runtime state root; empty: <state_dir>/oci/<handler name>
 
 
 @dataclass
@@ -48,8 +50,22 @@ class RuntimeConfig:
             "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
         ]
     )
-    stop_timeout_grace: float = 2.0
     exec_sync_max_output: int = 16 * 1024 * 1024
+    default_sysctls: dict[str, str] = field(default_factory=dict)
+    seccomp_arch: str = ""  # empty: this host's
+    apparmor_default_profile: str = ""
+    selinux_enabled: bool = False
+    cgroup_namespace: str = "auto"  # auto | private | host
+    masked_paths: list[str] = field(default_factory=lambda: list(specmod.DEFAULT_MASKED_PATHS))
+    readonly_paths: list[str] = field(default_factory=lambda: list(specmod.DEFAULT_READONLY_PATHS))
+    tmpfs_size: str = "65536k"
+    sandbox_cpu_shares: int = 2
+    privileged_without_host_devices: bool = False
+    rlimits: dict[str, list[int]] = field(default_factory=dict)  # RLIMIT_NOFILE = [soft, hard]
+    allowed_annotations: list[str] = field(default_factory=list)
+    pod_annotations: list[str] = field(default_factory=list)
+    disable_hugetlb_controller: bool = False
+    tolerate_missing_hugetlb_controller: bool = True
 
 
 @dataclass
@@ -140,7 +156,7 @@ def _check(where: str, key: str, cond: bool, msg: str) -> None:
 
 def _convert(where: str, key: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         _check(where, key, isinstance(value, dict), f"expected a table, got {type(value).__name__}")
         return _build(tp, value, where, key)
     if origin is dict:
@@ -200,6 +216,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
     )
     for name, h in cfg.runtime.handlers.items():
         _check(where, f"runtime.handlers.{name}.path", bool(h.path), "must name the runtime binary")
+    _validate_runtime(cfg.runtime, where)
     _check(where, "images.snapshotter", cfg.images.snapshotter in ("overlayfs", "native"), "must be overlayfs or native")
     _check(where, "images.max_concurrent_downloads", cfg.images.max_concurrent_downloads >= 1, "must be at least 1")
     _check(where, "images.stall_timeout", cfg.images.stall_timeout > 0, "must be positive")
@@ -212,6 +229,65 @@ def validate(cfg: Config, where: str = "config") -> Config:
     _check(where, "metrics.address", bool(host) and port.isdigit(), f"must be host:port, got {cfg.metrics.address!r}")
     _check(where, "tracing.sampling_ratio", 0.0 <= cfg.tracing.sampling_ratio <= 1.0, "must be between 0 and 1")
     return cfg
+
+
+RLIMIT_TYPES = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+                "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS",
+                "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK")
+CGROUP_NAMESPACE_MODES = ("auto", "private", "host")
+_TMPFS_SIZE = re.compile(r"^[1-9][0-9]*[kmg]?$")
+_MACHINE = re.compile(r"^[a-z0-9_]+$")
+
+
+def rlimit_type(name: str) -> str:
+    """``NOFILE`` or ``RLIMIT_NOFILE`` → ``RLIMIT_NOFILE`` (the OCI spelling)."""
+    n = name.strip().upper()
+    return n if n.startswith("RLIMIT_") else "RLIMIT_" + n
+
+
+def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
+    """The knobs that shape every OCI spec; a bad value would otherwise fail each container."""
+    def domain(key: str, fn: Any) -> None:
+        # Reuse the spec builder's own checks, so the config accepts exactly what it can build.
+        try:
+            fn()
+        except InvalidArgument as e:
+            raise ConfigError(f"{where}: key {key!r}: {e.message}") from None
+
+    if rt.cgroup_driver == "cgroupfs":
+        # (With systemd the kubelet always names a slice; the default parent is not checked there.)
+        domain("runtime.default_cgroup_parent", lambda: specmod.cgroups_path("cgroupfs", rt.default_cgroup_parent, "x"))
+    known_caps = set(specmod.ALL_CAPABILITIES)
+    for i, c in enumerate(rt.default_capabilities):
+        _check(where, f"runtime.default_capabilities[{i}]", specmod.normalize_capability(c or "?") in known_caps,
+               f"unknown capability {c!r}; use a Linux capability name such as CHOWN or NET_BIND_SERVICE")
+    _check(where, "runtime.exec_sync_max_output", rt.exec_sync_max_output > 0, "must be positive")
+    for name, value in rt.default_sysctls.items():
+        domain(f"runtime.default_sysctls.{name}",
+               lambda n=name, v=value: specmod.validate_sysctls({n: v}, host_network=False, host_ipc=False))
+    _check(where, "runtime.seccomp_arch", rt.seccomp_arch == "" or bool(_MACHINE.match(rt.seccomp_arch)),
+           f"must be a machine name like x86_64 or aarch64 (empty: this host's), got {rt.seccomp_arch!r}")
+    _check(where, "runtime.apparmor_default_profile", not any(ch in rt.apparmor_default_profile for ch in " \n\0"),
+           "must be an AppArmor profile name (no spaces)")
+    _check(where, "runtime.cgroup_namespace", rt.cgroup_namespace in CGROUP_NAMESPACE_MODES,
+           f"must be one of {', '.join(CGROUP_NAMESPACE_MODES)}")
+    for key in ("masked_paths", "readonly_paths"):
+        for i, p in enumerate(getattr(rt, key)):
+            _check(where, f"runtime.{key}[{i}]", p.startswith("/") and ".." not in p.split("/") and "\0" not in p,
+                   f"must be an absolute path without '..', got {p!r}")
+    _check(where, "runtime.tmpfs_size", bool(_TMPFS_SIZE.match(rt.tmpfs_size)),
+           f"must be a size like 65536k, 64m or 1g, got {rt.tmpfs_size!r}")
+    _check(where, "runtime.sandbox_cpu_shares", rt.sandbox_cpu_shares == 0 or 2 <= rt.sandbox_cpu_shares <= 262144,
+           "must be 0 (unset) or within 2..262144")
+    for name, pair in rt.rlimits.items():
+        key = f"runtime.rlimits.{name}"
+        _check(where, key, rlimit_type(name) in RLIMIT_TYPES,
+               f"unknown rlimit; use one of {', '.join(t.removeprefix('RLIMIT_') for t in RLIMIT_TYPES)}")
+        _check(where, key, len(pair) == 2 and 0 <= pair[0] <= pair[1],
+               f"must be [soft, hard] with 0 <= soft <= hard, got {pair!r}")
+    for key in ("allowed_annotations", "pod_annotations"):
+        for i, pat in enumerate(getattr(rt, key)):
+            _check(where, f"runtime.{key}[{i}]", bool(pat.strip()), "must be a non-empty glob pattern")
 
 
 def loads(text: str, where: str = "config") -> Config:
@@ -253,23 +329,115 @@ def _toml_value(v: Any) -> str:
     raise TypeError(v)  # pragma: no cover
 
 
-def dumps(cfg: Config) -> str:
-    """Render a config as TOML (every key, tables after plain keys)."""
+#: One comment per key, printed above it by ``dumps`` (``moorage config default``).  A
+#: ``*`` stands for any name in a table of named entries.
+DOCS: dict[str, str] = {
+    "socket": "The CRI gRPC socket (the kubelet's --container-runtime-endpoint).",
+    "socket_mode": "File mode of the socket, octal.",
+    "root_dir": "Persistent data: the metadata store, images, snapshots.",
+    "state_dir": "Runtime state (lost on reboot): bundles, conmon and runtime state, network namespaces.",
+    "log_level": "debug | info | warning | error",
+    "log_format": "json | logfmt",
+    "namespace": "containerd-style namespace name reported to tools.",
+    "runtime": "How pods and containers are run.",
+    "runtime.default_handler": "The handler used when a pod names no RuntimeClass handler.",
+    "runtime.handlers": "OCI runtime handlers: [runtime.handlers.<RuntimeClass handler name>].",
+    "runtime.handlers.*.path": "The OCI runtime binary.",
+    "runtime.handlers.*.root": "Its --root; empty: <state_dir>/oci/<name>.",
+    "runtime.conmon": "The conmon binary that supervises each container.",
+    "runtime.infra_binary": "The pod infra process (catatonit), bind-mounted into each sandbox.",
+    "runtime.sandbox_image": "An image kept from garbage collection (e.g. the kubelet's pause image); optional.",
+    "runtime.cgroup_driver": "cgroupfs | systemd; must match the kubelet's cgroupDriver.",
+    "runtime.default_cgroup_parent": "Cgroup parent of pods that name none.",
+    "runtime.seccomp_default": "Apply the RuntimeDefault seccomp profile when a pod asks for none.",
+    "runtime.default_capabilities": "Capabilities of a non-privileged container before the pod's add/drop.",
+    "runtime.exec_sync_max_output": "Bytes kept of each of stdout and stderr of an ExecSync (the rest is dropped).",
+    "runtime.default_sysctls": "Sysctls set in every pod sandbox (namespaced ones only; the pod's own override them).",
+    "runtime.seccomp_arch": "Machine the RuntimeDefault seccomp profile is made for (x86_64, aarch64); empty: this host's.",
+    "runtime.apparmor_default_profile": "AppArmor profile for RuntimeDefault; empty: no AppArmor.",
+    "runtime.selinux_enabled": "Turn the pod's selinux_options into SELinux labels.",
+    "runtime.cgroup_namespace": "auto (private on cgroup v2 hosts) | private | host: the containers' cgroup namespace.",
+    "runtime.masked_paths": "Paths masked in non-privileged containers (unless the pod sets its own).",
+    "runtime.readonly_paths": "Paths made read-only in non-privileged containers (unless the pod sets its own).",
+    "runtime.tmpfs_size": "Size of the tmpfs /dev and of the default /dev/shm (k, m or g).",
+    "runtime.sandbox_cpu_shares": "cpu.shares of the pod infra process (0: unset).",
+    "runtime.privileged_without_host_devices": "Privileged containers do not get the host's devices (e.g. VM runtimes).",
+    "runtime.rlimits": "POSIX rlimits of every process, NAME = [soft, hard], e.g. NOFILE = [1048576, 1048576].",
+    "runtime.allowed_annotations": "Glob patterns of otherwise reserved container annotations passed to the OCI spec.",
+    "runtime.pod_annotations": "Glob patterns of pod annotations copied into sandbox and container OCI specs.",
+    "runtime.disable_hugetlb_controller": "Never set hugepage limits (the kubelet's are dropped).",
+    "runtime.tolerate_missing_hugetlb_controller":
+        "Where the hugetlb cgroup controller is not usable: drop hugepage limits (true, logged once)\n"
+        "or refuse such containers with FAILED_PRECONDITION (false).",
+    "images": "Image pulls and storage.",
+    "images.snapshotter": "overlayfs | native (copying fallback where overlayfs is missing).",
+    "images.registry_config_path": "hosts.toml and certificates per registry (<path>/<host>/...).",
+    "images.insecure_registries": "Registries reached over plain HTTP or with unverified TLS.",
+    "images.max_concurrent_downloads": "Layers downloaded at once per pull.",
+    "images.pull_retries": "Retries of a failed download.",
+    "images.stall_timeout": "Seconds without progress before a download is cancelled.",
+    "images.gc_on_remove": "Remove unreferenced layers and snapshots when an image is removed.",
+    "cni": "Pod networking.",
+    "cni.conf_dir": "CNI network configurations.",
+    "cni.bin_dirs": "Where the CNI plugin binaries are looked up.",
+    "cni.cache_dir": "CNI results cache; empty: <state_dir>/cni.",
+    "cni.plugin_timeout": "Seconds a CNI plugin may take.",
+    "cni.network_name": "The network to use; empty: the first valid one in conf_dir.",
+    "cni.conf_template": "Written for UpdateRuntimeConfig's pod CIDR when conf_dir is empty.",
+    "cni.netns_dir": "Where pod network namespaces are pinned; empty: <state_dir>/netns.",
+    "streaming": "The exec/attach/port-forward streaming server.",
+    "streaming.address": "Listen address.",
+    "streaming.port": "Listen port; 0: a free one.",
+    "streaming.token_ttl": "Seconds a streaming URL stays valid.",
+    "streaming.tls_cert": "TLS certificate (with tls_key); empty: plain HTTP.",
+    "streaming.tls_key": "TLS key (with tls_cert).",
+    "metrics": "Prometheus metrics.",
+    "metrics.enabled": "Serve /metrics.",
+    "metrics.address": "host:port of the metrics endpoint.",
+    "tracing": "OpenTelemetry tracing.",
+    "tracing.enabled": "Export spans.",
+    "tracing.endpoint": "OTLP/HTTP endpoint; empty: OTEL_EXPORTER_OTLP_ENDPOINT or nothing.",
+    "tracing.sampling_ratio": "Fraction of traces sampled, 0..1.",
+    "tracing.service_name": "service.name of the spans.",
+}
+
+
+def dumps(cfg: Config, comments: bool = True) -> str:
+    """Render a config as TOML (every key, tables after plain keys), each key under its comment."""
     out: list[str] = []
 
-    def table(obj: Any, name: str) -> None:
-        plain, sub = [], []
-        items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items()
-        for k, v in items:
-            (sub if isinstance(v, dict) else plain).append((k, v))
-        if name and (plain or not sub):
-            out.append(f"\n[{name}]")
-        for k, v in plain:
-            out.append(f"{k} = {_toml_value(v)}")
-        for k, v in sub:
-            table(v, f"{name}.{k}" if name else k)
+    def comment(doc_key: str) -> None:
+        doc = DOCS.get(doc_key) if comments else None
+        if doc:
+            out.extend(f"# {line}" for line in doc.splitlines())
 
-    table(cfg, "")
+    def table(obj: Any, name: str, doc_name: str, entries: bool, header_doc: str | None = None) -> None:
+        # obj: a config dataclass, or a dict that is a table of named entries (entries=True: each
+        # value a dataclass, like runtime.handlers) or of plain values (like runtime.rlimits).
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        else:
+            items = list(obj.items())
+        plain = [(k, v) for k, v in items if not isinstance(v, dict) and not dataclasses.is_dataclass(v)]
+        sub = [(k, v) for k, v in items if isinstance(v, dict) or dataclasses.is_dataclass(v)]
+        if name and (plain or not sub):
+            out.append("")
+            comment(doc_name if header_doc is None else header_doc)
+            out.append(f"[{name}]")
+        for k, v in plain:
+            if not entries and dataclasses.is_dataclass(obj):
+                comment(f"{doc_name}.{k}" if doc_name else k)
+            out.append(f"{k} = {_toml_value(v)}")
+        for i, (k, v) in enumerate(sub):
+            key = f"{name}.{k}" if name else k
+            if entries:  # a named entry: the first one carries its table's comment
+                table(v, key, f"{doc_name}.*", False, header_doc=doc_name if i == 0 else "")
+            elif isinstance(v, dict) and v and all(dataclasses.is_dataclass(x) for x in v.values()):
+                table(v, key, key, True)
+            else:
+                table(v, key, key, False)
+
+    table(cfg, "", "", False)
     return "\n".join(out).lstrip("\n") + "\n"
 
 

@@ -15,6 +15,7 @@ from moorage.cni.manager import CNIManager
 from moorage.core.store import Store
 from moorage.cri import config as configmod
 from moorage.cri.batches import Batching
+from moorage.cri.config import RuntimeConfig, rlimit_type
 from moorage.cri.image_service import ImageServicer
 from moorage.cri.metrics import METRICS
 from moorage.cri.rpc_stats import StatsRPCs
@@ -48,6 +49,36 @@ class Services:
         return {"RuntimeService": (self.runtime, self.streaming, self.stats), "ImageService": (self.images,)}
 
 
+def _cgroupns(mode: str) -> bool:
+    # "auto": a private cgroup namespace where the host is cgroup v2 (as containerd on v2).
+    if mode == "auto":
+        return os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    return mode == "private"
+
+
+def runtime_spec_config(rt: RuntimeConfig) -> RuntimeSpecConfig:
+    """The spec builder's knobs from [runtime]; every field of RuntimeSpecConfig has a key."""
+    return RuntimeSpecConfig(
+        default_capabilities=tuple(rt.default_capabilities),
+        default_sysctls=dict(rt.default_sysctls),
+        seccomp_default=rt.seccomp_default,
+        seccomp_arch=rt.seccomp_arch or None,
+        apparmor_default_profile=rt.apparmor_default_profile,
+        selinux_enabled=rt.selinux_enabled,
+        cgroupns=_cgroupns(rt.cgroup_namespace),
+        masked_paths=tuple(rt.masked_paths),
+        readonly_paths=tuple(rt.readonly_paths),
+        tmpfs_size=rt.tmpfs_size,
+        sandbox_cpu_shares=rt.sandbox_cpu_shares,
+        privileged_without_host_devices=rt.privileged_without_host_devices,
+        rlimits=tuple((rlimit_type(n), soft, hard) for n, (soft, hard) in sorted(rt.rlimits.items())),
+        allowed_annotations=tuple(rt.allowed_annotations),
+        pod_annotations=tuple(rt.pod_annotations),
+        disable_hugetlb_controller=rt.disable_hugetlb_controller,
+        tolerate_missing_hugetlb_controller=rt.tolerate_missing_hugetlb_controller,
+    )
+
+
 def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
     return RuntimeSettings(
         root_dir=cfg.root_dir, state_dir=cfg.state_dir,
@@ -57,9 +88,7 @@ def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
         infra_binary=cfg.runtime.infra_binary, cgroup_driver=cfg.runtime.cgroup_driver,
         default_cgroup_parent=cfg.runtime.default_cgroup_parent, netns_dir=cfg.netns_dir,
         log_level=cfg.log_level, exec_sync_max_output=cfg.runtime.exec_sync_max_output,
-        spec=RuntimeSpecConfig(default_capabilities=tuple(cfg.runtime.default_capabilities),
-                               seccomp_default=cfg.runtime.seccomp_default,
-                               cgroupns=os.path.exists("/sys/fs/cgroup/cgroup.controllers")),
+        spec=runtime_spec_config(cfg.runtime),
     )
 
 

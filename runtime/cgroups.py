@@ -14,6 +14,10 @@ Naming used below:
 
 On v1 each controller has its own hierarchy (and so its own dir); on v2 there is
 one unified hierarchy, keyed ``""`` in the mappings returned here.
+
+The OCI ``linux.cgroupsPath`` a container gets is built in one place,
+``spec.cgroups_path``; the figures the stats RPCs need are read in one place,
+``stats.read_cgroup`` (with the parsers below).
 """
 
 from __future__ import annotations
@@ -21,15 +25,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 UNIFIED = ""  # key of the v2 hierarchy in controller mappings
-
-CGROUPFS = "cgroupfs"
-SYSTEMD = "systemd"
 
 
 # --------------------------------------------------------------------------- pure parsers
@@ -138,24 +139,6 @@ def parse_oom_kill_count(text: str) -> int:
 _V1_UNLIMITED_THRESHOLD = 1 << 62
 
 
-@dataclass
-class CgroupStats:
-    """A snapshot of one cgroup's usage.  ``None`` means "not available"."""
-
-    timestamp_ns: int = 0
-    cpu_usage_ns: int | None = None
-    memory_usage_bytes: int | None = None
-    memory_working_set_bytes: int | None = None
-    memory_rss_bytes: int | None = None
-    memory_limit_bytes: int | None = None
-    page_faults: int | None = None
-    major_page_faults: int | None = None
-    pids_current: int | None = None
-    pids_limit: int | None = None
-    oom_kills: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-
 def working_set(usage: int, inactive_file: int) -> int:
     """Working set as the kubelet/cAdvisor computes it: usage minus inactive file cache, floored at 0."""
     return max(0, usage - inactive_file)
@@ -196,36 +179,6 @@ def memory_stats_v2(current_text: str, max_text: str, stat_text: str, events_tex
 def cpu_usage_ns_v2(cpu_stat_text: str) -> int | None:
     usec = parse_flat_keyed(cpu_stat_text).get("usage_usec")
     return None if usec is None else usec * 1000
-
-
-def systemd_cgroups_path(parent: str | None, cid: str, prefix: str = "moorage") -> str:
-    """The ``slice:prefix:name`` form runc/crun expect with ``--systemd-cgroup``."""
-    slice_ = parent or "system.slice"
-    if "/" in slice_ or not slice_.endswith(".slice"):
-        raise InvalidArgument(
-            f"cgroup parent {slice_!r} is not a systemd slice name (like 'kubepods-besteffort.slice'); "
-            "with the systemd cgroup driver the kubelet must also use cgroupDriver: systemd"
-        )
-    return f"{slice_}:{prefix}:{cid}"
-
-
-def cgroupfs_cgroups_path(parent: str | None, cid: str) -> str:
-    """``<parent>/<cid>`` as an absolute cgroup path (parent defaults to ``/moorage``)."""
-    parent = (parent or "/moorage").rstrip("/")
-    if not parent.startswith("/"):
-        parent = "/" + parent
-    if ".." in parent.split("/") or "/" in cid or cid in ("", ".", ".."):
-        raise InvalidArgument(f"invalid cgroup parent {parent!r} or container id {cid!r}")
-    return f"{parent}/{cid}"
-
-
-def container_cgroups_path(driver: str, parent: str | None, cid: str) -> str:
-    """OCI ``linux.cgroupsPath`` for a container under *parent* with the given cgroup *driver*."""
-    if driver == SYSTEMD:
-        return systemd_cgroups_path(parent, cid)
-    if driver == CGROUPFS:
-        return cgroupfs_cgroups_path(parent, cid)
-    raise InvalidArgument(f"unknown cgroup driver {driver!r}; use 'cgroupfs' or 'systemd'")
 
 
 # --------------------------------------------------------------------------- host readers
@@ -286,6 +239,46 @@ def cgroup_dirs_for_path(path: str, mounts: list[CgroupMount] | None = None) -> 
     return cgroup_dirs(paths, mounts)
 
 
+def systemd_slice_path(slice_name: str) -> str:
+    """The cgroup path of a systemd slice: ``a-b.slice`` lives at ``/a.slice/a-b.slice``."""
+    if slice_name in ("", "-.slice"):
+        return "/"
+    stem = slice_name.removesuffix(".slice")
+    parts = stem.split("-")
+    return "/" + "/".join("-".join(parts[:i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def parent_of_cgroups_path(cgroups_path: str) -> str:
+    """The parent cgroup path of an OCI ``linux.cgroupsPath`` (cgroupfs or systemd ``slice:prefix:name``)."""
+    if not cgroups_path.startswith("/") and cgroups_path.count(":") == 2:
+        return systemd_slice_path(cgroups_path.split(":", 1)[0])
+    return os.path.dirname(cgroups_path.rstrip("/")) or "/"
+
+
+def hugetlb_missing(cgroups_path: str, *, root: str = CGROUP_ROOT,
+                    mounts: list[CgroupMount] | None = None) -> str | None:
+    """Why runc/crun could not set hugepage limits for a container at *cgroups_path*; None if they can.
+
+    cgroup v2 (*root* is a cgroup2 mount): ``hugetlb`` must be in ``cgroup.controllers``
+    of the container's parent (of its nearest existing ancestor: the runtime creates
+    the rest, enabling what that one offers).  cgroup v1, hybrid hosts included (runc
+    and crun use the v1 hierarchies there): a v1 hierarchy must have hugetlb mounted.
+    """
+    if cgroup_version(root) == 2:
+        parts = [p for p in parent_of_cgroups_path(cgroups_path).split("/") if p and p != ".."]
+        for n in range(len(parts), -1, -1):
+            text = _read(os.path.join(root, *parts[:n], "cgroup.controllers"))
+            if text is not None:
+                if "hugetlb" in text.split():
+                    return None
+                return "cgroup v2: hugetlb is not in cgroup.controllers of the container's parent cgroup"
+        return f"cgroup v2: {root}/cgroup.controllers is unreadable"
+    mounts = host_mounts() if mounts is None else mounts
+    if any(m.version == 1 and "hugetlb" in m.controllers for m in mounts):
+        return None
+    return "cgroup v1: no hierarchy has the hugetlb controller mounted"
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -311,53 +304,6 @@ def oom_kill_count(dirs: dict[str, str]) -> int:
     return 0
 
 
-def read_stats(dirs: dict[str, str]) -> CgroupStats:
-    """Read memory/cpu/pids figures for the cgroup whose host dirs are *dirs*."""
-    st = CgroupStats(timestamp_ns=time.time_ns())
-    mem_v1 = dirs.get("memory")
-    uni = dirs.get(UNIFIED)
-    mem = None
-    if mem_v1 and os.path.isdir(mem_v1):
-        mem = memory_stats_v1(
-            _read(os.path.join(mem_v1, "memory.usage_in_bytes")) or "",
-            _read(os.path.join(mem_v1, "memory.limit_in_bytes")) or "",
-            _read(os.path.join(mem_v1, "memory.stat")) or "",
-            _read(os.path.join(mem_v1, "memory.oom_control")) or "",
-        )
-    elif uni and os.path.exists(os.path.join(uni, "memory.current")):
-        mem = memory_stats_v2(
-            _read(os.path.join(uni, "memory.current")) or "",
-            _read(os.path.join(uni, "memory.max")) or "",
-            _read(os.path.join(uni, "memory.stat")) or "",
-            _read(os.path.join(uni, "memory.events")) or "",
-        )
-    if mem:
-        st.memory_usage_bytes = mem["usage"]
-        st.memory_working_set_bytes = mem["working_set"]
-        st.memory_rss_bytes = mem["rss"]
-        st.memory_limit_bytes = mem["limit"]
-        st.page_faults = mem["pgfault"]
-        st.major_page_faults = mem["pgmajfault"]
-        st.oom_kills = mem["oom_kills"] or 0
-
-    cpuacct = dirs.get("cpuacct")
-    text = _read(os.path.join(cpuacct, "cpuacct.usage")) if cpuacct else None
-    if text is not None:
-        st.cpu_usage_ns = parse_single_value(text)
-    elif uni:
-        text = _read(os.path.join(uni, "cpu.stat"))
-        if text is not None:
-            st.cpu_usage_ns = cpu_usage_ns_v2(text)
-
-    pids_dir = dirs.get("pids") or uni
-    if pids_dir:
-        cur = _read(os.path.join(pids_dir, "pids.current"))
-        if cur is not None:
-            st.pids_current = parse_single_value(cur)
-            st.pids_limit = parse_single_value(_read(os.path.join(pids_dir, "pids.max")) or "max")
-    return st
-
-
 def remove_cgroup(path: str, *, mounts: list[CgroupMount] | None = None, attempts: int = 50) -> None:
     """Remove the cgroup at absolute cgroupfs *path* (and its children) in every hierarchy.
 
@@ -372,7 +318,7 @@ def remove_cgroup(path: str, *, mounts: list[CgroupMount] | None = None, attempt
         if not os.path.isdir(top):
             continue
         # Children first: a cgroup dir can only go once it has no sub-cgroups.
-        for cur, subdirs, _ in os.walk(top, topdown=False):
+        for cur, _subdirs, _ in os.walk(top, topdown=False):
             for _ in range(attempts):
                 try:
                     os.rmdir(cur)

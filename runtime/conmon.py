@@ -157,7 +157,7 @@ def parse_sync_message(line: bytes | str) -> SyncMessage:
     raise ValueError(f"unexpected message from conmon: {line!r}")
 
 
-_LOGRUS_MSG = re.compile(r'level=(?:error|fatal|panic|warning)\s+msg="((?:[^"\\]|\\.)*)"')
+_LOGRUS_MSG = re.compile(r'level=(error|fatal|panic|warning)\s+msg="((?:[^"\\]|\\.)*)"')
 
 
 def clean_runtime_error(text: str | bytes) -> str:
@@ -171,6 +171,7 @@ def clean_runtime_error(text: str | bytes) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     msgs: list[str] = []
+    warnings: list[str] = []  # runc's warnings (e.g. "unable to get oom kill count") only when nothing else
     for raw in text.splitlines():
         line = raw.strip()
         if not line:
@@ -178,26 +179,29 @@ def clean_runtime_error(text: str | bytes) -> str:
         m = _LOGRUS_MSG.search(line)
         if m:
             try:
-                msgs.append(json.loads('"' + m.group(1) + '"'))
+                msg = json.loads('"' + m.group(2) + '"')
             except json.JSONDecodeError:
-                msgs.append(m.group(1).replace('\\"', '"'))
+                msg = m.group(2).replace('\\"', '"')
+            (warnings if m.group(1) == "warning" else msgs).append(msg)
             continue
         if line.startswith("{"):
             try:
                 obj = json.loads(line)
                 if isinstance(obj, dict) and "msg" in obj:
-                    if obj.get("level", "error") in ("error", "fatal", "panic", "warning"):
+                    level = obj.get("level", "error")
+                    if level in ("error", "fatal", "panic"):
                         msgs.append(str(obj["msg"]))
+                    elif level == "warning":
+                        warnings.append(str(obj["msg"]))
                     continue
             except json.JSONDecodeError:
                 pass
         if re.match(r'time="[^"]*"\s+level=(debug|info)', line):
             continue
         msgs.append(line)
+    msgs = msgs or warnings
     # De-duplicate while keeping order (runc repeats the final error).
-    seen: set[str] = set()
-    out = [m for m in msgs if not (m in seen or seen.add(m))]
-    return "; ".join(out)
+    return "; ".join(dict.fromkeys(msgs))
 
 
 def ctl_message(kind: int, height: int = 0, width: int = 0) -> bytes:
@@ -220,7 +224,7 @@ _EVENT_HDR = struct.Struct("iIII")
 _libc = None
 
 
-def _get_libc():
+def _get_libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

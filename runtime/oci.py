@@ -31,6 +31,7 @@ to read it: ``reap_exec_sessions`` (start-up recovery) kills such leftovers.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import math
 import os
@@ -51,6 +52,7 @@ from moorage.core.errors import (
     InvalidArgument,
     MoorageError,
     NotFound,
+    RuntimeFailure,
 )
 from moorage.runtime import cgroups
 from moorage.runtime.conmon import (
@@ -87,8 +89,11 @@ _CID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STRIP_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-class OCIRuntimeError(Internal):
-    """runc/crun (or conmon) failed; ``message`` carries the runtime's own words."""
+class OCIRuntimeError(RuntimeFailure):
+    """runc/crun (or conmon) failed; ``message`` carries the runtime's own words.
+
+    A domain error (gRPC UNKNOWN), not INTERNAL: the runtime refused, moorage did not break.
+    """
 
     def __init__(self, message: str, *, stderr: str = "") -> None:
         super().__init__(message)
@@ -147,14 +152,14 @@ class OCIRuntimeAPI(Protocol):
     def exit_status(self, cid: str) -> ExitStatus | None: ...
     def exit_code(self, cid: str) -> tuple[int, datetime] | None: ...
     async def wait_exit(self, cid: str, timeout: float | None = None) -> int: ...
-    async def exec_sync(self, cid: str, cmd: list[str], timeout: float | None, *,
+    async def exec_sync(self, cid: str, cmd: builtins.list[str], timeout: float | None, *,
                         max_output: int = MAX_EXEC_OUTPUT) -> tuple[int, bytes, bytes]: ...
     async def update(self, cid: str, resources: dict[str, Any]) -> None: ...
     async def reopen_log(self, cid: str) -> None: ...
     async def resize(self, cid: str, height: int, width: int) -> None: ...
-    async def exec_session(self, cid: str, cmd: list[str], *, tty: bool = False, stdin: bool = False,
+    async def exec_session(self, cid: str, cmd: builtins.list[str], *, tty: bool = False, stdin: bool = False,
                            console_size: tuple[int, int] | None = None) -> ExecSession: ...
-    def reap_exec_sessions(self) -> list[int]: ...
+    def reap_exec_sessions(self) -> builtins.list[int]: ...
     def attach_socket_path(self, cid: str) -> str: ...
     def conmon_pid(self, cid: str) -> int | None: ...
 
@@ -396,9 +401,10 @@ class ExecSession:
         result = await self._sync.message()
         self.exited = True
         if result is None:
-            raise Internal(f"conmon for exec {self.cmd!r} in container {self.cid} ended without reporting an exit code")
+            raise OCIRuntimeError(
+                f"conmon for exec {self.cmd!r} in container {self.cid} ended without reporting an exit code")
         if result.data < 0 and result.message:
-            raise Internal(f"exec {self.cmd!r} in container {self.cid}: {result.message}")
+            raise OCIRuntimeError(f"exec {self.cmd!r} in container {self.cid}: {result.message}")
         return result.data
 
     async def close(self) -> None:
@@ -906,7 +912,7 @@ class OCIRuntime:
 
     # ------------------------------------------------------------------ exec
 
-    def _exec_process_spec(self, cid: str, cmd: list[str]) -> dict[str, Any]:
+    def _exec_process_spec(self, cid: str, cmd: builtins.list[str]) -> dict[str, Any]:
         bundle = self._meta(cid)["bundle"]
         try:
             with open(os.path.join(bundle, "config.json")) as f:
@@ -919,7 +925,7 @@ class OCIRuntime:
         return process
 
     async def exec_sync(
-        self, cid: str, cmd: list[str], timeout: float | None, *, max_output: int = MAX_EXEC_OUTPUT
+        self, cid: str, cmd: builtins.list[str], timeout: float | None, *, max_output: int = MAX_EXEC_OUTPUT
     ) -> tuple[int, bytes, bytes]:
         """Run *cmd* in the running container; returns (exit code, stdout, stderr).
 
@@ -945,7 +951,7 @@ class OCIRuntime:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _exec_sync(self, cid: str, cmd: list[str], process: dict[str, Any], workdir: str, exec_id: str,
+    async def _exec_sync(self, cid: str, cmd: builtins.list[str], process: dict[str, Any], workdir: str, exec_id: str,
                          timeout: float | None, max_output: int) -> tuple[int, bytes, bytes]:
         spec_path = os.path.join(workdir, "process.json")
         with open(spec_path, "w") as f:
@@ -1035,7 +1041,7 @@ class OCIRuntime:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def _finish_exec(self, proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]]) -> None:
+    async def _finish_exec(self, proc: asyncio.subprocess.Process, readers: builtins.list[asyncio.Task[None]]) -> None:
         # Output written just before exit is still in the pipes; a background child
         # that keeps them open must not hold us forever.
         done, pending = await asyncio.wait(readers, timeout=EXEC_DRAIN_GRACE)
@@ -1049,7 +1055,7 @@ class OCIRuntime:
 
     # ------------------------------------------------------------------ interactive exec
 
-    async def exec_session(self, cid: str, cmd: list[str], *, tty: bool = False, stdin: bool = False,
+    async def exec_session(self, cid: str, cmd: builtins.list[str], *, tty: bool = False, stdin: bool = False,
                            console_size: tuple[int, int] | None = None) -> ExecSession:
         """Start *cmd* in the running container as an interactive session.
 
@@ -1141,7 +1147,7 @@ class OCIRuntime:
         text = text or f"conmon exited with status {rc}"
         return _classify(text, sess.cid, f"exec {sess.cmd[0]!r} in", "")
 
-    def reap_exec_sessions(self) -> list[int]:
+    def reap_exec_sessions(self) -> builtins.list[int]:
         """Kill exec sessions a previous daemon process left behind; remove their files.
 
         Exec conmons run with ``--sync`` as the daemon's children.  After a daemon crash
@@ -1173,10 +1179,10 @@ class OCIRuntime:
         for cid, d in stale_dirs:
             # A session's conmon may be gone (e.g. SIGPIPE on its dead daemon's pipes) while the
             # exec'd process lives on in the container: runc's pid file of the session names it.
-            pid = self._orphaned_exec_process(cid, os.path.join(d, "pid"))
-            if pid is not None:
-                _kill_tree(pid)
-                killed.append(pid)
+            orphan = self._orphaned_exec_process(cid, os.path.join(d, "pid"))
+            if orphan is not None:
+                _kill_tree(orphan)
+                killed.append(orphan)
             shutil.rmtree(d, ignore_errors=True)
         if os.path.isdir(self.socket_dir):  # conmon's <socket_dir>/<exec id> links to exec dirs
             for name in os.listdir(self.socket_dir):

@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from moorage.core.errors import InvalidArgument, NotFound
@@ -257,13 +257,13 @@ def parse_profile(
     return out
 
 
-def _uint(v: object, what: str, bad) -> int:
+def _uint(v: object, what: str, bad: Callable[[str], InvalidArgument]) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 0xFFFFFFFF:
         raise bad(f"{what} must be an unsigned 32-bit integer")
     return v
 
 
-def _arg(a: object, where: str, bad) -> dict:
+def _arg(a: object, where: str, bad: Callable[[str], InvalidArgument]) -> dict:
     if not isinstance(a, dict):
         raise bad(f"{where} must be an object")
     op = a.get("op")
@@ -281,7 +281,8 @@ def _arg(a: object, where: str, bad) -> dict:
     return out
 
 
-def _conditions_hold(s: dict, caps: set[str], go_arch: str, bad, where: str) -> bool:
+def _conditions_hold(s: dict, caps: set[str], go_arch: str, bad: Callable[[str], InvalidArgument],
+                     where: str) -> bool:
     """Evaluate Docker-style ``includes``/``excludes`` (kernel versions are ignored)."""
     inc = s.get("includes") or {}
     exc = s.get("excludes") or {}

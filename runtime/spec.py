@@ -14,6 +14,7 @@ moorage's design asks (an empty infra rootfs running ``catatonit -P``).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import stat as _stat
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from moorage.runtime import cgroups as _cgroups
 from moorage.runtime import seccomp as _seccomp
 from moorage.runtime.model import (
     NAMESPACE_MODES,
@@ -40,6 +42,8 @@ from moorage.runtime.model import (
     SecurityProfile,
     SELinuxOption,
 )
+
+log = logging.getLogger("moorage.runtime.spec")
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -249,10 +253,14 @@ class HostLookups:
     #: Capabilities in the daemon's own bounding set (None: unknown, assume all).  A
     #: privileged container gets these, as containerd's WithAllCurrentCapabilities does:
     #: asking runc for more fails with "unable to apply caps".
-    current_capabilities: Callable[[], frozenset[str] | None] = lambda: _current_capabilities()
+    current_capabilities: Callable[[], frozenset[str] | None] = _current_capabilities
     #: Create a missing bind-mount source as a directory (kubelet hostPath type ""), as
     #: containerd and CRI-O do.
     ensure_dir: Callable[[str], None] = lambda p: os.makedirs(p, mode=0o755, exist_ok=True)
+    #: Why the hugetlb cgroup controller cannot take limits for a container at this
+    #: ``linux.cgroupsPath`` (None: it can).  The kubelet sends hugepage limits for every
+    #: container; runc fails on a host without the controller.
+    hugetlb_missing: Callable[[str], str | None] = _cgroups.hugetlb_missing
 
 
 @dataclass(frozen=True)
@@ -288,8 +296,12 @@ class RuntimeSpecConfig:
     allowed_annotations: tuple[str, ...] = ()
     #: Pod annotations (glob patterns) copied into sandbox and container specs.
     pod_annotations: tuple[str, ...] = ()
-    #: Prefix of systemd scope names ("<prefix>-<id>.scope").
-    systemd_scope_prefix: str = "moorage"
+    #: Never set hugepage limits (the kubelet's are dropped), as containerd's
+    #: disable_hugetlb_controller.
+    disable_hugetlb_controller: bool = False
+    #: Where the hugetlb controller is not usable, drop hugepage limits (True) or refuse
+    #: the container with FAILED_PRECONDITION (False).
+    tolerate_missing_hugetlb_controller: bool = True
 
 
 # --- small helpers ----------------------------------------------------------------
@@ -373,11 +385,15 @@ def _caps_object(caps: list[str], ambient: list[str]) -> dict:
     }
 
 
-def linux_resources(res: LinuxContainerResources | None) -> dict:
+def linux_resources(res: LinuxContainerResources | None, *, hugepages: bool = False) -> dict:
     """``linux.resources`` (cpu, memory, hugepages, unified) from CRI resources.
 
     Zero means "not set" for every CRI field, so only non-zero values appear:
-    the same dict serves CreateContainer and UpdateContainerResources.
+    the same dict serves CreateContainer and UpdateContainerResources.  Hugepage
+    limits (always validated) are included only with *hugepages*: they are set once,
+    at creation, where ``build_container_spec`` knows whether the host can take
+    them; an update leaves them out (hugepages are not resizable, runc's update
+    ignores them and crun's fails on a host without the hugetlb controller).
     """
     out: dict = {}
     if res is None:
@@ -431,13 +447,48 @@ def linux_resources(res: LinuxContainerResources | None) -> dict:
             if h.limit < 0:
                 raise InvalidArgument(f"hugepage limit for {h.page_size} must not be negative")
             hp.append({"pageSize": h.page_size, "limit": h.limit})
-        out["hugepageLimits"] = hp
+        if hugepages:
+            out["hugepageLimits"] = hp
     if res.unified:
         for k in res.unified:
             if not k or "/" in k or k.startswith("."):
                 raise InvalidArgument(f"unified cgroup key {k!r} is not a cgroup v2 file name")
         out["unified"] = dict(res.unified)
     return out
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """Log a host condition once per daemon, not once per container."""
+    if message not in _noted:
+        _noted.add(message)
+        log.warning(message)
+
+
+def use_hugepage_limits(runtime_cfg: RuntimeSpecConfig, host: HostLookups, cgroups_path: str) -> bool:
+    """Whether a container at *cgroups_path* gets the hugepage limits it asks for.
+
+    As containerd: never when ``disable_hugetlb_controller``; else only where the hugetlb
+    controller is usable for the container's cgroup parent.  Where it is not, the limits
+    are dropped (logged once) when ``tolerate_missing_hugetlb_controller``, else the
+    container is refused - runc would fail later with "cannot set hugetlb limit".
+    """
+    if runtime_cfg.disable_hugetlb_controller:
+        return False
+    why = host.hugetlb_missing(cgroups_path)
+    if why is None:
+        return True
+    if runtime_cfg.tolerate_missing_hugetlb_controller:
+        _note_once(f"hugepage limits are dropped from every container: {why} "
+                   "(runtime.tolerate_missing_hugetlb_controller = true)")
+        return False
+    raise FailedPrecondition(
+        f"the container asks for hugepage limits but the hugetlb cgroup controller is missing: {why}; "
+        "mount the hugetlb controller, or set runtime.tolerate_missing_hugetlb_controller = true "
+        "to run containers without hugepage limits"
+    )
 
 
 def cgroups_path(driver: str, parent: str, id: str, *, scope_prefix: str = "moorage") -> str:
@@ -1133,9 +1184,10 @@ def build_container_spec(
                 )
 
     # --- linux -------------------------------------------------------------------------
+    hugepages = bool(res is not None and res.hugepage_limits) and use_hugepage_limits(runtime_cfg, host, cgroups_path)
     linux_obj: dict = {
         "namespaces": namespaces,
-        "resources": _resources_with_devices(linux_resources(res), device_rules),
+        "resources": _resources_with_devices(linux_resources(res, hugepages=hugepages), device_rules),
         "cgroupsPath": cgroups_path,
     }
     if devices:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from moorage.core.errors import InvalidArgument, NotFound
+
+_E = TypeVar("_E")
 
 #: Upper bound on bytes read from /etc/passwd or /etc/group.
 MAX_DB_BYTES = 1 << 20
@@ -189,7 +193,7 @@ def parse_group(data: bytes) -> list[GroupEntry]:
     return out
 
 
-def _load(rootfs: str | None, path: str, parser):
+def _load(rootfs: str | None, path: str, parser: Callable[[bytes], list[_E]]) -> list[_E]:
     if not rootfs:
         return []
     data = read_file_in_root(rootfs, path)
@@ -308,10 +312,8 @@ def resolve_user(
 
     additional: list[int] = [gid]
     if supplemental_groups_policy == "Merge" and entry is not None:
-        for g in gr():
-            if entry.name in g.members:
-                additional.append(g.gid)
+        for grp in gr():
+            if entry.name in grp.members:
+                additional.append(grp.gid)
     additional.extend(int(g) for g in supplemental_groups)
-    seen: set[int] = set()
-    deduped = [g for g in additional if not (g in seen or seen.add(g))]
-    return uid, gid, deduped, home
+    return uid, gid, list(dict.fromkeys(additional)), home

@@ -60,3 +60,21 @@ class Unimplemented(MoorageError):
 
 class Internal(MoorageError):
     code = "INTERNAL"
+
+
+class RuntimeFailure(MoorageError):
+    """The OCI runtime (runc/crun) or conmon refused or failed an operation.
+
+    Not a bug in moorage: the message carries the runtime's own words, and the
+    edge answers UNKNOWN with it, as containerd does.  The message is bounded
+    (a runtime can print pages) so it fits in a gRPC status and one log line.
+    """
+
+    code = "UNKNOWN"
+    MAX_MESSAGE = 4096
+
+    def __init__(self, message: str) -> None:
+        if len(message) > self.MAX_MESSAGE:
+            cut = len(message) - self.MAX_MESSAGE
+            message = f"{message[:self.MAX_MESSAGE]}... ({cut} more characters cut)"
+        super().__init__(message)

@@ -28,7 +28,7 @@ from moorage.core.errors import (
     MoorageError,
     NotFound,
 )
-from moorage.runtime import cgroups
+from moorage.runtime import cgroups, stats
 from moorage.runtime.oci import OCIRuntime, RuntimeHandler
 from moorage.testing.busybox_rootfs import make_bundle
 
@@ -309,9 +309,10 @@ def test_update_memory_limit_is_visible_in_cgroup(env):
         await env.rt.update(cid, {"memory": {"limit": new, "swap": new}})
         with open(limit_file) as f:
             assert int(f.read()) == new
-        stats = cgroups.read_stats(dirs)
-        assert stats.memory_limit_bytes == new and stats.memory_usage_bytes > 0
-        assert stats.pids_current >= 1
+        sample = stats.read_cgroup(dirs)
+        assert sample is not None and sample.memory is not None
+        assert sample.memory["limit"] == new and (sample.memory["usage"] or 0) > 0
+        assert (sample.pids or 0) >= 1
         await env.rt.delete(cid, force=True)
 
     run(main())

@@ -1,11 +1,11 @@
-"""Pure parsers and path helpers of runtime/cgroups.py."""
+"""Pure parsers and path helpers of runtime/cgroups.py, the cgroup path builder and the stats reader."""
 
 from __future__ import annotations
 
 import pytest
 
 from moorage.core.errors import InvalidArgument
-from moorage.runtime import cgroups
+from moorage.runtime import cgroups, spec, stats
 
 PROC_CGROUP_V1 = """\
 12:name=systemd:/kubepods/pod1/c1
@@ -81,12 +81,13 @@ def test_memory_v2_and_cpu_pids():
     assert cgroups.parse_oom_kill_count("oom_kill_disable 0\nunder_oom 0\n") == 0
 
 
-def test_read_stats_from_fake_v1_tree(tmp_path):
+def test_read_cgroup_from_fake_v1_tree(tmp_path):
+    # The daemon's one cgroup stats reader (stats.read_cgroup) over real files.
     mem = tmp_path / "memory"
     mem.mkdir()
     (mem / "memory.usage_in_bytes").write_text("2048\n")
     (mem / "memory.limit_in_bytes").write_text("4096\n")
-    (mem / "memory.stat").write_text("total_rss 1024\ntotal_inactive_file 48\n")
+    (mem / "memory.stat").write_text("total_rss 1024\ntotal_inactive_file 48\ntotal_cache 64\n")
     (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
     acct = tmp_path / "cpuacct"
     acct.mkdir()
@@ -96,24 +97,35 @@ def test_read_stats_from_fake_v1_tree(tmp_path):
     (pids / "pids.current").write_text("3\n")
     (pids / "pids.max").write_text("max\n")
     dirs = {"memory": str(mem), "cpuacct": str(acct), "pids": str(pids)}
-    st = cgroups.read_stats(dirs)
-    assert (st.memory_usage_bytes, st.memory_working_set_bytes, st.memory_limit_bytes) == (2048, 2000, 4096)
-    assert (st.cpu_usage_ns, st.pids_current, st.pids_limit, st.oom_kills) == (123456, 3, None, 1)
+    st = stats.read_cgroup(dirs, with_oom=True)
+    assert st is not None and st.memory is not None
+    assert (st.memory["usage"], st.memory["working_set"], st.memory["limit"]) == (2048, 2000, 4096)
+    assert (st.cpu_usage_ns, st.pids, st.oom_kills, st.cache_bytes) == (123456, 3, 1, 64)
     assert cgroups.oom_kill_count(dirs) == 1
     assert cgroups.oom_kill_count({"memory": str(tmp_path / "gone")}) == 0
+    assert stats.read_cgroup({"memory": str(tmp_path / "gone")}) is None
 
 
-def test_container_cgroups_path():
-    assert cgroups.container_cgroups_path("cgroupfs", "/kubepods/besteffort/pod1", "c1") == "/kubepods/besteffort/pod1/c1"
-    assert cgroups.container_cgroups_path("cgroupfs", "kubepods/", "c1") == "/kubepods/c1"
-    assert cgroups.container_cgroups_path("cgroupfs", None, "c1") == "/moorage/c1"
-    assert cgroups.container_cgroups_path("systemd", "kubepods-besteffort-pod1.slice", "c1") == \
-        "kubepods-besteffort-pod1.slice:moorage:c1"
-    assert cgroups.container_cgroups_path("systemd", None, "c1") == "system.slice:moorage:c1"
-    for bad in (("systemd", "/kubepods/pod1", "c1"), ("cgroupfs", "/a/../b", "c1"), ("cgroupfs", "/a", "x/y"),
-                ("cgroupv3", "/a", "c1")):
-        with pytest.raises(InvalidArgument):
-            cgroups.container_cgroups_path(*bad)
+@pytest.mark.parametrize("driver, parent, expected", [
+    ("cgroupfs", "/kubepods/besteffort/pod1", "/kubepods/besteffort/pod1/c1"),
+    ("cgroupfs", "kubepods/", "/kubepods/c1"),
+    ("cgroupfs", "", "/moorage/c1"),
+    ("systemd", "kubepods-besteffort-pod1.slice", "kubepods-besteffort-pod1.slice:moorage:c1"),
+    # What a kubelet with cgroupDriver: systemd really sends: the path of slices; runc wants the last one.
+    ("systemd", "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice",
+     "kubepods-besteffort-pod1.slice:moorage:c1"),
+    ("systemd", "", "system.slice:moorage:c1"),
+])
+def test_container_cgroups_path(driver, parent, expected):
+    # The one cgroup path builder the daemon uses (spec.cgroups_path).
+    assert spec.cgroups_path(driver, parent, "c1") == expected
+
+
+@pytest.mark.parametrize("bad", [("systemd", "/kubepods/pod1", "c1"), ("cgroupfs", "/a/../b", "c1"),
+                                 ("cgroupfs", "/a", "x/y"), ("cgroupv3", "/a", "c1")])
+def test_container_cgroups_path_rejects(bad):
+    with pytest.raises(InvalidArgument):
+        spec.cgroups_path(*bad)
 
 
 def test_remove_cgroup_refuses_root_and_relative():

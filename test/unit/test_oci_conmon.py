@@ -106,6 +106,12 @@ def test_clean_runtime_error_logrus_and_json_and_plain():
     assert clean_runtime_error(b"crun: executable file `/nope` not found\n") == "crun: executable file `/nope` not found"
     assert clean_runtime_error('time="x" level=info msg="noise"\nreal error\nreal error\n') == "real error"
     assert clean_runtime_error("") == ""
+    # runc warns before it fails (no memory cgroup yet to count OOM kills in): the failure is the message.
+    warned = ('time="x" level=warning msg="unable to get oom kill count" error="openat2 ...: no such file"\n'
+              'time="x" level=error msg="runc create failed: failed to write \\"9\\": out of range"\n')
+    assert clean_runtime_error(warned) == 'runc create failed: failed to write "9": out of range'
+    assert clean_runtime_error('time="x" level=warning msg="only a warning"\n') == "only a warning"
+    assert clean_runtime_error('{"level":"warning","msg":"w"}\n{"level":"error","msg":"e"}\n') == "e"
 
 
 def test_ctl_and_exit_file_formats():

@@ -80,6 +80,7 @@ HOST = HostLookups(
     load_seccomp=fake_load_seccomp,
     current_capabilities=lambda: None,
     ensure_dir=lambda p: pytest.fail(f"the spec builder would create {p} on the host"),
+    hugetlb_missing=lambda p: None,
 )
 
 
