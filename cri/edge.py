@@ -73,8 +73,10 @@ class Edge:
             span.set_status(Status(StatusCode.ERROR, msg))
         span.end()
         level = logging.DEBUG if method.startswith(_POLLED) and code is grpc.StatusCode.OK else logging.INFO
-        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            level = logging.ERROR
+        if code is grpc.StatusCode.INTERNAL:
+            level = logging.ERROR  # a bug in moorage
+        elif code is grpc.StatusCode.UNKNOWN:
+            level = logging.WARNING  # runc/crun/conmon refused: the runtime's own message says why
         if log.isEnabledFor(level):
             fields = {"method": f"{service}/{method}", "code": code.name, "ms": round(elapsed * 1000, 3)}
             if msg:
