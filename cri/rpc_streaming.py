@@ -13,8 +13,7 @@ from __future__ import annotations
 from moorage.core.errors import FailedPrecondition, Unavailable
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest
-
-SANDBOX_READY = "SANDBOX_READY"
+from moorage.runtime.records import SandboxState
 
 
 class StreamingRPCs:
@@ -44,7 +43,7 @@ class StreamingRPCs:
     async def PortForward(self, request: pb.PortForwardRequest, context) -> pb.PortForwardResponse:
         server = self._streaming_server()
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
-        if sb.state != SANDBOX_READY:
+        if sb.status.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready; cannot forward ports to it")
         url = server.get_portforward_url(PortForwardRequest(sandbox_id=sb.id, ports=list(request.port)))
         return pb.PortForwardResponse(url=url)

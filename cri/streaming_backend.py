@@ -27,6 +27,7 @@ from moorage.core.errors import FailedPrecondition, MoorageError, NotFound
 from moorage.cri.streaming.backend import InputStream, Writer
 from moorage.cri.streaming.server import StreamingServer
 from moorage.runtime.oci import ExecSession, connect_seqpacket
+from moorage.runtime.records import SandboxState
 
 log = logging.getLogger("moorage.streaming")
 
@@ -36,7 +37,6 @@ RECV_SIZE = 64 * 1024
 OUTPUT_DRAIN_GRACE = 2.0
 INITIAL_SIZE_WAIT = 1.0  # how long a TTY exec waits for the client's first terminal size
 CONNECT_TIMEOUT = 10.0
-SANDBOX_READY = "SANDBOX_READY"
 
 
 def _connect_loopback(port: int) -> socket.socket:
@@ -107,7 +107,7 @@ class RuntimeStreamingBackend:
 
     def _running(self, container_id: str):
         rec = self.rt.running_container(container_id)  # NOT_FOUND / FAILED_PRECONDITION
-        return rec, self.rt.oci(rec.runtime_handler)
+        return rec, self.rt.oci(rec.metadata.runtime_handler)
 
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: InputStream | None,
                    stdout: Writer | None, stderr: Writer | None,
@@ -166,7 +166,7 @@ class RuntimeStreamingBackend:
     async def attach(self, container_id: str, tty: bool, stdin: InputStream | None, stdout: Writer | None,
                      stderr: Writer | None, resize: AsyncIterator[tuple[int, int]] | None) -> None:
         rec = self.rt.attachable_container(container_id, stdin=stdin is not None)
-        oci = self.rt.oci(rec.runtime_handler)
+        oci = self.rt.oci(rec.metadata.runtime_handler)
         try:
             sock = connect_seqpacket(oci.attach_socket_path(rec.id))
         except OSError as e:
@@ -198,11 +198,11 @@ class RuntimeStreamingBackend:
 
     async def port_forward(self, sandbox_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sb = self.rt.get_sandbox(sandbox_id)
-        if sb.state != SANDBOX_READY:
+        if sb.status.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready")
-        if sb.netns_path:
+        if sb.status.netns_path:
             try:
-                sock = await netnsmod.arun_in_netns(sb.netns_path, _connect_loopback, port)
+                sock = await netnsmod.arun_in_netns(sb.status.netns_path, _connect_loopback, port)
             except NotFound as e:
                 raise FailedPrecondition(f"pod sandbox {sb.id} has no network namespace: {e.message}") from None
         else:  # host network: the pod's localhost is the host's

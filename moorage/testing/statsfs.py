@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from moorage.runtime.context import RuntimeSettings
+from moorage.testing import records
 
 MiB = 1024 * 1024
 
@@ -35,43 +36,23 @@ def v1_files(base="/cg", limit="9223372036854771712\n"):
 V1_DIRS = {"memory": "/cg/memory/c", "cpuacct": "/cg/cpuacct/c", "cpu": "/cg/cpu/c", "pids": "/cg/pids/c"}
 
 
-@dataclass
-class Ctr:
-    id: str
-    sandbox_id: str
-    state: str = "CONTAINER_RUNNING"
-    pid: int = 0
-    name: str = "c_pod_0"
-    metadata: dict = field(default_factory=lambda: {"name": "c", "attempt": 1})
-    labels: dict = field(default_factory=dict)
-    annotations: dict = field(default_factory=dict)
-    snapshot_key: str = ""
-    image_name: str = "busybox"
-    image_ref: str = "sha256:x"
-
-
-@dataclass
-class Sb:
-    id: str
-    state: str = "SANDBOX_READY"
-    pid: int = 0
-    name: str = "pod_ns_uid_0"
-    cgroup_parent: str = "/kubepods/podA"
-    netns_path: str = ""
-    metadata: dict = field(default_factory=lambda: {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0})
-    labels: dict = field(default_factory=dict)
-    annotations: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+#: Real records for the fakes below.
+Ctr = records.container
+Sb = records.sandbox
 
 
 class FakeRuntime:
+    """What ``runtime.stats.StatsSource`` asks of the runtime."""
+
     def __init__(self, sbs, ctrs):
+        self.s = RuntimeSettings(root_dir="", state_dir="", handlers={})
+        self.images = None
         self.sandboxes = {s.id: s for s in sbs}
         self.containers = {c.id: c for c in ctrs}
 
     def list_containers(self, id_prefix="", sandbox_id="", labels=None, state=None):
         return [c for c in self.containers.values() if c.id.startswith(id_prefix)
-                and c.sandbox_id.startswith(sandbox_id)]
+                and c.metadata.sandbox_id.startswith(sandbox_id)]
 
     def list_sandboxes(self, id_prefix="", labels=None, state=None):
         return [s for s in self.sandboxes.values() if s.id.startswith(id_prefix)]

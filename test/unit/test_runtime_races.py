@@ -12,15 +12,27 @@ from dataclasses import dataclass, field
 import pytest
 
 from moorage.core.errors import FailedPrecondition, NotFound
-from moorage.core.store import ContainerRecord, SandboxRecord, Store, now_ns
-from moorage.runtime import container as ctrmod
+from moorage.core.store import Store, now_ns
 from moorage.runtime.model import (
     ContainerConfig,
     ContainerMetadata,
     LinuxContainerResources,
+    LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext,
+    NamespaceOption,
+    PodSandboxConfig,
+    PodSandboxMetadata,
 )
-from moorage.runtime.modelio import to_plain
-from moorage.runtime.sandbox import READY
+from moorage.runtime.records import (
+    Container,
+    ContainerMeta,
+    ContainerState,
+    ContainerStatus,
+    Sandbox,
+    SandboxMeta,
+    SandboxState,
+    SandboxStatus,
+)
 from moorage.runtime.service import Runtime, RuntimeSettings
 
 
@@ -103,30 +115,24 @@ def harness(tmp_path):
     store = Store(str(tmp_path / "root"))
     rt = Runtime(settings, store, FakeImages(), None)
     oci = FakeOCI()
-    rt._runtimes["runc"] = oci
+    rt.ctx.runtimes["runc"] = oci
     return rt, oci
 
 
-def add_sandbox(rt: Runtime, sid: str = "s" * 64) -> SandboxRecord:
-    rec = SandboxRecord(id=sid, name=f"pod_{sid[:6]}", state=READY, created_at=now_ns(),
-                        metadata={"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
-                        config={"metadata": {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
-                                "linux": {"security_context": {"namespace_options": {"network": "NODE",
-                                                                                     "ipc": "NODE"}}}},
-                        pid=4000)
-    rt.store.add_sandbox(rec)
-    rt.sandboxes[sid] = rec
-    return rec
+def add_sandbox(rt: Runtime, sid: str = "s" * 64) -> Sandbox:
+    pod = PodSandboxMetadata(name="pod", namespace="ns", uid="u")
+    cfg = PodSandboxConfig(metadata=pod, linux=LinuxPodSandboxConfig(security_context=LinuxSandboxSecurityContext(
+        namespace_options=NamespaceOption(network="NODE", ipc="NODE"))))
+    meta = SandboxMeta(id=sid, name=f"pod_{sid[:6]}", created_at=now_ns(), config=cfg, runtime_handler="runc")
+    return rt.ctx.add_sandbox(meta, SandboxStatus(state=SandboxState.READY, pid=4000))
 
 
-def add_container(rt: Runtime, sb: SandboxRecord, cid: str = "c" * 64, state: str = ctrmod.CREATED) -> ContainerRecord:
+def add_container(rt: Runtime, sb: Sandbox, cid: str = "c" * 64,
+                  state: ContainerState = ContainerState.CREATED) -> Container:
     cfg = ContainerConfig(metadata=ContainerMetadata(name="c"), image="busybox")
-    rec = ContainerRecord(id=cid, name=f"c_{cid[:6]}", sandbox_id=sb.id, state=state, created_at=now_ns(),
-                          metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=FakeImage().id,
-                          image_name="busybox", snapshot_key=cid, extra={})
-    rt.store.add_container(rec)
-    rt.containers[cid] = rec
-    return rec
+    meta = ContainerMeta(id=cid, name=f"c_{cid[:6]}", sandbox_id=sb.id, created_at=now_ns(), config=cfg,
+                         image_ref=FakeImage().id, image_name="busybox", runtime_handler="runc", snapshot_key=cid)
+    return rt.ctx.add_container(meta, ContainerStatus(state=state))
 
 
 async def until(cond, what: str) -> None:
@@ -150,14 +156,14 @@ def test_stop_waiting_for_the_exit_returns_when_the_container_is_removed(harness
 
     async def main():
         sb = add_sandbox(rt)
-        rec = add_container(rt, sb, state=ctrmod.RUNNING)
-        rt.watch_exit(rec.id, "runc", rt._on_container_exit)
+        rec = add_container(rt, sb, state=ContainerState.RUNNING)
+        rt.ctx.watch_exit(rec.id, "runc", rt.container_ops._on_exit)
         stop = asyncio.ensure_future(rt.stop_container(rec.id, 20))
         await until(lambda: (rec.id, signal.SIGTERM) in oci.signals, "SIGTERM sent")
         await settle()  # StopContainer now waits for the exit
         oci.ignore.add(signal.SIGKILL)  # the exit never comes through the watcher
-        async with rt.lock(rec.id):  # what RemoveContainer does once it holds the lock
-            await rt._destroy_container(rec)
+        async with rt.ctx.lock(rec.id):  # what RemoveContainer does once it holds the lock
+            await rt.container_ops._destroy(rec)
         await stop
         assert (rec.id, signal.SIGKILL) not in oci.signals  # it did not wait out its 20 s
 
@@ -169,8 +175,8 @@ def test_waiters_are_released_when_the_daemon_stops_watching(harness):
 
     async def main():
         sb = add_sandbox(rt)
-        rec = add_container(rt, sb, state=ctrmod.RUNNING)
-        rt.watch_exit(rec.id, "runc", rt._on_container_exit)
+        rec = add_container(rt, sb, state=ContainerState.RUNNING)
+        rt.ctx.watch_exit(rec.id, "runc", rt.container_ops._on_exit)
         stop = asyncio.ensure_future(rt.stop_container(rec.id, 20))
         await until(lambda: (rec.id, signal.SIGTERM) in oci.signals, "SIGTERM sent")
         await settle()  # StopContainer now waits for the exit
@@ -190,7 +196,7 @@ def test_call_waiting_for_the_lock_of_a_removed_container_is_not_found(harness, 
     async def main():
         sb = add_sandbox(rt)
         # A running container for UpdateContainerResources (it would reach runc), a created one for start.
-        rec = add_container(rt, sb, state=ctrmod.RUNNING if call == "update" else ctrmod.CREATED)
+        rec = add_container(rt, sb, state=ContainerState.RUNNING if call == "update" else ContainerState.CREATED)
         oci.delete_pause = asyncio.Event()
         remove = asyncio.ensure_future(rt.remove_container(rec.id))
         await settle()  # RemoveContainer holds the lock, deleting
@@ -204,7 +210,7 @@ def test_call_waiting_for_the_lock_of_a_removed_container_is_not_found(harness, 
         with pytest.raises(NotFound, match=f"{rec.id} not found \\(it was removed\\)"):
             await other
         assert rec.id not in oci.created and rec.id not in oci.updated
-        assert rec.id not in rt.containers and not rt.store.list_containers()
+        assert rec.id not in rt.containers and not rt.ctx.store.list_containers()
 
     asyncio.run(main())
 
@@ -233,7 +239,7 @@ def test_create_container_racing_remove_pod_sandbox_leaves_no_orphan(harness, pa
         res = await asyncio.gather(create, remove, return_exceptions=True)
         assert res[1] is None, res
         assert sb.id not in rt.sandboxes
-        orphans = [c.id for c in rt.containers.values()] + [c.id for c in rt.store.list_containers()]
+        orphans = [c.id for c in rt.containers.values()] + [c.id for c in rt.ctx.store.list_containers()]
         assert not orphans, (res, orphans)
         assert isinstance(res[0], (FailedPrecondition, NotFound)), res
         assert sb.id in str(res[0])
