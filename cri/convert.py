@@ -199,12 +199,6 @@ def resources(msg: Message) -> model.LinuxContainerResources:
     return from_pb(model.LinuxContainerResources, msg)
 
 
-# -- model → plain dict (what the store keeps) and back: runtime.modelio --------------------
-
-to_dict = modelio.to_plain
-from_dict = modelio.from_plain
-
-
 # -- model → protobuf ---------------------------------------------------------------------------
 
 _PROPAGATION_TO_CRI = {v: k for k, v in model.PROPAGATION_FROM_CRI.items()}

@@ -257,7 +257,7 @@ class RuntimeServicer(StreamingRPCs, StatsRPCs):
                     ctrs = self.rt.list_containers(sandbox_id=sb.id) if sb is not None else []
                 if sb is not None:
                     sandbox_status = self._sandbox_status(sb)
-                    memo = {}
+                    memo: dict[str, tuple[str, str, str]] = {}
                     statuses = [self._container_status(c, memo) for c in ctrs]
                 yield pb.ContainerEventResponse(
                     container_id=ev.container_id, container_event_type=convert.event_type_pb(ev.type),

@@ -15,8 +15,6 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from moorage.runtime import model
-
 T = TypeVar("T")
 
 
@@ -71,11 +69,3 @@ def _value(tp: Any, v: Any) -> Any:
         _, item = typing.get_args(tp)
         return {k: _value(item, x) for k, x in v.items()}
     return v
-
-
-def sandbox_config_from(d: dict[str, Any]) -> model.PodSandboxConfig:
-    return from_plain(model.PodSandboxConfig, d)
-
-
-def container_config_from(d: dict[str, Any]) -> model.ContainerConfig:
-    return from_plain(model.ContainerConfig, d)

@@ -65,7 +65,7 @@ class Sandboxes:
 
     async def run(self, cfg: PodSandboxConfig, handler: str = "") -> str:
         md = cfg.metadata
-        missing = [k for k in ("name", "namespace", "uid") if not getattr(md, k)]
+        missing = [k for k, v in (("name", md.name), ("namespace", md.namespace), ("uid", md.uid)) if not v]
         if missing:
             raise InvalidArgument(f"pod sandbox metadata is missing {', '.join(missing)}")
         handler = handler or self.ctx.s.default_handler

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from moorage.runtime.context import RuntimeSettings
+from moorage.runtime.records import Container, Sandbox
 from moorage.testing import records
 
 MiB = 1024 * 1024
@@ -44,17 +47,18 @@ Sb = records.sandbox
 class FakeRuntime:
     """What ``runtime.stats.StatsSource`` asks of the runtime."""
 
-    def __init__(self, sbs, ctrs):
+    def __init__(self, sbs: list[Sandbox], ctrs: list[Container]) -> None:
         self.s = RuntimeSettings(root_dir="", state_dir="", handlers={})
-        self.images = None
+        self.images: Any = None  # tests put a fake with container_usage here
         self.sandboxes = {s.id: s for s in sbs}
         self.containers = {c.id: c for c in ctrs}
 
-    def list_containers(self, id_prefix="", sandbox_id="", labels=None, state=None):
+    def list_containers(self, id_prefix: str = "", sandbox_id: str = "", labels: object = None,
+                        state: object = None) -> list[Container]:
         return [c for c in self.containers.values() if c.id.startswith(id_prefix)
                 and c.metadata.sandbox_id.startswith(sandbox_id)]
 
-    def list_sandboxes(self, id_prefix="", labels=None, state=None):
+    def list_sandboxes(self, id_prefix: str = "", labels: object = None, state: object = None) -> list[Sandbox]:
         return [s for s in self.sandboxes.values() if s.id.startswith(id_prefix)]
 
 

@@ -6,13 +6,15 @@ Each test interleaves two CRI calls deterministically through the fakes' pause p
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from dataclasses import dataclass, field
 
 import pytest
 
-from moorage.core.errors import FailedPrecondition, NotFound
+from moorage.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from moorage.core.store import Store, now_ns
+from moorage.runtime import records
 from moorage.runtime.model import (
     ContainerConfig,
     ContainerMetadata,
@@ -24,6 +26,7 @@ from moorage.runtime.model import (
     PodSandboxMetadata,
 )
 from moorage.runtime.records import (
+    CREATE_FAILED,
     Container,
     ContainerMeta,
     ContainerState,
@@ -44,11 +47,15 @@ class FakeOCI:
         self.exits: dict[str, asyncio.Future] = {}
         self.ignore: set[int] = {signal.SIGTERM}  # signals the "process" ignores
         self.delete_pause: asyncio.Event | None = None
+        self.create_errors: list[BaseException] = []  # raised by the next create calls, in order
+        self.delete_errors: list[BaseException] = []
 
     def _exit(self, cid: str) -> asyncio.Future:
         return self.exits.setdefault(cid, asyncio.get_running_loop().create_future())
 
     async def create(self, cid, bundle, **kw) -> int:
+        if self.create_errors:
+            raise self.create_errors.pop(0)
         self.created.append(cid)
         return 4242
 
@@ -62,6 +69,8 @@ class FakeOCI:
             self._exit(cid).set_result(128 + int(sig))
 
     async def delete(self, cid, force=False) -> None:
+        if self.delete_errors:
+            raise self.delete_errors.pop(0)
         if self.delete_pause is not None:
             await self.delete_pause.wait()
         await asyncio.sleep(0)
@@ -95,16 +104,22 @@ class FakeImages:
         self.prepare_pause: asyncio.Event | None = None
         self.prepared = asyncio.Event()
         self.released: list[str] = []
+        self.prepare_errors: list[BaseException] = []
+        self.release_errors: list[BaseException] = []
 
     def get_local(self, ref):
         return FakeImage()
 
     async def prepare_rootfs(self, cid, image, rootfs) -> None:
+        if self.prepare_errors:
+            raise self.prepare_errors.pop(0)
         self.prepared.set()
         if self.prepare_pause is not None:
             await self.prepare_pause.wait()
 
     async def release_rootfs(self, key, rootfs) -> None:
+        if self.release_errors:
+            raise self.release_errors.pop(0)
         self.released.append(key)
 
 
@@ -243,5 +258,62 @@ def test_create_container_racing_remove_pod_sandbox_leaves_no_orphan(harness, pa
         assert not orphans, (res, orphans)
         assert isinstance(res[0], (FailedPrecondition, NotFound)), res
         assert sb.id in str(res[0])
+
+    asyncio.run(main())
+
+
+# -- 8: a create whose clean-up fails leaves a visible record that Remove* cleans ------------------
+
+def _busy() -> OSError:
+    return OSError(errno.EBUSY, "Device or resource busy", "/state/rootfs")
+
+
+def test_failed_container_rollback_is_visible_and_removable(harness):
+    rt, oci = harness
+
+    async def main():
+        sb = add_sandbox(rt)
+        rt.images.prepare_errors.append(InvalidArgument("layer is corrupt"))
+        rt.images.release_errors.append(_busy())  # the clean-up of the failed create fails too
+        with pytest.raises(InvalidArgument, match="layer is corrupt"):
+            await rt.create_container(sb.id, _cfg())
+        [rec] = rt.list_containers()
+        assert rec.status.state == ContainerState.EXITED and rec.status.reason == CREATE_FAILED
+        assert "layer is corrupt" in rec.status.message and "Device or resource busy" in rec.status.message
+        stored = records.decode_container(rt.ctx.store.get_container(rec.id))[1]
+        assert stored.reason == CREATE_FAILED and stored.phase is None
+        with pytest.raises(FailedPrecondition, match="exited"):
+            await rt.start_container(rec.id)
+        # A retry with the same name is told which id holds the name and how to free it.
+        with pytest.raises(AlreadyExists, match=f"held by container {rec.id}.*RemoveContainer {rec.id}"):
+            await rt.create_container(sb.id, _cfg())
+        await rt.remove_container(rec.id)
+        assert not rt.containers and not rt.ctx.store.list_containers()
+        cid = await rt.create_container(sb.id, _cfg())
+        assert rt.containers[cid].status.state == ContainerState.CREATED
+
+    asyncio.run(main())
+
+
+def test_failed_sandbox_rollback_is_visible_and_removable(harness):
+    rt, oci = harness
+    pod = PodSandboxMetadata(name="web", namespace="ns", uid="u1")
+    cfg = PodSandboxConfig(metadata=pod, linux=LinuxPodSandboxConfig(security_context=LinuxSandboxSecurityContext(
+        namespace_options=NamespaceOption(network="NODE", ipc="NODE"))))
+
+    async def main():
+        oci.create_errors.append(FailedPrecondition("runc create: no such file"))
+        oci.delete_errors.append(_busy())
+        with pytest.raises(FailedPrecondition, match="runc create"):
+            await rt.run_sandbox(cfg)
+        [sb] = rt.list_sandboxes()
+        assert sb.status.state == SandboxState.NOTREADY and sb.status.reason == CREATE_FAILED
+        assert "runc create" in sb.status.message and "Device or resource busy" in sb.status.message
+        with pytest.raises(AlreadyExists, match=f"held by pod sandbox {sb.id}.*RemovePodSandbox {sb.id}"):
+            await rt.run_sandbox(cfg)
+        await rt.remove_sandbox(sb.id)
+        assert not rt.sandboxes and not rt.ctx.store.list_sandboxes()
+        sid = await rt.run_sandbox(cfg)
+        assert rt.sandboxes[sid].status.state == SandboxState.READY
 
     asyncio.run(main())
