@@ -51,7 +51,7 @@ def build_services(daemon: Daemon) -> tuple[object, object, list]:
     runtime = Runtime(runtime_settings(cfg), daemon.store, images, cni,
                       observe=lambda op, secs: METRICS.oci_seconds.labels(op).observe(secs)
                       if op.startswith("oci") else METRICS.cni_seconds.labels(op).observe(secs))
-    images.in_use = lambda: {c.image_ref for c in runtime.containers.values()}
+    images.in_use = runtime.images_in_use
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
     components: list = [images, runtime]

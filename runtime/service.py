@@ -67,6 +67,10 @@ class Runtime:
         """The OCI runtime adapter of ``handler`` (exec and attach sessions use it directly)."""
         return self.ctx.oci(handler)
 
+    def images_in_use(self) -> set[str]:
+        """Ids of the images containers were created from (image GC keeps them)."""
+        return {c.metadata.image_ref for c in self.ctx.containers.values()}
+
     def capture_pod(self, sandbox_id: str) -> tuple[Sandbox | None, tuple[Container, ...]]:
         """Read-only snapshots of a sandbox and of its listable containers, now."""
         sb = self.ctx.sandboxes.get(sandbox_id)

@@ -317,3 +317,10 @@ def test_failed_sandbox_rollback_is_visible_and_removable(harness):
         assert rt.sandboxes[sid].status.state == SandboxState.READY
 
     asyncio.run(main())
+
+
+def test_images_in_use_are_those_of_the_containers(harness):
+    rt, _oci = harness
+    assert rt.images_in_use() == set()
+    add_container(rt, add_sandbox(rt))
+    assert rt.images_in_use() == {FakeImage().id}
