@@ -23,6 +23,7 @@ from typing import Any
 
 from moorage.core import netns as netns_mod
 from moorage.core.errors import FailedPrecondition, Internal, InvalidArgument, MoorageError, NotFound, Unavailable
+from moorage.core.network import Bandwidth, DNSConfig, PortMapping
 
 from .config import (
     NOT_READY_REASON,
@@ -42,31 +43,6 @@ log = logging.getLogger("moorage.cni")
 CACHE_KIND = "cniCacheV1"
 TEMPLATE_CONF_NAME = "10-moorage-from-template"  # + .conflist or .conf
 _MAX_BURST = 2**31 - 1  # bits; the bandwidth plugin's "no burst limit"
-
-
-@dataclass(frozen=True)
-class PortMapping:
-    host_port: int
-    container_port: int
-    protocol: str = "tcp"  # tcp | udp | sctp (any case)
-    host_ip: str = ""
-
-
-@dataclass(frozen=True)
-class Bandwidth:
-    """Traffic shaping in bits per second (rates) and bits (bursts); 0 = unlimited."""
-
-    ingress_rate: int = 0
-    ingress_burst: int = 0
-    egress_rate: int = 0
-    egress_burst: int = 0
-
-
-@dataclass(frozen=True)
-class DNSConfig:
-    servers: tuple[str, ...] = ()
-    searches: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

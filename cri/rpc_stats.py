@@ -19,10 +19,11 @@ from typing import TypeAlias
 import grpc
 
 from moorage.core.errors import NotFound
-from moorage.core.store import SandboxRecord
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
 from moorage.runtime import stats as st
+from moorage.runtime.model import PodSandboxMetadata
+from moorage.runtime.records import ContainerState, Sandbox, SandboxState
 from moorage.runtime.service import Runtime
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
@@ -153,10 +154,9 @@ def memory_pb(m: st.MemorySample | None) -> pb.MemoryUsage | None:
 
 def container_stats_pb(s: st.ContainerSample) -> pb.ContainerStats:
     rec = s.record
-    md = rec.metadata or {}
-    attrs = pb.ContainerAttributes(id=rec.id, metadata=pb.ContainerMetadata(name=md.get("name", ""),
-                                                                           attempt=int(md.get("attempt", 0) or 0)),
-                                   labels=dict(rec.labels), annotations=dict(rec.annotations))
+    md = rec.metadata.config.metadata
+    attrs = pb.ContainerAttributes(id=rec.id, metadata=pb.ContainerMetadata(name=md.name, attempt=md.attempt),
+                                   labels=dict(rec.metadata.labels), annotations=dict(rec.metadata.annotations))
     wl = None
     if s.writable_layer is not None:
         w = s.writable_layer
@@ -172,12 +172,11 @@ def _iface_pb(i: st.InterfaceSample) -> pb.NetworkInterfaceUsage:
 
 def pod_stats_pb(p: st.PodSample) -> pb.PodSandboxStats:
     sb = p.record
-    md = sb.metadata or {}
+    md = sb.metadata.config.metadata
     attrs = pb.PodSandboxAttributes(
-        id=sb.id, metadata=pb.PodSandboxMetadata(name=md.get("name", ""), uid=md.get("uid", ""),
-                                                 namespace=md.get("namespace", ""),
-                                                 attempt=int(md.get("attempt", 0) or 0)),
-        labels=dict(sb.labels), annotations=dict(sb.annotations))
+        id=sb.id, metadata=pb.PodSandboxMetadata(name=md.name, uid=md.uid, namespace=md.namespace,
+                                                 attempt=md.attempt),
+        labels=dict(sb.metadata.labels), annotations=dict(sb.metadata.annotations))
     net = None
     if p.network is not None:
         n = p.network
@@ -214,11 +213,10 @@ class _MetricBuilder:
                                   label_values=[*self.base, *extra], value=pb.UInt64Value(value=max(0, int(value)))))
 
 
-def container_metrics(s: st.ContainerSample, pod_md: dict, image: str) -> list[pb.Metric]:
+def container_metrics(s: st.ContainerSample, pod_md: PodSandboxMetadata, image: str) -> list[pb.Metric]:
     rec = s.record
-    name = (rec.metadata or {}).get("name", "")
-    b = _MetricBuilder([rec.id, rec.name, image, name, pod_md.get("name", ""), pod_md.get("namespace", "")],
-                       time.time_ns())
+    name = rec.metadata.config.metadata.name
+    b = _MetricBuilder([rec.id, rec.name, image, name, pod_md.name, pod_md.namespace], time.time_ns())
     b.add("container_last_seen", int(time.time()))
     if s.cpu is not None:
         b.add("container_cpu_usage_seconds_total", s.cpu.usage_core_ns // 1_000_000_000, "total")
@@ -247,7 +245,7 @@ def container_metrics(s: st.ContainerSample, pod_md: dict, image: str) -> list[p
         b.add("container_file_descriptors", s.proc.fds)
         b.add("container_sockets", s.proc.sockets)
         b.add("container_threads", s.proc.threads)
-    started = getattr(rec, "started_at", 0) or getattr(rec, "created_at", 0)
+    started = rec.status.started_at or rec.metadata.created_at
     if started:
         b.add("container_start_time_seconds", started // 1_000_000_000)
     return b.out
@@ -255,8 +253,8 @@ def container_metrics(s: st.ContainerSample, pod_md: dict, image: str) -> list[p
 
 def pod_metrics(p: st.PodSample, image_names: dict[str, str]) -> pb.PodSandboxMetrics:
     sb = p.record
-    md = sb.metadata or {}
-    b = _MetricBuilder([sb.id, sb.name, "", "POD", md.get("name", ""), md.get("namespace", "")], time.time_ns())
+    md = sb.metadata.config.metadata
+    b = _MetricBuilder([sb.id, sb.name, "", "POD", md.name, md.namespace], time.time_ns())
     if p.cpu is not None:
         b.add("container_cpu_usage_seconds_total", p.cpu.usage_core_ns // 1_000_000_000, "total")
     if p.memory is not None:
@@ -270,7 +268,7 @@ def pod_metrics(p: st.PodSample, image_names: dict[str, str]) -> pb.PodSandboxMe
                 b.add(metric, getattr(i, attr), i.name)
     ctrs = [pb.ContainerMetrics(container_id=c.id,
                                 metrics=container_metrics(c, md, image_names.get(c.id, "")))
-            for c in p.containers if c.record.state == st.RUNNING]
+            for c in p.containers if c.record.status.state == ContainerState.RUNNING]
     return pb.PodSandboxMetrics(pod_sandbox_id=sb.id, metrics=b.out, container_metrics=ctrs)
 
 
@@ -321,7 +319,7 @@ class StatsRPCs:
         for batch in self.batching.split(await self._list_container_stats(f)):
             yield pb.StreamContainerStatsResponse(container_stats=batch)
 
-    async def _pod_stats(self, sbs: list[SandboxRecord]) -> list[pb.PodSandboxStats]:
+    async def _pod_stats(self, sbs: list[Sandbox]) -> list[pb.PodSandboxStats]:
         col = self.collector
         plan = col.plan_pods(sbs)
 
@@ -332,7 +330,7 @@ class StatsRPCs:
 
     async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest, context: Ctx) -> pb.PodSandboxStatsResponse:
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
-        if sb.extra.get("phase"):
+        if sb.status.phase is not None:
             raise NotFound(f"pod sandbox {sb.id} is still being created")
         return pb.PodSandboxStatsResponse(stats=(await self._pod_stats([sb]))[0])
 
@@ -357,8 +355,8 @@ class StatsRPCs:
 
     async def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
         col = self.collector
-        images = {c.id: c.image_name or c.image_ref for c in self.rt.containers.values()}
-        plan = col.plan_pods(self.rt.list_sandboxes(state=st.SANDBOX_READY))
+        images = {c.id: c.metadata.image_name or c.metadata.image_ref for c in self.rt.containers.values()}
+        plan = col.plan_pods(self.rt.list_sandboxes(state=SandboxState.READY))
 
         def work() -> list[pb.PodSandboxMetrics]:
             return [pod_metrics(p, images) for p in col.pods(plan, with_oom=True, detail=True)]

@@ -17,11 +17,11 @@ import grpc
 from moorage.core.errors import FailedPrecondition
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
+from moorage.runtime.records import SandboxState
 from moorage.runtime.service import Runtime
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
 
-SANDBOX_READY = "SANDBOX_READY"
 
 
 class StreamingRPCs:
@@ -47,7 +47,7 @@ class StreamingRPCs:
 
     async def PortForward(self, request: pb.PortForwardRequest, context: Ctx) -> pb.PortForwardResponse:
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
-        if sb.state != SANDBOX_READY:
+        if sb.status.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready; cannot forward ports to it")
         url = self.server.get_portforward_url(PortForwardRequest(sandbox_id=sb.id, ports=list(request.port)))
         return pb.PortForwardResponse(url=url)

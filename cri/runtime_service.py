@@ -15,14 +15,13 @@ from typing import Any, Protocol, TypeAlias
 import grpc
 
 from moorage.core.errors import InvalidArgument, NotFound
-from moorage.core.store import ContainerRecord, SandboxRecord
 from moorage.cri import config as configmod
 from moorage.cri import convert
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
 from moorage.cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, VERSION
 from moorage.runtime import model
-from moorage.runtime.modelio import container_config_from, from_plain
+from moorage.runtime.records import Container, Sandbox
 from moorage.runtime.service import Runtime
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
@@ -103,37 +102,39 @@ class RuntimeServicer:
         await self.rt.remove_sandbox(request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
 
-    def _sandbox_status(self, rec: SandboxRecord) -> pb.PodSandboxStatus:
-        cfg = from_plain(model.PodSandboxConfig, rec.config)
+    def _sandbox_status(self, rec: Sandbox) -> pb.PodSandboxStatus:
+        meta, st = rec.metadata, rec.status
+        cfg = meta.config
         sc = cfg.linux.security_context if cfg.linux else None
         nso = (sc.namespace_options if sc else None) or model.NamespaceOption()
         return pb.PodSandboxStatus(
             id=rec.id, metadata=convert.to_pb(pb.PodSandboxMetadata, cfg.metadata),
-            state=pb.PodSandboxState.Value(rec.state), created_at=rec.created_at,
-            network=pb.PodSandboxNetworkStatus(ip=rec.ip, additional_ips=[pb.PodIP(ip=i) for i in rec.additional_ips]),
+            state=convert.sandbox_state_pb(st.state), created_at=meta.created_at,
+            network=pb.PodSandboxNetworkStatus(ip=st.ip, additional_ips=[pb.PodIP(ip=i) for i in st.additional_ips]),
             linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=convert.to_pb(pb.NamespaceOption, nso))),
-            labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler,
+            labels=meta.labels, annotations=meta.annotations, runtime_handler=meta.runtime_handler,
         )
 
     async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Ctx) -> pb.PodSandboxStatusResponse:
         rec, info = self.rt.sandbox_status(request.pod_sandbox_id, request.verbose)
         memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet asks often)
         statuses = [self._container_status(c, memo) for c in self.rt.list_containers(sandbox_id=rec.id)
-                    if c.sandbox_id == rec.id]
+                    if c.metadata.sandbox_id == rec.id]
         return pb.PodSandboxStatusResponse(status=self._sandbox_status(rec), info=info,
                                            containers_statuses=statuses, timestamp=time.time_ns())
 
-    def _sandbox_item(self, rec: SandboxRecord) -> pb.PodSandbox:
-        return pb.PodSandbox(id=rec.id, metadata=pb.PodSandboxMetadata(**rec.metadata),
-                             state=pb.PodSandboxState.Value(rec.state), created_at=rec.created_at,
-                             labels=rec.labels, annotations=rec.annotations, runtime_handler=rec.runtime_handler)
+    def _sandbox_item(self, rec: Sandbox) -> pb.PodSandbox:
+        meta = rec.metadata
+        return pb.PodSandbox(id=rec.id, metadata=convert.to_pb(pb.PodSandboxMetadata, meta.config.metadata),
+                             state=convert.sandbox_state_pb(rec.status.state), created_at=meta.created_at,
+                             labels=meta.labels, annotations=meta.annotations, runtime_handler=meta.runtime_handler)
 
     def _sandboxes(self, f: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
         kw: dict[str, Any] = {}
         if f is not None:
             kw = dict(id_prefix=f.id, labels=dict(f.label_selector))
             if f.HasField("state"):
-                kw["state"] = pb.PodSandboxState.Name(f.state.state)
+                kw["state"] = convert.sandbox_state_from_pb(f.state.state)
         return [self._sandbox_item(r) for r in self.rt.list_sandboxes(**kw)]
 
     async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx) -> pb.ListPodSandboxResponse:
@@ -163,52 +164,58 @@ class RuntimeServicer:
         await self.rt.remove_container(request.container_id)
         return pb.RemoveContainerResponse()
 
-    def _image_ref(self, rec: ContainerRecord, memo: ImageMemo | None = None) -> tuple[str, str, str]:
+    def _image_ref(self, rec: Container, memo: ImageMemo | None = None) -> tuple[str, str, str]:
         """(image_ref, image_id, first repo tag) for a container: the repo digest where there is one."""
-        if memo is not None and rec.image_ref in memo:
-            return memo[rec.image_ref]
+        image_ref = rec.metadata.image_ref
+        if memo is not None and image_ref in memo:
+            return memo[image_ref]
         try:
-            img = self.rt.images.store.get_image(rec.image_ref)
+            img = self.rt.images.store.get_image(image_ref)
             out = ((img.repo_digests[0] if img.repo_digests else img.id), img.id,
                    img.repo_tags[0] if img.repo_tags else "")
         except Exception:  # noqa: BLE001 - the image may have been removed since
-            out = (rec.image_ref, rec.image_ref, "")
+            out = (image_ref, image_ref, "")
         if memo is not None:
-            memo[rec.image_ref] = out
+            memo[image_ref] = out
         return out
 
     @staticmethod
-    def _image_spec(rec: ContainerRecord, tag: str) -> pb.ImageSpec:
+    def _image_spec(rec: Container, tag: str) -> pb.ImageSpec:
         """As containerd: the image's first repo tag, else what the user wrote, else what was asked for
         (the kubelet creates containers with the image id)."""
-        user = (rec.config or {}).get("user_specified_image") or ""
-        return pb.ImageSpec(image=tag or user or rec.image_name, user_specified_image=user)
+        user = rec.metadata.config.user_specified_image
+        return pb.ImageSpec(image=tag or user or rec.metadata.image_name, user_specified_image=user)
 
-    def _container_item(self, rec: ContainerRecord, memo: ImageMemo | None = None) -> pb.Container:
+    def _container_item(self, rec: Container, memo: ImageMemo | None = None) -> pb.Container:
         ref, iid, tag = self._image_ref(rec, memo)
-        return pb.Container(id=rec.id, pod_sandbox_id=rec.sandbox_id, metadata=pb.ContainerMetadata(**rec.metadata),
+        meta = rec.metadata
+        return pb.Container(id=rec.id, pod_sandbox_id=meta.sandbox_id,
+                            metadata=convert.to_pb(pb.ContainerMetadata, meta.config.metadata),
                             image=self._image_spec(rec, tag), image_ref=ref, image_id=iid,
-                            state=pb.ContainerState.Value(rec.state), created_at=rec.created_at,
-                            labels=rec.labels, annotations=rec.annotations)
+                            state=convert.container_state_pb(rec.status.state), created_at=meta.created_at,
+                            labels=meta.labels, annotations=meta.annotations)
 
-    def _container_status(self, rec: ContainerRecord, memo: ImageMemo | None = None) -> pb.ContainerStatus:
-        cfg = container_config_from(rec.config)
+    def _container_status(self, rec: Container, memo: ImageMemo | None = None) -> pb.ContainerStatus:
+        meta, st = rec.metadata, rec.status
+        cfg = rec.effective_config()
         ref, iid, tag = self._image_ref(rec, memo)
         res = cfg.linux.resources if cfg.linux and cfg.linux.resources else None
-        user = rec.extra.get("user") or {}
-        sig = (rec.extra.get("stop_signal") or "").upper()
+        user = st.user
+        sig = meta.stop_signal.upper()
         if sig and not sig.startswith("SIG"):
             sig = "SIG" + sig
         return pb.ContainerStatus(
-            id=rec.id, metadata=pb.ContainerMetadata(**rec.metadata), state=pb.ContainerState.Value(rec.state),
-            created_at=rec.created_at, started_at=rec.started_at, finished_at=rec.finished_at,
-            exit_code=rec.exit_code, image=self._image_spec(rec, tag), image_ref=ref, image_id=iid,
-            reason=rec.reason, message=rec.message, labels=rec.labels, annotations=rec.annotations,
-            mounts=[convert.to_pb(pb.Mount, m) for m in cfg.mounts], log_path=rec.log_path,
+            id=rec.id, metadata=convert.to_pb(pb.ContainerMetadata, cfg.metadata),
+            state=convert.container_state_pb(st.state),
+            created_at=meta.created_at, started_at=st.started_at, finished_at=st.finished_at,
+            exit_code=st.exit_code, image=self._image_spec(rec, tag), image_ref=ref, image_id=iid,
+            reason=st.reason, message=st.message, labels=meta.labels, annotations=meta.annotations,
+            mounts=[convert.to_pb(pb.Mount, m) for m in cfg.mounts], log_path=meta.log_path,
             resources=pb.ContainerResources(linux=convert.to_pb(pb.LinuxContainerResources, res)) if res else None,
-            user=pb.ContainerUser(linux=pb.LinuxContainerUser(uid=user.get("uid", 0), gid=user.get("gid", 0),
-                                                              supplemental_groups=user.get("gids", []))),
-            stop_signal=pb.Signal.Value(f"SIGNAL_{sig}") if f"SIGNAL_{sig}" in pb.Signal.keys() else pb.SIGNAL_RUNTIME_DEFAULT,
+            user=pb.ContainerUser(linux=pb.LinuxContainerUser(
+                uid=user.uid if user else 0, gid=user.gid if user else 0,
+                supplemental_groups=user.additional_gids if user else [])),
+            stop_signal=f"SIGNAL_{sig}" if f"SIGNAL_{sig}" in pb.Signal.keys() else "SIGNAL_RUNTIME_DEFAULT",
         )
 
     async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx) -> pb.ContainerStatusResponse:
@@ -220,7 +227,7 @@ class RuntimeServicer:
         if f is not None:
             kw = dict(id_prefix=f.id, sandbox_id=f.pod_sandbox_id, labels=dict(f.label_selector))
             if f.HasField("state"):
-                kw["state"] = pb.ContainerState.Name(f.state.state)
+                kw["state"] = convert.container_state_from_pb(f.state.state)
         memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet lists every second)
         return [self._container_item(r, memo) for r in self.rt.list_containers(**kw)]
 
@@ -270,7 +277,7 @@ class RuntimeServicer:
                     memo: ImageMemo = {}
                     statuses = [self._container_status(c, memo) for c in ctrs]
                 yield pb.ContainerEventResponse(
-                    container_id=ev.container_id, container_event_type=pb.ContainerEventType.Value(ev.type),
+                    container_id=ev.container_id, container_event_type=convert.event_type_pb(ev.type),
                     created_at=ev.created_at, pod_sandbox_status=sandbox_status, containers_statuses=statuses)
         finally:
             sub.close()

@@ -116,7 +116,7 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
     images = ImageService(image_settings(cfg), store, metrics=METRICS)
     METRICS.json_routes["/debug/pulls"] = lambda: {"pulls": images.pulls.snapshot()}  # `moorage images pull` reads it
     runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe)
-    images.in_use = lambda: {c.image_ref for c in runtime.containers.values()}
+    images.in_use = runtime.images_in_use
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
     streaming = build_streaming(cfg.streaming, runtime)

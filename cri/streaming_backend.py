@@ -24,11 +24,11 @@ from collections.abc import AsyncIterator
 
 from moorage.core import netns as netnsmod
 from moorage.core.errors import FailedPrecondition, MoorageError, NotFound
-from moorage.core.store import ContainerRecord
 from moorage.cri.config import StreamingConfig
 from moorage.cri.streaming.backend import InputStream, Writer
 from moorage.cri.streaming.server import StreamingServer
-from moorage.runtime.oci import ExecSession, OCIRuntime, connect_seqpacket
+from moorage.runtime.oci import ExecSession, OCIRuntimeAPI, connect_seqpacket
+from moorage.runtime.records import Container, SandboxState
 from moorage.runtime.service import Runtime
 
 log = logging.getLogger("moorage.streaming")
@@ -39,7 +39,6 @@ RECV_SIZE = 64 * 1024
 OUTPUT_DRAIN_GRACE = 2.0
 INITIAL_SIZE_WAIT = 1.0  # how long a TTY exec waits for the client's first terminal size
 CONNECT_TIMEOUT = 10.0
-SANDBOX_READY = "SANDBOX_READY"
 
 
 def _connect_loopback(port: int) -> socket.socket:
@@ -108,9 +107,9 @@ class RuntimeStreamingBackend:
 
     # ------------------------------------------------------------------ exec
 
-    def _running(self, container_id: str) -> tuple[ContainerRecord, OCIRuntime]:
+    def _running(self, container_id: str) -> tuple[Container, OCIRuntimeAPI]:
         rec = self.rt.running_container(container_id)  # NOT_FOUND / FAILED_PRECONDITION
-        return rec, self.rt.oci(rec.runtime_handler)
+        return rec, self.rt.oci(rec.metadata.runtime_handler)
 
     async def exec(self, container_id: str, cmd: list[str], tty: bool, stdin: InputStream | None,
                    stdout: Writer | None, stderr: Writer | None,
@@ -171,7 +170,7 @@ class RuntimeStreamingBackend:
     async def attach(self, container_id: str, tty: bool, stdin: InputStream | None, stdout: Writer | None,
                      stderr: Writer | None, resize: AsyncIterator[tuple[int, int]] | None) -> None:
         rec = self.rt.attachable_container(container_id, stdin=stdin is not None)
-        oci = self.rt.oci(rec.runtime_handler)
+        oci = self.rt.oci(rec.metadata.runtime_handler)
         try:
             sock = connect_seqpacket(oci.attach_socket_path(rec.id))
         except OSError as e:
@@ -192,7 +191,7 @@ class RuntimeStreamingBackend:
             sock.close()
 
     @staticmethod
-    async def _attach_resize(oci: OCIRuntime, cid: str, resize: AsyncIterator[tuple[int, int]]) -> None:
+    async def _attach_resize(oci: OCIRuntimeAPI, cid: str, resize: AsyncIterator[tuple[int, int]]) -> None:
         async for width, height in resize:
             try:
                 await oci.resize(cid, height, width)
@@ -203,11 +202,11 @@ class RuntimeStreamingBackend:
 
     async def port_forward(self, sandbox_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sb = self.rt.get_sandbox(sandbox_id)
-        if sb.state != SANDBOX_READY:
+        if sb.status.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready")
-        if sb.netns_path:
+        if sb.status.netns_path:
             try:
-                sock = await netnsmod.arun_in_netns(sb.netns_path, _connect_loopback, port)
+                sock = await netnsmod.arun_in_netns(sb.status.netns_path, _connect_loopback, port)
             except NotFound as e:
                 raise FailedPrecondition(f"pod sandbox {sb.id} has no network namespace: {e.message}") from None
         else:  # host network: the pod's localhost is the host's

@@ -5,50 +5,54 @@ whose queue is full is dropped, and its stream ends with an error saying so,
 so a slow reader can never stall the runtime and never silently misses events.
 
 An event carries the pod sandbox record and its container records *as they were
-when it was published* (deep copies, taken once per event and shared by all
-subscribers, and only while someone is subscribed), so a reader that falls behind
-still reports the state at event time, as the kubelet's evented PLEG expects.
-The runtime binds itself with :meth:`EventHub.bind`; the CRI layer turns the
-copies into statuses.
+when it was published* (read-only snapshots, taken once per event and shared by
+all subscribers, and only while someone is subscribed), so a reader that falls
+behind still reports the state at event time, as the kubelet's evented PLEG
+expects.  The runtime binds a capture function with :meth:`EventHub.bind`; the
+CRI layer turns the snapshots into statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
 
 from moorage.core.errors import ResourceExhausted
+from moorage.runtime.records import Container, Sandbox
 
 log = logging.getLogger("moorage.events")
 
-CREATED, STARTED, STOPPED, DELETED = "CONTAINER_CREATED_EVENT", "CONTAINER_STARTED_EVENT", "CONTAINER_STOPPED_EVENT", "CONTAINER_DELETED_EVENT"
+
+
+class EventType(StrEnum):
+    """Lifecycle events (values: the CRI enum names; cri/ maps them to proto numbers)."""
+
+    CREATED = "CONTAINER_CREATED_EVENT"
+    STARTED = "CONTAINER_STARTED_EVENT"
+    STOPPED = "CONTAINER_STOPPED_EVENT"
+    DELETED = "CONTAINER_DELETED_EVENT"
+
+
+#: Snapshots of a sandbox's record (None: it is gone) and of its listable containers' records.
+PodCapture = Callable[[str], tuple[Sandbox | None, tuple[Container, ...]]]
 
 
 @dataclass(frozen=True)
 class ContainerEvent:
     container_id: str
-    type: str
+    type: EventType
     created_at: int  # ns
     sandbox_id: str
     seq: int
     captured: bool = False  # True: sandbox/containers below are the state at publish time
-    sandbox: Any = None  # a copy of the SandboxRecord (None: the sandbox is gone)
-    containers: tuple[Any, ...] = field(default_factory=tuple)  # copies of its ContainerRecords
-
-
-def pod_snapshot(runtime: Any, sandbox_id: str) -> tuple[Any, tuple[Any, ...]]:
-    """Copies of a sandbox's record and of its (listable) containers' records, now."""
-    sb = runtime.sandboxes.get(sandbox_id)
-    if sb is None:
-        return None, ()
-    ctrs = [c for c in runtime.list_containers(sandbox_id=sandbox_id) if c.sandbox_id == sandbox_id]
-    return copy.deepcopy(sb), tuple(copy.deepcopy(c) for c in ctrs)
+    sandbox: Sandbox | None = None  # a snapshot of the sandbox record (None: the sandbox is gone)
+    containers: tuple[Container, ...] = field(default_factory=tuple)  # snapshots of its containers
 
 
 class Subscription:
@@ -75,23 +79,23 @@ class EventHub:
         self.buffer = buffer or int(os.environ.get("MOORAGE_EVENT_BUFFER") or 1000)
         self._subs: set[Subscription] = set()
         self._seq = itertools.count(1)
-        self._runtime: Any = None
+        self._capture: PodCapture | None = None
 
-    def bind(self, runtime: Any) -> None:
-        """Events published from now on carry copies of ``runtime``'s pod state (see pod_snapshot)."""
-        self._runtime = runtime
+    def bind(self, capture: PodCapture) -> None:
+        """Events published from now on carry ``capture(sandbox_id)``: the pod state at publish time."""
+        self._capture = capture
 
     def subscribe(self, size: int | None = None) -> Subscription:
         sub = Subscription(self, size or self.buffer)
         self._subs.add(sub)
         return sub
 
-    def publish(self, container_id: str, type_: str, sandbox_id: str) -> ContainerEvent:
+    def publish(self, container_id: str, type_: EventType, sandbox_id: str) -> ContainerEvent:
         ts, seq = time.time_ns(), next(self._seq)
         ev = ContainerEvent(container_id, type_, ts, sandbox_id, seq)
-        if self._subs and self._runtime is not None:
+        if self._subs and self._capture is not None:
             try:
-                sb, ctrs = pod_snapshot(self._runtime, sandbox_id)
+                sb, ctrs = self._capture(sandbox_id)
                 ev = ContainerEvent(container_id, type_, ts, sandbox_id, seq, True, sb, ctrs)
             except Exception:
                 log.exception("capturing pod state for event %s of %s", type_, container_id)

@@ -1,238 +1,189 @@
 """The runtime: pod sandboxes and containers over the store, runc/conmon, CNI and images.
 
-``Runtime`` owns the in-memory caches (rebuilt from the store at start), the
-per-object locks, the exit watchers and the event hub.  The lifecycle verbs live
-in ``runtime/sandbox.py`` and ``runtime/container.py``; recovery after a restart
-is ``Runtime.start``.
+``Runtime`` is a facade the CRI layer calls.  It composes one ``RuntimeContext``
+(runtime/context.py: store, indexes, locks, exit watchers, the retry-safe
+create) with ``Sandboxes`` (runtime/sandbox.py) and ``Containers``
+(runtime/container.py), and does the pod-wide verbs that need both (stopping or
+removing a sandbox stops or removes its containers first).  Recovery after a
+restart is ``Runtime.start``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
 
+from moorage.core.errors import NotFound
 from moorage.core.store import Store
-from moorage.runtime import oci as ocimod
-from moorage.runtime.container import ContainerOps
+from moorage.runtime.container import Containers
+from moorage.runtime.context import RuntimeContext, RuntimeSettings
 from moorage.runtime.events import EventHub
-from moorage.runtime.sandbox import SandboxOps
-from moorage.runtime.spec import HostLookups, RuntimeSpecConfig
+from moorage.runtime.model import ContainerConfig, LinuxContainerResources, PodSandboxConfig
+from moorage.runtime.oci import OCIRuntimeAPI
+from moorage.runtime.ports import ImageProvider, PodNetwork
+from moorage.runtime.records import Container, ContainerState, Sandbox, SandboxState
+from moorage.runtime.sandbox import Sandboxes
+from moorage.runtime.spec import HostLookups
+
+__all__ = ["Runtime", "RuntimeSettings"]
 
 log = logging.getLogger("moorage.runtime")
 
 
-@dataclass
-class RuntimeSettings:
-    """What the runtime needs from the daemon config (plain values)."""
-
-    root_dir: str
-    state_dir: str
-    handlers: dict[str, str]  # name -> binary path
-    handler_roots: dict[str, str] = field(default_factory=dict)
-    default_handler: str = "runc"
-    conmon: str = "conmon"
-    infra_binary: str = "/usr/bin/catatonit"
-    cgroup_driver: str = "cgroupfs"
-    default_cgroup_parent: str = "/moorage"
-    netns_dir: str = "/run/moorage/netns"
-    log_level: str = "info"
-    exec_sync_max_output: int = 16 * 1024 * 1024
-    spec: RuntimeSpecConfig = field(default_factory=RuntimeSpecConfig)
-
-
-class Runtime(SandboxOps, ContainerOps):
-    def __init__(self, settings: RuntimeSettings, store: Store, images: Any, cni: Any | None,
+class Runtime:
+    def __init__(self, settings: RuntimeSettings, store: Store, images: ImageProvider, cni: PodNetwork | None,
                  events: EventHub | None = None, host: HostLookups | None = None,
                  observe: Callable[[str, float], None] | None = None) -> None:
-        self.s = settings
-        self.store = store
-        self.images = images
-        self.cni = cni
-        self.events = events or EventHub()
-        self.events.bind(self)  # events carry the pod state at publish time
-        self.host = host or HostLookups()
-        self.observe = observe or (lambda op, secs: None)
-        self.sandboxes: dict[str, Any] = {}
-        self.containers: dict[str, Any] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._inflight: dict[str, asyncio.Future] = {}
-        self._unclaimed: dict[str, str] = {}
-        self._watchers: dict[str, asyncio.Task] = {}
-        self._exit_events: dict[str, asyncio.Event] = {}
-        self._removing_sandboxes: set[str] = set()  # RemovePodSandbox in progress: no new containers
-        self._runtimes: dict[str, ocimod.OCIRuntime] = {}
-        for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):
-            os.makedirs(d, mode=0o711, exist_ok=True)
+        self.ctx = RuntimeContext(settings, store, images, cni, events or EventHub(), host or HostLookups(),
+                                  observe or (lambda op, secs: None))
+        self.sandbox_ops = Sandboxes(self.ctx)
+        self.container_ops = Containers(self.ctx)
+        self.events.bind(self.capture_pod)  # events carry the pod state at publish time
 
-    # -- paths -------------------------------------------------------------------------
+    # -- what the CRI layer reads ---------------------------------------------------------------
 
-    def sandbox_root(self, sid: str) -> str:
-        return os.path.join(self.s.root_dir, "sandboxes", sid)
+    @property
+    def s(self) -> RuntimeSettings:
+        return self.ctx.s
 
-    def sandbox_state(self, sid: str) -> str:
-        return os.path.join(self.s.state_dir, "sandboxes", sid)
+    @property
+    def events(self) -> EventHub:
+        return self.ctx.events
 
-    def container_state(self, cid: str) -> str:
-        return os.path.join(self.s.state_dir, "containers", cid)
+    @property
+    def images(self) -> ImageProvider:
+        return self.ctx.images
 
-    # -- runtime handlers ------------------------------------------------------------------
+    @property
+    def sandboxes(self) -> dict[str, Sandbox]:
+        return self.ctx.sandboxes
 
-    def oci(self, handler: str) -> ocimod.OCIRuntime:
-        name = handler or self.s.default_handler
-        rt = self._runtimes.get(name)
-        if rt is None:
-            if name not in self.s.handlers:
-                from moorage.core.errors import InvalidArgument
+    @property
+    def containers(self) -> dict[str, Container]:
+        return self.ctx.containers
 
-                known = ", ".join(sorted(self.s.handlers))
-                raise InvalidArgument(f"unknown runtime handler {name!r}; configured handlers: {known}")
-            h = ocimod.RuntimeHandler(name, self.s.handlers[name], self.s.handler_roots.get(name) or None)
-            rt = ocimod.OCIRuntime(h, os.path.join(self.s.state_dir, "oci"), self.s.conmon, self.s.log_level,
-                                   systemd_cgroup=self.s.cgroup_driver == "systemd")
-            self._runtimes[name] = rt
-        return rt
+    def oci(self, handler: str) -> OCIRuntimeAPI:
+        """The OCI runtime adapter of ``handler`` (exec and attach sessions use it directly)."""
+        return self.ctx.oci(handler)
 
-    # -- helpers shared by sandboxes and containers -------------------------------------------
+    def images_in_use(self) -> set[str]:
+        """Ids of the images containers were created from (image GC keeps them)."""
+        return {c.metadata.image_ref for c in self.ctx.containers.values()}
 
-    def lock(self, obj_id: str) -> asyncio.Lock:
-        return self._locks[obj_id]
+    def capture_pod(self, sandbox_id: str) -> tuple[Sandbox | None, tuple[Container, ...]]:
+        """Read-only snapshots of a sandbox and of its listable containers, now."""
+        sb = self.ctx.sandboxes.get(sandbox_id)
+        if sb is None:
+            return None, ()
+        ctrs = [c for c in self.container_ops.query(sandbox_id=sandbox_id) if c.metadata.sandbox_id == sandbox_id]
+        return sb.snapshot(), tuple(c.snapshot() for c in ctrs)
 
-    async def timed(self, op: str, aw: Awaitable, **attrs: Any) -> Any:
-        """Await ``aw`` as operation ``op``: a duration sample and a child span (``oci_create`` -> ``oci.create``)."""
-        from opentelemetry import trace
+    # -- sandboxes -------------------------------------------------------------------------------
 
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        with trace.get_tracer("moorage").start_as_current_span(op.replace("_", ".", 1), attributes={"moorage.operation": op, **attrs}):
-            try:
-                return await aw
-            finally:
-                self.observe(op, loop.time() - t0)
+    async def run_sandbox(self, cfg: PodSandboxConfig, handler: str = "") -> str:
+        return await self.sandbox_ops.run(cfg, handler)
 
-    async def dedup(self, name: str, work: Callable[[], Awaitable[str]]) -> str:
-        """Run ``work`` once per name: a retry with the same name joins the call in flight.
+    def get_sandbox(self, sid: str) -> Sandbox:
+        return self.ctx.get_sandbox(sid)
 
-        If the first caller went away (the kubelet timed out) and the work then
-        succeeded, its result is kept for the retry, which returns it instead of
-        failing with "name in use" (as CRI-O does).
-        """
-        unclaimed = self._unclaimed.pop(name, None)
-        if unclaimed is not None and (unclaimed in self.sandboxes or unclaimed in self.containers):
-            return unclaimed
-        fut = self._inflight.get(name)
-        if fut is None:
-            fut = asyncio.ensure_future(work())
-            self._inflight[name] = fut
-            fut.add_done_callback(lambda _f: self._inflight.pop(name, None))
+    async def stop_sandbox(self, sid: str) -> None:
+        rec = self.ctx.get_sandbox(sid)
+        for c in [c for c in self.ctx.containers.values() if c.metadata.sandbox_id == rec.id]:
+            await self.container_ops.stop(c.id, 0)
+        await self.sandbox_ops.stop(rec)
+
+    async def remove_sandbox(self, sid: str) -> None:
         try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            def keep(f: asyncio.Future) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    self._unclaimed[name] = f.result()
-
-            fut.add_done_callback(keep)
-            raise
-
-    def watch_exit(self, obj_id: str, handler: str, on_exit: Callable[[str], Awaitable[None]]) -> None:
-        """Call ``on_exit(id)`` once the process of ``obj_id`` has exited."""
-        if obj_id in self._watchers:
-            return
-        ev = self._exit_events.setdefault(obj_id, asyncio.Event())
-        ev.clear()
-
-        async def watch() -> None:
-            try:
-                try:
-                    await self.oci(handler).wait_exit(obj_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("exit watcher for %s failed", obj_id)
-                await on_exit(obj_id)
-            finally:
-                # Also when cancelled (the object was removed, or the daemon stops): whoever
-                # waits in wait_exited must not wait for an exit nobody will record.
-                if self._watchers.get(obj_id) is task:
-                    self._watchers.pop(obj_id, None)
-                ev.set()
-
-        task = asyncio.ensure_future(watch())
-        self._watchers[obj_id] = task
-
-    def forget_watcher(self, obj_id: str) -> None:
-        """Stop watching ``obj_id`` (its exit was recorded otherwise) and release its waiters."""
-        watcher = self._watchers.pop(obj_id, None)
-        if watcher is not None:
-            watcher.cancel()
-        ev = self._exit_events.get(obj_id)
-        if ev is not None:
-            ev.set()
-
-    async def wait_exited(self, obj_id: str, timeout: float | None) -> bool:
-        """Wait until the exit of ``obj_id`` has been recorded; False on timeout."""
-        ev = self._exit_events.get(obj_id)
-        if ev is None or obj_id not in self._watchers:
-            return True
+            rec = self.ctx.get_sandbox(sid)
+        except NotFound:
+            return  # the CRI asks Remove of an unknown sandbox to succeed
+        # Mark it first (under its lock, which CreateContainer takes for its last check): a
+        # container created from here on is refused, and every earlier one is listed below.
+        async with self.ctx.lock(rec.id):
+            self.ctx.removing_sandboxes.add(rec.id)
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            for c in [c for c in self.ctx.containers.values() if c.metadata.sandbox_id == rec.id]:
+                await self.container_ops.remove(c.id)
+            await self.sandbox_ops.remove(rec)
+        finally:
+            self.ctx.removing_sandboxes.discard(rec.id)
+
+    def sandbox_status(self, sid: str, verbose: bool = False) -> tuple[Sandbox, dict[str, str]]:
+        return self.sandbox_ops.status(sid, verbose)
+
+    def list_sandboxes(self, id_prefix: str = "", state: SandboxState | None = None,
+                       labels: dict[str, str] | None = None) -> list[Sandbox]:
+        return self.sandbox_ops.query(id_prefix, state, labels)
+
+    # -- containers ------------------------------------------------------------------------------
+
+    async def create_container(self, sandbox_id: str, cfg: ContainerConfig) -> str:
+        return await self.container_ops.create(sandbox_id, cfg)
+
+    async def start_container(self, cid: str) -> None:
+        await self.container_ops.start(cid)
+
+    async def stop_container(self, cid: str, timeout: int) -> None:
+        await self.container_ops.stop(cid, timeout)
+
+    async def remove_container(self, cid: str) -> None:
+        await self.container_ops.remove(cid)
+
+    def get_container(self, cid: str) -> Container:
+        return self.ctx.get_container(cid)
+
+    def container_status(self, cid: str, verbose: bool = False) -> tuple[Container, dict[str, str]]:
+        return self.container_ops.status(cid, verbose)
+
+    def list_containers(self, id_prefix: str = "", state: ContainerState | None = None, sandbox_id: str = "",
+                        labels: dict[str, str] | None = None) -> list[Container]:
+        return self.container_ops.query(id_prefix, state, sandbox_id, labels)
+
+    def running_container(self, cid: str) -> Container:
+        return self.container_ops.running(cid)
+
+    def attachable_container(self, cid: str, stdin: bool) -> Container:
+        return self.container_ops.attachable(cid, stdin)
+
+    async def exec_sync(self, cid: str, cmd: list[str], timeout: int) -> tuple[int, bytes, bytes]:
+        return await self.container_ops.exec_sync(cid, cmd, timeout)
+
+    async def update_resources(self, cid: str, res: LinuxContainerResources) -> None:
+        await self.container_ops.update_resources(cid, res)
+
+    async def reopen_log(self, cid: str) -> None:
+        await self.container_ops.reopen_log(cid)
 
     # -- lifecycle of the runtime itself ---------------------------------------------------------
 
     async def start(self) -> None:
         """Load the store and reconcile it with what is really running (after a restart)."""
-        for sb in self.store.list_sandboxes():
-            self.sandboxes[sb.id] = sb
-        for c in self.store.list_containers():
-            self.containers[c.id] = c
-        for sb in list(self.sandboxes.values()):
+        self.ctx.load()
+        for sb in list(self.ctx.sandboxes.values()):
             try:
-                await self.recover_sandbox(sb)
+                await self.sandbox_ops.recover(sb)
             except Exception:
                 log.exception("recovering sandbox %s failed", sb.id)
-        for c in list(self.containers.values()):
+        for c in list(self.ctx.containers.values()):
             try:
-                await self.recover_container(c)
+                await self.container_ops.recover(c)
             except Exception:
                 log.exception("recovering container %s failed", c.id)
         try:
-            self.recover_exec_sessions()
+            self.container_ops.recover_exec_sessions()
         except Exception:
             log.exception("reaping leftover exec sessions failed")
-        self.collect_stale_netns()
-        log.info("runtime recovered", extra={"fields": {"sandboxes": len(self.sandboxes),
-                                                          "containers": len(self.containers)}})
+        self.sandbox_ops.collect_stale_netns()
+        log.info("runtime recovered", extra={"fields": {"sandboxes": len(self.ctx.sandboxes),
+                                                          "containers": len(self.ctx.containers)}})
 
     async def stop(self) -> None:
         # Containers keep running: conmon supervises them without us.
-        for t in list(self._watchers.values()):
-            t.cancel()
-        for t in list(self._watchers.values()):
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        self._watchers.clear()
-        for rt in self._runtimes.values():
-            close = getattr(rt, "close", None)
-            if close is not None:
-                res = close()
-                if asyncio.iscoroutine(res):
-                    await res
+        await self.ctx.stop_watchers()
 
     def states(self) -> tuple[dict[str, int], dict[str, int]]:
-        sb: dict[str, int] = defaultdict(int)
-        ct: dict[str, int] = defaultdict(int)
-        for s in self.sandboxes.values():
-            sb[s.state] += 1
-        for c in self.containers.values():
-            ct[c.state] += 1
+        """Sandboxes and containers by state (the state metrics)."""
+        sb = Counter(s.status.state.value for s in self.ctx.sandboxes.values())
+        ct = Counter(c.status.state.value for c in self.ctx.containers.values())
         return dict(sb), dict(ct)

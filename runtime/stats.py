@@ -34,17 +34,35 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from moorage.core.netns import InterfaceStats
+from moorage.core.netns import interface_stats as netns_interface_stats
 from moorage.runtime import cgroups as cg
+from moorage.runtime.context import RuntimeSettings
+from moorage.runtime.ports import ImageProvider
+from moorage.runtime.records import Container, ContainerState, Sandbox, SandboxState
 
 log = logging.getLogger("moorage.stats")
 
-RUNNING = "CONTAINER_RUNNING"
-SANDBOX_READY = "SANDBOX_READY"
+RUNNING = ContainerState.RUNNING
+SANDBOX_READY = SandboxState.READY
+
+
+class StatsSource(Protocol):
+    """What the collector reads from the runtime (``runtime.service.Runtime``; tests use a fake)."""
+
+    @property
+    def s(self) -> RuntimeSettings: ...
+    @property
+    def images(self) -> ImageProvider | None: ...
+    @property
+    def sandboxes(self) -> Mapping[str, Sandbox]: ...
+    @property
+    def containers(self) -> Mapping[str, Container]: ...
+    def list_containers(self) -> list[Container]: ...
 
 
 # --------------------------------------------------------------------------- results
@@ -80,7 +98,7 @@ class FsSample:
     inodes_free: int | None = None
 
 
-# One interface's counters: the same record cni.netns reports from inside a namespace.
+# One interface's counters: the same record moorage.core.netns reports from inside a namespace.
 InterfaceSample = InterfaceStats
 
 
@@ -118,7 +136,7 @@ class ProcessSample:
 @dataclass
 class ContainerSample:
     id: str
-    record: Any  # runtime.store.ContainerRecord
+    record: Container
     cpu: CpuSample | None = None
     memory: MemorySample | None = None
     writable_layer: FsSample | None = None
@@ -131,7 +149,7 @@ class ContainerSample:
 @dataclass
 class PodSample:
     id: str
-    record: Any  # runtime.store.SandboxRecord
+    record: Sandbox
     cpu: CpuSample | None = None
     memory: MemorySample | None = None
     network: NetworkSample | None = None
@@ -483,7 +501,7 @@ def sum_samples(samples: list[CgroupSample]) -> CgroupSample | None:
 class StatsCollector:
     """Stats for the runtime's containers and pods.  Thread-safe; blocking."""
 
-    def __init__(self, runtime: Any, min_window: float = 1.0,
+    def __init__(self, runtime: StatsSource, min_window: float = 1.0,
                  mounts: list[cg.CgroupMount] | None = None,
                  interface_stats: Callable[[str], dict[str, Any]] | None = None,
                  usage_ttl: float = 10.0, clock: Callable[[], float] = time.monotonic,
@@ -524,27 +542,28 @@ class StatsCollector:
             self._dirs[obj_id] = (pid, dirs)
         return dirs
 
-    def pod_dirs(self, sb: Any) -> dict[str, str] | None:
+    def pod_dirs(self, sb: Sandbox) -> dict[str, str] | None:
         """The pod-level cgroup: the parent of the infra process's cgroup."""
         key = "pod:" + sb.id
+        pid = sb.status.pid
         cached = self._dirs.get(key)
-        if cached is not None and cached[0] == sb.pid:
+        if cached is not None and cached[0] == pid:
             return cached[1]
-        infra = self.dirs_for(sb.id, sb.pid)
+        infra = self.dirs_for(sb.id, pid)
         if infra is None:
             return None
         dirs = {k: os.path.dirname(v) for k, v in infra.items()}
         with self._lock:
-            self._dirs[key] = (sb.pid, dirs)
+            self._dirs[key] = (pid, dirs)
         return dirs
 
-    def pod_cgroup_shared(self, sb: Any, sandboxes: list[Any]) -> bool:
+    def pod_cgroup_shared(self, sb: Sandbox, sandboxes: list[Sandbox]) -> bool:
         """True when the sandbox's cgroup parent is not its own (the default parent, or shared)."""
-        parent = sb.cgroup_parent or ""
-        default = getattr(getattr(self.rt, "s", None), "default_cgroup_parent", "/moorage")
+        parent = sb.metadata.cgroup_parent or ""
+        default = self.rt.s.default_cgroup_parent
         if not parent or parent.rstrip("/") == (default or "").rstrip("/"):
             return True
-        return any(o.id != sb.id and o.cgroup_parent == parent for o in sandboxes)
+        return any(o.id != sb.id and o.metadata.cgroup_parent == parent for o in sandboxes)
 
     # -- rates ------------------------------------------------------------------------------------
 
@@ -567,11 +586,11 @@ class StatsCollector:
 
     # -- containers ---------------------------------------------------------------------------
 
-    def container(self, rec: Any, with_oom: bool = False, detail: bool = False) -> ContainerSample:
+    def container(self, rec: Container, with_oom: bool = False, detail: bool = False) -> ContainerSample:
         """``detail``: also the cAdvisor detail figures and /proc counts (ListPodSandboxMetrics)."""
         out = ContainerSample(id=rec.id, record=rec)
-        if rec.state == RUNNING:
-            dirs = self.dirs_for(rec.id, rec.pid)
+        if rec.status.state == RUNNING:
+            dirs = self.dirs_for(rec.id, rec.status.pid)
             s = read_cgroup(dirs, with_oom) if dirs else None
             if s is not None:
                 out.cpu = self.cpu(rec.id, s.timestamp_ns, s.cpu_usage_ns)
@@ -586,7 +605,7 @@ class StatsCollector:
         out.writable_layer = self.writable_layer(rec)
         return out
 
-    def writable_layer(self, rec: Any) -> FsSample | None:
+    def writable_layer(self, rec: Container) -> FsSample | None:
         """Usage of the container's writable layer, walked at most once per ``usage_ttl``."""
         now = self._clock()
         cached = self._layer.get(rec.id)
@@ -598,17 +617,17 @@ class StatsCollector:
             self._layer[rec.id] = (now + self.usage_ttl * (1 + 0.2 * random.random()), sample)
         return sample
 
-    def _walk_layer(self, rec: Any) -> FsSample | None:
-        images = getattr(self.rt, "images", None)
-        if images is None or not hasattr(images, "container_usage"):
+    def _walk_layer(self, rec: Container) -> FsSample | None:
+        images = self.rt.images
+        if images is None:
             return None
         try:
-            u = images.container_usage(rec.snapshot_key or rec.id)
+            u = images.container_usage(rec.metadata.snapshot_key or rec.id)
         except OSError:
             return None  # removed while we walked it
         if u is None:
             return None
-        mp = os.path.join(getattr(images, "root", ""), "snapshotter")
+        mp = os.path.join(images.root, "snapshotter")
         cap, free = self.fs_capacity(mp)
         return FsSample(timestamp_ns=time.time_ns(), mountpoint=mp, used_bytes=u.size, inodes_used=u.inodes,
                         capacity_bytes=cap, inodes_free=free)
@@ -628,7 +647,7 @@ class StatsCollector:
             self._fs[path] = (now + self.usage_ttl, val)
         return val
 
-    def containers(self, recs: list[Any], with_oom: bool = False) -> list[ContainerSample]:
+    def containers(self, recs: list[Container], with_oom: bool = False) -> list[ContainerSample]:
         """Blocking (run in a thread); ``recs`` is a list taken on the event loop."""
         return [self.container(r, with_oom) for r in recs]
 
@@ -638,16 +657,15 @@ class StatsCollector:
 
     # -- pods -------------------------------------------------------------------------------------
 
-    def network(self, sb: Any) -> NetworkSample | None:
-        if not sb.netns_path or sb.state != SANDBOX_READY:
+    def network(self, sb: Sandbox) -> NetworkSample | None:
+        netns_path = sb.status.netns_path
+        if not netns_path or sb.status.state != SANDBOX_READY:
             return None
         ifaces = self._net_dev(sb) if self._interface_stats is None else None
         if ifaces is None:
-            fn = self._interface_stats
-            if fn is None:
-                from moorage.core.netns import interface_stats as fn
+            fn = self._interface_stats or netns_interface_stats
             try:
-                raw = fn(sb.netns_path)
+                raw = fn(netns_path)
             except Exception as e:  # noqa: BLE001 - a vanished netns just has no figures
                 log.debug("network stats of %s: %s", sb.id, e)
                 return None
@@ -656,14 +674,14 @@ class StatsCollector:
         default = next((i for i in ifaces if i.name == "eth0"), ifaces[0] if ifaces else None)
         return NetworkSample(timestamp_ns=time.time_ns(), interfaces=ifaces, default=default)
 
-    def _net_dev(self, sb: Any) -> list[InterfaceSample] | None:
+    def _net_dev(self, sb: Sandbox) -> list[InterfaceSample] | None:
         """Counters from ``/proc/<infra pid>/net/dev`` (one file read, no namespace switch), but only
         when that process is verifiably in the pod's network namespace (same nsfs inode); else None."""
-        if not sb.pid:
+        if not sb.status.pid:
             return None
-        base = os.path.join(self._proc, str(sb.pid))
+        base = os.path.join(self._proc, str(sb.status.pid))
         try:
-            want = os.stat(sb.netns_path)
+            want = os.stat(sb.status.netns_path)
             have = os.stat(os.path.join(base, "ns", "net"))
             if (want.st_dev, want.st_ino) != (have.st_dev, have.st_ino):
                 return None
@@ -673,37 +691,38 @@ class StatsCollector:
             return None
         return parse_net_dev(text)
 
-    def plan_pods(self, sbs: list[Any]) -> list[tuple[Any, list[Any], bool]]:
+    def plan_pods(self, sbs: list[Sandbox]) -> list[tuple[Sandbox, list[Container], bool]]:
         """On the event loop: (sandbox, its containers, cgroup parent shared?) for each sandbox."""
         all_sbs = list(self.rt.sandboxes.values())
-        by_sb: dict[str, list[Any]] = {}
+        by_sb: dict[str, list[Container]] = {}
         for c in self.rt.list_containers():
-            by_sb.setdefault(c.sandbox_id, []).append(c)
+            by_sb.setdefault(c.metadata.sandbox_id, []).append(c)
         return [(sb, by_sb.get(sb.id, []), self.pod_cgroup_shared(sb, all_sbs)) for sb in sbs]
 
-    def pod(self, sb: Any, ctrs: list[Any], shared: bool, with_oom: bool = False,
+    def pod(self, sb: Sandbox, ctrs: list[Container], shared: bool, with_oom: bool = False,
             with_network: bool = True, detail: bool = False) -> PodSample:
         """Blocking (run in a thread)."""
         out = PodSample(id=sb.id, record=sb)
-        out.containers = [self.container(c, with_oom, detail=detail and c.state == RUNNING) for c in ctrs]
+        out.containers = [self.container(c, with_oom, detail=detail and c.status.state == RUNNING) for c in ctrs]
         s: CgroupSample | None = None
-        if sb.state == SANDBOX_READY or any(c.record.state == RUNNING for c in out.containers):
+        ready = sb.status.state == SANDBOX_READY
+        if ready or any(c.record.status.state == RUNNING for c in out.containers):
             if shared:
                 members = []
-                infra_dirs = self.dirs_for(sb.id, sb.pid) if sb.state == SANDBOX_READY else None
+                infra_dirs = self.dirs_for(sb.id, sb.status.pid) if ready else None
                 if infra_dirs:
                     m = read_cgroup(infra_dirs, with_oom)
                     if m is not None:
                         members.append(m)
                 for c in out.containers:
-                    if c.record.state == RUNNING:
-                        d = self.dirs_for(c.id, c.record.pid)
+                    if c.record.status.state == RUNNING:
+                        d = self.dirs_for(c.id, c.record.status.pid)
                         m = read_cgroup(d, with_oom) if d else None
                         if m is not None:
                             members.append(m)
                 s = sum_samples(members)
             else:
-                dirs = self.pod_dirs(sb) if sb.state == SANDBOX_READY else None
+                dirs = self.pod_dirs(sb) if ready else None
                 s = read_cgroup(dirs, with_oom) if dirs else None
         if s is not None:
             out.cpu = self.cpu("pod:" + sb.id, s.timestamp_ns, s.cpu_usage_ns)
@@ -713,7 +732,7 @@ class StatsCollector:
             out.network = self.network(sb)
         return out
 
-    def pods(self, plan: list[tuple[Any, list[Any], bool]], with_oom: bool = False,
+    def pods(self, plan: list[tuple[Sandbox, list[Container], bool]], with_oom: bool = False,
              detail: bool = False) -> list[PodSample]:
         """Blocking (run in a thread); ``plan`` from :meth:`plan_pods`."""
         return [self.pod(sb, ctrs, shared, with_oom, detail=detail) for sb, ctrs, shared in plan]

@@ -5,7 +5,9 @@ lives here; in-memory indexes elsewhere are caches rebuilt from it.  The
 database runs in WAL mode with ``synchronous=NORMAL`` (a committed transaction
 survives a process crash; only an OS crash can lose the last few).
 
-Records are dataclasses.  Each table keeps the columns it is queried by and a
+Image and snapshot records are dataclasses; sandbox and container rows are
+``ObjectRow``s whose document the runtime encodes (this floor does not import
+it).  Each table keeps the columns it is queried by and a
 JSON ``data`` column holding the whole record, so adding a field to a record
 does not need a migration; changing what is indexed does.
 """
@@ -33,48 +35,20 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-@dataclass
-class SandboxRecord:
-    id: str
-    name: str  # the reserved unique name: <name>_<namespace>_<uid>_<attempt>
-    state: str = "NOTREADY"  # READY | NOTREADY
-    created_at: int = 0
-    metadata: dict = field(default_factory=dict)  # name, uid, namespace, attempt
-    config: dict = field(default_factory=dict)  # the PodSandboxConfig as a dict
-    runtime_handler: str = "runc"
-    labels: dict = field(default_factory=dict)
-    annotations: dict = field(default_factory=dict)
-    netns_path: str = ""
-    ip: str = ""
-    additional_ips: list = field(default_factory=list)
-    pid: int = 0
-    cgroup_parent: str = ""
-    extra: dict = field(default_factory=dict)
+@dataclass(frozen=True)
+class ObjectRow:
+    """One pod sandbox or container row: the columns it is queried by, and its JSON document.
 
+    The store does not know what the document means: the runtime encodes and decodes it
+    (``moorage.runtime.records``), so this floor never imports the layer above.
+    """
 
-@dataclass
-class ContainerRecord:
     id: str
-    name: str  # reserved unique name: <name>_<sandbox name>_<attempt>
-    sandbox_id: str
-    state: str = "CREATED"  # CREATED | RUNNING | EXITED | UNKNOWN
-    created_at: int = 0
-    started_at: int = 0
-    finished_at: int = 0
-    exit_code: int = 0
-    reason: str = ""
-    message: str = ""
-    metadata: dict = field(default_factory=dict)  # name, attempt
-    config: dict = field(default_factory=dict)  # the ContainerConfig as a dict
-    image_ref: str = ""  # image id the container was created from
-    image_name: str = ""  # what the caller asked for
-    labels: dict = field(default_factory=dict)
-    annotations: dict = field(default_factory=dict)
-    log_path: str = ""
-    pid: int = 0
-    runtime_handler: str = "runc"
-    snapshot_key: str = ""
-    extra: dict = field(default_factory=dict)
+    name: str  # the reserved unique name
+    state: str
+    created_at: int
+    data: dict[str, Any]
+    sandbox_id: str = ""  # containers only
 
 
 @dataclass
@@ -168,6 +142,15 @@ def _to_json(rec: Any) -> str:
     return json.dumps(dataclasses.asdict(rec), separators=(",", ":"), sort_keys=True)
 
 
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+def _row(r: tuple) -> ObjectRow:
+    return ObjectRow(id=r[0], name=r[1], state=r[2], created_at=r[3], data=json.loads(r[4]),
+                     sandbox_id=r[5] if len(r) > 5 else "")
+
+
 def _from_json(cls: type[R], data: str) -> R:
     raw = json.loads(data)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -250,39 +233,42 @@ class Store:
 
     # -- sandboxes ------------------------------------------------------------------
 
-    def add_sandbox(self, rec: SandboxRecord) -> None:
+    def add_sandbox(self, row: ObjectRow) -> None:
+        """Insert a sandbox; ALREADY_EXISTS naming the holder if its name is taken."""
         with self.transaction() as db:
             holder = db.execute(
-                "SELECT id FROM sandboxes WHERE namespace=? AND name=?", (self.namespace, rec.name)
+                "SELECT id FROM sandboxes WHERE namespace=? AND name=?", (self.namespace, row.name)
             ).fetchone()
             if holder:
-                raise AlreadyExists(f"pod sandbox name {rec.name!r} is already in use by sandbox {holder[0]}")
+                raise AlreadyExists(f"pod sandbox name {row.name!r} is already in use by sandbox {holder[0]}")
             try:
                 db.execute(
                     "INSERT INTO sandboxes (namespace, id, name, state, created_at, data) VALUES (?,?,?,?,?,?)",
-                    (self.namespace, rec.id, rec.name, rec.state, rec.created_at, _to_json(rec)),
+                    (self.namespace, row.id, row.name, row.state, row.created_at, _dumps(row.data)),
                 )
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"pod sandbox id {rec.id} already exists") from None
+                raise AlreadyExists(f"pod sandbox id {row.id} already exists") from None
 
-    def update_sandbox(self, rec: SandboxRecord) -> None:
+    def update_sandbox(self, row: ObjectRow) -> None:
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE sandboxes SET state=?, data=? WHERE namespace=? AND id=?",
-                (rec.state, _to_json(rec), self.namespace, rec.id),
+                (row.state, _dumps(row.data), self.namespace, row.id),
             )
             if cur.rowcount == 0:
-                raise NotFound(f"pod sandbox {rec.id} not found")
+                raise NotFound(f"pod sandbox {row.id} not found")
 
-    def get_sandbox(self, sid: str) -> SandboxRecord:
-        rows = self._query("SELECT data FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid))
+    def get_sandbox(self, sid: str) -> ObjectRow:
+        rows = self._query("SELECT id, name, state, created_at, data FROM sandboxes WHERE namespace=? AND id=?",
+                           (self.namespace, sid))
         if not rows:
             raise NotFound(f"pod sandbox {sid} not found")
-        return _from_json(SandboxRecord, rows[0][0])
+        return _row(rows[0])
 
-    def list_sandboxes(self) -> list[SandboxRecord]:
-        rows = self._query("SELECT data FROM sandboxes WHERE namespace=? ORDER BY created_at", (self.namespace,))
-        return [_from_json(SandboxRecord, r[0]) for r in rows]
+    def list_sandboxes(self) -> list[ObjectRow]:
+        rows = self._query("SELECT id, name, state, created_at, data FROM sandboxes WHERE namespace=? "
+                           "ORDER BY created_at", (self.namespace,))
+        return [_row(r) for r in rows]
 
     def delete_sandbox(self, sid: str) -> bool:
         with self.transaction() as db:
@@ -290,43 +276,48 @@ class Store:
 
     # -- containers ---------------------------------------------------------------------
 
-    def add_container(self, rec: ContainerRecord) -> None:
+    def add_container(self, row: ObjectRow) -> None:
+        """Insert a container; ALREADY_EXISTS naming the holder if its name is taken."""
         with self.transaction() as db:
             holder = db.execute(
-                "SELECT id FROM containers WHERE namespace=? AND name=?", (self.namespace, rec.name)
+                "SELECT id FROM containers WHERE namespace=? AND name=?", (self.namespace, row.name)
             ).fetchone()
             if holder:
-                raise AlreadyExists(f"container name {rec.name!r} is already in use by container {holder[0]}")
+                raise AlreadyExists(f"container name {row.name!r} is already in use by container {holder[0]}")
             db.execute(
                 "INSERT INTO containers (namespace, id, name, sandbox_id, state, created_at, data)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (self.namespace, rec.id, rec.name, rec.sandbox_id, rec.state, rec.created_at, _to_json(rec)),
+                (self.namespace, row.id, row.name, row.sandbox_id, row.state, row.created_at, _dumps(row.data)),
             )
 
-    def update_container(self, rec: ContainerRecord) -> None:
+    def update_container(self, row: ObjectRow) -> None:
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE containers SET state=?, data=? WHERE namespace=? AND id=?",
-                (rec.state, _to_json(rec), self.namespace, rec.id),
+                (row.state, _dumps(row.data), self.namespace, row.id),
             )
             if cur.rowcount == 0:
-                raise NotFound(f"container {rec.id} not found")
+                raise NotFound(f"container {row.id} not found")
 
-    def get_container(self, cid: str) -> ContainerRecord:
-        rows = self._query("SELECT data FROM containers WHERE namespace=? AND id=?", (self.namespace, cid))
+    _CONTAINER_COLUMNS = "id, name, state, created_at, data, sandbox_id"
+
+    def get_container(self, cid: str) -> ObjectRow:
+        rows = self._query(f"SELECT {self._CONTAINER_COLUMNS} FROM containers WHERE namespace=? AND id=?",
+                           (self.namespace, cid))
         if not rows:
             raise NotFound(f"container {cid} not found")
-        return _from_json(ContainerRecord, rows[0][0])
+        return _row(rows[0])
 
-    def list_containers(self, sandbox_id: str | None = None) -> list[ContainerRecord]:
+    def list_containers(self, sandbox_id: str | None = None) -> list[ObjectRow]:
         if sandbox_id is None:
-            rows = self._query("SELECT data FROM containers WHERE namespace=? ORDER BY created_at", (self.namespace,))
+            rows = self._query(f"SELECT {self._CONTAINER_COLUMNS} FROM containers WHERE namespace=? "
+                               "ORDER BY created_at", (self.namespace,))
         else:
             rows = self._query(
-                "SELECT data FROM containers WHERE namespace=? AND sandbox_id=? ORDER BY created_at",
-                (self.namespace, sandbox_id),
+                f"SELECT {self._CONTAINER_COLUMNS} FROM containers WHERE namespace=? AND sandbox_id=? "
+                "ORDER BY created_at", (self.namespace, sandbox_id),
             )
-        return [_from_json(ContainerRecord, r[0]) for r in rows]
+        return [_row(r) for r in rows]
 
     def delete_container(self, cid: str) -> bool:
         with self.transaction() as db:

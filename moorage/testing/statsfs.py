@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from moorage.runtime.context import RuntimeSettings
+from moorage.runtime.records import Container, Sandbox
+from moorage.testing import records
 
 MiB = 1024 * 1024
 
@@ -39,48 +42,26 @@ def v1_files(base: str = "/cg", limit: str = "9223372036854771712\n") -> dict[st
 V1_DIRS = {"memory": "/cg/memory/c", "cpuacct": "/cg/cpuacct/c", "cpu": "/cg/cpu/c", "pids": "/cg/pids/c"}
 
 
-@dataclass
-class Ctr:
-    id: str
-    sandbox_id: str
-    state: str = "CONTAINER_RUNNING"
-    pid: int = 0
-    name: str = "c_pod_0"
-    metadata: dict[str, Any] = field(default_factory=lambda: {"name": "c", "attempt": 1})
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    snapshot_key: str = ""
-    image_name: str = "busybox"
-    image_ref: str = "sha256:x"
-
-
-@dataclass
-class Sb:
-    id: str
-    state: str = "SANDBOX_READY"
-    pid: int = 0
-    name: str = "pod_ns_uid_0"
-    cgroup_parent: str = "/kubepods/podA"
-    netns_path: str = ""
-    metadata: dict[str, Any] = field(default_factory=lambda: {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0})
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+#: Real records for the fakes below.
+Ctr = records.container
+Sb = records.sandbox
 
 
 class FakeRuntime:
-    """The two listing calls of the runtime the stats collector uses (labels and state are not filtered)."""
+    """What ``runtime.stats.StatsSource`` asks of the runtime."""
 
-    def __init__(self, sbs: Iterable[Sb], ctrs: Iterable[Ctr]) -> None:
+    def __init__(self, sbs: list[Sandbox], ctrs: list[Container]) -> None:
+        self.s = RuntimeSettings(root_dir="", state_dir="", handlers={})
+        self.images: Any = None  # tests put a fake with container_usage here
         self.sandboxes = {s.id: s for s in sbs}
         self.containers = {c.id: c for c in ctrs}
 
-    def list_containers(self, id_prefix: str = "", sandbox_id: str = "", labels: dict[str, str] | None = None,
-                        state: str | None = None) -> list[Ctr]:
+    def list_containers(self, id_prefix: str = "", sandbox_id: str = "", labels: object = None,
+                        state: object = None) -> list[Container]:
         return [c for c in self.containers.values() if c.id.startswith(id_prefix)
-                and c.sandbox_id.startswith(sandbox_id)]
+                and c.metadata.sandbox_id.startswith(sandbox_id)]
 
-    def list_sandboxes(self, id_prefix: str = "", labels: dict[str, str] | None = None, state: str | None = None) -> list[Sb]:
+    def list_sandboxes(self, id_prefix: str = "", labels: object = None, state: object = None) -> list[Sandbox]:
         return [s for s in self.sandboxes.values() if s.id.startswith(id_prefix)]
 
 

@@ -3,36 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import pytest
 
 from moorage.core.errors import ResourceExhausted
+from moorage.core.store import Store
 from moorage.runtime import events
+from moorage.runtime.events import EventType
+from moorage.runtime.records import Container, ContainerState, SandboxState, replace
+from moorage.runtime.service import Runtime, RuntimeSettings
+from moorage.testing import records
 
 
-@dataclass
-class Sb:
-    id: str
-    state: str = "SANDBOX_READY"
-    extra: dict = field(default_factory=dict)
+def make_runtime(tmp_path) -> Runtime:
+    settings = RuntimeSettings(root_dir=str(tmp_path / "root"), state_dir=str(tmp_path / "state"),
+                               handlers={"runc": "/bin/true"})
+    rt = Runtime(settings, Store(str(tmp_path / "root")), None, None)  # type: ignore[arg-type]  # no images needed
+    for sid in ("s1", "s10"):
+        sb = records.sandbox(sid, name=f"pod_{sid}")
+        rt.ctx.add_sandbox(sb.metadata, sb.status)
+    return rt
 
 
-@dataclass
-class Ctr:
-    id: str
-    sandbox_id: str
-    state: str = "CONTAINER_CREATED"
-    extra: dict = field(default_factory=dict)
-
-
-class FakeRuntime:
-    def __init__(self) -> None:
-        self.sandboxes = {"s1": Sb("s1"), "s10": Sb("s10")}
-        self.containers: dict[str, Ctr] = {}
-
-    def list_containers(self, sandbox_id: str = ""):
-        return [c for c in self.containers.values() if c.sandbox_id.startswith(sandbox_id)]
+def add_container(rt: Runtime, cid: str, sid: str) -> Container:
+    c = records.container(cid, sid, ContainerState.CREATED, name=f"{cid}_{sid}")
+    return rt.ctx.add_container(c.metadata, c.status)
 
 
 def drain(sub) -> list:
@@ -42,29 +37,30 @@ def drain(sub) -> list:
     return out
 
 
-def test_a_late_reader_sees_the_state_at_event_time():
+def test_a_late_reader_sees_the_state_at_event_time(tmp_path):
     async def main():
-        rt = FakeRuntime()
-        hub = events.EventHub(buffer=100)
-        hub.bind(rt)
+        rt = make_runtime(tmp_path)
+        hub = rt.events
         slow, other = hub.subscribe(), hub.subscribe()
-        rt.containers["x"] = Ctr("x", "s10")  # another pod whose id starts with "s1": not ours
-        c = rt.containers["c1"] = Ctr("c1", "s1")
-        hub.publish("c1", events.CREATED, "s1")
-        c.state = "CONTAINER_RUNNING"
-        hub.publish("c1", events.STARTED, "s1")
-        c.state = "CONTAINER_EXITED"
-        c.extra["exit"] = 0
-        hub.publish("c1", events.STOPPED, "s1")
-        del rt.containers["c1"]
-        hub.publish("c1", events.DELETED, "s1")
-        rt.sandboxes["s1"].state = "SANDBOX_NOTREADY"  # after the events: must not show in them
+        add_container(rt, "x", "s10")  # another pod whose id starts with "s1": not ours
+        c = add_container(rt, "c1", "s1")
+        hub.publish("c1", EventType.CREATED, "s1")
+        c.update(lambda s: replace(s, state=ContainerState.RUNNING, pid=7))
+        hub.publish("c1", EventType.STARTED, "s1")
+        c.update(lambda s: replace(s, state=ContainerState.EXITED, exit_code=3))
+        hub.publish("c1", EventType.STOPPED, "s1")
+        rt.ctx.forget_container("c1")
+        hub.publish("c1", EventType.DELETED, "s1")
+        # after the events: must not show in them
+        rt.sandboxes["s1"].update(lambda s: replace(s, state=SandboxState.NOTREADY))
         evs = [await slow.next() for _ in range(4)]
-        assert [e.type for e in evs] == [events.CREATED, events.STARTED, events.STOPPED, events.DELETED]
-        assert all(e.captured and e.sandbox.state == "SANDBOX_READY" for e in evs)
-        assert [[x.state for x in e.containers] for e in evs] == [
-            ["CONTAINER_CREATED"], ["CONTAINER_RUNNING"], ["CONTAINER_EXITED"], []]
-        assert evs[1].containers[0].extra == {} and evs[2].containers[0].extra == {"exit": 0}  # copies
+        assert [e.type for e in evs] == [EventType.CREATED, EventType.STARTED, EventType.STOPPED, EventType.DELETED]
+        assert all(e.captured and e.sandbox.status.state == SandboxState.READY for e in evs)
+        assert [[x.status.state for x in e.containers] for e in evs] == [
+            [ContainerState.CREATED], [ContainerState.RUNNING], [ContainerState.EXITED], []]
+        assert evs[1].containers[0].status.exit_code == 0 and evs[2].containers[0].status.exit_code == 3  # copies
+        with pytest.raises(Exception, match="snapshot"):  # a snapshot is read-only
+            evs[2].containers[0].update(lambda s: s)
         assert [e.seq for e in evs] == sorted(e.seq for e in evs)
         # One copy per event, shared by every subscriber.
         assert [e.sandbox for e in drain(other)] == [e.sandbox for e in evs]
@@ -73,55 +69,51 @@ def test_a_late_reader_sees_the_state_at_event_time():
 
 
 def test_sandbox_gone_and_nobody_listening():
-    rt = FakeRuntime()
     hub = events.EventHub(buffer=10)
-    hub.bind(rt)
     calls = []
-    rt.list_containers = lambda sandbox_id="": calls.append(sandbox_id) or []  # type: ignore[method-assign]
-    ev = hub.publish("c1", events.CREATED, "s1")
+    hub.bind(lambda sid: calls.append(sid) or (None, ()))
+    ev = hub.publish("c1", EventType.CREATED, "s1")
     assert not ev.captured and calls == []  # no subscriber: no copies made
     sub = hub.subscribe()
-    hub.publish("c1", events.DELETED, "gone")
+    hub.publish("c1", EventType.DELETED, "gone")
     [ev] = drain(sub)
-    assert ev.captured and ev.sandbox is None and ev.containers == ()
+    assert ev.captured and ev.sandbox is None and ev.containers == () and calls == ["gone"]
 
 
 def test_unbound_hub_still_publishes():
     hub = events.EventHub(buffer=10)
     sub = hub.subscribe()
-    hub.publish("c1", events.CREATED, "s1")
+    hub.publish("c1", EventType.CREATED, "s1")
     [ev] = drain(sub)
     assert not ev.captured and ev.container_id == "c1"
 
 
-def test_overflow_drops_only_the_slow_subscriber_with_an_error():
+def test_overflow_drops_only_the_slow_subscriber_with_an_error(tmp_path):
     async def main():
-        rt = FakeRuntime()
-        rt.containers["c1"] = Ctr("c1", "s1")
-        hub = events.EventHub(buffer=100)
-        hub.bind(rt)
+        rt = make_runtime(tmp_path)
+        add_container(rt, "c1", "s1")
+        hub = rt.events
         slow = hub.subscribe(size=2)
         fast = hub.subscribe()
         for _ in range(3):
-            hub.publish("c1", events.CREATED, "s1")
+            hub.publish("c1", EventType.CREATED, "s1")
         assert slow.overflowed and hub.subscribers == 1
         with pytest.raises(ResourceExhausted, match="resubscribe"):
             await slow.next()
         assert len([await fast.next() for _ in range(3)]) == 3
-        hub.publish("c1", events.STARTED, "s1")  # publishing goes on for the others
-        assert (await fast.next()).type == events.STARTED
+        hub.publish("c1", EventType.STARTED, "s1")  # publishing goes on for the others
+        assert (await fast.next()).type == EventType.STARTED
 
     asyncio.run(main())
 
 
 def test_a_failing_capture_does_not_fail_the_publish():
-    class Broken(FakeRuntime):
-        def list_containers(self, sandbox_id: str = ""):
-            raise RuntimeError("boom")
+    def broken(sandbox_id: str) -> tuple[None, tuple[()]]:
+        raise RuntimeError("boom")
 
     hub = events.EventHub(buffer=10)
-    hub.bind(Broken())
+    hub.bind(broken)
     sub = hub.subscribe()
-    hub.publish("c1", events.CREATED, "s1")
+    hub.publish("c1", EventType.CREATED, "s1")
     [ev] = drain(sub)
     assert not ev.captured

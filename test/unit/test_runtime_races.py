@@ -6,21 +6,36 @@ Each test interleaves two CRI calls deterministically through the fakes' pause p
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from dataclasses import dataclass, field
 
 import pytest
 
-from moorage.core.errors import FailedPrecondition, NotFound
-from moorage.core.store import ContainerRecord, SandboxRecord, Store, now_ns
-from moorage.runtime import container as ctrmod
+from moorage.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from moorage.core.store import Store, now_ns
+from moorage.runtime import records
 from moorage.runtime.model import (
     ContainerConfig,
     ContainerMetadata,
     LinuxContainerResources,
+    LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext,
+    NamespaceOption,
+    PodSandboxConfig,
+    PodSandboxMetadata,
 )
-from moorage.runtime.modelio import to_plain
-from moorage.runtime.sandbox import READY
+from moorage.runtime.records import (
+    CREATE_FAILED,
+    Container,
+    ContainerMeta,
+    ContainerState,
+    ContainerStatus,
+    Sandbox,
+    SandboxMeta,
+    SandboxState,
+    SandboxStatus,
+)
 from moorage.runtime.service import Runtime, RuntimeSettings
 
 
@@ -32,11 +47,15 @@ class FakeOCI:
         self.exits: dict[str, asyncio.Future] = {}
         self.ignore: set[int] = {signal.SIGTERM}  # signals the "process" ignores
         self.delete_pause: asyncio.Event | None = None
+        self.create_errors: list[BaseException] = []  # raised by the next create calls, in order
+        self.delete_errors: list[BaseException] = []
 
     def _exit(self, cid: str) -> asyncio.Future:
         return self.exits.setdefault(cid, asyncio.get_running_loop().create_future())
 
     async def create(self, cid, bundle, **kw) -> int:
+        if self.create_errors:
+            raise self.create_errors.pop(0)
         self.created.append(cid)
         return 4242
 
@@ -50,6 +69,8 @@ class FakeOCI:
             self._exit(cid).set_result(128 + int(sig))
 
     async def delete(self, cid, force=False) -> None:
+        if self.delete_errors:
+            raise self.delete_errors.pop(0)
         if self.delete_pause is not None:
             await self.delete_pause.wait()
         await asyncio.sleep(0)
@@ -83,16 +104,22 @@ class FakeImages:
         self.prepare_pause: asyncio.Event | None = None
         self.prepared = asyncio.Event()
         self.released: list[str] = []
+        self.prepare_errors: list[BaseException] = []
+        self.release_errors: list[BaseException] = []
 
     def get_local(self, ref):
         return FakeImage()
 
     async def prepare_rootfs(self, cid, image, rootfs) -> None:
+        if self.prepare_errors:
+            raise self.prepare_errors.pop(0)
         self.prepared.set()
         if self.prepare_pause is not None:
             await self.prepare_pause.wait()
 
     async def release_rootfs(self, key, rootfs) -> None:
+        if self.release_errors:
+            raise self.release_errors.pop(0)
         self.released.append(key)
 
 
@@ -103,30 +130,24 @@ def harness(tmp_path):
     store = Store(str(tmp_path / "root"))
     rt = Runtime(settings, store, FakeImages(), None)
     oci = FakeOCI()
-    rt._runtimes["runc"] = oci
+    rt.ctx.runtimes["runc"] = oci
     return rt, oci
 
 
-def add_sandbox(rt: Runtime, sid: str = "s" * 64) -> SandboxRecord:
-    rec = SandboxRecord(id=sid, name=f"pod_{sid[:6]}", state=READY, created_at=now_ns(),
-                        metadata={"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
-                        config={"metadata": {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
-                                "linux": {"security_context": {"namespace_options": {"network": "NODE",
-                                                                                     "ipc": "NODE"}}}},
-                        pid=4000)
-    rt.store.add_sandbox(rec)
-    rt.sandboxes[sid] = rec
-    return rec
+def add_sandbox(rt: Runtime, sid: str = "s" * 64) -> Sandbox:
+    pod = PodSandboxMetadata(name="pod", namespace="ns", uid="u")
+    cfg = PodSandboxConfig(metadata=pod, linux=LinuxPodSandboxConfig(security_context=LinuxSandboxSecurityContext(
+        namespace_options=NamespaceOption(network="NODE", ipc="NODE"))))
+    meta = SandboxMeta(id=sid, name=f"pod_{sid[:6]}", created_at=now_ns(), config=cfg, runtime_handler="runc")
+    return rt.ctx.add_sandbox(meta, SandboxStatus(state=SandboxState.READY, pid=4000))
 
 
-def add_container(rt: Runtime, sb: SandboxRecord, cid: str = "c" * 64, state: str = ctrmod.CREATED) -> ContainerRecord:
+def add_container(rt: Runtime, sb: Sandbox, cid: str = "c" * 64,
+                  state: ContainerState = ContainerState.CREATED) -> Container:
     cfg = ContainerConfig(metadata=ContainerMetadata(name="c"), image="busybox")
-    rec = ContainerRecord(id=cid, name=f"c_{cid[:6]}", sandbox_id=sb.id, state=state, created_at=now_ns(),
-                          metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=FakeImage().id,
-                          image_name="busybox", snapshot_key=cid, extra={})
-    rt.store.add_container(rec)
-    rt.containers[cid] = rec
-    return rec
+    meta = ContainerMeta(id=cid, name=f"c_{cid[:6]}", sandbox_id=sb.id, created_at=now_ns(), config=cfg,
+                         image_ref=FakeImage().id, image_name="busybox", runtime_handler="runc", snapshot_key=cid)
+    return rt.ctx.add_container(meta, ContainerStatus(state=state))
 
 
 async def until(cond, what: str) -> None:
@@ -150,14 +171,14 @@ def test_stop_waiting_for_the_exit_returns_when_the_container_is_removed(harness
 
     async def main():
         sb = add_sandbox(rt)
-        rec = add_container(rt, sb, state=ctrmod.RUNNING)
-        rt.watch_exit(rec.id, "runc", rt._on_container_exit)
+        rec = add_container(rt, sb, state=ContainerState.RUNNING)
+        rt.ctx.watch_exit(rec.id, "runc", rt.container_ops._on_exit)
         stop = asyncio.ensure_future(rt.stop_container(rec.id, 20))
         await until(lambda: (rec.id, signal.SIGTERM) in oci.signals, "SIGTERM sent")
         await settle()  # StopContainer now waits for the exit
         oci.ignore.add(signal.SIGKILL)  # the exit never comes through the watcher
-        async with rt.lock(rec.id):  # what RemoveContainer does once it holds the lock
-            await rt._destroy_container(rec)
+        async with rt.ctx.lock(rec.id):  # what RemoveContainer does once it holds the lock
+            await rt.container_ops._destroy(rec)
         await stop
         assert (rec.id, signal.SIGKILL) not in oci.signals  # it did not wait out its 20 s
 
@@ -169,8 +190,8 @@ def test_waiters_are_released_when_the_daemon_stops_watching(harness):
 
     async def main():
         sb = add_sandbox(rt)
-        rec = add_container(rt, sb, state=ctrmod.RUNNING)
-        rt.watch_exit(rec.id, "runc", rt._on_container_exit)
+        rec = add_container(rt, sb, state=ContainerState.RUNNING)
+        rt.ctx.watch_exit(rec.id, "runc", rt.container_ops._on_exit)
         stop = asyncio.ensure_future(rt.stop_container(rec.id, 20))
         await until(lambda: (rec.id, signal.SIGTERM) in oci.signals, "SIGTERM sent")
         await settle()  # StopContainer now waits for the exit
@@ -190,7 +211,7 @@ def test_call_waiting_for_the_lock_of_a_removed_container_is_not_found(harness, 
     async def main():
         sb = add_sandbox(rt)
         # A running container for UpdateContainerResources (it would reach runc), a created one for start.
-        rec = add_container(rt, sb, state=ctrmod.RUNNING if call == "update" else ctrmod.CREATED)
+        rec = add_container(rt, sb, state=ContainerState.RUNNING if call == "update" else ContainerState.CREATED)
         oci.delete_pause = asyncio.Event()
         remove = asyncio.ensure_future(rt.remove_container(rec.id))
         await settle()  # RemoveContainer holds the lock, deleting
@@ -204,7 +225,7 @@ def test_call_waiting_for_the_lock_of_a_removed_container_is_not_found(harness, 
         with pytest.raises(NotFound, match=f"{rec.id} not found \\(it was removed\\)"):
             await other
         assert rec.id not in oci.created and rec.id not in oci.updated
-        assert rec.id not in rt.containers and not rt.store.list_containers()
+        assert rec.id not in rt.containers and not rt.ctx.store.list_containers()
 
     asyncio.run(main())
 
@@ -233,9 +254,73 @@ def test_create_container_racing_remove_pod_sandbox_leaves_no_orphan(harness, pa
         res = await asyncio.gather(create, remove, return_exceptions=True)
         assert res[1] is None, res
         assert sb.id not in rt.sandboxes
-        orphans = [c.id for c in rt.containers.values()] + [c.id for c in rt.store.list_containers()]
+        orphans = [c.id for c in rt.containers.values()] + [c.id for c in rt.ctx.store.list_containers()]
         assert not orphans, (res, orphans)
         assert isinstance(res[0], (FailedPrecondition, NotFound)), res
         assert sb.id in str(res[0])
 
     asyncio.run(main())
+
+
+# -- 8: a create whose clean-up fails leaves a visible record that Remove* cleans ------------------
+
+def _busy() -> OSError:
+    return OSError(errno.EBUSY, "Device or resource busy", "/state/rootfs")
+
+
+def test_failed_container_rollback_is_visible_and_removable(harness):
+    rt, oci = harness
+
+    async def main():
+        sb = add_sandbox(rt)
+        rt.images.prepare_errors.append(InvalidArgument("layer is corrupt"))
+        rt.images.release_errors.append(_busy())  # the clean-up of the failed create fails too
+        with pytest.raises(InvalidArgument, match="layer is corrupt"):
+            await rt.create_container(sb.id, _cfg())
+        [rec] = rt.list_containers()
+        assert rec.status.state == ContainerState.EXITED and rec.status.reason == CREATE_FAILED
+        assert "layer is corrupt" in rec.status.message and "Device or resource busy" in rec.status.message
+        stored = records.decode_container(rt.ctx.store.get_container(rec.id))[1]
+        assert stored.reason == CREATE_FAILED and stored.phase is None
+        with pytest.raises(FailedPrecondition, match="exited"):
+            await rt.start_container(rec.id)
+        # A retry with the same name is told which id holds the name and how to free it.
+        with pytest.raises(AlreadyExists, match=f"held by container {rec.id}.*RemoveContainer {rec.id}"):
+            await rt.create_container(sb.id, _cfg())
+        await rt.remove_container(rec.id)
+        assert not rt.containers and not rt.ctx.store.list_containers()
+        cid = await rt.create_container(sb.id, _cfg())
+        assert rt.containers[cid].status.state == ContainerState.CREATED
+
+    asyncio.run(main())
+
+
+def test_failed_sandbox_rollback_is_visible_and_removable(harness):
+    rt, oci = harness
+    pod = PodSandboxMetadata(name="web", namespace="ns", uid="u1")
+    cfg = PodSandboxConfig(metadata=pod, linux=LinuxPodSandboxConfig(security_context=LinuxSandboxSecurityContext(
+        namespace_options=NamespaceOption(network="NODE", ipc="NODE"))))
+
+    async def main():
+        oci.create_errors.append(FailedPrecondition("runc create: no such file"))
+        oci.delete_errors.append(_busy())
+        with pytest.raises(FailedPrecondition, match="runc create"):
+            await rt.run_sandbox(cfg)
+        [sb] = rt.list_sandboxes()
+        assert sb.status.state == SandboxState.NOTREADY and sb.status.reason == CREATE_FAILED
+        assert "runc create" in sb.status.message and "Device or resource busy" in sb.status.message
+        with pytest.raises(AlreadyExists, match=f"held by pod sandbox {sb.id}.*RemovePodSandbox {sb.id}"):
+            await rt.run_sandbox(cfg)
+        await rt.remove_sandbox(sb.id)
+        assert not rt.sandboxes and not rt.ctx.store.list_sandboxes()
+        sid = await rt.run_sandbox(cfg)
+        assert rt.sandboxes[sid].status.state == SandboxState.READY
+
+    asyncio.run(main())
+
+
+def test_images_in_use_are_those_of_the_containers(harness):
+    rt, _oci = harness
+    assert rt.images_in_use() == set()
+    add_container(rt, add_sandbox(rt))
+    assert rt.images_in_use() == {FakeImage().id}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from moorage.core.store import ContainerRecord, SandboxRecord
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.runtime_service import RuntimeServicer
-from moorage.runtime.model import ContainerConfig, ContainerMetadata
-from moorage.runtime.modelio import to_plain
+from moorage.runtime.records import ContainerState
+from moorage.testing import records
 
 IMG = "sha256:" + "b" * 64
 
@@ -32,13 +31,9 @@ class CountingStore:
 
 class FakeRuntime:
     def __init__(self, n: int) -> None:
-        self.sb = SandboxRecord(id="s" * 64, name="pod", state="SANDBOX_READY",
-                                metadata={"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0},
-                                config={"metadata": {"name": "pod", "namespace": "ns", "uid": "u", "attempt": 0}})
-        cfg = ContainerConfig(metadata=ContainerMetadata(name="c"), image=IMG)
-        self.ctrs = [ContainerRecord(id=f"{i:064x}", name=f"c{i}", sandbox_id=self.sb.id, state="CONTAINER_CREATED",
-                                     metadata=to_plain(cfg.metadata), config=to_plain(cfg), image_ref=IMG,
-                                     image_name=IMG) for i in range(n)]
+        self.sb = records.sandbox("s" * 64, name="pod")
+        self.ctrs = [records.container(f"{i:064x}", self.sb.id, ContainerState.CREATED, name=f"c{i}", image=IMG,
+                                       image_ref=IMG) for i in range(n)]
         self.images = type("Images", (), {})()
         self.images.store = CountingStore()
 

@@ -9,6 +9,7 @@ import socket
 from moorage.cri import rpc_stats
 from moorage.runtime import cgroups as cg
 from moorage.runtime import stats as st
+from moorage.runtime.records import ContainerState
 from moorage.testing.statsfs import V1_DIRS, Ctr, FakeRuntime, Sb, fake_fs, v1_files
 
 MiB = 1024 * 1024
@@ -169,7 +170,7 @@ class Images:
 
 def test_writable_layer_usage_is_cached_per_container_for_the_ttl():
     now = [100.0]
-    rt = FakeRuntime([Sb("s1")], [Ctr("c1", "s1", state="CONTAINER_EXITED"), Ctr("c2", "s1")])
+    rt = FakeRuntime([Sb("s1")], [Ctr("c1", "s1", state=ContainerState.EXITED), Ctr("c2", "s1")])
     rt.images = Images()
     col = st.StatsCollector(rt, mounts=[], usage_ttl=10, clock=lambda: now[0])
     a = col.containers(rt.list_containers())
@@ -211,8 +212,7 @@ def test_every_required_metric_is_described_and_has_a_value_with_matching_labels
     assert set(REQUIRED_WITH_VALUES + DESCRIBED_ONLY) <= set(descs)
     assert all(d.help and d.label_keys for d in descs.values())
     detail = {k: 1 for _m, k, _d in rpc_stats._DETAIL_FIELDS}
-    c = Ctr("c1", "s1")
-    c.started_at = 1_700_000_000 * 10**9  # type: ignore[attr-defined]
+    c = Ctr("c1", "s1", started_at=1_700_000_000 * 10**9)
     s = st.ContainerSample(id="c1", record=c, cpu=st.CpuSample(1, 2, 3),
                            memory=st.MemorySample(1, 10, 8, 6, 2, 100, 1, None, None),
                            writable_layer=st.FsSample(1, "/x", 4096, 3, 10**9, 1000), processes=2, oom_kills=0,

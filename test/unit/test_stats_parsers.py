@@ -8,6 +8,7 @@ from moorage.cri import rpc_stats
 from moorage.cri.api import api_pb2 as pb
 from moorage.runtime import cgroups as cg
 from moorage.runtime import stats as st
+from moorage.runtime.records import ContainerState
 from moorage.testing.statsfs import (
     V1_DIRS,
     Ctr,
@@ -125,7 +126,7 @@ def test_collector_rates_pod_cgroup_and_protobuf(tmp_path, monkeypatch):
     assert cmsg.attributes.metadata.attempt == 1 and cmsg.cpu.usage_nano_cores.value > 0
 
     # A shared (default) parent: the pod figure is the sum of its members.
-    sb.cgroup_parent = ""
+    sb = rt.sandboxes["s1"] = Sb("s1", pid=111, cgroup_parent="")
     make_v2_host(tmp_path, "/kubepods/podA/s1", 0, 50)
     [p] = col.pods(col.plan_pods([sb]))
     assert p.memory.usage_bytes == 250
@@ -137,7 +138,7 @@ def test_collector_rates_pod_cgroup_and_protobuf(tmp_path, monkeypatch):
 
 
 def test_exited_container_has_attributes_only():
-    rt = FakeRuntime([Sb("s1")], [Ctr("c1", "s1", state="CONTAINER_EXITED")])
+    rt = FakeRuntime([Sb("s1")], [Ctr("c1", "s1", state=ContainerState.EXITED)])
     col = st.StatsCollector(rt, mounts=[])
     [s] = col.containers(rt.list_containers())
     m = rpc_stats.container_stats_pb(s)

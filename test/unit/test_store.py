@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -10,23 +11,28 @@ import pytest
 from moorage.core.errors import AlreadyExists, NotFound
 from moorage.core.store import (
     SCHEMA_VERSION,
-    ContainerRecord,
     ImageRecord,
-    SandboxRecord,
+    ObjectRow,
     SchemaTooNew,
     SnapshotRecord,
     Store,
 )
+
+
+def _row(sid: str, name: str) -> ObjectRow:
+    return ObjectRow(id=sid, name=name, state="SANDBOX_NOTREADY", created_at=0, data={})
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_round_trip_every_record(tmp_path):
     s = Store(str(tmp_path))
-    sb = SandboxRecord(id="s1", name="web_default_uid_0", state="READY", created_at=5,
-                       metadata={"name": "web"}, labels={"app": "x"}, netns_path="/run/x")
+    sb = ObjectRow(id="s1", name="web_default_uid_0", state="READY", created_at=5,
+                   data={"metadata": {"name": "web"}, "labels": {"app": "x"}, "netns_path": "/run/x"})
     s.add_sandbox(sb)
-    c = ContainerRecord(id="c1", name="app_web_0", sandbox_id="s1", created_at=6, config={"image": "busybox"})
+    c = ObjectRow(id="c1", name="app_web_0", state="CREATED", created_at=6, data={"config": {"image": "busybox"}},
+                  sandbox_id="s1")
     s.add_container(c)
     img = ImageRecord(id="sha256:aa", repo_tags=["docker.io/library/busybox:latest"], size=10)
     s.put_image(img)
@@ -39,8 +45,9 @@ def test_round_trip_every_record(tmp_path):
     assert s.list_containers("s1") == [c] and s.list_containers("other") == []
     assert s.image_by_ref("docker.io/library/busybox:latest") == img
     assert s.get_snapshot("k").dir_id == "1"
-    c.state = "RUNNING"
+    c = dataclasses.replace(c, state="RUNNING", data={"config": {"image": "busybox"}, "pid": 7})
     s.update_container(c)
+    assert s.get_container("c1") == c
     assert s.get_container("c1").state == "RUNNING"
     assert s.delete_container("c1") and not s.delete_container("c1")
     with pytest.raises(NotFound, match="container c1 not found"):
@@ -49,17 +56,17 @@ def test_round_trip_every_record(tmp_path):
 
 def test_names_are_unique_and_name_the_holder(tmp_path):
     s = Store(str(tmp_path))
-    s.add_sandbox(SandboxRecord(id="s1", name="n"))
+    s.add_sandbox(_row("s1", "n"))
     with pytest.raises(AlreadyExists, match="in use by sandbox s1"):
-        s.add_sandbox(SandboxRecord(id="s2", name="n"))
+        s.add_sandbox(_row("s2", "n"))
     assert [r.id for r in s.list_sandboxes()] == ["s1"]
 
 
 def test_namespaces_are_separate(tmp_path):
     a = Store(str(tmp_path), namespace="k8s.io")
     b = Store(str(tmp_path), namespace="other")
-    a.add_sandbox(SandboxRecord(id="s1", name="n"))
-    b.add_sandbox(SandboxRecord(id="s1", name="n"))
+    a.add_sandbox(_row("s1", "n"))
+    b.add_sandbox(_row("s1", "n"))
     assert len(a.list_sandboxes()) == 1 and len(b.list_sandboxes()) == 1
     a.delete_sandbox("s1")
     assert b.get_sandbox("s1").id == "s1"
@@ -88,10 +95,10 @@ def test_kill9_mid_transaction_loses_nothing_committed(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {REPO!r})
-        from moorage.core.store import Store, SandboxRecord
+        from moorage.core.store import Store, ObjectRow
         s = Store({str(tmp_path)!r})
         for i in range(50):
-            s.add_sandbox(SandboxRecord(id=f"s{{i}}", name=f"n{{i}}"))
+            s.add_sandbox(ObjectRow(id=f"s{{i}}", name=f"n{{i}}", state="READY", created_at=0, data={{}}))
         with s.transaction() as db:
             db.execute("INSERT INTO sandboxes (namespace,id,name,state,created_at,data) "
                        "VALUES ('k8s.io','half','half','READY',0,'{{\\"id\\":\\"half\\",\\"name\\":\\"half\\"}}')")

@@ -1,4 +1,4 @@
-"""cri.tracing and the child spans of Runtime.timed, with the SDK's in-memory exporter."""
+"""cri.tracing and the child spans of RuntimeContext.timed, with the SDK's in-memory exporter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from moorage.cri import tracing
-from moorage.runtime.service import Runtime
+from moorage.runtime.context import RuntimeContext
 
 EXPORTER = InMemorySpanExporter()
 
@@ -45,11 +45,11 @@ def test_timed_opens_a_child_span_and_records_the_duration(spans):
 
     async def main():
         with trace.get_tracer("t").start_as_current_span("RuntimeService/StartContainer"):
-            await Runtime.timed(rt, "oci_create", asyncio.sleep(0), id="c1")
+            await RuntimeContext.timed(rt, "oci_create", asyncio.sleep(0), id="c1")
             with pytest.raises(RuntimeError):
                 async def boom():
                     raise RuntimeError("runc failed")
-                await Runtime.timed(rt, "cni_add", boom())
+                await RuntimeContext.timed(rt, "cni_add", boom())
 
     asyncio.run(main())
     got = {s.name: s for s in spans.get_finished_spans()}
