@@ -21,7 +21,7 @@ from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageErro
 from moorage.core.fs import remove_tree
 from moorage.core.ids import new_id
 from moorage.core.store import ImageRecord, now_ns
-from moorage.runtime import events, spec, users
+from moorage.runtime import events, procsig, spec, users
 from moorage.runtime.context import RuntimeContext, error_text
 from moorage.runtime.model import ContainerConfig, ImageConfig, LinuxContainerResources, Mount
 from moorage.runtime.modelio import to_plain
@@ -299,8 +299,12 @@ class Containers:
                 pid = await self.ctx.timed("oci_create", rt.create(
                     rec.id, bundle, log_path=log_path, name=rec.name, stdin=cfg.stdin, stdin_once=cfg.stdin_once,
                     tty=cfg.tty))
+                runtime_init = procsig.exe_identity(pid)
                 started = now_ns()
                 await self.ctx.timed("oci_start", rt.start(rec.id))
+                # Return only once the program runs: a stop must not meet the runtime's init instead.
+                if not await procsig.wait_exec(pid, runtime_init):
+                    log.warning("container %s had not exec'd its program 2 s after start", rec.id)
             except MoorageError as e:
                 failure = e.message
                 try:
@@ -344,15 +348,22 @@ class Containers:
             return
         rt = self.ctx.oci(rec.metadata.runtime_handler)
         if timeout > 0:
-            try:
-                await rt.kill(rec.id, _signal_number(rec.metadata.stop_signal))
-            except NotFound:
-                if self._lost_on_kill(rt, rec):
+            sig = _signal_number(rec.metadata.stop_signal)
+            pid = rec.status.pid
+            if procsig.would_be_dropped(sig, procsig.read_masks(pid) if pid else None):
+                # no handler yet: the kernel would discard it; send it once the program has one
+                if await self._signal_when_caught(rt, rec, sig, timeout):
                     return
-            except MoorageError as e:
-                log.info("stop signal to %s: %s", rec.id, e.message)
-            if await self.ctx.wait_exited(rec.id, timeout):
-                return
+            else:
+                try:
+                    await rt.kill(rec.id, sig)
+                except NotFound:
+                    if self._lost_on_kill(rt, rec):
+                        return
+                except MoorageError as e:
+                    log.info("stop signal to %s: %s", rec.id, e.message)
+                if await self.ctx.wait_exited(rec.id, timeout):
+                    return
             log.info("container did not stop within its timeout; killing", extra={"fields": {"id": rec.id,
                                                                                              "timeout": timeout}})
         try:
@@ -364,6 +375,30 @@ class Containers:
             log.info("SIGKILL to %s: %s", rec.id, e.message)
         if not await self.ctx.wait_exited(rec.id, 30):
             raise FailedPrecondition(f"container {rec.id} did not exit after SIGKILL within 30s")
+
+    async def _signal_when_caught(self, rt: OCIRuntimeAPI, rec: Container, sig: int, timeout: float) -> bool:
+        """The container's init has no handler for the stop signal yet, so the kernel would drop it
+        (runtime/procsig.py). Wait for the exit as usual, and send the signal as soon as the
+        program installs its handler. True once the container exited."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        step = 0.01
+        while (left := deadline - loop.time()) > 0:
+            if await self.ctx.wait_exited(rec.id, min(step, left)):
+                return True
+            masks = procsig.read_masks(rec.status.pid)
+            if masks is None:
+                break  # gone: its exit is on the way
+            if not procsig.would_be_dropped(sig, masks):
+                log.info("stop signal sent once the program had a handler for it",
+                         extra={"fields": {"id": rec.id, "signal": sig}})
+                try:
+                    await rt.kill(rec.id, sig)
+                except MoorageError as e:
+                    log.info("stop signal to %s: %s", rec.id, e.message)
+                break
+            step = min(step * 1.5, 0.1)
+        return await self.ctx.wait_exited(rec.id, max(0.0, deadline - loop.time()))
 
     def _lost_on_kill(self, rt: OCIRuntimeAPI, rec: Container) -> bool:
         """The runtime does not know a container we think runs: if no exit was recorded and no

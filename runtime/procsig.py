@@ -8,23 +8,25 @@ forced through. A StopContainer that lands in the few milliseconds between
 therefore lost, and the caller waits out the whole grace period before
 SIGKILL.
 
-``StopWatch`` lets the stop path tell the cases apart without ever delivering
-the signal twice to a handler:
+So the stop path reads the process's masks first (``would_be_dropped``): if the
+signal would be discarded (a namespace init, no handler, not ignored on
+purpose), it is not sent yet; the stop path watches ``SigCgt`` and sends it
+once the handler exists, exactly once. Reading after the send could not tell a
+signal that arrived a moment before the handler from one that arrived after.
 
-* caught before the send: delivered, nothing more to do;
-* not caught before and not caught after the send, process is a namespace
-  init: discarded; send again once a handler appears (poll ``SigCgt``);
-* not caught before but caught after: a handler appeared during the send; it
-  may or may not have received it, and a second delivery could make a program
-  treat it as "stop now, forcefully", so it is not sent again;
-* explicitly ignored (``SigIgn``) or not a namespace init: the kernel's default
-  action applies, nothing to watch.
+Before all that, the process must be the program at all: ``runc start`` returns
+once it has told the container's init to go on, and the init (``runc:[2:INIT]``,
+a Go program with handlers for every signal) execs the program a moment later.
+A signal in that moment is taken by runc's init and gone after the exec.
+``wait_exec`` lets StartContainer return only once the exec happened, so a stop
+issued after StartContainer always meets the program itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -65,17 +67,33 @@ def read_masks(pid: int) -> SignalMasks | None:
         return None
 
 
-class SendOutcome(NamedTuple):
-    delivered: bool  # the kernel took it (or may have): do not send again
-    resend_when_caught: bool  # it was discarded: send again once a handler exists
+def would_be_dropped(sig: int, masks: SignalMasks | None) -> bool:
+    """True when the kernel would discard ``sig`` sent now from outside the process's PID namespace."""
+    if masks is None or not masks.ns_init:
+        return False  # gone (its exit is on the way), or the default action applies
+    return not masks.catches(sig) and not masks.ignores(sig)
 
 
-def judge(sig: int, before: SignalMasks | None, after: SignalMasks | None) -> SendOutcome:
-    """What a send of ``sig`` did, from the masks read just before and just after it."""
-    if before is None or after is None or not before.ns_init:
-        return SendOutcome(True, False)  # gone, or default action applies: nothing to watch
-    if before.catches(sig) or after.catches(sig):
-        return SendOutcome(True, False)
-    if before.ignores(sig):
-        return SendOutcome(True, False)  # the program ignores it on purpose
-    return SendOutcome(False, True)
+def exe_identity(pid: int) -> tuple[int, int] | None:
+    """(device, inode) of the executable ``pid`` runs; None when the process is gone."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+async def wait_exec(pid: int, before: tuple[int, int] | None, timeout: float = 2.0) -> bool:
+    """Wait until ``pid`` no longer runs the executable it ran when ``before`` was read (it has
+    exec'd the container's program), or is gone. False if it still had not after ``timeout``."""
+    if before is None:
+        return True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.001
+    while exe_identity(pid) == before:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from moorage.runtime.procsig import SignalMasks, judge, parse_status, read_masks
+from moorage.runtime.procsig import SignalMasks, parse_status, read_masks, would_be_dropped
 
 TERM = int(signal.SIGTERM)
 STATUS = """Name:\tsh
@@ -38,20 +38,19 @@ def bit(sig: int) -> int:
     return 1 << (sig - 1)
 
 
-def test_judge_each_case() -> None:
-    # handler present before the send: delivered
-    assert judge(TERM, masks(bit(TERM)), masks(bit(TERM))) == (True, False)
-    # no handler before or after, a namespace init: discarded, resend when a handler appears
-    assert judge(TERM, masks(), masks()) == (False, True)
-    # a handler appeared during the send: maybe delivered; never risk a second delivery
-    assert judge(TERM, masks(), masks(bit(TERM))) == (True, False)
+def test_would_be_dropped_in_each_case() -> None:
+    # no handler, a namespace init: the kernel discards it
+    assert would_be_dropped(TERM, masks())
+    # a handler: delivered
+    assert not would_be_dropped(TERM, masks(bit(TERM)))
+    # a handler for another signal only
+    assert would_be_dropped(TERM, masks(bit(int(signal.SIGINT))))
     # not a namespace init: the default action (terminate) applies
-    assert judge(TERM, masks(init=False), masks(init=False)) == (True, False)
-    # ignored on purpose
-    assert judge(TERM, masks(ignored=bit(TERM)), masks(ignored=bit(TERM))) == (True, False)
+    assert not would_be_dropped(TERM, masks(init=False))
+    # ignored on purpose: sending is harmless, nothing to wait for
+    assert not would_be_dropped(TERM, masks(ignored=bit(TERM)))
     # the process is gone
-    assert judge(TERM, None, None) == (True, False)
-    assert judge(TERM, masks(), None) == (True, False)
+    assert not would_be_dropped(TERM, None)
 
 
 def test_read_masks_of_a_real_process_sees_its_handler_appear() -> None:
@@ -77,3 +76,28 @@ def test_read_masks_of_a_real_process_sees_its_handler_appear() -> None:
     while read_masks(p.pid) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert read_masks(p.pid) is None or not os.path.exists(f"/proc/{p.pid}/status")
+
+
+def test_wait_exec_returns_once_the_process_runs_another_program() -> None:
+    import asyncio
+
+    from moorage.runtime.procsig import exe_identity, wait_exec
+
+    code = "import os, sys, time; sys.stdin.readline(); os.execv('/bin/sleep', ['sleep', '5'])"
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
+    try:
+        before = exe_identity(p.pid)
+        assert before is not None
+        assert not asyncio.run(wait_exec(p.pid, before, timeout=0.1))  # still python: not exec'd yet
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert asyncio.run(wait_exec(p.pid, before, timeout=5))
+        assert exe_identity(p.pid) != before
+    finally:
+        p.kill()
+        p.wait()
+        if p.stdin is not None:
+            p.stdin.close()
+    assert asyncio.run(wait_exec(p.pid, before, timeout=1))  # gone counts as done
+    assert asyncio.run(wait_exec(p.pid, None))
