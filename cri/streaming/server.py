@@ -78,6 +78,13 @@ class TokenCache:
         self._entries[token] = (now + self.ttl, request)
         return token
 
+    def peek(self, token: str) -> StreamRequest | None:
+        """The request behind a live token, without using it up."""
+        entry = self._entries.get(token)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return entry[1]
+
     def consume(self, token: str) -> StreamRequest | None:
         entry = self._entries.pop(token, None)
         if entry is None or entry[0] <= self._clock():
@@ -257,21 +264,28 @@ class StreamingServer:
                 raise BadRequest(405, f"method {req.method} not allowed")
             parts = req.path.strip("/").split("/")
             kind, token = parts if len(parts) == 2 else ("", "")
-            request = self.tokens.consume(token) if kind in _KIND.values() else None
+            # A token is used up only by the upgrade it was made for: a plain GET, a request of the
+            # wrong kind or a failed protocol negotiation leaves it for the real client.
+            request = self.tokens.peek(token) if kind in _KIND.values() else None
             if request is None or _KIND[type(request)] != kind:
                 raise BadRequest(404, "unknown, used or expired streaming token")
             upgrade = req.header("upgrade").lower()
+
+            def claim() -> None:
+                if self.tokens.consume(token) is not request:
+                    raise BadRequest(404, "unknown, used or expired streaming token")
+
             if upgrade == "websocket" and "upgrade" in req.header("connection").lower():
-                await self._websocket(req, request, reader, writer)
+                await self._websocket(req, request, reader, writer, claim)
             elif upgrade.startswith("spdy/3.1"):
-                await self._spdy(req, request, reader, writer)
+                await self._spdy(req, request, reader, writer, claim)
             else:
                 raise BadRequest(400, "a SPDY/3.1 or WebSocket upgrade is required")
         except BadRequest as e:
             await _respond(writer, e.status, e.message, e.headers)
 
     async def _spdy(self, req: HttpRequest, request: StreamRequest, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+                    writer: asyncio.StreamWriter, claim: Callable[[], None]) -> None:
         supported = [pf.PROTOCOL] if isinstance(request, PortForwardRequest) else rc.SPDY_PROTOCOLS
         offered = rc.split_header_values(req.headers.get("x-stream-protocol-version", []))
         proto = rc.negotiate(offered, supported)
@@ -281,6 +295,7 @@ class StreamingServer:
                 f"unable to upgrade: unable to negotiate protocol: client supports {offered}, server accepts {supported}",
                 [(rc.HEADER_ACCEPTED_VERSIONS, p) for p in supported],
             )
+        claim()
         writer.write(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
             + f"{rc.HEADER_PROTOCOL_VERSION}: {proto}\r\n\r\n".encode()
@@ -444,7 +459,7 @@ class StreamingServer:
             error.close()
 
     async def _websocket(self, req: HttpRequest, request: StreamRequest, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+                         writer: asyncio.StreamWriter, claim: Callable[[], None]) -> None:
         if req.header("sec-websocket-version") != "13" or not req.header("sec-websocket-key"):
             raise BadRequest(400, "unsupported websocket version (13 required) or missing key")
         is_pf = isinstance(request, PortForwardRequest)
@@ -468,6 +483,7 @@ class StreamingServer:
             readable = {2 * i for i in range(len(ports))}
         else:
             readable = ({0} if request.stdin else set()) | ({4} if request.tty else set())
+        claim()
         writer.write(wsframe.handshake_response(req.header("sec-websocket-key"), proto))
         codec = wsframe.ChannelCodec(proto or ("v4.channel.k8s.io" if is_pf else rc.V1))
         chans = WebSocketChannels(reader, writer, codec, readable)

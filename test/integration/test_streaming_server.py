@@ -324,6 +324,38 @@ def test_bad_token_404_and_single_use():
     run(t)
 
 
+def test_only_a_valid_upgrade_of_the_right_kind_uses_up_a_token():
+    """A plain GET (a link checker, a curious user), the wrong kind or a failed protocol
+    negotiation gets its error and leaves the token for the real client."""
+
+    async def t(server, backend, _):
+        url = server.get_exec_url(ExecRequest("c1", ["echo", "still-here"]))
+        host, port = server.base_url.split("//", 1)[1].split(":")
+        path = url.split(server.base_url, 1)[1]
+        for head in (f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n",  # no upgrade at all
+                     f"GET {path.replace('/exec/', '/attach/')} HTTP/1.1\r\nHost: x\r\n"
+                     "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n"):  # the wrong kind
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(head.encode())
+            await w.drain()
+            status = (await r.readline()).split()[1]
+            assert status in (b"400", b"404"), status
+            w.close()
+            await w.wait_closed()
+        with pytest.raises(sc.UpgradeError) as e:  # a protocol the server does not speak
+            await sc.run(url, protocols=["v9.channel.k8s.io"])
+        assert e.value.status == 400
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            await asyncio.to_thread(websocket.create_connection, ws_url(url), subprotocols=["bogus.k8s.io"])
+        res = await sc.run(url)  # the real client still gets its stream, once
+        assert res.stdout == b"still-here\n"
+        with pytest.raises(sc.UpgradeError) as e:
+            await sc.run(url)
+        assert e.value.status == 404
+
+    run(t)
+
+
 def test_unsupported_protocol_400():
     async def t(server, backend, _):
         with pytest.raises(sc.UpgradeError) as e:
