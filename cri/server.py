@@ -137,6 +137,8 @@ class Daemon:
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the config files and apply what can change on a running daemon."""
+        if self._stopping:
+            return
         if self.server is None:  # still starting: reload once serving, so no edit is missed
             self._reload_pending = True
             return
