@@ -1,4 +1,4 @@
-"""Daemon configuration: TOML at /etc/moorage/config.toml, every key optional.
+"""Daemon configuration: TOML at /etc/moorage/config.toml and its config.d/*.toml drop-ins, every key optional.
 
 The schema is the dataclass tree below; the defaults make a daemon that works
 with no file at all.  ``load`` reports unknown keys and bad values by name,
