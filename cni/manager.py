@@ -121,6 +121,18 @@ class CNIManager:
         self.exec = PluginExec(self.bin_dirs, plugin_timeout)
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def reconfigure(self, conf_dir: str, bin_dirs: Sequence[str], plugin_timeout: float,
+                    network_name: str | None) -> None:
+        """Use another conf dir, plugin path, timeout or network from now on (a daemon reload).
+
+        Safe on a running node: set-ups in flight keep the network they loaded, and teardown
+        reads only the result cache (whose dir does not change here), never the conf dir.
+        """
+        self.conf_dir = conf_dir
+        self.bin_dirs = list(bin_dirs)
+        self.watcher = NetworkConfigWatcher(conf_dir, network_name)
+        self.exec = PluginExec(self.bin_dirs, plugin_timeout, self.exec.extra_env)
+
     # --- status ---------------------------------------------------------------------
 
     def status(self) -> tuple[bool, str, str]:

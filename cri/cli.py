@@ -4,31 +4,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 from moorage.core.errors import MoorageError
-from moorage.cri import cli_images, logs, server, tracing
+from moorage.cri import cli_images, config_reference, logs, server, tracing
 from moorage.cri import config as configmod
 from moorage.cri.version import CRI_API_VERSION, VERSION
 
 
+def _serve_loader(args: argparse.Namespace) -> Callable[[], configmod.LoadedConfig]:
+    """Loads the config files with the command line's overrides on top (again on each SIGHUP,
+    so an override keeps winning over the files)."""
+    overrides = {"log_level": args.log_level, "socket": args.socket, "root_dir": args.root, "state_dir": args.state}
+
+    def load() -> configmod.LoadedConfig:
+        loaded = configmod.load_layers(args.config)
+        for key, value in overrides.items():
+            if value:
+                setattr(loaded.config, key, value)
+                loaded.origins[key] = "command line"
+        configmod.validate(loaded.config, "command line")
+        return loaded
+
+    return load
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
-    if args.log_level:
-        cfg.log_level = args.log_level
-    if args.socket:
-        cfg.socket = args.socket
-    if args.root:
-        cfg.root_dir = args.root
-    if args.state:
-        cfg.state_dir = args.state
-    configmod.validate(cfg, args.config or "command line")
+    load = _serve_loader(args)
+    loaded = load()
+    cfg = loaded.config
     logs.setup(cfg.log_level, cfg.log_format)
+    logging.getLogger("moorage.config").info("config loaded", extra={"fields": {"files": loaded.files}})
     tracing.setup(cfg.tracing.enabled, cfg.tracing.endpoint, cfg.tracing.sampling_ratio, cfg.tracing.service_name)
     try:
-        asyncio.run(server.run(cfg))
+        asyncio.run(server.run(cfg, load))
     finally:
         tracing.shutdown()
     return 0
@@ -37,9 +50,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_cmd == "default":
         sys.stdout.write(configmod.dumps(configmod.Config()))
-        return 0
-    configmod.load(args.path)
-    print(f"{args.path}: ok")
+    elif args.config_cmd == "dump":
+        loaded = configmod.load_layers(args.config)
+        files = ", ".join(loaded.files) or "none (every key has its default)"
+        sys.stdout.write(f"# The effective config; files merged in this order: {files}\n"
+                         f"# Each key ends with the file it came from, or \"{configmod.DEFAULT_ORIGIN}\".\n\n")
+        sys.stdout.write(configmod.dumps(loaded.config, comments=False, origin=loaded.origin))
+    elif args.config_cmd == "reference":
+        sys.stdout.write(config_reference.markdown())
+    else:
+        loaded = configmod.load_layers(args.path)
+        for f in loaded.files:
+            print(f"{f}: ok")
     return 0
 
 
@@ -130,8 +152,11 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print or check configuration")
     csub = c.add_subparsers(dest="config_cmd", required=True)
     csub.add_parser("default", help="print the full default config")
-    chk = csub.add_parser("check", help="validate a config file")
+    chk = csub.add_parser("check", help="validate a config file and the drop-ins of its config.d directory")
     chk.add_argument("path")
+    dump = csub.add_parser("dump", help="print the effective config, each key with the file it came from")
+    dump.add_argument("--config", help=f"main config file (default {configmod.DEFAULT_CONFIG_PATH}, may be absent)")
+    csub.add_parser("reference", help="print the config reference (Markdown, as docs/config.md)")
     c.set_defaults(func=_cmd_config)
 
     k = sub.add_parser("check", help="preflight: are this host's dependencies present?")

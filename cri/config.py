@@ -1,4 +1,4 @@
-"""Daemon configuration: TOML at /etc/moorage/config.toml, every key optional.
+"""Daemon configuration: TOML at /etc/moorage/config.toml and its config.d/*.toml drop-ins, every key optional.
 
 The schema is the dataclass tree below; the defaults make a daemon that works
 with no file at all.  ``load`` reports unknown keys and bad values by name,
@@ -8,9 +8,11 @@ with the file and the dotted key, so a typo is never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,12 +148,17 @@ class Config:
 
 
 class ConfigError(InvalidArgument):
-    pass
+    """A bad config; ``key`` and ``detail`` let a merged load name the file that set the key."""
+
+    def __init__(self, message: str, key: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.detail = detail
 
 
 def _check(where: str, key: str, cond: bool, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{where}: key {key!r}: {msg}")
+        raise ConfigError(f"{where}: key {key!r}: {msg}", key, msg)
 
 
 def _convert(where: str, key: str, tp: Any, value: Any) -> Any:
@@ -181,7 +188,7 @@ def _convert(where: str, key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         _check(where, key, isinstance(value, str), f"expected a string, got {value!r}")
         return value
-    raise ConfigError(f"{where}: key {key!r}: unsupported type {tp}")  # pragma: no cover
+    raise ConfigError(f"{where}: key {key!r}: unsupported type {tp}", key)  # pragma: no cover
 
 
 def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
@@ -191,7 +198,7 @@ def _build(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
-            raise ConfigError(f"{where}: unknown key {key!r}")
+            raise ConfigError(f"{where}: unknown key {key!r}", key, "unknown key")
         kwargs[k] = _convert(where, key, hints[k], v)
     return cls(**kwargs)
 
@@ -252,7 +259,7 @@ def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
         try:
             fn()
         except InvalidArgument as e:
-            raise ConfigError(f"{where}: key {key!r}: {e.message}") from None
+            raise ConfigError(f"{where}: key {key!r}: {e.message}", key, e.message) from None
 
     if rt.cgroup_driver == "cgroupfs":
         # (With systemd the kubelet always names a slice; the default parent is not checked there.)
@@ -299,25 +306,130 @@ def loads(text: str, where: str = "config") -> Config:
 
 
 def load(path: str | None) -> Config:
-    """Load ``path``; None means the default path if it exists, else the defaults."""
-    import os
+    """Load ``path`` and its drop-ins; None means the default path (which may be absent)."""
+    return load_layers(path).config
 
-    if path is None:
-        if not os.path.exists(DEFAULT_CONFIG_PATH):
-            return validate(Config())
-        path = DEFAULT_CONFIG_PATH
+
+# -- drop-ins ------------------------------------------------------------------------------
+#
+# ``config.d/*.toml`` next to the main file is merged over it in lexical order of the file
+# names, key by key: tables merge recursively (a drop-in adds or overrides single keys or
+# entries, e.g. one [runtime.handlers.<name>]); a scalar or a list replaces the earlier value
+# whole (a drop-in's list is never appended to the main file's).  Each file is checked alone
+# for unknown keys and types, the merged result for everything else, and an error names the
+# file that set the offending key.
+
+DROPIN_DIR = "config.d"
+DEFAULT_ORIGIN = "default"
+
+
+def dropin_dir(path: str) -> str:
+    """The drop-in directory of the main config file ``path``."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), DROPIN_DIR)
+
+
+def dropin_files(path: str) -> list[str]:
+    """The drop-ins of ``path`` in merge order (``*.toml`` only; hidden files skipped)."""
+    d = dropin_dir(path)
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ConfigError(f"{d}: cannot read: {e.strerror}") from None
+    return [os.path.join(d, n) for n in names
+            if n.endswith(".toml") and not n.startswith(".") and os.path.isfile(os.path.join(d, n))]
+
+
+@dataclass
+class LoadedConfig:
+    """A merged config with, per key, the file that set it."""
+
+    config: Config
+    files: list[str]  # read, in merge order
+    origins: dict[str, str]  # dotted key (a scalar, a list, or an entry of a plain table) -> file
+
+    def origin(self, key: str) -> str:
+        """The file that set ``key`` (for a table: the last file that set anything in it), or "default"."""
+        key = re.sub(r"(\[\d+\])+$", "", key)
+        if key in self.origins:
+            return self.origins[key]
+        below = [f for k, f in self.origins.items() if k.startswith(key + ".")]
+        return max(below, key=self._rank) if below else DEFAULT_ORIGIN
+
+    def _rank(self, f: str) -> int:
+        return self.files.index(f) if f in self.files else len(self.files)
+
+    def blame(self, key: str) -> str:
+        """The file to name in an error about ``key``: its own, else its closest table's."""
+        while key:
+            where = self.origin(key)
+            if where != DEFAULT_ORIGIN:
+                return where
+            key = key.rpartition(".")[0]
+        return self.files[-1] if self.files else "config"
+
+
+def _read_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return loads(text, path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    _build(Config, data, path)  # unknown keys and types, named by this file
+    return data
+
+
+def _forget(origins: dict[str, str], key: str) -> None:
+    for k in [k for k in origins if k == key or k.startswith(key + ".")]:
+        del origins[k]
+
+
+def _merge(into: dict[str, Any], over: dict[str, Any], origin: str, origins: dict[str, str], prefix: str = "") -> None:
+    for k, v in over.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            cur = into.get(k)
+            if not isinstance(cur, dict):
+                cur = into[k] = {}
+                _forget(origins, key)
+            _merge(cur, v, origin, origins, key)
+        else:
+            into[k] = v
+            _forget(origins, key)
+            origins[key] = origin
+
+
+def load_layers(path: str | None) -> LoadedConfig:
+    """The main file (``path``; None: the default path, which may be absent) merged with its drop-ins."""
+    main = path or DEFAULT_CONFIG_PATH
+    files = [main] if path is not None or os.path.exists(main) else []
+    files += dropin_files(main)
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for f in files:
+        _merge(merged, _read_file(f), f, origins)
+    loaded = LoadedConfig(Config(), files, origins)
+    where = "\0merged"  # replaced by the file that set the key an error is about
+    try:
+        loaded.config = validate(_build(Config, merged, where), where)
+    except ConfigError as e:
+        blamed = loaded.blame(e.key) if e.key else (files[-1] if files else "config")
+        raise ConfigError(blamed + e.message.removeprefix(where), e.key, e.detail) from None
+    return loaded
 
 
 # -- TOML output -------------------------------------------------------------------------
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A TOML literal of a config value (string, number, boolean or list of them)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -325,7 +437,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(v)  # pragma: no cover
 
 
@@ -402,8 +514,20 @@ DOCS: dict[str, str] = {
 }
 
 
-def dumps(cfg: Config, comments: bool = True) -> str:
-    """Render a config as TOML (every key, tables after plain keys), each key under its comment."""
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    # A sysctl name like net.ipv4.ping_group_range must be quoted, or TOML reads nested tables.
+    return k if _BARE_KEY.match(k) else toml_value(k)
+
+
+def dumps(cfg: Config, comments: bool = True, origin: Callable[[str], str] | None = None) -> str:
+    """Render a config as TOML (every key, tables after plain keys), each key under its comment.
+
+    With ``origin`` (dotted key -> where it came from, e.g. ``LoadedConfig.origin``) each key
+    line ends with ``# <origin>``.
+    """
     out: list[str] = []
 
     def comment(doc_key: str) -> None:
@@ -411,7 +535,8 @@ def dumps(cfg: Config, comments: bool = True) -> str:
         if doc:
             out.extend(f"# {line}" for line in doc.splitlines())
 
-    def table(obj: Any, name: str, doc_name: str, entries: bool, header_doc: str | None = None) -> None:
+    def table(obj: Any, name: str, doc_name: str, entries: bool, header_doc: str | None = None,
+              parts: tuple[str, ...] = ()) -> None:
         # obj: a config dataclass, or a dict that is a table of named entries (entries=True: each
         # value a dataclass, like runtime.handlers) or of plain values (like runtime.rlimits).
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -423,19 +548,20 @@ def dumps(cfg: Config, comments: bool = True) -> str:
         if name and (plain or not sub):
             out.append("")
             comment(doc_name if header_doc is None else header_doc)
-            out.append(f"[{name}]")
+            out.append(f"[{'.'.join(_toml_key(p) for p in parts)}]")
         for k, v in plain:
             if not entries and dataclasses.is_dataclass(obj):
                 comment(f"{doc_name}.{k}" if doc_name else k)
-            out.append(f"{k} = {_toml_value(v)}")
+            line = f"{_toml_key(k)} = {toml_value(v)}"
+            out.append(f"{line}  # {origin(f'{name}.{k}' if name else k)}" if origin else line)
         for i, (k, v) in enumerate(sub):
             key = f"{name}.{k}" if name else k
             if entries:  # a named entry: the first one carries its table's comment
-                table(v, key, f"{doc_name}.*", False, header_doc=doc_name if i == 0 else "")
+                table(v, key, f"{doc_name}.*", False, header_doc=doc_name if i == 0 else "", parts=(*parts, k))
             elif isinstance(v, dict) and v and all(dataclasses.is_dataclass(x) for x in v.values()):
-                table(v, key, key, True)
+                table(v, key, key, True, parts=(*parts, k))
             else:
-                table(v, key, key, False)
+                table(v, key, key, False, parts=(*parts, k))
 
     table(cfg, "", "", False)
     return "\n".join(out).lstrip("\n") + "\n"

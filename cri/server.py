@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 import grpc
 
@@ -17,6 +18,7 @@ from moorage.core.store import Store
 from moorage.cri import config as configmod
 from moorage.cri.edge import Edge
 from moorage.cri.metrics import METRICS
+from moorage.cri.reload import Reloader
 from moorage.cri.services import Component, build_services
 
 log = logging.getLogger("moorage.server")
@@ -71,8 +73,13 @@ def _prepare_socket(path: str) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: configmod.Config) -> None:
+    def __init__(self, cfg: configmod.Config, load: Callable[[], configmod.LoadedConfig] | None = None) -> None:
+        # load: reads the config files again on SIGHUP (None: SIGHUP only logs that it is ignored)
         self.cfg = cfg
+        self.load = load
+        self.reloader: Reloader | None = None
+        self._reload_pending = False
+        self._tasks: set[asyncio.Task[object]] = set()
         self.lock = DaemonLock(cfg.root_dir)
         self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
@@ -87,6 +94,8 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.cfg
+        # From the first moment: SIGHUP's default action would end the daemon during recovery.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
         self.lock.acquire()
         try:
             for d in (cfg.root_dir, cfg.state_dir):
@@ -94,6 +103,8 @@ class Daemon:
             self.store = Store(cfg.root_dir, cfg.namespace)
             services = build_services(cfg, self.store)
             self.components = services.components
+            if self.load is not None and services.reload_targets is not None:
+                self.reloader = Reloader(cfg, self.load, services.reload_targets)
             for comp in self.components:
                 await comp.start()
             _prepare_socket(cfg.socket)
@@ -115,12 +126,29 @@ class Daemon:
                 except OSError as e:
                     log.warning("metrics endpoint disabled: cannot listen on %s: %s", cfg.metrics.address, e.strerror)
             log.info("moorage ready", extra={"fields": {"socket": cfg.socket, "root": cfg.root_dir, "pid": os.getpid()}})
+            if self._reload_pending:
+                self.request_reload()
         except BaseException:
             await self._teardown()
             raise
 
     def request_stop(self) -> None:
         self._stop_event.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the config files and apply what can change on a running daemon."""
+        if self._stopping:
+            return
+        if self.server is None:  # still starting: reload once serving, so no edit is missed
+            self._reload_pending = True
+            return
+        self._reload_pending = False
+        if self.reloader is None:
+            log.warning("SIGHUP ignored: this daemon was started without config files to reload")
+            return
+        task: asyncio.Task[object] = asyncio.ensure_future(self.reloader.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,6 +160,8 @@ class Daemon:
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
+        if self._tasks:  # a reload in flight finishes before the parts it reconfigures stop
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace)  # refuses new calls, lets in-flight ones finish
         await self._teardown()
@@ -157,7 +187,7 @@ class Daemon:
         self.lock.release()
 
 
-async def run(cfg: configmod.Config) -> None:
-    d = Daemon(cfg)
+async def run(cfg: configmod.Config, load: Callable[[], configmod.LoadedConfig] | None = None) -> None:
+    d = Daemon(cfg, load)
     await d.start()
     await d.wait()

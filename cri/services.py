@@ -18,6 +18,7 @@ from moorage.cri.batches import Batching
 from moorage.cri.config import RuntimeConfig, rlimit_type
 from moorage.cri.image_service import ImageServicer
 from moorage.cri.metrics import METRICS
+from moorage.cri.reload import ReloadTargets
 from moorage.cri.rpc_stats import StatsRPCs
 from moorage.cri.rpc_streaming import StreamingRPCs
 from moorage.cri.runtime_service import RuntimeServicer
@@ -43,6 +44,7 @@ class Services:
     stats: StatsRPCs
     images: ImageServicer
     components: list[Component] = field(default_factory=list)  # in start order
+    reload_targets: ReloadTargets | None = None  # what a SIGHUP reconfigures
 
     def rpc_groups(self) -> dict[str, tuple[object, ...]]:
         """The servicers behind each CRI service, as ``Edge.service_handler`` takes them."""
@@ -127,4 +129,5 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
         stats=StatsRPCs(runtime, StatsCollector(runtime), batching),
         images=ImageServicer(images, batching),
         components=[images, runtime, streaming],
+        reload_targets=ReloadTargets(images=images, network=cni, runtime=runtime),
     )

@@ -342,6 +342,7 @@ class RegistryClient:
         self.trust_env = trust_env
         self._clients: dict[TLSSettings, httpx.AsyncClient] = {}
         self._auth: dict[str, _AuthState] = {}
+        self._retired: list[httpx.AsyncClient] = []  # replaced by reconfigure, closed once idle
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -351,8 +352,26 @@ class RegistryClient:
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
+        clients += self._retired
+        self._retired = []
         for c in clients:
             await c.aclose()
+
+    async def reconfigure(self, hosts_dir: str | None, insecure_hosts: Iterable[str], idle: bool) -> None:
+        """Use a new hosts config from now on (a daemon reload).
+
+        The connections are dropped too, so that CA and client certificate files are read
+        again; ``idle`` says no request is in flight, else the old connections are closed
+        at the next idle reconfigure or at ``aclose``.
+        """
+        self.hosts_dir = hosts_dir
+        self.insecure_hosts = tuple(insecure_hosts)
+        self._retired += self._clients.values()
+        self._clients = {}
+        if idle:
+            retired, self._retired = self._retired, []
+            for c in retired:
+                await c.aclose()
 
     # -- plumbing ---------------------------------------------------------------------
 

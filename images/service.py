@@ -140,6 +140,15 @@ class ImageService:
     async def stop(self) -> None:
         await self.client.aclose()
 
+    async def reconfigure_registries(self, hosts_dir: str, insecure_registries: Sequence[str]) -> None:
+        """Re-read the registry hosts config (a daemon reload): hosts.toml, certificates, insecure hosts.
+
+        Pulls in flight finish with what they resolved; the next request uses the new config.
+        """
+        self.s.hosts_dir = hosts_dir
+        self.s.insecure_registries = list(insecure_registries)
+        await self.client.reconfigure(hosts_dir, self.s.insecure_registries, idle=not self._pulls)
+
     # -- lookup ---------------------------------------------------------------------------
 
     def _lookup(self, ref: str) -> ImageRecord | None:

@@ -20,7 +20,7 @@ from moorage.runtime.container import Containers
 from moorage.runtime.context import RuntimeContext, RuntimeSettings
 from moorage.runtime.events import EventHub
 from moorage.runtime.model import ContainerConfig, LinuxContainerResources, PodSandboxConfig
-from moorage.runtime.oci import OCIRuntimeAPI
+from moorage.runtime.oci import OCIRuntime, OCIRuntimeAPI
 from moorage.runtime.ports import ImageProvider, PodNetwork
 from moorage.runtime.records import Container, ContainerState, Sandbox, SandboxState
 from moorage.runtime.sandbox import Sandboxes
@@ -70,6 +70,13 @@ class Runtime:
     def images_in_use(self) -> set[str]:
         """Ids of the images containers were created from (image GC keeps them)."""
         return {c.metadata.image_ref for c in self.ctx.containers.values()}
+
+    def set_log_level(self, level: str) -> None:
+        """conmon's log level for containers created from now on (a daemon reload)."""
+        self.ctx.s.log_level = level
+        for rt in self.ctx.runtimes.values():
+            if isinstance(rt, OCIRuntime):
+                rt.log_level = level.lower()
 
     def capture_pod(self, sandbox_id: str) -> tuple[Sandbox | None, tuple[Container, ...]]:
         """Read-only snapshots of a sandbox and of its listable containers, now."""
