@@ -88,7 +88,7 @@ def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
         infra_binary=cfg.runtime.infra_binary, cgroup_driver=cfg.runtime.cgroup_driver,
         default_cgroup_parent=cfg.runtime.default_cgroup_parent, netns_dir=cfg.netns_dir,
         log_level=cfg.log_level, exec_sync_max_output=cfg.runtime.exec_sync_max_output,
-        spec=runtime_spec_config(cfg.runtime),
+        spec=runtime_spec_config(cfg.runtime), disabled_features=tuple(cfg.runtime.disabled_features),
     )
 
 

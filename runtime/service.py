@@ -19,6 +19,7 @@ from moorage.core.store import Store
 from moorage.runtime.container import Containers
 from moorage.runtime.context import RuntimeContext, RuntimeSettings
 from moorage.runtime.events import EventHub
+from moorage.runtime.features import FeatureProbe
 from moorage.runtime.model import ContainerConfig, LinuxContainerResources, PodSandboxConfig
 from moorage.runtime.oci import OCIRuntimeAPI
 from moorage.runtime.ports import ImageProvider, PodNetwork
@@ -62,6 +63,11 @@ class Runtime:
     @property
     def containers(self) -> dict[str, Container]:
         return self.ctx.containers
+
+    @property
+    def features(self) -> FeatureProbe:
+        """What each runtime handler can do (probed once): the features Status advertises."""
+        return self.ctx.features
 
     def oci(self, handler: str) -> OCIRuntimeAPI:
         """The OCI runtime adapter of ``handler`` (exec and attach sessions use it directly)."""

@@ -261,6 +261,8 @@ class HostLookups:
     #: ``linux.cgroupsPath`` (None: it can).  The kubelet sends hugepage limits for every
     #: container; runc fails on a host without the controller.
     hugetlb_missing: Callable[[str], str | None] = _cgroups.hugetlb_missing
+    #: Is SELinux enabled on this host (selinuxfs mounted)?  Decides what Mount.selinux_relabel means.
+    selinux_active: Callable[[], bool] = lambda: os.path.exists("/sys/fs/selinux/enforce")
 
 
 @dataclass(frozen=True)
@@ -951,6 +953,32 @@ def container_env(
     return env
 
 
+#: CRI ``Mount.mount_options`` a bind mount takes, each with the option it contradicts.  They are
+#: per-mount flags runc and crun apply by remounting the bind (the recursive ``r*`` forms and
+#: filesystem data options make no sense for a kubelet volume); anything else is refused.
+BIND_MOUNT_OPTIONS: dict[str, str] = {
+    "ro": "rw", "rw": "ro", "nosuid": "suid", "suid": "nosuid", "nodev": "dev", "dev": "nodev",
+    "noexec": "exec", "exec": "noexec", "noatime": "atime", "atime": "noatime",
+    "nodiratime": "diratime", "diratime": "nodiratime", "relatime": "norelatime", "norelatime": "relatime",
+    "strictatime": "nostrictatime", "nostrictatime": "strictatime", "nosymfollow": "symfollow",
+    "symfollow": "nosymfollow",
+}
+
+
+def _bind_mount_options(m: Mount, dest: str) -> tuple[bool, list[str]]:
+    """(read-only, the extra OCI options) of a CRI mount's ``mount_options``, checked."""
+    wanted = list(dict.fromkeys(o.strip() for o in m.mount_options))
+    for o in wanted:
+        if o not in BIND_MOUNT_OPTIONS:
+            raise InvalidArgument(f"mount at {dest}: unknown mount option {o!r}; a bind mount takes "
+                                  f"{', '.join(sorted(BIND_MOUNT_OPTIONS))}")
+        if BIND_MOUNT_OPTIONS[o] in wanted:
+            raise InvalidArgument(f"mount at {dest}: mount options {o!r} and {BIND_MOUNT_OPTIONS[o]!r} contradict")
+    if "rw" in wanted and (m.readonly or m.recursive_read_only):
+        raise InvalidArgument(f"mount at {dest}: mount option 'rw' contradicts readonly: true")
+    return m.readonly or "ro" in wanted, [o for o in wanted if o not in ("ro", "rw")]
+
+
 def _cri_mount(m: Mount, host: HostLookups) -> dict:
     dest = _clean_abs(m.container_path, "mount container path")
     if not m.host_path:
@@ -974,11 +1002,18 @@ def _cri_mount(m: Mount, host: HostLookups) -> dict:
             raise InvalidArgument(f"recursive read-only mount at {dest} must also be read-only")
         if m.propagation != "private":
             raise InvalidArgument(f"recursive read-only mount at {dest} needs private propagation")
+    if m.selinux_relabel and host.selinux_active():
+        # Where SELinux is off, relabeling is a no-op (as in containerd, whose relabel does nothing
+        # then); where it is on, a volume left unlabeled would be denied inside: say so now.
+        raise FailedPrecondition(f"mount at {dest} asks for an SELinux relabel of {src}, but moorage does not "
+                                 "relabel mount sources; label it container_file_t beforehand")
+    readonly, extra = _bind_mount_options(m, dest)
     options = ["rbind", "r" + m.propagation if m.propagation == "private" else m.propagation]
     if m.recursive_read_only:
         options.append("rro")
     else:
-        options.append("ro" if m.readonly else "rw")
+        options.append("ro" if readonly else "rw")
+    options.extend(extra)
     out: dict = {"destination": dest, "type": "bind", "source": src, "options": options}
     if m.uid_mappings or m.gid_mappings:
         out["uidMappings"] = _id_mappings(m.uid_mappings)
