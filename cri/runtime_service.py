@@ -114,6 +114,13 @@ class RuntimeServicer:
         await self.rt.remove_sandbox(request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
 
+    async def UpdatePodSandboxResources(self, request: pb.UpdatePodSandboxResourcesRequest,
+                                        context: Ctx) -> pb.UpdatePodSandboxResourcesResponse:
+        overhead = convert.resources(request.overhead) if request.HasField("overhead") else None
+        resources = convert.resources(request.resources) if request.HasField("resources") else None
+        await self.rt.update_sandbox_resources(request.pod_sandbox_id, overhead, resources)
+        return pb.UpdatePodSandboxResourcesResponse()
+
     def _sandbox_status(self, rec: Sandbox) -> pb.PodSandboxStatus:
         meta, st = rec.metadata, rec.status
         cfg = meta.config

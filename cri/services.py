@@ -125,6 +125,6 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
         runtime=RuntimeServicer(cfg, runtime=runtime, network=cni, batching=batching),
         streaming=StreamingRPCs(runtime, streaming),
         stats=StatsRPCs(runtime, StatsCollector(runtime), batching),
-        images=ImageServicer(images, batching),
+        images=ImageServicer(images, batching, handlers=tuple(cfg.runtime.handlers)),
         components=[images, runtime, streaming],
     )

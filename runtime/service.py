@@ -115,6 +115,10 @@ class Runtime:
         finally:
             self.ctx.removing_sandboxes.discard(rec.id)
 
+    async def update_sandbox_resources(self, sid: str, overhead: LinuxContainerResources | None,
+                                       resources: LinuxContainerResources | None) -> None:
+        await self.sandbox_ops.update_resources(self.ctx.get_sandbox(sid), overhead, resources)
+
     def sandbox_status(self, sid: str, verbose: bool = False) -> tuple[Sandbox, dict[str, str]]:
         return self.sandbox_ops.status(sid, verbose)
 

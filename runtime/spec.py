@@ -61,6 +61,12 @@ ANN_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 ANN_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 ANN_SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"
 ANN_SANDBOX_LOG_DIR = "io.kubernetes.cri.sandbox-log-directory"
+# The pod-level resources the kubelet sends (LinuxPodSandboxConfig.resources), as containerd passes
+# them to the infra spec: VM-based runtimes size the VM from these; runc and crun ignore them.
+ANN_SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+ANN_SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+ANN_SANDBOX_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
+ANN_SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
 ANN_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 ANN_IMAGE_NAME = "io.kubernetes.cri.image-name"
 
@@ -758,6 +764,23 @@ def _resources_with_devices(res: dict, device_rules: list[dict]) -> dict:
 # --- sandbox ------------------------------------------------------------------------
 
 
+def pod_resource_annotations(overhead: LinuxContainerResources | None,
+                             resources: LinuxContainerResources | None) -> dict[str, str]:
+    """The infra spec's sizing annotations from the pod-level ``resources``; both are checked.
+
+    The pod's cgroup is the kubelet's (it writes the pod limits, overhead included, on the
+    cgroup parent before RunPodSandbox and before UpdatePodSandboxResources): like containerd,
+    moorage only records these and passes ``resources`` on, and the infra keeps its own small
+    ``sandbox_cpu_shares``.
+    """
+    linux_resources(overhead)  # INVALID_ARGUMENT on a negative value, as for a container
+    linux_resources(resources)
+    if resources is None:
+        return {}
+    return {ANN_SANDBOX_CPU_PERIOD: str(resources.cpu_period), ANN_SANDBOX_CPU_QUOTA: str(resources.cpu_quota),
+            ANN_SANDBOX_CPU_SHARES: str(resources.cpu_shares), ANN_SANDBOX_MEMORY: str(resources.memory_limit_in_bytes)}
+
+
 def build_sandbox_spec(
     cfg: PodSandboxConfig,
     *,
@@ -888,6 +911,8 @@ def build_sandbox_spec(
 
     md = cfg.metadata
     annotations = _filter_annotations(cfg.annotations, runtime_cfg.pod_annotations, only_allowed=True)
+    annotations.update(pod_resource_annotations(linux.overhead if linux else None,
+                                                linux.resources if linux else None))
     annotations.update(
         {
             ANN_CONTAINER_TYPE: "sandbox",

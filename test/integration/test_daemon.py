@@ -31,7 +31,8 @@ def test_status_conditions_and_verbose_config(daemon):
     st = daemon.runtime.Status(pb.StatusRequest(verbose=True))
     cfg = json.loads(st.info["config"])
     assert cfg["socket"] == daemon.socket and cfg["root_dir"] == daemon.root
-    assert {h.name for h in st.runtime_handlers} == {"runc", "crun"}
+    # "" is the default handler (runc), listed as the kubelet expects.
+    assert {h.name for h in st.runtime_handlers} == {"", "runc", "crun"}
 
 
 def test_unbuilt_rpc_is_unimplemented_by_name(daemon):
