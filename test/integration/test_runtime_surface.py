@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def test_status_advertises_features_per_handler_including_the_default(env):
     assert why["handlers"]["crun"]["recursive_read_only_mounts"].startswith("unavailable (")
     assert "id-map" in why["handlers"][""]["user_namespaces"]
     assert why["runtime"]["mount_options"].startswith("available")
+
+
+def test_check_lists_each_feature_with_its_state():
+    cli = os.path.join(os.path.dirname(sys.executable), "moorage")
+    out = subprocess.run([cli, "check"], capture_output=True, text=True, timeout=60).stdout
+    lines = out.split("CRI features", 1)[1].splitlines()
+
+    def state(label: str) -> str:
+        return next(line for line in lines if line.strip().startswith(label)).split(None, len(label.split()))[-1]
+
+    assert state('recursive_read_only_mounts [handler runc]').startswith("available (runc")
+    assert state('recursive_read_only_mounts [handler crun]').startswith("unavailable (")
+    assert "id-map" in state('user_namespaces [handler "" (default: runc)]')
+    assert state("mount_options").startswith("available")
 
 
 def test_recursive_read_only_mount_makes_nested_mounts_read_only(env, tmp_path):
