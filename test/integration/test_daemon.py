@@ -97,7 +97,10 @@ def test_bad_config_names_the_key(tmp_path):
 
 def test_check_reports_every_item_ok():
     p = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "check"], capture_output=True, text=True, timeout=60)
-    lines = p.stdout.strip().splitlines()
+    # The dependency items; the CRI features follow them (informational, see test_runtime_surface).
+    deps, _, feats = p.stdout.partition("\nCRI features")
+    assert "mount_options" in feats
+    lines = deps.strip().splitlines()
     labels = " ".join(lines)
     for item in ("runc", "crun", "conmon", "catatonit", "CNI plugins", "overlayfs", "cgroups", "namespaces", "iptables"):
         assert item in labels
