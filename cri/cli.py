@@ -123,12 +123,33 @@ def _hugetlb_item(cfg: configmod.Config) -> tuple[str, bool, str]:
                           "runtime.tolerate_missing_hugetlb_controller = true")
 
 
+def _feature_lines(cfg: configmod.Config) -> list[tuple[str, str]]:
+    """(label, state and why) of every CRI feature Status advertises, as the daemon computes them."""
+    from moorage.runtime import features
+
+    rt = cfg.runtime
+    report = features.compute({n: h.path for n, h in rt.handlers.items()}, rt.default_handler,
+                              rt.disabled_features)
+    out: list[tuple[str, str]] = []
+    for name, h in sorted(report.handlers.items()):
+        where = f"handler {name}" if name else f"handler \"\" (default: {rt.default_handler})"
+        out.extend((f"{f.name} [{where}]", f.describe()) for f in h.features())
+    out.extend((f.name, f.describe()) for f in report.runtime_features())
+    return out
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = configmod.load(args.config)
     items = _check_items(cfg)
     width = max(len(label) for label, _, _ in items)
     for label, ok, hint in items:
         print(f"{'ok     ' if ok else 'missing'}  {label.ljust(width)}  {hint}")
+    # Informational: a feature this host lacks is not advertised, and the daemon still works.
+    feats = _feature_lines(cfg)
+    print("\nCRI features (advertised in Status only when available):")
+    fwidth = max(len(label) for label, _ in feats)
+    for label, state in feats:
+        print(f"  {label.ljust(fwidth)}  {state}")
     return 0 if all(ok for _, ok, _ in items) else 1
 
 

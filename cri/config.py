@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moorage.core.errors import InvalidArgument
+from moorage.runtime import features as featuresmod
 from moorage.runtime import spec as specmod
 
 DEFAULT_CONFIG_PATH = "/etc/moorage/config.toml"
@@ -68,6 +69,7 @@ class RuntimeConfig:
     pod_annotations: list[str] = field(default_factory=list)
     disable_hugetlb_controller: bool = False
     tolerate_missing_hugetlb_controller: bool = True
+    disabled_features: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -292,6 +294,9 @@ def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
                f"unknown rlimit; use one of {', '.join(t.removeprefix('RLIMIT_') for t in RLIMIT_TYPES)}")
         _check(where, key, len(pair) == 2 and 0 <= pair[0] <= pair[1],
                f"must be [soft, hard] with 0 <= soft <= hard, got {pair!r}")
+    for i, name in enumerate(rt.disabled_features):
+        _check(where, f"runtime.disabled_features[{i}]", name in featuresmod.ALL_FEATURES,
+               f"unknown feature {name!r}; use one of {', '.join(featuresmod.ALL_FEATURES)}")
     for key in ("allowed_annotations", "pod_annotations"):
         for i, pat in enumerate(getattr(rt, key)):
             _check(where, f"runtime.{key}[{i}]", bool(pat.strip()), "must be a non-empty glob pattern")
@@ -481,6 +486,10 @@ DOCS: dict[str, str] = {
     "runtime.tolerate_missing_hugetlb_controller":
         "Where the hugetlb cgroup controller is not usable: drop hugepage limits (true, logged once)\n"
         "or refuse such containers with FAILED_PRECONDITION (false).",
+    "runtime.disabled_features":
+        "CRI features never advertised in Status even where this node has them (`moorage check` lists them):\n"
+        "recursive_read_only_mounts, user_namespaces, supplemental_groups_policy, mount_options,\n"
+        "user_namespaces_host_network.",
     "images": "Image pulls and storage.",
     "images.snapshotter": "overlayfs | native (copying fallback where overlayfs is missing).",
     "images.registry_config_path": "hosts.toml and certificates per registry (<path>/<host>/...).",

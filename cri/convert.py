@@ -37,15 +37,12 @@ IGNORED: dict[str, str] = {
     "LinuxSandboxSecurityContext.seccomp_profile_path": "deprecated by the CRI for seccomp (mapped); not supported",
     "ContainerConfig.windows": _WINDOWS,
     "ContainerConfig.CDI_devices": "CDI devices: " + _NOT_YET,
-    "ContainerConfig.stop_signal": "per-container stop signal: " + _NOT_YET
-                                   + "; the image's StopSignal (else SIGTERM) is used",
     "ContainerConfig.image.annotations": "annotations of the container's image spec: " + _NOT_YET,
     "ContainerConfig.image.runtime_handler": "per-image runtime handler: " + _NOT_YET
                                              + "; the pod's runtime handler runs the container",
     "ContainerConfig.image.image_ref": "an output field (ContainerStatus of image volumes), not read from requests",
     "LinuxContainerSecurityContext.apparmor_profile": "deprecated by the CRI for apparmor (mapped); not supported",
     "LinuxContainerSecurityContext.seccomp_profile_path": "deprecated by the CRI for seccomp (mapped); not supported",
-    "Mount.mount_options": "extra mount options: " + _NOT_YET,
 }
 
 _hints = modelio.hints
@@ -124,6 +121,11 @@ def _paths_or_default(attr: str) -> Callable[[Message], list[str] | None]:
     return get
 
 
+def _stop_signal(m: pb.ContainerConfig) -> str:
+    # SIGNAL_RUNTIME_DEFAULT → "" (the image's StopSignal decides); SIGNAL_SIGUSR1 → "SIGUSR1".
+    return "" if m.stop_signal == pb.SIGNAL_RUNTIME_DEFAULT else pb.Signal.Name(m.stop_signal).removeprefix("SIGNAL_")
+
+
 def _envs(m: pb.ContainerConfig) -> list[tuple[str, str]]:
     return [(kv.key, kv.value.decode("utf-8", errors="replace")) for kv in m.envs]
 
@@ -135,6 +137,7 @@ _SPECIAL: dict[tuple[type, str], tuple[Callable[[Any], Any], tuple[str, ...]]] =
     (model.ContainerConfig, "user_specified_image"): (lambda m: m.image.user_specified_image,
                                                       ("image.user_specified_image",)),
     (model.ContainerConfig, "envs"): (_envs, ("envs.key", "envs.value")),
+    (model.ContainerConfig, "stop_signal"): (_stop_signal, ("stop_signal",)),
     (model.LinuxContainerSecurityContext, "masked_paths"): (_paths_or_default("masked_paths"), ("masked_paths",)),
     (model.LinuxContainerSecurityContext, "readonly_paths"): (_paths_or_default("readonly_paths"),
                                                               ("readonly_paths",)),

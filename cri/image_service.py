@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeAlias
 
 import grpc
 
+from moorage.core.errors import InvalidArgument
 from moorage.core.store import ImageRecord
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
@@ -17,10 +19,16 @@ from moorage.images.service import ImageService
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
 
 
+log = logging.getLogger("moorage.images")
+
+
 class ImageServicer:
-    def __init__(self, images: ImageService, batching: Batching | None = None) -> None:
+    def __init__(self, images: ImageService, batching: Batching | None = None,
+                 handlers: Collection[str] = ()) -> None:
         self.images = images
         self.batching = batching or Batching()
+        #: Configured runtime handlers: a pull may name one (``ImageSpec.runtime_handler``).
+        self.handlers = frozenset(handlers)
 
     @staticmethod
     def _image(rec: ImageRecord) -> pb.Image:
@@ -54,6 +62,17 @@ class ImageServicer:
         return pb.ImageStatusResponse(image=self._image(rec), info=info)
 
     async def PullImage(self, request: pb.PullImageRequest, context: Ctx) -> pb.PullImageResponse:
+        # A handler has no snapshotter or platform of its own in moorage, so a known one pulls as
+        # usual; an unknown one is refused as RunPodSandbox refuses it.
+        handler = request.image.runtime_handler
+        if handler and self.handlers and handler not in self.handlers:
+            raise InvalidArgument(f"unknown runtime handler {handler!r} for the pull of {request.image.image!r}; "
+                                  f"configured handlers: {', '.join(sorted(self.handlers))}")
+        if request.HasField("sandbox_config"):
+            # Only for the log: the pod the kubelet pulls for (the image store is node-wide).
+            md = request.sandbox_config.metadata
+            log.info("pulling image for pod", extra={"fields": {"image": request.image.image, "pod": md.name,
+                                                                "namespace": md.namespace, "handler": handler}})
         a = request.auth
         creds = Credentials(username=a.username, password=a.password, auth=a.auth, server_address=a.server_address,
                             identity_token=a.identity_token, registry_token=a.registry_token)

@@ -68,10 +68,22 @@ class RuntimeServicer:
         info = {}
         if request.verbose:
             info["config"] = json.dumps(configmod.as_dict(self.cfg), sort_keys=True)
-        handlers = [pb.RuntimeHandler(name=n, features=pb.RuntimeHandlerFeatures())
-                    for n in sorted(self.cfg.runtime.handlers)]
+        report = await self.rt.features.areport()  # probed once, then cached
+        # "" is the default handler: the kubelet looks it up for pods without a RuntimeClass.
+        handlers = [pb.RuntimeHandler(name=h.name, features=pb.RuntimeHandlerFeatures(
+                        recursive_read_only_mounts=h.recursive_read_only_mounts.advertised,
+                        user_namespaces=h.user_namespaces.advertised))
+                    for _, h in sorted(report.handlers.items())]
+        features = pb.RuntimeFeatures(
+            supplemental_groups_policy=report.supplemental_groups_policy.advertised,
+            user_namespaces_host_network=report.user_namespaces_host_network.advertised,
+            mount_options=report.mount_options.advertised)
+        if request.verbose:
+            info["features"] = json.dumps({
+                "handlers": {n: {f.name: f.describe() for f in h.features()} for n, h in report.handlers.items()},
+                "runtime": {f.name: f.describe() for f in report.runtime_features()}}, sort_keys=True)
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
-                                 runtime_handlers=handlers, features=pb.RuntimeFeatures())
+                                 runtime_handlers=handlers, features=features)
 
     async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context: Ctx) -> pb.RuntimeConfigResponse:
         driver = pb.SYSTEMD if self.cfg.runtime.cgroup_driver == "systemd" else pb.CGROUPFS
@@ -101,6 +113,13 @@ class RuntimeServicer:
     async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context: Ctx) -> pb.RemovePodSandboxResponse:
         await self.rt.remove_sandbox(request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
+
+    async def UpdatePodSandboxResources(self, request: pb.UpdatePodSandboxResourcesRequest,
+                                        context: Ctx) -> pb.UpdatePodSandboxResourcesResponse:
+        overhead = convert.resources(request.overhead) if request.HasField("overhead") else None
+        resources = convert.resources(request.resources) if request.HasField("resources") else None
+        await self.rt.update_sandbox_resources(request.pod_sandbox_id, overhead, resources)
+        return pb.UpdatePodSandboxResourcesResponse()
 
     def _sandbox_status(self, rec: Sandbox) -> pb.PodSandboxStatus:
         meta, st = rec.metadata, rec.status

@@ -90,7 +90,7 @@ def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
         infra_binary=cfg.runtime.infra_binary, cgroup_driver=cfg.runtime.cgroup_driver,
         default_cgroup_parent=cfg.runtime.default_cgroup_parent, netns_dir=cfg.netns_dir,
         log_level=cfg.log_level, exec_sync_max_output=cfg.runtime.exec_sync_max_output,
-        spec=runtime_spec_config(cfg.runtime),
+        spec=runtime_spec_config(cfg.runtime), disabled_features=tuple(cfg.runtime.disabled_features),
     )
 
 
@@ -127,7 +127,7 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
         runtime=RuntimeServicer(cfg, runtime=runtime, network=cni, batching=batching),
         streaming=StreamingRPCs(runtime, streaming),
         stats=StatsRPCs(runtime, StatsCollector(runtime), batching),
-        images=ImageServicer(images, batching),
+        images=ImageServicer(images, batching, handlers=tuple(cfg.runtime.handlers)),
         components=[images, runtime, streaming],
         reload_targets=ReloadTargets(images=images, network=cni, runtime=runtime),
     )

@@ -149,7 +149,8 @@ class Containers:
             id=cid, name=name, sandbox_id=sb.id, created_at=now_ns(), config=copy.deepcopy(cfg),
             image_ref=image.id, image_name=cfg.image, log_path=log_path,
             runtime_handler=sb.metadata.runtime_handler, snapshot_key=cid,
-            stop_signal=ImageConfig.from_oci(image.config).stop_signal,
+            # The container's own stop signal overrides the image's STOPSIGNAL (as containerd).
+            stop_signal=cfg.stop_signal or ImageConfig.from_oci(image.config).stop_signal,
         )
         self._check_sandbox_accepts(sb)  # removed or stopped while we waited to run
         rec = self.ctx.add_container(meta, ContainerStatus(phase=ContainerPhase.CREATING))  # reserves the name
@@ -221,10 +222,23 @@ class Containers:
             shm_path=sb.metadata.shm_path or None, target_pid=target_pid, hostname=sb.metadata.hostname or None,
             host=self.ctx.host,
         )
+        await self._check_handler_features(cfg, sb.metadata.runtime_handler)
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(restrict_oom_score_adj(c_spec), f)
         user = ContainerUser(uid=uid, gid=gid, additional_gids=list(gids))
         rec.update(lambda s: replace(s, phase=None, user=user))
+
+    async def _check_handler_features(self, cfg: ContainerConfig, handler: str) -> None:
+        """Refuse what the pod's handler does not advertise, rather than let the OCI runtime fail
+        obscurely (or, worse, quietly mount read-write what was asked read-only)."""
+        rro = [m.container_path for m in cfg.mounts if m.recursive_read_only]
+        if not rro:
+            return
+        feats = (await self.ctx.features.areport()).handler(handler or self.ctx.s.default_handler)
+        if feats is None or not feats.recursive_read_only_mounts.advertised:
+            why = feats.recursive_read_only_mounts.describe() if feats else "unknown handler"
+            raise FailedPrecondition(f"recursive read-only mount at {rro[0]}: runtime handler {handler!r} "
+                                     f"cannot make one: {why}")
 
     # -- image volumes (CRI Mount.image) ---------------------------------------------------------
 

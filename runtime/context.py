@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
 from moorage.core.store import Store
+from moorage.runtime import features as featuresmod
 from moorage.runtime import oci as ocimod
 from moorage.runtime import records
 from moorage.runtime.events import EventHub
@@ -55,6 +56,8 @@ class RuntimeSettings:
     log_level: str = "info"
     exec_sync_max_output: int = 16 * 1024 * 1024
     spec: RuntimeSpecConfig = field(default_factory=RuntimeSpecConfig)
+    #: Features never advertised (runtime/features.py names), e.g. to work around a kubelet.
+    disabled_features: tuple[str, ...] = ()
 
 
 def error_text(exc: BaseException) -> str:
@@ -92,6 +95,9 @@ class RuntimeContext:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._exit_events: dict[str, asyncio.Event] = {}
         self.background: set[asyncio.Task[None]] = set()
+        #: What each handler can do (probed once, on first use).
+        self.features = featuresmod.FeatureProbe(settings.handlers, settings.default_handler,
+                                                 settings.disabled_features)
         for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):
             os.makedirs(d, mode=0o711, exist_ok=True)
 

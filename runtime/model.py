@@ -106,6 +106,8 @@ class Mount:
     image: ImageSpec | None = None
     #: A path inside the image volume to mount instead of its root (relative, no ``..``).
     image_sub_path: str = ""
+    #: Extra bind-mount flags (``noexec``, ``nosuid``, ...); see ``spec.BIND_MOUNT_OPTIONS``.
+    mount_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -279,6 +281,8 @@ class ContainerConfig:
     stdin_once: bool = False
     tty: bool = False
     linux: LinuxContainerConfig | None = None
+    #: Signal that stops the container, e.g. "SIGUSR1" ("" = the image's StopSignal, else SIGTERM).
+    stop_signal: str = ""
 
 
 @dataclass

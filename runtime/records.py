@@ -157,6 +157,10 @@ class SandboxStatus:
     additional_ips: tuple[str, ...] = ()
     reason: str = ""
     message: str = ""
+    #: Pod-level overhead and resources set by UpdatePodSandboxResources (when ``resources_updated``).
+    overhead: LinuxContainerResources | None = None
+    resources: LinuxContainerResources | None = None
+    resources_updated: bool = False
 
 
 # --- containers -----------------------------------------------------------------------------
@@ -275,6 +279,13 @@ class Sandbox(Record[SandboxMeta, SandboxStatus]):
     def snapshot(self) -> Sandbox:
         """A read-only copy of the record as it is now (cheap: both halves are immutable)."""
         return Sandbox(self._metadata, self._status, None)
+
+    def pod_resources(self) -> tuple[LinuxContainerResources | None, LinuxContainerResources | None]:
+        """(overhead, resources) of the pod: the last UpdatePodSandboxResources, else as configured."""
+        linux = self._metadata.config.linux
+        if self._status.resources_updated:
+            return self._status.overhead, self._status.resources
+        return (linux.overhead, linux.resources) if linux else (None, None)
 
 
 class Container(Record[ContainerMeta, ContainerStatus]):

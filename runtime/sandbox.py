@@ -25,7 +25,7 @@ from moorage.core.network import Bandwidth, DNSConfig, PortMapping
 from moorage.core.store import now_ns
 from moorage.runtime import events, podfiles, spec
 from moorage.runtime.context import RuntimeContext, error_text
-from moorage.runtime.model import PodSandboxConfig
+from moorage.runtime.model import LinuxContainerResources, PodSandboxConfig
 from moorage.runtime.modelio import to_plain
 from moorage.runtime.oom import restrict_oom_score_adj
 from moorage.runtime.ports import PodNetwork
@@ -70,6 +70,8 @@ class Sandboxes:
             raise InvalidArgument(f"pod sandbox metadata is missing {', '.join(missing)}")
         handler = handler or self.ctx.s.default_handler
         self.ctx.oci(handler)  # unknown handler: INVALID_ARGUMENT before anything is made
+        if cfg.linux:
+            spec.pod_resource_annotations(cfg.linux.overhead, cfg.linux.resources)  # likewise bad pod resources
         name = sandbox_name(cfg)
         return await self.ctx.dedup(name, lambda: self._run(cfg, name, handler))
 
@@ -248,6 +250,26 @@ class Sandboxes:
             remove_tree(self.ctx.sandbox_root(sid))
             self.ctx.forget_sandbox(sid)
 
+    # -- UpdatePodSandboxResources ------------------------------------------------------------
+
+    async def update_resources(self, rec: Sandbox, overhead: LinuxContainerResources | None,
+                               resources: LinuxContainerResources | None) -> None:
+        """Record the pod-level resources the kubelet has just written on the pod's cgroup.
+
+        As containerd: nothing on the host changes (the pod cgroup is the kubelet's, the infra
+        keeps its own shares); the new values are kept for PodSandboxStatus and recovery.  The
+        same request twice writes once.
+        """
+        spec.pod_resource_annotations(overhead, resources)  # INVALID_ARGUMENT before anything changes
+        async with self.ctx.lock(rec.id):
+            if self.ctx.sandboxes.get(rec.id) is not rec:
+                raise NotFound(f"pod sandbox {rec.id} not found (it was removed)")
+            if rec.status.resources_updated and rec.pod_resources() == (overhead, resources):
+                return
+            rec.update(lambda s: replace(s, overhead=copy.deepcopy(overhead), resources=copy.deepcopy(resources),
+                                         resources_updated=True))
+        log.info("pod sandbox resources updated", extra={"fields": {"id": rec.id}})
+
     # -- status and list ----------------------------------------------------------------------
 
     def status(self, sid: str, verbose: bool = False) -> tuple[Sandbox, dict[str, str]]:
@@ -261,9 +283,11 @@ class Sandboxes:
             except (OSError, ValueError):
                 runtime_spec = None
             meta, st = rec.metadata, rec.status
+            overhead, resources = rec.pod_resources()
             info["info"] = json.dumps({
                 "pid": st.pid, "netNamespacePath": st.netns_path, "runtimeHandler": meta.runtime_handler,
                 "cgroupParent": meta.cgroup_parent, "config": to_plain(meta.config), "runtimeSpec": runtime_spec,
+                "overhead": _plain_or_none(overhead), "resources": _plain_or_none(resources),
                 "image": self.ctx.s.infra_binary,
             })
         return rec, info
@@ -317,6 +341,10 @@ class Sandboxes:
                 task = asyncio.ensure_future(cni_release_orphans(net, sorted(orphans)))
                 self.ctx.background.add(task)
                 task.add_done_callback(self.ctx.background.discard)
+
+
+def _plain_or_none(res: LinuxContainerResources | None) -> dict | None:
+    return to_plain(res) if res is not None else None
 
 
 def cni_port_mappings(cfg: PodSandboxConfig) -> list[PortMapping]:

@@ -19,6 +19,7 @@ from moorage.core.store import Store
 from moorage.runtime.container import Containers
 from moorage.runtime.context import RuntimeContext, RuntimeSettings
 from moorage.runtime.events import EventHub
+from moorage.runtime.features import FeatureProbe
 from moorage.runtime.model import ContainerConfig, LinuxContainerResources, PodSandboxConfig
 from moorage.runtime.oci import OCIRuntime, OCIRuntimeAPI
 from moorage.runtime.ports import ImageProvider, PodNetwork
@@ -62,6 +63,11 @@ class Runtime:
     @property
     def containers(self) -> dict[str, Container]:
         return self.ctx.containers
+
+    @property
+    def features(self) -> FeatureProbe:
+        """What each runtime handler can do (probed once): the features Status advertises."""
+        return self.ctx.features
 
     def oci(self, handler: str) -> OCIRuntimeAPI:
         """The OCI runtime adapter of ``handler`` (exec and attach sessions use it directly)."""
@@ -115,6 +121,10 @@ class Runtime:
             await self.sandbox_ops.remove(rec)
         finally:
             self.ctx.removing_sandboxes.discard(rec.id)
+
+    async def update_sandbox_resources(self, sid: str, overhead: LinuxContainerResources | None,
+                                       resources: LinuxContainerResources | None) -> None:
+        await self.sandbox_ops.update_resources(self.ctx.get_sandbox(sid), overhead, resources)
 
     def sandbox_status(self, sid: str, verbose: bool = False) -> tuple[Sandbox, dict[str, str]]:
         return self.sandbox_ops.status(sid, verbose)

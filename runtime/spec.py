@@ -61,6 +61,12 @@ ANN_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
 ANN_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 ANN_SANDBOX_UID = "io.kubernetes.cri.sandbox-uid"
 ANN_SANDBOX_LOG_DIR = "io.kubernetes.cri.sandbox-log-directory"
+# The pod-level resources the kubelet sends (LinuxPodSandboxConfig.resources), as containerd passes
+# them to the infra spec: VM-based runtimes size the VM from these; runc and crun ignore them.
+ANN_SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+ANN_SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+ANN_SANDBOX_CPU_SHARES = "io.kubernetes.cri.sandbox-cpu-shares"
+ANN_SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
 ANN_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 ANN_IMAGE_NAME = "io.kubernetes.cri.image-name"
 
@@ -261,6 +267,8 @@ class HostLookups:
     #: ``linux.cgroupsPath`` (None: it can).  The kubelet sends hugepage limits for every
     #: container; runc fails on a host without the controller.
     hugetlb_missing: Callable[[str], str | None] = _cgroups.hugetlb_missing
+    #: Is SELinux enabled on this host (selinuxfs mounted)?  Decides what Mount.selinux_relabel means.
+    selinux_active: Callable[[], bool] = lambda: os.path.exists("/sys/fs/selinux/enforce")
 
 
 @dataclass(frozen=True)
@@ -756,6 +764,23 @@ def _resources_with_devices(res: dict, device_rules: list[dict]) -> dict:
 # --- sandbox ------------------------------------------------------------------------
 
 
+def pod_resource_annotations(overhead: LinuxContainerResources | None,
+                             resources: LinuxContainerResources | None) -> dict[str, str]:
+    """The infra spec's sizing annotations from the pod-level ``resources``; both are checked.
+
+    The pod's cgroup is the kubelet's (it writes the pod limits, overhead included, on the
+    cgroup parent before RunPodSandbox and before UpdatePodSandboxResources): like containerd,
+    moorage only records these and passes ``resources`` on, and the infra keeps its own small
+    ``sandbox_cpu_shares``.
+    """
+    linux_resources(overhead)  # INVALID_ARGUMENT on a negative value, as for a container
+    linux_resources(resources)
+    if resources is None:
+        return {}
+    return {ANN_SANDBOX_CPU_PERIOD: str(resources.cpu_period), ANN_SANDBOX_CPU_QUOTA: str(resources.cpu_quota),
+            ANN_SANDBOX_CPU_SHARES: str(resources.cpu_shares), ANN_SANDBOX_MEMORY: str(resources.memory_limit_in_bytes)}
+
+
 def build_sandbox_spec(
     cfg: PodSandboxConfig,
     *,
@@ -886,6 +911,8 @@ def build_sandbox_spec(
 
     md = cfg.metadata
     annotations = _filter_annotations(cfg.annotations, runtime_cfg.pod_annotations, only_allowed=True)
+    annotations.update(pod_resource_annotations(linux.overhead if linux else None,
+                                                linux.resources if linux else None))
     annotations.update(
         {
             ANN_CONTAINER_TYPE: "sandbox",
@@ -951,6 +978,32 @@ def container_env(
     return env
 
 
+#: CRI ``Mount.mount_options`` a bind mount takes, each with the option it contradicts.  They are
+#: per-mount flags runc and crun apply by remounting the bind (the recursive ``r*`` forms and
+#: filesystem data options make no sense for a kubelet volume); anything else is refused.
+BIND_MOUNT_OPTIONS: dict[str, str] = {
+    "ro": "rw", "rw": "ro", "nosuid": "suid", "suid": "nosuid", "nodev": "dev", "dev": "nodev",
+    "noexec": "exec", "exec": "noexec", "noatime": "atime", "atime": "noatime",
+    "nodiratime": "diratime", "diratime": "nodiratime", "relatime": "norelatime", "norelatime": "relatime",
+    "strictatime": "nostrictatime", "nostrictatime": "strictatime", "nosymfollow": "symfollow",
+    "symfollow": "nosymfollow",
+}
+
+
+def _bind_mount_options(m: Mount, dest: str) -> tuple[bool, list[str]]:
+    """(read-only, the extra OCI options) of a CRI mount's ``mount_options``, checked."""
+    wanted = list(dict.fromkeys(o.strip() for o in m.mount_options))
+    for o in wanted:
+        if o not in BIND_MOUNT_OPTIONS:
+            raise InvalidArgument(f"mount at {dest}: unknown mount option {o!r}; a bind mount takes "
+                                  f"{', '.join(sorted(BIND_MOUNT_OPTIONS))}")
+        if BIND_MOUNT_OPTIONS[o] in wanted:
+            raise InvalidArgument(f"mount at {dest}: mount options {o!r} and {BIND_MOUNT_OPTIONS[o]!r} contradict")
+    if "rw" in wanted and (m.readonly or m.recursive_read_only):
+        raise InvalidArgument(f"mount at {dest}: mount option 'rw' contradicts readonly: true")
+    return m.readonly or "ro" in wanted, [o for o in wanted if o not in ("ro", "rw")]
+
+
 def _cri_mount(m: Mount, host: HostLookups) -> dict:
     dest = _clean_abs(m.container_path, "mount container path")
     if not m.host_path:
@@ -974,11 +1027,18 @@ def _cri_mount(m: Mount, host: HostLookups) -> dict:
             raise InvalidArgument(f"recursive read-only mount at {dest} must also be read-only")
         if m.propagation != "private":
             raise InvalidArgument(f"recursive read-only mount at {dest} needs private propagation")
+    if m.selinux_relabel and host.selinux_active():
+        # Where SELinux is off, relabeling is a no-op (as in containerd, whose relabel does nothing
+        # then); where it is on, a volume left unlabeled would be denied inside: say so now.
+        raise FailedPrecondition(f"mount at {dest} asks for an SELinux relabel of {src}, but moorage does not "
+                                 "relabel mount sources; label it container_file_t beforehand")
+    readonly, extra = _bind_mount_options(m, dest)
     options = ["rbind", "r" + m.propagation if m.propagation == "private" else m.propagation]
     if m.recursive_read_only:
         options.append("rro")
     else:
-        options.append("ro" if m.readonly else "rw")
+        options.append("ro" if readonly else "rw")
+    options.extend(extra)
     out: dict = {"destination": dest, "type": "bind", "source": src, "options": options}
     if m.uid_mappings or m.gid_mappings:
         out["uidMappings"] = _id_mappings(m.uid_mappings)

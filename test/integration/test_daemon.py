@@ -31,7 +31,8 @@ def test_status_conditions_and_verbose_config(daemon):
     st = daemon.runtime.Status(pb.StatusRequest(verbose=True))
     cfg = json.loads(st.info["config"])
     assert cfg["socket"] == daemon.socket and cfg["root_dir"] == daemon.root
-    assert {h.name for h in st.runtime_handlers} == {"runc", "crun"}
+    # "" is the default handler (runc), listed as the kubelet expects.
+    assert {h.name for h in st.runtime_handlers} == {"", "runc", "crun"}
 
 
 def test_unbuilt_rpc_is_unimplemented_by_name(daemon):
@@ -96,7 +97,10 @@ def test_bad_config_names_the_key(tmp_path):
 
 def test_check_reports_every_item_ok():
     p = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "check"], capture_output=True, text=True, timeout=60)
-    lines = p.stdout.strip().splitlines()
+    # The dependency items; the CRI features follow them (informational, see test_runtime_surface).
+    deps, _, feats = p.stdout.partition("\nCRI features")
+    assert "mount_options" in feats
+    lines = deps.strip().splitlines()
     labels = " ".join(lines)
     for item in ("runc", "crun", "conmon", "catatonit", "CNI plugins", "overlayfs", "cgroups", "namespaces", "iptables"):
         assert item in labels

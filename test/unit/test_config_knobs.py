@@ -49,6 +49,7 @@ SNIPPETS = [
     '[runtime]\npod_annotations = ["example.com/*"]',
     '[runtime]\ndisable_hugetlb_controller = true',
     '[runtime]\ntolerate_missing_hugetlb_controller = false',
+    '[runtime]\ndisabled_features = ["mount_options"]',
     '[runtime]\nsandbox_image = "registry.k8s.io/pause:3.9"',
     '[images]\nsnapshotter = "native"',
     '[images]\nregistry_config_path = "/etc/other/certs.d"',

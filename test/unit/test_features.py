@@ -1,0 +1,80 @@
+"""runtime.features: what Status advertises, from the runtime binary's report and the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from moorage.runtime import features as f
+
+RUNC = json.dumps({"mountOptions": ["ro", "rro", "rbind"], "linux": {"namespaces": ["user", "pid"]},
+                   "annotations": {"org.opencontainers.runc.version": "1.1.5"}})
+RUNC_IDMAP = json.dumps({"mountOptions": ["rro"], "linux": {"namespaces": ["user"],
+                                                             "mountExtensions": {"idmap": {"enabled": True}}}})
+OLD = json.dumps({"mountOptions": ["ro"], "linux": {"namespaces": ["pid"]}})
+
+
+def probe_of(texts: dict[str, str | None]):
+    calls: list[str] = []
+
+    def probe(path: str) -> f.BinaryFeatures:
+        calls.append(path)
+        text = texts[path]
+        return f.BinaryFeatures(path, error="unknown command features") if text is None \
+            else f.BinaryFeatures.parse(path, text)
+    return probe, calls
+
+
+def test_rro_from_binary_and_kernel_and_the_default_handler():
+    probe, _ = probe_of({"/runc": RUNC, "/old": OLD, "/crun": None})
+    r = f.compute({"runc": "/runc", "old": "/old", "crun": "/crun"}, "runc", probe=probe, kernel=(6, 1))
+    assert set(r.handlers) == {"", "runc", "old", "crun"}
+    assert r.handlers["runc"].recursive_read_only_mounts.advertised
+    assert r.handlers[""].recursive_read_only_mounts.advertised and r.handlers[""].name == ""
+    assert "does not list the rro" in r.handlers["old"].recursive_read_only_mounts.why
+    assert "unknown command features" in r.handlers["crun"].recursive_read_only_mounts.why
+    old_kernel = f.compute({"runc": "/runc"}, "runc", probe=probe, kernel=(5, 10))
+    rro = old_kernel.handlers["runc"].recursive_read_only_mounts
+    assert not rro.advertised and "5.10" in rro.why and "5.12" in rro.why
+
+
+def test_user_namespaces_never_advertised_yet_even_with_idmap():
+    probe, _ = probe_of({"/runc": RUNC_IDMAP})
+    r = f.compute({"runc": "/runc"}, "runc", probe=probe, kernel=(6, 1))
+    u = r.handlers["runc"].user_namespaces
+    assert not u.advertised and u.state == f.State.UNAVAILABLE and "id-map" in u.why
+    assert not r.user_namespaces_host_network.advertised
+    probe, _ = probe_of({"/runc": RUNC})
+    why = f.compute({"runc": "/runc"}, "runc", probe=probe, kernel=(6, 1)).handlers["runc"].user_namespaces.why
+    assert "no idmap mount support" in why
+
+
+def test_runtime_features_and_disabled():
+    probe, _ = probe_of({"/runc": RUNC})
+    r = f.compute({"runc": "/runc"}, "runc", probe=probe, kernel=(6, 1))
+    assert r.supplemental_groups_policy.advertised and r.mount_options.advertised
+    d = f.compute({"runc": "/runc"}, "runc", ["mount_options", "recursive_read_only_mounts"], probe=probe,
+                  kernel=(6, 1))
+    assert d.mount_options.state == f.State.DISABLED and not d.mount_options.advertised
+    assert d.handlers[""].recursive_read_only_mounts.state == f.State.DISABLED
+    assert d.supplemental_groups_policy.advertised
+
+
+def test_probe_runs_each_binary_once_and_caches():
+    probe, calls = probe_of({"/runc": RUNC})
+    fp = f.FeatureProbe({"runc": "/runc", "runc2": "/runc"}, "runc", probe=probe)
+
+    async def many() -> None:
+        await asyncio.gather(*(fp.areport() for _ in range(5)))
+        await fp.areport()
+
+    asyncio.run(many())
+    fp.report()
+    assert calls == ["/runc"]
+
+
+def test_bad_output_is_an_error_not_a_crash():
+    assert f.BinaryFeatures.parse("/x", "not json").error
+    assert f.BinaryFeatures.parse("/x", "[]").error
+    assert f.run_features("/nonexistent/runtime").error
+
