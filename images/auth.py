@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 HELPER_PREFIX = "docker-credential-"
 DOCKER_HUB = "docker.io"
+_HUB_LABELS = ("docker", "io")
 _HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _HUB_SERVER_URL = "https://index.docker.io/v1/"  # what helpers know Docker Hub by
 HELPER_CACHE_SECONDS = 30.0  # a pull makes many requests; one helper run serves them all
@@ -100,7 +101,7 @@ def parse_key(key: str) -> _Key:
     netloc, _, path = s.partition("/")
     labels, port = _split_host(netloc)
     parts = tuple(p for p in path.split("/") if p)
-    if labels == (DOCKER_HUB,) and parts[:1] == ("v1",):
+    if labels == _HUB_LABELS and parts[:1] == ("v1",):
         parts = parts[1:]  # the legacy index URL names the whole hub, not a "v1" namespace
     return _Key(key, labels, port, parts)
 
@@ -238,7 +239,7 @@ class NodeCredentials:
 
     def _from_helper(self, helper: str, host: str) -> Credentials | None:
         labels, _ = _split_host(host)
-        server = _HUB_SERVER_URL if labels == (DOCKER_HUB,) else host
+        server = _HUB_SERVER_URL if labels == _HUB_LABELS else host
         now = time.monotonic()
         with self._lock:
             hit = self._helper_cache.get((helper, server))
