@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moorage.core.errors import InvalidArgument
+from moorage.images.reference import parse_reference
 from moorage.runtime import features as featuresmod
 from moorage.runtime import spec as specmod
 
@@ -81,6 +82,12 @@ class ImagesConfig:
     pull_retries: int = 3
     stall_timeout: float = 60.0  # seconds without progress before a download is cancelled
     gc_on_remove: bool = True
+    # Where the kubelet looks for node-wide credentials (its --root-dir): one file serves both.
+    auth_file: str = "/var/lib/kubelet/config.json"
+    credential_helper_timeout: float = 10.0
+    pinned_images: list[str] = field(default_factory=list)
+    container_root: str = ""  # empty: containers' writable layers beside the image snapshots
+    sync_snapshots: bool = True
 
 
 @dataclass
@@ -229,6 +236,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
     _check(where, "images.snapshotter", cfg.images.snapshotter in ("overlayfs", "native"), "must be overlayfs or native")
     _check(where, "images.max_concurrent_downloads", cfg.images.max_concurrent_downloads >= 1, "must be at least 1")
     _check(where, "images.stall_timeout", cfg.images.stall_timeout > 0, "must be positive")
+    _validate_images(cfg, where)
     _check(where, "cni.plugin_timeout", cfg.cni.plugin_timeout > 0, "must be positive")
     _check(where, "streaming.port", 0 <= cfg.streaming.port <= 65535, "must be a port number (0 for a free one)")
     _check(
@@ -300,6 +308,25 @@ def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
     for key in ("allowed_annotations", "pod_annotations"):
         for i, pat in enumerate(getattr(rt, key)):
             _check(where, f"runtime.{key}[{i}]", bool(pat.strip()), "must be a non-empty glob pattern")
+
+
+def _validate_images(cfg: Config, where: str) -> None:
+    im = cfg.images
+    for key in ("auth_file", "container_root"):
+        v = getattr(im, key)
+        _check(where, f"images.{key}", v == "" or v.startswith("/"), f"must be an absolute path (or empty), got {v!r}")
+    if im.container_root:
+        root = os.path.normpath(cfg.root_dir)
+        ctr = os.path.normpath(im.container_root)
+        # inside <root_dir>/images the snapshotter would see the container layers as its own dirs
+        _check(where, "images.container_root", ctr != root and not ctr.startswith(os.path.join(root, "images") + "/")
+               and ctr != os.path.join(root, "images"), f"must not be root_dir or lie under {root}/images")
+    _check(where, "images.credential_helper_timeout", im.credential_helper_timeout > 0, "must be positive")
+    for i, ref in enumerate(im.pinned_images):
+        try:
+            parse_reference(ref)
+        except InvalidArgument as e:
+            raise ConfigError(f"{where}: key 'images.pinned_images[{i}]': {e.message}") from None
 
 
 def loads(text: str, where: str = "config") -> Config:
@@ -498,6 +525,19 @@ DOCS: dict[str, str] = {
     "images.pull_retries": "Retries of a failed download.",
     "images.stall_timeout": "Seconds without progress before a download is cancelled.",
     "images.gc_on_remove": "Remove unreferenced layers and snapshots when an image is removed.",
+    "images.auth_file":
+        "Node registry credentials: a Docker-style config.json (auths, credHelpers, credsStore), used when\n"
+        "a pull brings no credentials for the registry. A missing file means none. The default is where\n"
+        "the kubelet reads its node-wide config.json, so one file serves both; empty: none.",
+    "images.credential_helper_timeout": "Seconds a docker-credential-<helper> may take to answer.",
+    "images.pinned_images":
+        "Image references never garbage-collected and reported pinned (the kubelet's image GC skips them);\n"
+        "runtime.sandbox_image is pinned too. An explicit RemoveImage still removes them, as with containerd.",
+    "images.container_root":
+        "Where containers' writable layers live, e.g. on a disk of their own (ImageFsInfo then reports\n"
+        "separate image and container filesystems); empty: beside the image snapshots under root_dir.\n"
+        "Change it only with no containers on the node.",
+    "images.sync_snapshots": "syncfs each unpacked layer before its snapshot is committed (crash-safe pulls).",
     "cni": "Pod networking.",
     "cni.conf_dir": "CNI network configurations.",
     "cni.bin_dirs": "Where the CNI plugin binaries are looked up.",

@@ -160,12 +160,13 @@ def _with_ns(host: RegistryHost, repo: RepoName, url: str) -> str:
 class Credentials:
     """CRI AuthConfig, as plain data."""
 
+    # The secrets stay out of repr(), so a stray log line or traceback cannot show them.
     username: str = ""
-    password: str = ""
-    auth: str = ""              # base64("user:password")
+    password: str = field(default="", repr=False)
+    auth: str = field(default="", repr=False)              # base64("user:password")
     server_address: str = ""    # when set, only sent to this host
-    identity_token: str = ""    # OAuth2 refresh token
-    registry_token: str = ""    # bearer token used as is
+    identity_token: str = field(default="", repr=False)    # OAuth2 refresh token
+    registry_token: str = field(default="", repr=False)    # bearer token used as is
 
     def basic(self) -> tuple[str, str] | None:
         if self.username or self.password:
@@ -330,8 +331,13 @@ class RegistryClient:
     def __init__(self, *, hosts_dir: str | None = None, insecure_hosts: Iterable[str] = (),
                  retries: int = 3, backoff: float = 0.5, backoff_max: float = 8.0,
                  stall_timeout: float = 60.0, connect_timeout: float = 30.0,
-                 user_agent: str = USER_AGENT, trust_env: bool = True) -> None:
+                 user_agent: str = USER_AGENT, trust_env: bool = True,
+                 node_credentials: Callable[[str, str], Credentials | None] | None = None) -> None:
         self.hosts_dir = hosts_dir
+        # (host as contacted, repository) -> the node's credentials; blocking (it may run a
+        # credential helper), so it is called in a thread.  Used where the caller's own
+        # credentials are absent or meant for another host.
+        self.node_credentials = node_credentials
         self.insecure_hosts = tuple(insecure_hosts)
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -543,6 +549,7 @@ class RegistryClient:
 
         Raises Unauthenticated / PermissionDenied; _Retryable for 5xx/429/transport errors.
         """
+        creds = await self._credentials_for(host, scope, creds)
         authed = False
         for _ in range(3):
             h = httpx.Headers(list(host.headers))
@@ -612,6 +619,18 @@ class RegistryClient:
             self._auth_state(host).challenge = ch
             authed = True
         raise Unauthenticated(f"authentication to registry {host.netloc} failed")  # pragma: no cover
+
+    async def _credentials_for(self, host: RegistryHost, scope: str,
+                               creds: Credentials | None) -> Credentials | None:
+        """The caller's credentials when they are for this host, else the node's for it."""
+        if creds is not None and not creds.empty and creds.applies_to(host):
+            return creds
+        if self.node_credentials is None:
+            return creds
+        # scope is "repository:<name>:<actions>"; names never hold a colon
+        repository = scope.split(":")[1] if scope.startswith("repository:") else ""
+        node = await asyncio.to_thread(self.node_credentials, host.netloc, repository)
+        return node if node is not None else creds
 
     async def _send_following(self, host: RegistryHost, method: str, url: str, h: httpx.Headers,
                               content: bytes | None, stream: bool, follow_redirects: bool,

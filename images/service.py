@@ -31,6 +31,7 @@ from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
 from moorage.images import oci
 from moorage.images import snapshotter as snapmod
+from moorage.images.auth import NodeCredentials
 from moorage.images.progress import PullProgress, PullTracker
 from moorage.images.reference import Reference, parse_reference
 from moorage.images.registry import Credentials, RegistryClient
@@ -58,7 +59,11 @@ class ImageSettings:
     stall_timeout: float = 60.0
     max_concurrent_downloads: int = 3
     gc_on_remove: bool = True
-    pinned_refs: list[str] = field(default_factory=list)  # e.g. the sandbox image
+    pinned_refs: list[str] = field(default_factory=list)  # the sandbox image and images.pinned_images
+    auth_file: str = ""  # Docker-style config.json with the node's registry credentials; "" = none
+    credential_helper_timeout: float = 10.0
+    container_root: str = ""  # writable layers of containers; "" = beside the image snapshots
+    sync_snapshots: bool = True  # syncfs each unpacked layer before its snapshot is committed
 
 
 class ImageService:
@@ -70,9 +75,11 @@ class ImageService:
         self.content = contentmod.ContentStore(os.path.join(self.root, "content"))
         backend = snapmod.BACKEND_OVERLAY if settings.snapshotter == "overlayfs" else snapmod.BACKEND_NATIVE
         self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), snapmod.StoreMetaStore(store),
-                                             backend=backend)
+                                             backend=backend, container_root=settings.container_root or None)
+        self.node_credentials = NodeCredentials(settings.auth_file, settings.credential_helper_timeout)
         self.client = RegistryClient(hosts_dir=settings.hosts_dir, insecure_hosts=settings.insecure_registries,
-                                     retries=settings.retries, stall_timeout=settings.stall_timeout)
+                                     retries=settings.retries, stall_timeout=settings.stall_timeout,
+                                     node_credentials=self.node_credentials.lookup)
         self._pulls: dict[str, asyncio.Future] = {}
         self._chain_locks: dict[str, asyncio.Lock] = {}
         self._inflight_chains: dict[str, int] = {}  # chain IDs a pull or import in flight stands on
@@ -84,12 +91,35 @@ class ImageService:
         self._usage_cache: dict[str, snapmod.Usage] = {}
         self.in_use: Callable[[], set[str]] = set  # image ids used by containers (set by the runtime)
         self.pulls = PullTracker()  # per-pull progress, served by the daemon at /debug/pulls
-        self._pinned = set()
-        for ref in settings.pinned_refs:
+        self._pinned: frozenset[str] = frozenset()
+        self.set_pinned(settings.pinned_refs)
+
+    # -- pinned images ------------------------------------------------------------------------
+    #
+    # Pinned is decided from the configured references every time an image is shown, not
+    # stored: a reference dropped from the list (or a new sandbox image) takes effect at once.
+
+    def set_pinned(self, refs: Sequence[str]) -> None:
+        """Replace the pinned references (the sandbox image and ``images.pinned_images``)."""
+        pinned = set()
+        for ref in refs:
+            if ref.startswith("sha256:"):
+                pinned.add(ref)
+                continue
             try:
-                self._pinned.add(str(parse_reference(ref)))
+                pinned.add(str(parse_reference(ref)))
             except InvalidArgument:
                 log.warning("ignoring invalid pinned image reference %r", ref)
+        self._pinned = frozenset(pinned)
+
+    def is_pinned(self, rec: ImageRecord) -> bool:
+        """Whether a configured pinned reference names this image (by tag, digest or id)."""
+        return rec.id in self._pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)
+
+    def _shown(self, rec: ImageRecord | None) -> ImageRecord | None:
+        if rec is not None:
+            rec.pinned = self.is_pinned(rec)
+        return rec
 
     # -- cross-process coordination ---------------------------------------------------------
     #
@@ -182,13 +212,13 @@ class ImageService:
         return rec
 
     def status(self, ref: str) -> ImageRecord | None:
-        return self._lookup(ref)
+        return self._shown(self._lookup(ref))
 
     def list(self, ref: str | None = None) -> list[ImageRecord]:
         if ref:
-            rec = self._lookup(ref)
+            rec = self._shown(self._lookup(ref))
             return [rec] if rec else []
-        return self.store.list_images()
+        return [r for r in map(self._shown, self.store.list_images()) if r is not None]
 
     def verbose_info(self, rec: ImageRecord) -> str:
         return json.dumps({"id": rec.id, "repoTags": rec.repo_tags, "repoDigests": rec.repo_digests,
@@ -393,7 +423,7 @@ class ImageService:
                 apply_layer(src, self.snapshots.upper_dir(key), mode=mode,
                             parents=self.snapshots.parent_dirs(key) if mode == MODE_OVERLAY else (),
                             label=str(layer_digest),
-                            expected_diff_id=diff_id)
+                            expected_diff_id=diff_id, sync=self.s.sync_snapshots)
             try:
                 self.snapshots.commit(chain, key)
             except AlreadyExists:
@@ -440,7 +470,7 @@ class ImageService:
             rec.size = sum(layer.size for layer in manifest.layers) + manifest.config.size
             rec.extra = {**rec.extra, "root_digest": root_digest, "manifest_digest": manifest_digest,
                          "manifest_media_type": manifest.media_type}
-            rec.pinned = rec.pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)
+            rec.pinned = self.is_pinned(rec)  # as recorded; what is shown is recomputed (_shown)
             return rec
 
         return self.store.update_image(iid, change)
@@ -470,7 +500,11 @@ class ImageService:
                 log.info("untagged image", extra={"fields": {"id": rec.id, "tag": tag}})
                 return
         self.store.delete_image(rec.id)
-        log.info("removed image", extra={"fields": {"id": rec.id, "tags": rec.repo_tags}})
+        # A pinned image is removed too when asked by name, as containerd does: pinning keeps it
+        # from GC (the kubelet's image GC skips pinned images; moorage's own GC only removes what
+        # no image references), not from an explicit RemoveImage.
+        log.info("removed image", extra={"fields": {"id": rec.id, "tags": rec.repo_tags,
+                                                    "pinned": self.is_pinned(rec)}})
         if self.s.gc_on_remove:
             await self.gc()
 
@@ -612,9 +646,10 @@ class ImageService:
             os.makedirs(target, mode=0o755, exist_ok=True)
             if self.snapshots.exists(key):
                 mounts = self.snapshots.mounts(key)
+            elif writable:  # a container's writable layer: on the container filesystem
+                mounts = self.snapshots.prepare(key, image.chain_id or None, container=True)
             else:
-                make = self.snapshots.prepare if writable else self.snapshots.view
-                mounts = make(key, image.chain_id or None)
+                mounts = self.snapshots.view(key, image.chain_id or None)
             try:
                 mountmod.mount(mounts, target)
             except BaseException:
@@ -679,5 +714,6 @@ class ImageService:
         for info in self.content.list():
             img_bytes += info.size
             img_inodes += 1
-        mp = os.path.join(self.root, "snapshotter")
-        return [(mp, img_bytes, img_inodes), (mp, ctr_bytes, ctr_inodes)]
+        # The image filesystem is the snapshotter root (content and committed layers); the
+        # container one is where writable layers live: the same dir unless container_root is set.
+        return [(self.snapshots.root, img_bytes, img_inodes), (self.snapshots.container_dir(), ctr_bytes, ctr_inodes)]

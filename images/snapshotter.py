@@ -67,6 +67,14 @@ KIND_COMMITTED = "committed"
 BACKEND_OVERLAY = "overlay"
 BACKEND_NATIVE = "native"
 
+CONTAINER_ID_PREFIX = "c"  # dir ids of writable layers kept under a separate container root
+
+
+def _dir_number(name: str) -> int:
+    """The number in a snapshot dir id ("17" or "c17"); 0 for anything else."""
+    n = name.removeprefix(CONTAINER_ID_PREFIX)
+    return int(n) if n.isdigit() else 0
+
 
 
 # --------------------------------------------------------------------------- chain id
@@ -326,20 +334,30 @@ def _overlay_index_off() -> bool:
 
 
 class Snapshotter:
-    def __init__(self, root: str, meta: MetaStore | None = None, *, backend: str = BACKEND_OVERLAY) -> None:
+    def __init__(self, root: str, meta: MetaStore | None = None, *, backend: str = BACKEND_OVERLAY,
+                 container_root: str | None = None) -> None:
         if backend not in (BACKEND_OVERLAY, BACKEND_NATIVE):
             raise InvalidArgument(f"unknown snapshotter \"{backend}\" (use \"overlay\" or \"native\")")
         self.root = os.path.abspath(root)
         self.backend = backend
         self.snapshots_dir = os.path.join(self.root, "snapshots")
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
+        # Writable layers of containers (prepare(..., container=True)) may live on a filesystem
+        # of their own (the kubelet's split image/container disks).  Their dir ids carry the
+        # CONTAINER_ID_PREFIX, so a record alone says where its dir is.
+        self.container_root = os.path.abspath(container_root) if container_root else None
+        self.container_snapshots_dir = (os.path.join(self.container_root, "snapshots") if self.container_root
+                                        else self.snapshots_dir)
+        os.makedirs(self.container_snapshots_dir, mode=0o700, exist_ok=True)
         self.meta: MetaStore = meta if meta is not None else MemoryMetaStore()
         self._lock = threading.RLock()
         self._in_flight: set[str] = set()   # dir ids created but not yet recorded
-        self._next_id = 1 + max((int(n) for n in os.listdir(self.snapshots_dir) if n.isdigit()), default=0)
-        self._next_id = max(self._next_id, 1 + max(
-            (int(r.dir_id) for r in self.meta.list() if r.dir_id.isdigit()), default=0))
+        self._next_id = 1 + max((_dir_number(n) for d in self._snapshot_dirs() for n in os.listdir(d)), default=0)
+        self._next_id = max(self._next_id, 1 + max((_dir_number(r.dir_id) for r in self.meta.list()), default=0))
         self._index_off = backend == BACKEND_OVERLAY and _overlay_index_off()
+
+    def _snapshot_dirs(self) -> list[str]:
+        return sorted({self.snapshots_dir, self.container_snapshots_dir})
 
     # -- paths
     @property
@@ -348,7 +366,13 @@ class Snapshotter:
         return "overlay" if self.backend == BACKEND_OVERLAY else "copy"
 
     def _dir(self, dir_id: str) -> str:
+        if dir_id.startswith(CONTAINER_ID_PREFIX):
+            return os.path.join(self.container_snapshots_dir, dir_id)
         return os.path.join(self.snapshots_dir, dir_id)
+
+    def container_dir(self) -> str:
+        """Where containers' writable layers live (the container filesystem of ImageFsInfo)."""
+        return self.container_root or self.root
 
     def _fs(self, rec: SnapshotRecord) -> str:
         return os.path.join(self._dir(rec.dir_id), "fs")
@@ -400,23 +424,28 @@ class Snapshotter:
         yield from sorted(self.meta.list(), key=lambda r: (r.created_at, r.key))
 
     # -- lifecycle
-    def prepare(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> list[Mount]:
-        """Create the writable snapshot ``key`` on top of committed ``parent``."""
-        return self._create(key, parent, labels, KIND_ACTIVE)
+    def prepare(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None, *,
+                container: bool = False) -> list[Mount]:
+        """Create the writable snapshot ``key`` on top of committed ``parent``; ``container``:
+        a container's writable layer (under ``container_root`` when one is set), not a layer
+        being unpacked."""
+        return self._create(key, parent, labels, KIND_ACTIVE, container=container)
 
     def view(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> list[Mount]:
         """Create the read-only snapshot ``key`` of committed ``parent``."""
         return self._create(key, parent, labels, KIND_VIEW)
 
-    def _create(self, key: str, parent: str | None, labels: dict[str, str] | None, kind: str) -> list[Mount]:
+    def _create(self, key: str, parent: str | None, labels: dict[str, str] | None, kind: str, *,
+                container: bool = False) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         if self.meta.get(key) is not None:
             raise AlreadyExists(f"snapshot \"{key}\" already exists")
         self._check_parent(parent)  # fail early; checked again with the record's insertion
+        prefix = CONTAINER_ID_PREFIX if container and self.container_root else ""
         with self._lock:
             while True:
-                dir_id = str(self._next_id)
+                dir_id = f"{prefix}{self._next_id}"
                 self._next_id += 1
                 try:
                     os.mkdir(self._dir(dir_id), 0o700)
@@ -515,10 +544,11 @@ class Snapshotter:
         removed = []
         with self._lock:
             known = {r.dir_id for r in self.meta.list()} | set(self._in_flight)
-            for name in os.listdir(self.snapshots_dir):
-                if name in known:
+            names = [n for d in self._snapshot_dirs() for n in os.listdir(d)]
+            for name in names:
+                path = self._dir(name)
+                if name in known or not os.path.lexists(path):  # (a name in the wrong dir: not ours)
                     continue
-                path = os.path.join(self.snapshots_dir, name)
                 for mp in mount_points():
                     if mp == path or mp.startswith(path + "/"):
                         unmount_all(mp, detach=True)

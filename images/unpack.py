@@ -62,7 +62,7 @@ from typing import IO, Any, BinaryIO, Literal, NoReturn, Protocol, cast, overloa
 
 import zstandard
 
-from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted
+from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted, Unavailable
 from moorage.images.digest import Digest
 
 log = logging.getLogger(__name__)
@@ -296,10 +296,14 @@ def _remove_at(dfd: int, name: str) -> None:
         os.unlink(name, dir_fd=dfd)
 
 
-def _syncfs(fd: int) -> None:
+def _syncfs(fd: int, label: str = "layer") -> None:
+    """Flush the filesystem holding ``fd``.  A failure (a writeback error) fails the unpack: the
+    snapshot would otherwise be committed, and trusted, without being on disk."""
     if _libc.syncfs(fd) != 0:
         e = ctypes.get_errno()
-        log.warning("syncfs failed: %s", os.strerror(e))
+        if e in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"{label}: syncing the unpacked layer to disk: {os.strerror(e)}")
+        raise Unavailable(f"{label}: syncing the unpacked layer to disk failed: {os.strerror(e)}")
 
 
 # --------------------------------------------------------------------------- applier
@@ -862,7 +866,7 @@ def apply_layer(
                 raise LayerError(f"{where}: name too long") from None
             raise Internal(f"{where}: {e.strerror or e}") from e
         if sync:
-            _syncfs(applier.root_fd)
+            _syncfs(applier.root_fd, f"layer {label}")
     finally:
         applier.close()
     diff_id = Digest("sha256", hashing.hasher.hexdigest())

@@ -2,8 +2,12 @@
 
 Everything the runtime knows (sandboxes, containers, images, snapshots, leases)
 lives here; in-memory indexes elsewhere are caches rebuilt from it.  The
-database runs in WAL mode with ``synchronous=NORMAL`` (a committed transaction
-survives a process crash; only an OS crash can lose the last few).
+database runs in WAL mode with ``synchronous=FULL``: a transaction is on disk
+when its call returns, so it survives an OS crash or power loss too.  The
+on-disk protocols depend on that order (a snapshot's data is synced before its
+record is written; a record is deleted before its dir is): with ``NORMAL`` an OS
+crash could bring back a deleted record whose files were already gone.  The
+price is one fsync of the WAL per transaction (about 0.5 ms on the test VM).
 
 Image and snapshot records are dataclasses; sandbox and container rows are
 ``ObjectRow``s whose document the runtime encodes (this floor does not import
@@ -167,7 +171,7 @@ class Store:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate(target_version)
 

@@ -58,6 +58,11 @@ SNIPPETS = [
     '[images]\nstall_timeout = 5.0',
     '[images]\nmax_concurrent_downloads = 1',
     '[images]\ngc_on_remove = false',
+    '[images]\nauth_file = "/etc/moorage/auth.json"',
+    '[images]\ncredential_helper_timeout = 3.0',
+    '[images]\npinned_images = ["registry.k8s.io/pause:3.10"]',
+    '[images]\ncontainer_root = "/var/lib/moorage-containers"',
+    '[images]\nsync_snapshots = false',
 ]
 
 
