@@ -618,3 +618,8 @@ def dumps(cfg: Config, comments: bool = True, origin: Callable[[str], str] | Non
 
 def as_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def pinned_refs(cfg: Config) -> list[str]:
+    """What is pinned: the sandbox image and images.pinned_images (ImageService.set_pinned, also on a reload)."""
+    return ([cfg.runtime.sandbox_image] if cfg.runtime.sandbox_image else []) + list(cfg.images.pinned_images)

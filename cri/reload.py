@@ -34,11 +34,14 @@ RELOADABLE: dict[str, str] = {
     "cni.plugin_timeout": "Applies to plugin calls started afterwards.",
     "cni.network_name": "New pods use it; teardown reads only the result cache.",
     "cni.conf_template": "Read by each UpdateRuntimeConfig call.",
+    "images.pinned_images": "Pinned is decided each time an image is listed or collected; nothing is stored per image.",
 }
 
 
 class RegistryTarget(Protocol):
     async def reconfigure_registries(self, hosts_dir: str, insecure_registries: Sequence[str]) -> None: ...
+
+    def set_pinned(self, refs: Sequence[str]) -> None: ...
 
 
 class NetworkTarget(Protocol):
@@ -158,3 +161,4 @@ class Reloader:
         self.targets.network.reconfigure(c.cni.conf_dir, c.cni.bin_dirs, c.cni.plugin_timeout,
                                          c.cni.network_name or None)
         await self.targets.images.reconfigure_registries(c.images.registry_config_path, c.images.insecure_registries)
+        self.targets.images.set_pinned(configmod.pinned_refs(c))

@@ -100,15 +100,10 @@ def image_settings(cfg: configmod.Config) -> ImageSettings:
         insecure_registries=list(cfg.images.insecure_registries), retries=cfg.images.pull_retries,
         stall_timeout=cfg.images.stall_timeout, max_concurrent_downloads=cfg.images.max_concurrent_downloads,
         gc_on_remove=cfg.images.gc_on_remove,
-        pinned_refs=pinned_refs(cfg), auth_file=cfg.images.auth_file,
+        pinned_refs=configmod.pinned_refs(cfg), auth_file=cfg.images.auth_file,
         credential_helper_timeout=cfg.images.credential_helper_timeout,
         container_root=cfg.images.container_root, sync_snapshots=cfg.images.sync_snapshots,
     )
-
-
-def pinned_refs(cfg: configmod.Config) -> list[str]:
-    """What is pinned: the sandbox image and images.pinned_images (ImageService.set_pinned on a reload)."""
-    return ([cfg.runtime.sandbox_image] if cfg.runtime.sandbox_image else []) + list(cfg.images.pinned_images)
 
 
 def _observe(op: str, secs: float) -> None:

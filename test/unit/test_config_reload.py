@@ -24,6 +24,9 @@ class FakeImages:
     async def reconfigure_registries(self, hosts_dir: str, insecure_registries: Sequence[str]) -> None:
         self.calls.append((hosts_dir, list(insecure_registries)))
 
+    def set_pinned(self, refs: Sequence[str]) -> None:
+        self.pinned = list(refs)
+
 
 class FakeRuntime:
     def __init__(self) -> None:
@@ -76,14 +79,16 @@ def test_reloadable_keys_reach_the_running_parts(env: Env, caplog: pytest.LogCap
     assert env.network.status()[0] is False
     env.drop("50-reload.toml", f'log_level = "debug"\nlog_format = "logfmt"\n[cni]\nconf_dir = "{env.net}"\n'
                                f'bin_dirs = ["/opt/x"]\nplugin_timeout = 7\n'
-                               '[images]\nregistry_config_path = "/etc/other/certs.d"\ninsecure_registries = ["r:5000"]\n')
+                               '[images]\nregistry_config_path = "/etc/other/certs.d"\ninsecure_registries = ["r:5000"]\n'
+                               'pinned_images = ["example.com/keep:1"]\n')
     with caplog.at_level(logging.INFO, logger="moorage.reload"):
         out = env.reload()
     assert not out.refused and not out.error
     assert set(out.applied) == {"log_level", "log_format", "cni.conf_dir", "cni.bin_dirs", "cni.plugin_timeout",
-                                "images.registry_config_path", "images.insecure_registries"}
+                                "images.registry_config_path", "images.insecure_registries", "images.pinned_images"}
     assert env.logging == [("debug", "logfmt")] and env.runtime.levels == ["debug"]
     assert env.images.calls == [("/etc/other/certs.d", ["r:5000"])]
+    assert env.images.pinned[-1] == "example.com/keep:1"
     assert env.network.status()[0] is True and env.network.watcher.current().name == "reloaded"
     assert env.network.exec.bin_dirs == ["/opt/x"] and env.network.exec.timeout == 7.0
     # the running config object (what Status verbose shows) carries the new values
