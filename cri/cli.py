@@ -9,7 +9,7 @@ import shutil
 import sys
 
 from moorage.core.errors import MoorageError
-from moorage.cri import cli_images, logs, server, tracing
+from moorage.cri import cli_admin, cli_fsck, cli_images, logs, server, tracing
 from moorage.cri import config as configmod
 from moorage.cri.version import CRI_API_VERSION, VERSION
 
@@ -75,6 +75,7 @@ def _check_items(cfg: configmod.Config) -> list[tuple[str, bool, str]]:
                   f"missing: {' '.join(missing)}; the kernel lacks namespace support"))
     binary("iptables (portmap plugin)", "iptables", "iptables")
     items.append(_hugetlb_item(cfg))
+    items.append(cli_admin.cgroup_driver_item(cfg.runtime.cgroup_driver))
     return items
 
 
@@ -106,7 +107,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     items = _check_items(cfg)
     width = max(len(label) for label, _, _ in items)
     for label, ok, hint in items:
-        print(f"{'ok     ' if ok else 'missing'}  {label.ljust(width)}  {hint}")
+        status = "missing" if not ok else "warn   " if hint.startswith(cli_admin.WARNING) else "ok     "
+        print(f"{status}  {label.ljust(width)}  {hint.removeprefix(cli_admin.WARNING)}")
     return 0 if all(ok for _, ok, _ in items) else 1
 
 
@@ -142,6 +144,8 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_version)
 
     cli_images.register(sub)
+    cli_admin.register(sub)
+    cli_fsck.register(sub)
     return p
 
 
