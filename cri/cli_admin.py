@@ -24,6 +24,7 @@ from moorage.cri import config as configmod
 from moorage.cri.cli_root import Root, alive
 from moorage.images.service import EXTRACT_PREFIX
 from moorage.images.snapshotter import disk_usage
+from moorage.runtime import records
 
 IMAGE_VOLUME_PREFIX = "imagevolume-"  # snapshot keys of image volumes: imagevolume-<cid>-<n> (runtime/container.py)
 
@@ -134,7 +135,7 @@ def inspect_pod(r: Root, sid: str) -> dict[str, Any]:
     rt = r.oci(s.meta.runtime_handler)
     return {
         "kind": "pod", "id": sid, "name": s.meta.name, "state": s.status.state.value,
-        "record": s.row.data,
+        "record": records.sandbox_row(s.meta, s.status).data,  # old rows in today's form
         "spec": _read_json(os.path.join(bundle, "config.json")),
         "paths": {
             "root": _path(r.sandbox_root(sid)), "state": _path(r.sandbox_state(sid)), "bundle": _path(bundle),
@@ -171,7 +172,7 @@ def inspect_container(r: Root, cid: str) -> dict[str, Any]:
     return {
         "kind": "container", "id": cid, "name": c.meta.name, "state": c.status.state.value,
         "sandbox_id": c.meta.sandbox_id,
-        "record": c.row.data,
+        "record": records.container_row(c.meta, c.status).data,
         "spec": _read_json(os.path.join(bundle, "config.json")),
         "paths": {
             "state": _path(state), "bundle": _path(bundle), "rootfs": _path(os.path.join(bundle, "rootfs")),
