@@ -20,6 +20,7 @@ from moorage.testing.cri import container_config, pod_config, run_container, sta
 from moorage.testing.daemon import REPO
 from moorage.testing.imagesenv import pull
 from moorage.testing.netlab import run_pod
+from moorage.testing.procs import cmdlines
 
 pytestmark = pytest.mark.integration
 
@@ -224,8 +225,7 @@ def test_fsck_finds_and_repairs_each_kind(daemon_factory, registry):
     assert status(rt, done).exit_code == 7
     ids = {c.id for c in rt.ListContainers(pb.ListContainersRequest()).containers}
     assert orphan not in ids
-    assert not any(f"-c\0{orphan}" in open(f"/proc/{p}/cmdline").read() for p in os.listdir("/proc")
-                   if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline"))
+    assert not [pid for pid, args in cmdlines() if orphan.encode() in args]  # its conmon is gone
     assert d.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=other))).image.id == ""
     assert d.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref))).image.id
 
