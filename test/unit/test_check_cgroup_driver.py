@@ -19,7 +19,7 @@ def test_driver_against_pid1(init: str, driver: str, warn: bool) -> None:
     assert ok and label == "cgroup driver"
     assert hint.startswith(cli_admin.WARNING) == warn
     if warn:
-        assert "cgroupDriver" in hint and "must match" in hint or "containers will not start" in hint
+        assert "cgroupDriver" in hint  # says what to set on the kubelet side too
 
 
 def test_check_prints_warn(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
