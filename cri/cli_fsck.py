@@ -60,11 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --- helpers -----------------------------------------------------------------------------------------
 
 def _rmtree(path: str) -> None:
-    """Unmount whatever is mounted at or below ``path``, then remove it."""
+    """Unmount whatever is mounted at or below ``path``, then remove it (a dir or a file)."""
     for mp in sorted((m for m in mountmod.mount_points() if m == path or m.startswith(path + "/")),
                      key=len, reverse=True):
         mountmod.unmount_all(mp, detach=True)
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)  # e.g. an exit file
     if os.path.lexists(path):
         raise FailedPrecondition(f"could not remove {path}")
 

@@ -135,6 +135,7 @@ def test_fsck_finds_and_repairs_each_kind(daemon_factory, registry):
     done = run_container(rt, sid, pcfg, container_config(ref, ["sh", "-c", "exit 7"]))
     wait_exited(rt, done)
     exits_later = run_container(rt, sid, pcfg, container_config(ref, ["sleep", "3600"]))
+    unstarted = run_container(rt, sid, pcfg, container_config(ref, ["true"]), start=False)
 
     r = moorage(d, "fsck", "--repair")
     assert r.returncode == 2 and "stop it first" in r.stderr, r.stderr
@@ -153,6 +154,11 @@ def test_fsck_finds_and_repairs_each_kind(daemon_factory, registry):
     subprocess.run(["runc", f"--root={d.state}/oci/runc", "kill", exits_later, "KILL"], check=True)
     # a process (and its bundle, rootfs mount, snapshot, conmon dir) whose record is gone
     store.delete_container(orphan)
+    # a CREATED container whose bundle is gone; an exit file of no container
+    os.unlink(os.path.join(d.state, "containers", unstarted, "bundle", "config.json"))
+    stray_exit = os.path.join(d.state, "oci", "exits", "12" * 32)
+    with open(stray_exit, "w") as f:
+        f.write("0")
     # a snapshot dir with no record, a snapshot record with no dir
     os.makedirs(os.path.join(d.root, "images", "snapshotter", "snapshots", "9999", "fs"))
     ghost = "sha256:" + "ab" * 32
@@ -197,6 +203,8 @@ def test_fsck_finds_and_repairs_each_kind(daemon_factory, registry):
         f"[dir] {d.root}/images/snapshotter/snapshots/9999:",
         f"[snapshot] {orphan}: active snapshot of no container",
         f"[record] pod {sid}: its pod files dir",
+        f"[record] container {unstarted}: CREATED but its bundle is missing",
+        f"[dir] {stray_exit}: conmon exits entry with no record",
         f"[record] snapshot {ghost}: its dir",
         f"[content] image {other}: missing {ml.layers[0][:19]}",
         f"[cni] {gone_sb}: CNI cache entry of no sandbox",
@@ -223,6 +231,7 @@ def test_fsck_finds_and_repairs_each_kind(daemon_factory, registry):
     assert status(rt, exits_later).state == pb.CONTAINER_EXITED and status(rt, exits_later).exit_code == 137
     assert status(rt, keep).state == pb.CONTAINER_RUNNING
     assert status(rt, done).exit_code == 7
+    assert status(rt, unstarted).state == pb.CONTAINER_EXITED and not os.path.exists(stray_exit)
     ids = {c.id for c in rt.ListContainers(pb.ListContainersRequest()).containers}
     assert orphan not in ids
     assert not [pid for pid, args in cmdlines() if orphan.encode() in args]  # its conmon is gone
