@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from moorage.core.errors import MoorageError
-from moorage.cri import cli_images, config_reference, logs, server, tracing
+from moorage.cri import cli_admin, cli_fsck, cli_images, config_reference, logs, server, tracing
 from moorage.cri import config as configmod
 from moorage.cri.version import CRI_API_VERSION, VERSION
 
@@ -97,6 +97,7 @@ def _check_items(cfg: configmod.Config) -> list[tuple[str, bool, str]]:
                   f"missing: {' '.join(missing)}; the kernel lacks namespace support"))
     binary("iptables (portmap plugin)", "iptables", "iptables")
     items.append(_hugetlb_item(cfg))
+    items.append(cli_admin.cgroup_driver_item(cfg.runtime.cgroup_driver))
     return items
 
 
@@ -143,7 +144,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     items = _check_items(cfg)
     width = max(len(label) for label, _, _ in items)
     for label, ok, hint in items:
-        print(f"{'ok     ' if ok else 'missing'}  {label.ljust(width)}  {hint}")
+        status = "missing" if not ok else "warn   " if hint.startswith(cli_admin.WARNING) else "ok     "
+        print(f"{status}  {label.ljust(width)}  {hint.removeprefix(cli_admin.WARNING)}")
     # Informational: a feature this host lacks is not advertised, and the daemon still works.
     feats = _feature_lines(cfg)
     print("\nCRI features (advertised in Status only when available):")
@@ -188,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_version)
 
     cli_images.register(sub)
+    cli_admin.register(sub)
+    cli_fsck.register(sub)
     return p
 
 

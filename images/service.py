@@ -516,7 +516,18 @@ class ImageService:
         with self.gc_lock():
             return self._gc_locked()
 
-    def _gc_locked(self) -> dict[str, builtins.list[str]]:
+    def collect_garbage(self, dry_run: bool = False) -> dict[str, builtins.list[str]]:
+        """GC for ``moorage gc`` (blocking): the same rules as the daemon's, under the GC lock
+        (shared for a dry run, which only says what would go and changes nothing)."""
+        with self.gc_lock(shared=dry_run):
+            return self._gc_locked(dry_run)
+
+    def clean_leftovers(self) -> dict[str, int] | None:
+        """What start-up does (ingests, extractions, orphan snapshot dirs, leases, then GC); only
+        safe while no daemon runs on this root.  None if an offline import holds the GC lock."""
+        return self._start_clean()
+
+    def _gc_locked(self, dry_run: bool = False) -> dict[str, builtins.list[str]]:
         with self._chains_lock:
             # In-flight chains first, images after: a pull records its image before it lets go
             # of its chains.  Chains registered from here on are collected in _gc_touched and
@@ -525,7 +536,7 @@ class ImageService:
             self._gc_touched = set()
         try:
             with self.content.lease_watch():  # the same for blobs: leased since now -> kept
-                return self._gc_collect(keep_snaps)
+                return self._gc_collect(keep_snaps, dry_run)
         finally:
             with self._chains_lock:
                 self._gc_touched = None
@@ -543,7 +554,7 @@ class ImageService:
         self.snapshots.remove_dir(key, d)
         return True
 
-    def _gc_collect(self, keep_snaps: set[str]) -> dict[str, builtins.list[str]]:
+    def _gc_collect(self, keep_snaps: set[str], dry_run: bool = False) -> dict[str, builtins.list[str]]:
         keep_blobs = {str(d) for d in self.content.leased_digests()}
         for res in self.store.leased_resources():  # other processes' work (offline imports)
             keep_blobs.add(res)
@@ -567,7 +578,16 @@ class ImageService:
         while progress:
             progress = False
             for key in list(records):
-                if key in keep_snaps or self.store.snapshot_children(key):
+                if key in keep_snaps:
+                    continue
+                # A dry run removes nothing from the store: children are judged on its own view.
+                if (any(r.parent == key for r in records.values()) if dry_run
+                        else self.store.snapshot_children(key)):
+                    continue
+                if dry_run:  # as if removed: its parent may go in the next round
+                    removed_snaps.append(key)
+                    records.pop(key)
+                    progress = True
                     continue
                 try:
                     gone = self._gc_remove_snapshot(key)
@@ -588,6 +608,9 @@ class ImageService:
         removed_blobs = []
         for info in self.content.list():
             if str(info.digest) not in keep_blobs:
+                if dry_run:
+                    removed_blobs.append(str(info.digest))
+                    continue
                 try:
                     self.content.delete(info.digest, missing_ok=True)
                 except MoorageError:  # leased meanwhile

@@ -146,3 +146,21 @@ def test_gc_keeps_a_chain_a_pull_took_after_gc_began(svc, busybox, monkeypatch, 
     svc.store.delete_image(busybox.id)
     removed = asyncio.run(svc.gc())
     assert sorted(removed["snapshots"]) == sorted(chains) and sorted(removed["blobs"]) == blobs
+
+
+def test_gc_dry_run_says_what_gc_removes_and_changes_nothing(svc, test_image_layouts, tmp_path):
+    """`moorage gc --dry-run` uses this: the same answer as the GC itself, whole chains included."""
+    info = test_image_layouts["multilayer"]
+    rec = archive.import_archive(svc, tar_layout(info.path, str(tmp_path / "ml.tar")), base_name="x.io/ml")[0].record
+    svc.store.delete_image(rec.id)  # as if untagged elsewhere: its chain and blobs are now garbage
+    blobs = sorted(str(b.digest) for b in svc.content.list())
+    snaps = sorted(s.key for s in svc.store.list_snapshots())
+    assert blobs and len(snaps) > 1
+    plan = svc.collect_garbage(dry_run=True)
+    assert sorted(plan["blobs"]) == blobs and sorted(plan["snapshots"]) == snaps
+    assert sorted(str(b.digest) for b in svc.content.list()) == blobs  # nothing removed
+    assert sorted(s.key for s in svc.store.list_snapshots()) == snaps
+    removed = svc.collect_garbage()
+    assert sorted(removed["blobs"]) == blobs and sorted(removed["snapshots"]) == snaps
+    assert svc.content.list() == [] and svc.store.list_snapshots() == []
+    assert svc.collect_garbage(dry_run=True) == {"snapshots": [], "blobs": []}
