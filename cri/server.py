@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 import grpc
 
@@ -17,7 +18,9 @@ from moorage.core.store import Store
 from moorage.cri import config as configmod
 from moorage.cri.edge import Edge
 from moorage.cri.metrics import METRICS
+from moorage.cri.notify import Notifier
 from moorage.cri.services import Component, build_services
+from moorage.runtime.records import ContainerState, SandboxState
 
 log = logging.getLogger("moorage.server")
 
@@ -71,8 +74,12 @@ def _prepare_socket(path: str) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: configmod.Config) -> None:
+    def __init__(self, cfg: configmod.Config, notify: Notifier | None = None) -> None:
         self.cfg = cfg
+        self.notify = notify or Notifier()  # systemd readiness; a no-op one unless given
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._states: Callable[[], tuple[dict[str, int], dict[str, int]]] | None = None
+        self._serving = False
         self.lock = DaemonLock(cfg.root_dir)
         self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
@@ -85,8 +92,19 @@ class Daemon:
             return "moorage is shutting down"
         return None
 
+    def status_line(self) -> str:
+        """What `systemctl status` shows while serving (re-sent by the heartbeat when counts change)."""
+        if not self._serving or self._stopping or self._states is None:
+            return ""
+        sb, ct = self._states()
+        return (f"serving on {self.cfg.socket}: {sum(sb.values())} pods ({sb.get(SandboxState.READY.value, 0)} ready), "
+                f"{sum(ct.values())} containers ({ct.get(ContainerState.RUNNING.value, 0)} running)")
+
     async def start(self) -> None:
         cfg = self.cfg
+        # Pings start before recovery: a long recovery must not look like a hang to the watchdog.
+        self._heartbeat = asyncio.create_task(self.notify.heartbeat(self.status_line))
+        self.notify.status(f"starting: locking {cfg.root_dir}")
         self.lock.acquire()
         try:
             for d in (cfg.root_dir, cfg.state_dir):
@@ -94,6 +112,8 @@ class Daemon:
             self.store = Store(cfg.root_dir, cfg.namespace)
             services = build_services(cfg, self.store)
             self.components = services.components
+            self._states = services.runtime.rt.states
+            self.notify.status("recovering: loading the store, reconciling pods and containers with what runs")
             for comp in self.components:
                 await comp.start()
             _prepare_socket(cfg.socket)
@@ -115,7 +135,11 @@ class Daemon:
                 except OSError as e:
                     log.warning("metrics endpoint disabled: cannot listen on %s: %s", cfg.metrics.address, e.strerror)
             log.info("moorage ready", extra={"fields": {"socket": cfg.socket, "root": cfg.root_dir, "pid": os.getpid()}})
-        except BaseException:
+            # Recovery ran inside the components' start and the socket serves: only now READY=1.
+            self._serving = True
+            self.notify.ready(self.status_line())
+        except BaseException as e:
+            self.notify.status(f"failed to start: {e}")
             await self._teardown()
             raise
 
@@ -132,6 +156,7 @@ class Daemon:
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
+        self.notify.stopping(f"stopping: finishing in-flight calls (up to {grace:g}s); containers keep running")
         if self.server is not None:
             await self.server.stop(grace)  # refuses new calls, lets in-flight ones finish
         await self._teardown()
@@ -155,9 +180,13 @@ class Daemon:
             self.store.close()
             self.store = None
         self.lock.release()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
 
 
 async def run(cfg: configmod.Config) -> None:
-    d = Daemon(cfg)
+    d = Daemon(cfg, Notifier.from_env())  # takes NOTIFY_SOCKET & co. out of the environment for children
     await d.start()
     await d.wait()
