@@ -105,8 +105,8 @@ class Daemon:
         # Pings start before recovery: a long recovery must not look like a hang to the watchdog.
         self._heartbeat = asyncio.create_task(self.notify.heartbeat(self.status_line))
         self.notify.status(f"starting: locking {cfg.root_dir}")
-        self.lock.acquire()
         try:
+            self.lock.acquire()  # inside: a second daemon's refusal is reported as a failed start too
             for d in (cfg.root_dir, cfg.state_dir):
                 os.makedirs(d, mode=0o711, exist_ok=True)
             self.store = Store(cfg.root_dir, cfg.namespace)

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -215,3 +217,19 @@ def test_ready_only_after_recovery(daemon_factory: Callable[..., DaemonProcess],
         if d.proc is not None and d.proc.poll() is None:
             d.cleanup_pods()  # before the cgroup parent can go
         remove_cgroup_tree(parent)
+
+
+
+def test_a_failed_start_says_why_and_never_ready(daemon_factory: Callable[..., DaemonProcess],
+                                                manager_for: Callable[[DaemonProcess], ServiceManager]) -> None:
+    first = daemon_factory()
+    sm = manager_for(first)
+    # a second daemon on the same root dir is refused by the daemon lock
+    p = subprocess.run([sys.executable, "-m", "moorage.cri.cli", "serve", "--config", first.config_path],
+                       env={**os.environ, "NOTIFY_SOCKET": sm.path}, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert p.returncode != 0, p.stderr[-2000:]
+    wait_for(lambda: sm.statuses(), timeout=5, what="a STATUS line")
+    time.sleep(0.2)  # anything the exiting process sent has been received by now
+    assert [s for s in sm.statuses() if s.startswith("failed to start: another moorage daemon")], sm.statuses()
+    assert sm.first("READY") == -1
