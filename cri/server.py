@@ -18,8 +18,10 @@ from moorage.core.store import Store
 from moorage.cri import config as configmod
 from moorage.cri.edge import Edge
 from moorage.cri.metrics import METRICS
+from moorage.cri.notify import Notifier
 from moorage.cri.reload import Reloader
 from moorage.cri.services import Component, build_services
+from moorage.runtime.records import ContainerState, SandboxState
 
 log = logging.getLogger("moorage.server")
 
@@ -73,13 +75,18 @@ def _prepare_socket(path: str) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: configmod.Config, load: Callable[[], configmod.LoadedConfig] | None = None) -> None:
+    def __init__(self, cfg: configmod.Config, load: Callable[[], configmod.LoadedConfig] | None = None,
+                 notify: Notifier | None = None) -> None:
         # load: reads the config files again on SIGHUP (None: SIGHUP only logs that it is ignored)
         self.cfg = cfg
         self.load = load
         self.reloader: Reloader | None = None
         self._reload_pending = False
         self._tasks: set[asyncio.Task[object]] = set()
+        self.notify = notify or Notifier()  # systemd readiness; a no-op one unless given
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._states: Callable[[], tuple[dict[str, int], dict[str, int]]] | None = None
+        self._serving = False
         self.lock = DaemonLock(cfg.root_dir)
         self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
@@ -92,12 +99,23 @@ class Daemon:
             return "moorage is shutting down"
         return None
 
+    def status_line(self) -> str:
+        """What `systemctl status` shows while serving (re-sent by the heartbeat when counts change)."""
+        if not self._serving or self._stopping or self._states is None:
+            return ""
+        sb, ct = self._states()
+        return (f"serving on {self.cfg.socket}: {sum(sb.values())} pods ({sb.get(SandboxState.READY.value, 0)} ready), "
+                f"{sum(ct.values())} containers ({ct.get(ContainerState.RUNNING.value, 0)} running)")
+
     async def start(self) -> None:
         cfg = self.cfg
         # From the first moment: SIGHUP's default action would end the daemon during recovery.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
-        self.lock.acquire()
+        # Pings start before recovery: a long recovery must not look like a hang to the watchdog.
+        self._heartbeat = asyncio.create_task(self.notify.heartbeat(self.status_line))
+        self.notify.status(f"starting: locking {cfg.root_dir}")
         try:
+            self.lock.acquire()  # inside: a second daemon's refusal is reported as a failed start too
             for d in (cfg.root_dir, cfg.state_dir):
                 os.makedirs(d, mode=0o711, exist_ok=True)
             self.store = Store(cfg.root_dir, cfg.namespace)
@@ -105,6 +123,8 @@ class Daemon:
             self.components = services.components
             if self.load is not None and services.reload_targets is not None:
                 self.reloader = Reloader(cfg, self.load, services.reload_targets)
+            self._states = services.runtime.rt.states
+            self.notify.status("recovering: loading the store, reconciling pods and containers with what runs")
             for comp in self.components:
                 await comp.start()
             _prepare_socket(cfg.socket)
@@ -126,9 +146,13 @@ class Daemon:
                 except OSError as e:
                     log.warning("metrics endpoint disabled: cannot listen on %s: %s", cfg.metrics.address, e.strerror)
             log.info("moorage ready", extra={"fields": {"socket": cfg.socket, "root": cfg.root_dir, "pid": os.getpid()}})
+            # Recovery ran inside the components' start and the socket serves: only now READY=1.
+            self._serving = True
+            self.notify.ready(self.status_line())
             if self._reload_pending:
                 self.request_reload()
-        except BaseException:
+        except BaseException as e:
+            self.notify.status(f"failed to start: {e}")
             await self._teardown()
             raise
 
@@ -146,9 +170,16 @@ class Daemon:
         if self.reloader is None:
             log.warning("SIGHUP ignored: this daemon was started without config files to reload")
             return
-        task: asyncio.Task[object] = asyncio.ensure_future(self.reloader.reload())
+        self.notify.reloading("reloading the configuration")
+        task: asyncio.Task[object] = asyncio.ensure_future(self._reload(self.reloader))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self, reloader: Reloader) -> None:
+        try:
+            await reloader.reload()
+        finally:
+            self.notify.ready(self.status_line())  # systemd: the reload is over, whatever it applied
 
     async def wait(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,6 +191,7 @@ class Daemon:
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
+        self.notify.stopping(f"stopping: finishing in-flight calls (up to {grace:g}s); containers keep running")
         if self._tasks:  # a reload in flight finishes before the parts it reconfigures stop
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
@@ -185,9 +217,13 @@ class Daemon:
             self.store.close()
             self.store = None
         self.lock.release()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
 
 
 async def run(cfg: configmod.Config, load: Callable[[], configmod.LoadedConfig] | None = None) -> None:
-    d = Daemon(cfg, load)
+    d = Daemon(cfg, load, Notifier.from_env())  # takes NOTIFY_SOCKET & co. out of the environment for children
     await d.start()
     await d.wait()

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.resources
 import json
 import os
 import platform
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from moorage.core.errors import InvalidArgument, NotFound
 
-_DATA = Path(__file__).with_name("seccomp_default.json")
+# Read as a package resource, so that it loads from a zipapp (dist/moorage.pyz) as from files.
+_DATA = importlib.resources.files(__package__ or "moorage.runtime").joinpath("seccomp_default.json")
 
 #: Bound on the size of a Localhost profile file.
 MAX_PROFILE_BYTES = 4 << 20
@@ -79,8 +80,7 @@ _GO_ARCH_TO_SCMP = {
 
 @functools.lru_cache(maxsize=1)
 def _data() -> dict:
-    with open(_DATA, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(_DATA.read_text(encoding="utf-8"))
 
 
 def host_arch() -> str:
