@@ -532,7 +532,7 @@ DOCS: dict[str, str] = {
     "images.credential_helper_timeout": "Seconds a docker-credential-<helper> may take to answer.",
     "images.pinned_images":
         "Image references never garbage-collected and reported pinned (the kubelet's image GC skips them);\n"
-        "runtime.sandbox_image is pinned too. An explicit RemoveImage still removes them, as with containerd.",
+        "runtime.sandbox_image is pinned too. RemoveImage of a pinned image is refused (FAILED_PRECONDITION).",
     "images.container_root":
         "Where containers' writable layers live, e.g. on a disk of their own (ImageFsInfo then reports\n"
         "separate image and container filesystems); empty: beside the image snapshots under root_dir.\n"

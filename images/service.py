@@ -26,7 +26,7 @@ from typing import Any
 from opentelemetry import trace
 
 from moorage.core import mount as mountmod
-from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
+from moorage.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
 from moorage.images import oci
@@ -486,7 +486,7 @@ class ImageService:
         if by_tag:
             r = parse_reference(ref)
             tag = f"{r.name}:{r.tag}"
-            if len(rec.repo_tags) > 1 and tag in rec.repo_tags:
+            if len(rec.repo_tags) > 1 and tag in rec.repo_tags and tag not in self._pinned:
                 def untag(cur: ImageRecord | None) -> ImageRecord:
                     # on the stored record, in the store's transaction: tags added meanwhile stay
                     cur = cur if cur is not None else rec
@@ -499,12 +499,15 @@ class ImageService:
                 self.store.update_image(rec.id, untag)
                 log.info("untagged image", extra={"fields": {"id": rec.id, "tag": tag}})
                 return
+        if self.is_pinned(rec):
+            # The node's config pins it (the sandbox image, images.pinned_images): a pod start
+            # must never find it gone. containerd and CRI-O leave this to their clients; a node
+            # is safer when the runtime itself keeps what its config says to keep.
+            raise FailedPrecondition(
+                f"image {rec.id} ({', '.join(rec.repo_tags[:3]) or 'untagged'}) is pinned by the node's config "
+                "(runtime.sandbox_image or images.pinned_images); unpin it there (and reload) to remove it")
         self.store.delete_image(rec.id)
-        # A pinned image is removed too when asked by name, as containerd does: pinning keeps it
-        # from GC (the kubelet's image GC skips pinned images; moorage's own GC only removes what
-        # no image references), not from an explicit RemoveImage.
-        log.info("removed image", extra={"fields": {"id": rec.id, "tags": rec.repo_tags,
-                                                    "pinned": self.is_pinned(rec)}})
+        log.info("removed image", extra={"fields": {"id": rec.id, "tags": rec.repo_tags}})
         if self.s.gc_on_remove:
             await self.gc()
 

@@ -156,6 +156,11 @@ def test_pinned_images_are_reported_and_survive_gc(daemon_factory, registry):
     cid = run_container(d.runtime, sid, sb_cfg, container_config(bb.ref, ["true"]))
     assert wait_exited(d.runtime, cid).exit_code == 0
     assert status(d, bb.ref).image.pinned
+    # RemoveImage of a pinned image is refused, naming what pins it; the image stays usable
+    with pytest.raises(grpc.RpcError) as e:
+        d.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=bid)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "images.pinned_images" in e.value.details()
+    assert status(d, bid).image.pinned
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import errno
 
 import pytest
 
-from moorage.core.errors import Unavailable
+from moorage.core.errors import FailedPrecondition, Unavailable
 from moorage.core.store import Store
 from moorage.images import archive
 from moorage.images import unpack as unpackmod
@@ -42,7 +42,7 @@ def test_pinned_follows_the_configured_references(tmp_path, test_image_layouts):
         svc.store.close()
 
 
-def test_pinned_image_survives_gc_and_is_removed_when_asked(tmp_path, test_image_layouts):
+def test_pinned_image_survives_gc_and_remove_until_unpinned(tmp_path, test_image_layouts):
     svc = _service(tmp_path, pinned_refs=["busybox:latest"])
     try:
         rec = _import(svc, test_image_layouts, tmp_path)
@@ -51,7 +51,13 @@ def test_pinned_image_survives_gc_and_is_removed_when_asked(tmp_path, test_image
         assert asyncio.run(svc.gc()) == {"snapshots": [], "blobs": []}
         assert {str(b.digest) for b in svc.content.list()} == blobs
         assert {s.key for s in svc.store.list_snapshots()} == snaps and svc.status(rec.id).pinned
-        asyncio.run(svc.remove(rec.id))  # an explicit RemoveImage wins, as with containerd
+        with pytest.raises(FailedPrecondition, match="pinned by the node's config"):
+            asyncio.run(svc.remove(rec.id))
+        with pytest.raises(FailedPrecondition):
+            asyncio.run(svc.remove("busybox:latest"))
+        assert svc.status(rec.id) is not None and {str(b.digest) for b in svc.content.list()} == blobs
+        svc.set_pinned([])  # unpinned (a config reload): now it goes
+        asyncio.run(svc.remove(rec.id))
         assert svc.status(rec.id) is None and svc.content.list() == []
     finally:
         svc.store.close()
