@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -136,7 +137,25 @@ def _feature_lines(cfg: configmod.Config) -> list[tuple[str, str]]:
         where = f"handler {name}" if name else f"handler \"\" (default: {rt.default_handler})"
         out.extend((f"{f.name} [{where}]", f.describe()) for f in h.features())
     out.extend((f.name, f.describe()) for f in report.runtime_features())
+    out.append(("checkpoint/restore (CheckpointContainer, CheckpointPod, RestorePod)", _criu_state()))
     return out
+
+
+def _criu_state() -> str:
+    """Checkpointing is not implemented; say whether this host could even do it (``criu check``)."""
+    criu = shutil.which("criu")
+    if criu is None:
+        return "unavailable: not implemented (UNIMPLEMENTED); criu is not installed"
+    try:
+        p = subprocess.run([criu, "check"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable: not implemented (UNIMPLEMENTED); `criu check` could not run: {e}"
+    lines = [ln.strip() for ln in (p.stderr + p.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    if p.returncode != 0 or errors:
+        why = (errors or lines or [f"exit status {p.returncode}"])[0][:200]
+        return f"unavailable: not implemented (UNIMPLEMENTED); `criu check` fails here: {why}"
+    return "unavailable: not implemented (UNIMPLEMENTED), although `criu check` passes on this host"
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
