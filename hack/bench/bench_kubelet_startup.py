@@ -405,7 +405,13 @@ class Moorage(Runtime):
 
     def __init__(self, network: Network) -> None:
         self.d = DaemonProcess(base=new_base())
-        self.d.write_config()  # stock config apart from its dirs, socket and metrics port
+        self.d.write_config()
+        # Stock config apart from dirs, socket and metrics port: the test helper turns debug
+        # logging on, which containerd (at info) would not pay for.
+        with open(self.d.config_path) as f:
+            conf = f.read()
+        with open(self.d.config_path, "w") as f:
+            f.write(conf.replace('log_level = "debug"', 'log_level = "info"'))
         network.write(self.d.cni_conf_dir)
         self.socket = self.d.socket
 
@@ -445,9 +451,11 @@ class Containerd(Runtime):
         runc = shutil.which("runc") or "/usr/sbin/runc"
         # Everything on our own dirs; the CRI plugin with the same CNI dirs as moorage.
         # restrict_oom_score_adj: no CAP_SYS_RESOURCE here, so the kubelet's negative
-        # oom_score_adj must be clamped to containerd's own.  Hugetlb: this host has no
-        # hugetlb hierarchy; containerd 1.6 already defaults to disable + tolerate (the
-        # kubelet's hugepage limits are dropped), written out to be explicit.
+        # oom_score_adj must be clamped to containerd's own.  Hugetlb: the kubelet always
+        # sends hugepage limits and this host has no hugetlb hierarchy; with both switches
+        # false CreateContainer fails ("huge pages limits are specified but hugetlb cgroup
+        # controller is missing"), either one true drops the limits.  Both are containerd
+        # 1.6's defaults, written out to be explicit.
         # netns pins under our state dir instead of /var/run/netns, runc's state under ours
         # instead of /run/containerd/runc.
         return f"""version = 2
@@ -799,9 +807,10 @@ def run_block(kubelet_bin: str, runtime: Runtime, image: str, rounds: int, block
 
 
 def report(results: dict[tuple[str, int], list[Sample]], versions: dict[str, str], rounds: int,
-           blocks: int) -> None:
+           blocks: int, load: list[float]) -> None:
     print(f"\nPod startup under a standalone kubelet ({blocks} block(s) x {rounds} round(s) per runtime, "
           "interleaved; seconds)")
+    print(f"  host: {os.cpu_count()} CPUs, 1-min load average {load[0]:.1f} before, {load[-1]:.1f} after")
     for name, v in versions.items():
         print(f"  {name}: {v}")
     metrics: list[tuple[str, Callable[[Sample], float]]] = [
@@ -858,6 +867,7 @@ def main() -> None:
     pod_logs: list[str] = []
     problems: list[str] = []
     with hold(KUBELET_LOCK), hold(CNI_LOCK):
+        load = [os.getloadavg()[0]]
         before = HostSnapshot.take()
         containerd_paths = Containerd.fixed_paths_before()
         try:
@@ -890,9 +900,11 @@ def main() -> None:
             problems += before.restore(pod_logs)
             problems += Containerd.remove_fixed_paths(containerd_paths)
             shutil.rmtree(work, ignore_errors=True)
-    report(results, versions, args.rounds, args.blocks)
+            if problems:
+                print("\nteardown problems:\n  " + "\n  ".join(problems), file=sys.stderr)
+    load.append(os.getloadavg()[0])
+    report(results, versions, args.rounds, args.blocks, load)
     if problems:
-        print("\nteardown problems:\n  " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(1)
 
 
