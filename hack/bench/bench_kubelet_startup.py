@@ -1,0 +1,912 @@
+#!/usr/bin/env python3
+"""Pod startup under a real kubelet: moorage against containerd, same kubelet, images and CNI.
+
+Measures "static pod manifest dropped -> all of its containers running", for 1 pod and
+for 10 pods dropped at once, and "manifests removed -> no pod left running":
+
+* ``CRI running``: every container of the batch is CONTAINER_RUNNING on the runtime's
+  CRI socket (polled every 20 ms); the primary figure.
+* ``kubelet Running``: the kubelet's read-only ``/pods`` shows every pod Running with all
+  containers running (polled every 100 ms; quantised by the kubelet's 1 s PLEG relist).
+* ``stopped``: after the manifests go, no ready sandbox and no running container of the
+  batch is left on the CRI socket.
+
+Both runtimes run for the whole benchmark, each on its own temporary dirs and socket:
+moorage as ``moorage.testing.daemon.DaemonProcess`` (stock config apart from dirs) and
+Debian's ``containerd`` (installed with apt-get when missing) with its own config.  Both
+get the same CNI conflist (a bridge ``mrgb<hex>`` and a free 10.238.x.0/24 owned by this
+script) and pull from the same local ``docker-registry`` holding the project's offline
+test images (busybox; containerd's sandbox image is the catatonit ``pause`` stand-in built
+for critest).  Images are pulled into both runtimes before anything is measured.
+
+Rounds are interleaved: each block starts a fresh standalone kubelet (static pods, own
+root dir, ports and cgroup root) on one runtime, runs one unmeasured warm-up pod and then
+``--rounds`` rounds of 1 and of 10 pods, and stops it; blocks alternate between the
+runtimes (and which goes first), so host load drifts hit both alike.
+
+Needs root, a kubelet (``$KUBELET`` or on PATH; see /work/shared/kubelet or
+test/e2e/kubelet/README.md for building one offline), runc, conmon, catatonit,
+docker-registry, iptables and the CNI plugins in /usr/lib/cni.  Everything it creates is
+removed at the end, including what the kubelet changes on the host (sysctls, KUBE-*
+iptables chains, /var/lib/kubelet/device-plugins, /var/log/containers, its mounts and
+cgroups) and containerd's mounts and shims.  It prints figures and asserts nothing.
+
+    KUBELET=/path/to/kubelet .venv/bin/python hack/bench/bench_kubelet_startup.py [--rounds 3] [--blocks 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from moorage.cri.api import api_pb2 as pb
+from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.testing.daemon import DaemonProcess, free_port, new_base
+from moorage.testing.daemon import teardown as daemon_teardown
+from moorage.testing.net import (
+    free_subnet,
+    iptables_state,
+    remove_portmap_scaffolding_if_ours,
+    remove_rules_of_network,
+    sh,
+)
+from moorage.testing.netlab import LOCK_PATH as CNI_LOCK
+from moorage.testing.procs import cmdlines
+from moorage.testing.registry import DOCKER_REGISTRY, REPO_PREFIX, TestRegistry, push_layout
+from moorage.testing.testimages import LayoutInfo, build_critest_images, cached_build_all
+
+CNI_PLUGIN_DIR = "/usr/lib/cni"
+# The kubelet e2e tests' lock: one kubelet at a time changes host-wide state.
+KUBELET_LOCK = "/run/lock/moorage-test-kubelet.lock"
+SUBNET_OCTET = 238  # 10.238.x.0/24: critest 10.234, kubelet e2e 10.236, netlab 10.223
+KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
+                   "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
+HOST_PATHS = ("/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers")
+# Fixed paths containerd uses whatever its config says: the shim's socket dir (1.6) and
+# libcni's result cache.  Removed afterwards if they did not exist before and hold nothing.
+CONTAINERD_FIXED_PATHS = ("/run/containerd", "/var/lib/cni")
+CRI_POLL = 0.02
+PODS_POLL = 0.1
+BATCH_TIMEOUT = 300.0
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
+    try:
+        with _NO_PROXY.open(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            v = fn()
+            if v:
+                return v
+            last = v
+        except (OSError, grpc.RpcError, KeyError, ValueError) as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+@contextmanager
+def hold(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def mountpoints() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f]
+
+
+def unmount_under(base: str) -> list[str]:
+    """Unmount everything at or below ``base``, deepest first; returns what stays mounted."""
+    for _ in range(5):
+        mine = sorted((m for m in mountpoints() if m == base or m.startswith(base + "/")), key=len, reverse=True)
+        if not mine:
+            return []
+        for m in mine:
+            if subprocess.run(["umount", m], check=False, capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", m], check=False, capture_output=True)
+    return [m for m in mountpoints() if m == base or m.startswith(base + "/")]
+
+
+def cgroup_hierarchies() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [p[1] for p in (line.split() for line in f) if p[2] in ("cgroup", "cgroup2")]
+
+
+def kill_tree(roots: list[int]) -> None:
+    """SIGKILL the given processes and all their descendants, leaves first."""
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    stack, tree = list(roots), []
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(kids.get(pid, []))
+    for pid in reversed(tree):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def find_kubelet() -> str | None:
+    k = os.environ.get("KUBELET") or shutil.which("kubelet")
+    return k if k and os.access(k, os.X_OK) else None
+
+
+# --- host state the kubelet changes -------------------------------------------------------------
+
+def read_sysctl(name: str) -> str:
+    with open("/proc/sys/" + name.replace(".", "/")) as f:
+        return f.read().strip()
+
+
+def iptables_chains(binary: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for table in ("filter", "nat", "mangle"):
+        r = subprocess.run([binary, "-w", "-t", table, "-S"], check=False, capture_output=True, text=True)
+        if r.returncode == 0:
+            out[table] = {ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("-N ")}
+    return out
+
+
+def remove_new_kube_chains(binary: str, before: dict[str, set[str]]) -> None:
+    """Delete KUBE-* chains that appeared since ``before``, and the jumps into them."""
+    for table, chains in iptables_chains(binary).items():
+        new = {c for c in chains - before.get(table, set()) if c.startswith("KUBE-")}
+        if not new:
+            continue
+        rules = subprocess.run([binary, "-w", "-t", table, "-S"], check=False, capture_output=True, text=True).stdout
+        for ln in rules.splitlines():
+            a = ln.split()
+            if a[:1] == ["-A"] and "-j" in a and a[a.index("-j") + 1] in new:
+                subprocess.run([binary, "-w", "-t", table, "-D", *a[1:]], check=False, capture_output=True)
+        for verb in ("-F", "-X"):
+            for c in new:
+                subprocess.run([binary, "-w", "-t", table, verb, c], check=False, capture_output=True)
+
+
+@dataclass
+class HostSnapshot:
+    sysctls: dict[str, str]
+    chains_v4: dict[str, set[str]]
+    chains_v6: dict[str, set[str]]
+    paths: dict[str, bool]
+    iptables: set[str]
+
+    @classmethod
+    def take(cls) -> HostSnapshot:
+        return cls({s: read_sysctl(s) for s in KUBELET_SYSCTLS}, iptables_chains("iptables"),
+                   iptables_chains("ip6tables"), {p: os.path.lexists(p) for p in HOST_PATHS}, iptables_state())
+
+    def restore(self, pod_logs_dirs: list[str]) -> list[str]:
+        """Undo what kubelets changed host-wide since the snapshot; returns what stays changed."""
+        for name, value in self.sysctls.items():
+            if read_sysctl(name) != value:
+                with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+                    f.write(value)
+        remove_new_kube_chains("iptables", self.chains_v4)
+        remove_new_kube_chains("ip6tables", self.chains_v6)
+        if not self.paths["/var/lib/kubelet"]:
+            shutil.rmtree("/var/lib/kubelet", ignore_errors=True)
+        elif not self.paths["/var/lib/kubelet/device-plugins"]:
+            shutil.rmtree("/var/lib/kubelet/device-plugins", ignore_errors=True)
+        if not self.paths["/var/log/containers"]:
+            shutil.rmtree("/var/log/containers", ignore_errors=True)
+        elif os.path.isdir("/var/log/containers"):
+            for n in os.listdir("/var/log/containers"):  # only our pods' symlinks
+                p = os.path.join("/var/log/containers", n)
+                if os.path.islink(p) and any(os.readlink(p).startswith(d + "/") for d in pod_logs_dirs):
+                    os.unlink(p)
+        remove_portmap_scaffolding_if_ours(self.iptables)
+        after = HostSnapshot.take()
+        problems = [f"sysctl {n} is {after.sysctls[n]}, was {v}" for n, v in self.sysctls.items()
+                    if after.sysctls[n] != v]
+        for label, b, a in (("v4", self.chains_v4, after.chains_v4), ("v6", self.chains_v6, after.chains_v6)):
+            for table in a:
+                extra = {c for c in a[table] - b.get(table, set()) if c.startswith(("KUBE-", "CNI-"))}
+                if extra:
+                    problems.append(f"iptables {label} {table}: chains left {sorted(extra)}")
+        problems += [f"{p} left behind" for p, existed in self.paths.items() if not existed and os.path.lexists(p)]
+        return problems
+
+
+# --- registry and network ---------------------------------------------------------------------
+
+@dataclass
+class Registry:
+    """docker-registry on 127.0.0.1 (plain HTTP) with busybox and the pause stand-in."""
+
+    base: str
+    host: str = ""
+    proc: subprocess.Popen | None = None
+    busybox: str = ""
+    pause: str = ""
+
+    def start(self) -> None:
+        storage = os.path.join(self.base, "storage")
+        os.makedirs(storage, exist_ok=True)
+        port = free_port()
+        cfg = {"version": "0.1", "log": {"level": "warn", "accesslog": {"disabled": True}},
+               "storage": {"filesystem": {"rootdirectory": storage}},
+               "http": {"addr": f"127.0.0.1:{port}", "secret": "bench"}}
+        path = os.path.join(self.base, "config.yml")
+        with open(path, "w") as f:
+            json.dump(cfg, f)  # JSON is YAML
+        with open(os.path.join(self.base, "registry.log"), "ab") as logf:
+            self.proc = subprocess.Popen([DOCKER_REGISTRY, "serve", path], stdout=logf, stderr=logf,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.host = f"127.0.0.1:{port}"
+        wait_for(lambda: self.proc is not None and self.proc.poll() is None and
+                 http_get(f"http://{self.host}/v2/")[0] == 200, 30, "docker-registry", 0.05)
+
+    def push(self, layouts: dict[str, LayoutInfo]) -> None:
+        async def go() -> None:
+            reg = TestRegistry(host=self.host, scheme="http", base_dir=self.base)
+            async with reg.client(retries=2, backoff=0.1) as c:
+                for name, info in layouts.items():
+                    await push_layout(c, f"{self.host}/{REPO_PREFIX}/{name}", info)
+        asyncio.run(go())
+        self.busybox = f"{self.host}/{REPO_PREFIX}/busybox:latest"
+        self.pause = f"{self.host}/{REPO_PREFIX}/pause:3.9"
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+
+
+@dataclass
+class Network:
+    bridge: str
+    name: str
+    subnet: str
+    gateway: str
+    ipam_dir: str
+
+    def conflist(self) -> dict[str, Any]:
+        # The kubelet e2e harness's shape: bridge without gateway forwarding or masquerade,
+        # host-local in our own dir, portmap, loopback.
+        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
+            {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False, "hairpinMode": True,
+             "ipam": {"type": "host-local", "dataDir": self.ipam_dir,
+                      "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+            {"type": "loopback"},
+        ]}
+
+    def write(self, conf_dir: str) -> None:
+        os.makedirs(conf_dir, exist_ok=True)
+        with open(os.path.join(conf_dir, "10-bench.conflist"), "w") as f:
+            json.dump(self.conflist(), f)
+
+    def create(self) -> None:
+        net = free_subnet(SUBNET_OCTET)
+        self.subnet, self.gateway = str(net), str(net.network_address + 1)
+        sh("ip", "link", "add", "name", self.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.gateway}/{net.prefixlen}", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+
+    def remove(self) -> None:
+        for line in sh("ip", "-o", "link", "show", "master", self.bridge, check=False).splitlines():
+            sh("ip", "link", "del", line.split(":")[1].strip().split("@")[0], check=False)
+        sh("ip", "link", "del", self.bridge, check=False)
+        remove_rules_of_network(self.name)
+
+
+# --- the two runtimes -----------------------------------------------------------------------------
+
+class Runtime:
+    """A CRI runtime on its own dirs and socket, with CRI stubs on it."""
+
+    name = ""
+    socket = ""
+    channel: grpc.Channel | None = None
+    rt: pbg.RuntimeServiceStub
+    img: pbg.ImageServiceStub
+
+    def connect(self) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        self.rt = pbg.RuntimeServiceStub(self.channel)
+        self.img = pbg.ImageServiceStub(self.channel)
+
+    def pull(self, ref: str) -> None:
+        self.img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=300)
+
+    def version(self) -> str:
+        v = self.rt.Version(pb.VersionRequest(), timeout=10)
+        return f"{v.runtime_name} {v.runtime_version}"
+
+    def remove_all_pods(self) -> None:
+        """Safety net after the kubelet: stop and remove every sandbox left."""
+        try:
+            items = self.rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items
+        except grpc.RpcError:
+            return
+        for p in items:
+            try:
+                self.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=p.id), timeout=60)
+            except grpc.RpcError:
+                pass
+            try:
+                self.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=p.id), timeout=60)
+            except grpc.RpcError:
+                pass
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Moorage(Runtime):
+    name = "moorage"
+
+    def __init__(self, network: Network) -> None:
+        self.d = DaemonProcess(base=new_base())
+        self.d.write_config()
+        # Stock config apart from dirs, socket and metrics port: the test helper turns debug
+        # logging on, which containerd (at info) would not pay for.
+        with open(self.d.config_path) as f:
+            conf = f.read()
+        with open(self.d.config_path, "w") as f:
+            f.write(conf.replace('log_level = "debug"', 'log_level = "info"'))
+        network.write(self.d.cni_conf_dir)
+        self.socket = self.d.socket
+
+    def start(self) -> None:
+        self.d.start()
+        self.connect()
+
+    def stop(self) -> list[str]:
+        if self.channel is not None:
+            self.channel.close()
+        daemon_teardown(self.d)  # pods via CRI, then the daemon by PID, its conmons, its mounts
+        return []
+
+
+class Containerd(Runtime):
+    name = "containerd"
+
+    def __init__(self, binary: str, network: Network, registry: Registry) -> None:
+        self.binary = binary
+        self.base = tempfile.mkdtemp(prefix="mrgc-", dir="/tmp")  # short: socket path limit
+        self.socket = os.path.join(self.base, "containerd.sock")
+        self.proc: subprocess.Popen | None = None
+        self.log_file = os.path.join(self.base, "containerd.log")
+        self.conf_dir = os.path.join(self.base, "cni", "net.d")
+        network.write(self.conf_dir)
+        hosts = os.path.join(self.base, "certs.d", registry.host)
+        os.makedirs(hosts)
+        with open(os.path.join(hosts, "hosts.toml"), "w") as f:
+            f.write(f'server = "http://{registry.host}"\n\n[host."http://{registry.host}"]\n'
+                    f'  capabilities = ["pull", "resolve"]\n')
+        with open(os.path.join(self.base, "config.toml"), "w") as f:
+            f.write(self.config(registry.pause))
+
+    def config(self, sandbox_image: str) -> str:
+        b = self.base
+        cri = '[plugins."io.containerd.grpc.v1.cri"'
+        runc = shutil.which("runc") or "/usr/sbin/runc"
+        # Everything on our own dirs; the CRI plugin with the same CNI dirs as moorage.
+        # restrict_oom_score_adj: no CAP_SYS_RESOURCE here, so the kubelet's negative
+        # oom_score_adj must be clamped to containerd's own.  Hugetlb: the kubelet always
+        # sends hugepage limits and this host has no hugetlb hierarchy; with both switches
+        # false CreateContainer fails ("huge pages limits are specified but hugetlb cgroup
+        # controller is missing"), either one true drops the limits.  Both are containerd
+        # 1.6's defaults, written out to be explicit.
+        # netns pins under our state dir instead of /var/run/netns, runc's state under ours
+        # instead of /run/containerd/runc.
+        return f"""version = 2
+root = "{b}/root"
+state = "{b}/state"
+
+[grpc]
+  address = "{self.socket}"
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+[debug]
+  level = "info"
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{b}/opt"
+  {cri}]
+    sandbox_image = "{sandbox_image}"
+    restrict_oom_score_adj = true
+    disable_hugetlb_controller = true
+    tolerate_missing_hugetlb_controller = true
+    netns_mounts_under_state_dir = true
+    enable_selinux = false
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    {cri}.cni]
+      bin_dir = "{CNI_PLUGIN_DIR}"
+      conf_dir = "{self.conf_dir}"
+      max_conf_num = 1
+    {cri}.containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      {cri}.containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        {cri}.containerd.runtimes.runc.options]
+          BinaryName = "{runc}"
+          Root = "{b}/runc"
+          SystemdCgroup = false
+    {cri}.registry]
+      config_path = "{b}/certs.d"
+"""
+
+    def start(self) -> None:
+        with open(self.log_file, "ab") as logf:
+            self.proc = subprocess.Popen([self.binary, "--config", os.path.join(self.base, "config.toml")],
+                                         stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        self.connect()
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise SystemExit(f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}")
+            self.rt.Version(pb.VersionRequest(), timeout=1)
+            return True
+        wait_for(up, 60, "containerd's CRI socket", 0.1)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_file, errors="replace") as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    @staticmethod
+    def fixed_paths_before() -> dict[str, bool]:
+        return {p: os.path.lexists(p) for p in CONTAINERD_FIXED_PATHS}
+
+    @staticmethod
+    def remove_fixed_paths(before: dict[str, bool]) -> list[str]:
+        """Remove the fixed dirs it created, only where they are empty (nobody else's data)."""
+        problems = []
+        for p, existed in before.items():
+            if existed or not os.path.isdir(p):
+                continue
+            for dirpath, _d, _f in sorted(os.walk(p), key=lambda t: len(t[0]), reverse=True):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+            if os.path.lexists(p):
+                problems.append(f"{p} left behind (not empty)")
+        return problems
+
+    def shims(self) -> list[int]:
+        """containerd-shim processes of this containerd (their -address is our socket)."""
+        return [pid for pid, argv in cmdlines()
+                if argv and b"containerd-shim" in argv[0] and self.socket.encode() in argv]
+
+    def stop(self) -> list[str]:
+        if self.proc is not None and self.proc.poll() is None:
+            self.remove_all_pods()
+        if self.channel is not None:
+            self.channel.close()
+        stop_process(self.proc)
+        problems = []
+        left = self.shims()
+        if left:
+            problems.append(f"containerd shims left after its pods went (killed): {left}")
+            kill_tree(left)
+            time.sleep(0.5)
+        stuck = unmount_under(self.base)
+        if stuck:
+            problems.append(f"containerd mounts left: {stuck}")
+        else:
+            shutil.rmtree(self.base, ignore_errors=True)
+        return problems
+
+
+def ensure_containerd(install: bool) -> str:
+    found = shutil.which("containerd")
+    if found and shutil.which("containerd-shim-runc-v2"):
+        return found
+    if not install:
+        raise SystemExit("bench_kubelet_startup: containerd is not installed (apt-get install containerd, "
+                         "or drop --no-install)")
+    log("installing Debian's containerd package")
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "containerd"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL)
+    found = shutil.which("containerd")
+    if not found:
+        raise SystemExit("bench_kubelet_startup: containerd still missing after apt-get install")
+    return found
+
+
+# --- a standalone kubelet -----------------------------------------------------------------------
+
+@dataclass
+class Kubelet:
+    binary: str
+    runtime: Runtime
+    base: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="mrgb-kubelet-"))
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    proc: subprocess.Popen | None = None
+    read_only_port: int = 0
+
+    @property
+    def node(self) -> str:
+        return f"mrgb{self.tag}"
+
+    @property
+    def cgroup_root(self) -> str:
+        return f"/mrgb-{self.tag}"
+
+    def path(self, *p: str) -> str:
+        return os.path.join(self.base, *p)
+
+    def start(self) -> None:
+        for d in ("root", "manifests", "pod-logs", "volume-plugins"):
+            os.makedirs(self.path(d), exist_ok=True)
+        self.read_only_port = free_port()
+        healthz = free_port()
+        endpoint = f"unix://{self.runtime.socket}"
+        cfg = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
+            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
+            "failSwapOn": False, "failCgroupV1": False,
+            "address": "127.0.0.1", "port": free_port(), "readOnlyPort": self.read_only_port,
+            "healthzBindAddress": "127.0.0.1", "healthzPort": healthz,
+            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
+            "authorization": {"mode": "AlwaysAllow"},
+            "podLogsDir": self.path("pod-logs"), "volumePluginDir": self.path("volume-plugins"),
+            "staticPodPath": self.path("manifests"), "fileCheckFrequency": "1s",
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
+                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+        }
+        with open(self.path("kubelet.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        for h in cgroup_hierarchies():  # the kubelet wants its cgroupRoot in every hierarchy
+            d = h + self.cgroup_root
+            os.makedirs(d, exist_ok=True)
+            if os.path.basename(h) == "cpuset":
+                for name in ("cpuset.cpus", "cpuset.mems"):
+                    with open(os.path.join(h, name)) as src, open(os.path.join(d, name), "w") as dst:
+                        dst.write(src.read().strip())
+        with open(self.path("kubelet.log"), "ab") as logf:
+            self.proc = subprocess.Popen(
+                [self.binary, f"--config={self.path('kubelet.json')}", f"--root-dir={self.path('root')}",
+                 f"--cert-dir={self.path('pki')}", f"--hostname-override={self.node}", "--v=1"],
+                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise SystemExit(f"kubelet exited with {self.proc.returncode}:\n{self.log_tail()}")
+            return (http_get(f"http://127.0.0.1:{healthz}/healthz")[0] == 200
+                    and http_get(f"http://127.0.0.1:{self.read_only_port}/pods")[0] == 200)
+        wait_for(healthy, 90, "the kubelet's healthz and read-only port")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.path("kubelet.log"), errors="replace") as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    def pods(self) -> list[dict[str, Any]]:
+        code, body = http_get(f"http://127.0.0.1:{self.read_only_port}/pods", timeout=30)
+        if code != 200:
+            raise OSError(f"GET /pods: {code}")
+        return json.loads(body).get("items") or []
+
+    def write_manifests(self, names: list[str], image: str) -> None:
+        """Stage the manifests, then move them all into staticPodPath in one quick burst."""
+        staged = []
+        for name in names:
+            manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                        "spec": {"terminationGracePeriodSeconds": 2, "containers": [{
+                            "name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
+                            # exits on SIGTERM at once: stop time is the runtime's, not a grace period
+                            "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 1000000 & wait"]}]}}
+            tmp = self.path(f".{name}.json")
+            with open(tmp, "w") as f:
+                json.dump(manifest, f)
+            staged.append((tmp, self.path("manifests", f"{name}.json")))
+        for src, dst in staged:
+            os.replace(src, dst)
+
+    def remove_manifests(self, names: list[str] | None = None) -> None:
+        for n in os.listdir(self.path("manifests")):
+            if names is None or n.removesuffix(".json") in names:
+                os.unlink(self.path("manifests", n))
+
+    def stop(self) -> list[str]:
+        """Remove every pod through the kubelet, stop it, undo its mounts and cgroups."""
+        problems = []
+        if self.proc is not None and self.proc.poll() is None:
+            self.remove_manifests()
+            try:
+                wait_for(lambda: not self.pods() and not ready_sandboxes(self.runtime), 120,
+                         "the kubelet to stop every pod")
+            except RuntimeError as e:
+                problems.append(str(e))
+        stop_process(self.proc)
+        self.runtime.remove_all_pods()
+        stuck = unmount_under(self.base)
+        if stuck:
+            problems.append(f"kubelet mounts left: {stuck}")
+        for h in cgroup_hierarchies():
+            top = h + self.cgroup_root
+            if not os.path.isdir(top):
+                continue
+            for dirpath, _d, _f in sorted(os.walk(top), key=lambda t: len(t[0]), reverse=True):
+                for _ in range(20):
+                    try:
+                        os.rmdir(dirpath)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.25)
+                else:
+                    problems.append(f"cgroup busy: {dirpath}")
+        if not stuck:
+            shutil.rmtree(self.base, ignore_errors=True)
+        return problems
+
+
+def ready_sandboxes(runtime: Runtime) -> list[pb.PodSandbox]:
+    f = pb.PodSandboxFilter()
+    f.state.state = pb.SANDBOX_READY
+    return list(runtime.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=30).items)
+
+
+# --- one measurement ----------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    cri: float
+    kubelet: float
+    stopped: float
+
+
+def pod_names_running_in_cri(runtime: Runtime) -> set[str]:
+    f = pb.ContainerFilter(state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING))
+    cs = runtime.rt.ListContainers(pb.ListContainersRequest(filter=f), timeout=30).containers
+    return {c.labels.get("io.kubernetes.pod.name", "") for c in cs}
+
+
+def kubelet_running(pods: list[dict[str, Any]], want: set[str]) -> bool:
+    ok = set()
+    for p in pods:
+        st = p.get("status") or {}
+        cs = st.get("containerStatuses") or []
+        if st.get("phase") == "Running" and cs and all("running" in c.get("state", {}) for c in cs):
+            ok.add(p["metadata"]["name"])
+    return want <= ok
+
+
+def batch(k: Kubelet, image: str, prefix: str, n: int) -> Sample:
+    """Drop ``n`` manifests at once; time until all run (CRI, kubelet), then until all stopped."""
+    names = [f"{prefix}-{i}" for i in range(n)]
+    want = {f"{name}-{k.node}" for name in names}  # static pods' names carry the node name
+    t_cri = t_kub = 0.0
+    t0 = time.perf_counter()
+    k.write_manifests(names, image)
+    deadline = time.monotonic() + BATCH_TIMEOUT
+    next_pods = 0.0
+    while not (t_cri and t_kub):
+        now = time.perf_counter()
+        if not t_cri and want <= pod_names_running_in_cri(k.runtime):
+            t_cri = time.perf_counter() - t0
+        if not t_kub and now >= next_pods:
+            next_pods = now + PODS_POLL
+            if kubelet_running(k.pods(), want):
+                t_kub = time.perf_counter() - t0
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{k.runtime.name}: {n} pods not running after {BATCH_TIMEOUT}s\n{k.log_tail()}")
+        time.sleep(CRI_POLL)
+
+    t1 = time.perf_counter()
+    k.remove_manifests(names)
+
+    def gone() -> bool:
+        sb = {s.labels.get("io.kubernetes.pod.name", "") for s in ready_sandboxes(k.runtime)}
+        return not (want & sb) and not (want & pod_names_running_in_cri(k.runtime))
+    wait_for(gone, BATCH_TIMEOUT, f"{k.runtime.name}: {n} pods to stop", CRI_POLL)
+    t_stop = time.perf_counter() - t1
+    # Let the kubelet finish with them (status, cleanup) before the next batch.
+    wait_for(lambda: not (want & {p["metadata"]["name"] for p in k.pods()}), 120, "the kubelet to forget them")
+    return Sample(t_cri, t_kub, t_stop)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def run_block(kubelet_bin: str, runtime: Runtime, image: str, rounds: int, block: int,
+              results: dict[tuple[str, int], list[Sample]], pod_logs: list[str]) -> list[str]:
+    k = Kubelet(kubelet_bin, runtime)
+    pod_logs.append(k.path("pod-logs"))
+    try:
+        t0 = time.perf_counter()
+        k.start()
+        log(f"block {block}: kubelet on {runtime.name} up in {time.perf_counter() - t0:.1f} s")
+        batch(k, image, f"warm{block}", 1)  # not counted: first pod after a kubelet start
+        for r in range(rounds):
+            for n in (1, 10):
+                s = batch(k, image, f"b{block}r{r}n{n}", n)
+                results.setdefault((runtime.name, n), []).append(s)
+                log(f"  {runtime.name:<10} {n:>2} pods: CRI running {s.cri:6.2f} s, kubelet Running "
+                    f"{s.kubelet:6.2f} s, stopped {s.stopped:6.2f} s")
+    finally:
+        problems = k.stop()
+    return problems
+
+
+def report(results: dict[tuple[str, int], list[Sample]], versions: dict[str, str], rounds: int,
+           blocks: int, load: list[float]) -> None:
+    print(f"\nPod startup under a standalone kubelet ({blocks} block(s) x {rounds} round(s) per runtime, "
+          "interleaved; seconds)")
+    print(f"  host: {os.cpu_count()} CPUs, 1-min load average {load[0]:.1f} before, {load[-1]:.1f} after")
+    for name, v in versions.items():
+        print(f"  {name}: {v}")
+    metrics: list[tuple[str, Callable[[Sample], float]]] = [
+        ("manifest -> CRI running", lambda s: s.cri),
+        ("manifest -> kubelet Running", lambda s: s.kubelet),
+        ("removed -> stopped (CRI)", lambda s: s.stopped),
+    ]
+    head = (f"{'metric':<29}{'pods':>5}{'n':>4}{'moorage p50':>13}{'p95':>8}{'containerd p50':>16}{'p95':>8}"
+            f"{'ratio p50':>11}{'ratio p95':>11}")
+    print(head)
+    print("-" * len(head))
+    for label, get in metrics:
+        for n in (1, 10):
+            m = [get(s) for s in results.get(("moorage", n), [])]
+            c = [get(s) for s in results.get(("containerd", n), [])]
+            if not m or not c:
+                continue
+            mp50, mp95, cp50, cp95 = statistics.median(m), pct(m, 95), statistics.median(c), pct(c, 95)
+            print(f"{label:<29}{n:>5}{min(len(m), len(c)):>4}{mp50:>13.3f}{mp95:>8.3f}{cp50:>16.3f}{cp95:>8.3f}"
+                  f"{mp50 / cp50:>11.2f}{mp95 / cp95:>11.2f}")
+    print("ratio = moorage / containerd (below 1: moorage is faster)")
+
+
+def missing_tools() -> list[str]:
+    need = ["runc", "conmon", "catatonit", "iptables", "ip6tables", "docker-registry"]
+    out = [t for t in need if shutil.which(t) is None]
+    return out + [p for p in ("bridge", "host-local", "portmap", "loopback")
+                  if not os.path.exists(os.path.join(CNI_PLUGIN_DIR, p))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of 1 and of 10 pods per block")
+    ap.add_argument("--blocks", type=int, default=2, help="kubelet blocks per runtime (interleaved)")
+    ap.add_argument("--no-install", action="store_true", help="do not apt-get install containerd when missing")
+    args = ap.parse_args()
+    kubelet_bin = find_kubelet()
+    if kubelet_bin is None:
+        raise SystemExit("bench_kubelet_startup: no kubelet binary; set KUBELET=/path/to/kubelet or put one "
+                         "on PATH (build one offline as test/e2e/kubelet/README.md describes)")
+    if os.geteuid() != 0:
+        raise SystemExit("bench_kubelet_startup: needs root")
+    if missing_tools():
+        raise SystemExit(f"bench_kubelet_startup: missing {' '.join(missing_tools())}")
+    containerd_bin = ensure_containerd(not args.no_install)
+
+    work = tempfile.mkdtemp(prefix="mrgb-bench-")
+    tag = uuid.uuid4().hex[:6]
+    network = Network(f"mrgb{tag}", f"mrgb-net-{tag}", "", "", os.path.join(work, "ipam"))
+    registry = Registry(os.path.join(work, "registry"))
+    runtimes: list[Runtime] = []
+    results: dict[tuple[str, int], list[Sample]] = {}
+    versions: dict[str, str] = {}
+    pod_logs: list[str] = []
+    problems: list[str] = []
+    with hold(KUBELET_LOCK), hold(CNI_LOCK):
+        load = [os.getloadavg()[0]]
+        before = HostSnapshot.take()
+        containerd_paths = Containerd.fixed_paths_before()
+        try:
+            log("building and pushing the test images")
+            layouts = {"busybox": cached_build_all()["busybox"],
+                       "pause": build_critest_images(os.path.join(work, "critest-images"))["pause"].layout}
+            registry.start()
+            registry.push(layouts)
+            network.create()
+            runtimes = [Moorage(network), Containerd(containerd_bin, network, registry)]
+            for r in runtimes:
+                r.start()
+                versions[r.name] = r.version()
+                for ref in (registry.busybox, registry.pause):
+                    r.pull(ref)  # images are local before anything is timed
+            log("runtimes up, images pulled: " + ", ".join(f"{k}: {v}" for k, v in versions.items()))
+            for block in range(args.blocks):
+                order = runtimes if block % 2 == 0 else runtimes[::-1]
+                for r in order:
+                    problems += run_block(kubelet_bin, r, registry.busybox, args.rounds, block, results, pod_logs)
+                    problems += before.restore(pod_logs)
+        finally:
+            for r in runtimes:
+                try:
+                    problems += r.stop()
+                except (OSError, RuntimeError, grpc.RpcError, subprocess.SubprocessError) as e:  # tear the rest down
+                    problems.append(f"stopping {r.name}: {e!r}")
+            registry.stop()
+            network.remove()
+            problems += before.restore(pod_logs)
+            problems += Containerd.remove_fixed_paths(containerd_paths)
+            shutil.rmtree(work, ignore_errors=True)
+            if problems:
+                print("\nteardown problems:\n  " + "\n  ".join(problems), file=sys.stderr)
+    load.append(os.getloadavg()[0])
+    report(results, versions, args.rounds, args.blocks, load)
+    if problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
