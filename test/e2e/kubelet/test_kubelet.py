@@ -21,6 +21,7 @@ across xdist workers (a lock file): the kubelet changes host-wide state.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import os
 import random
@@ -456,7 +457,7 @@ class Node:
     def moorage_errors(self) -> list[str]:
         """Error-level lines of moorage's log that no EXPECTED_MOORAGE_ERRORS entry explains."""
         out = []
-        for line in self.daemon.log().splitlines() if self.daemon.log_file else []:
+        for line in _full_daemon_log(self.daemon).splitlines() if self.daemon.log_file else []:
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -560,8 +561,7 @@ def _restore_host(node: Node, before: HostSnapshot) -> list[str]:
 
 
 @pytest.fixture
-def node_factory(request: pytest.FixtureRequest, registry: regmod.TestRegistry, network: Network,
-                 tmp_path: Any) -> Iterator[Callable[..., Node]]:
+def node_factory(registry: regmod.TestRegistry, network: Network, tmp_path: Any) -> Iterator[Callable[..., Node]]:
     """``make(feature_gates={...}, **kubelet_config)`` -> a started Node (one per test)."""
     made: list[Node] = []
     locks = [_hold(KUBELET_LOCK), _hold(CNI_LOCK)]
@@ -608,11 +608,11 @@ def _teardown_node(n: Node, before: HostSnapshot, keep_dir: str) -> list[str]:
                 problems.append(str(e))
         if n.daemon.log_file:
             problems += [f"moorage error: {line}" for line in n.moorage_errors()]
+    finally:
         n.stop_kubelet()
         for name, text in (("kubelet.log", n.kubelet_log()), ("daemon.log", _full_daemon_log(n.daemon))):
             with open(os.path.join(keep_dir, name), "w") as f:  # kept by pytest's tmp_path
                 f.write(text)
-    finally:
         daemon_teardown(n.daemon)
         problems += _restore_host(n, before)
         shutil.rmtree(n.base, ignore_errors=True)
@@ -650,7 +650,7 @@ def test_web_pod_host_port_and_pod_ip(node: Node) -> None:
         ports=[{"containerPort": 8080, "hostPort": host_port, "protocol": "TCP"}])]))
     pod = node.wait_running("web")
     ip = pod["status"]["podIP"]
-    assert ip.startswith(node.network.subnet.rsplit(".", 2)[0]), (ip, node.network.subnet)
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(node.network.subnet), (ip, node.network.subnet)
     sb = node.cri_sandboxes("web", ready_only=True)
     assert len(sb) == 1
     st = node.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sb[0].id), timeout=10).status
@@ -864,7 +864,7 @@ def test_stats_summary(node_factory: Callable[..., Node], from_cri: bool) -> Non
     c = {c["name"]: c for c in p["containers"]}["busy"]
     assert c["memory"]["workingSetBytes"] > 4_000_000, c["memory"]
     assert c["cpu"]["usageCoreNanoSeconds"] > 0
-    assert p["cpu"]["usageCoreNanoSeconds"] >= c["cpu"]["usageCoreNanoSeconds"]
+    assert p["cpu"]["usageCoreNanoSeconds"] > 0
     assert p["memory"]["workingSetBytes"] > 0
     if from_cri:
         assert p.get("network", {}).get("interfaces"), p.get("network")
@@ -885,8 +885,8 @@ def test_log_rotation(node_factory: Callable[..., Node]) -> None:
     rotated = wait_for(lambda: [n for n in os.listdir(d) if re.match(r"\d+\.log\.", n)], 60,
                        "rotated .log.* files", interval=1)
     assert rotated
-    wait_for(lambda: '"method":"runtime.v1.RuntimeService/ReopenContainerLog","code":"OK"'
-             in node.daemon.log().replace(" ", ""), 30, "a ReopenContainerLog call that succeeded")
+    wait_for(lambda: re.search(r'"method":"[^"]*/ReopenContainerLog","code":"OK"', _full_daemon_log(node.daemon)), 30,
+             "a ReopenContainerLog call that succeeded")
     live = [n for n in os.listdir(d) if re.fullmatch(r"\d+\.log", n)]
     assert len(live) == 1, os.listdir(d)
 
@@ -938,12 +938,15 @@ def test_ten_pods_at_once(node: Node) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="moorage's Status lists only its named handlers (runc, crun), not the "
-                                       "default handler \"\" the kubelet looks up for pods without a "
-                                       "RuntimeClass, so the kubelet logs 'Unknown runtime handler'")
+                                       "default handler \"\" that the kubelet looks up for pods without a "
+                                       "RuntimeClass; a kubelet with an API server then logs 'Unknown runtime "
+                                       "handler' for every container it starts")
 def test_kubelet_knows_the_default_runtime_handler(node: Node) -> None:
     node.apply(pod_manifest("handler", [container("c", node.image, "exec sleep 100000")]))
     node.wait_running("handler")
-    handlers = [h.name for h in node.rt.Status(pb.StatusRequest(), timeout=10).runtime_handlers]
+    # A standalone kubelet has no RuntimeClass manager (that needs an API server), so it never
+    # looks the handler up and this line stays absent here; it is checked anyway.
     log = node.kubelet_log()
     assert "Unknown runtime handler" not in log, [ln for ln in log.splitlines() if "Unknown runtime handler" in ln][:3]
-    assert "" in handlers, handlers
+    handlers = [h.name for h in node.rt.Status(pb.StatusRequest(), timeout=10).runtime_handlers]
+    assert "" in handlers, f"the kubelet looks up handler \"\"; moorage lists {handlers}"
