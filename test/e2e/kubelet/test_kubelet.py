@@ -69,11 +69,11 @@ KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "k
 HOST_PATHS = ("/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers")
 
 # moorage error-level log lines that a kubelet run is allowed to cause; everything else fails
-# the test.  Each entry: (regexp on the JSON line, why it is expected).
+# the test.  Each entry: (regexp on the JSON line, why it is expected).  Empty today: the
+# NOT_FOUND answers to the kubelet's double deletes and to status calls for containers its GC
+# just removed are logged at info level, and moorage logs error level only for UNKNOWN and
+# INTERNAL answers and its own failures.
 EXPECTED_MOORAGE_ERRORS: list[tuple[str, str]] = [
-    (r'"code":"NOT_FOUND"',
-     "the kubelet removes containers/sandboxes from both its GC and its pod workers; the "
-     "second delete gets NOT_FOUND, which the kubelet ignores"),
 ]
 
 
@@ -607,7 +607,10 @@ def _teardown_node(n: Node, before: HostSnapshot, keep_dir: str) -> list[str]:
             except AssertionError as e:
                 problems.append(str(e))
         if n.daemon.log_file:
-            problems += [f"moorage error: {line}" for line in n.moorage_errors()]
+            errors = n.moorage_errors()
+            problems += [f"moorage error: {line[:600]}" for line in errors[:10]]
+            if len(errors) > 10:
+                problems.append(f"... and {len(errors) - 10} more moorage error lines (daemon.log in tmp_path)")
     finally:
         n.stop_kubelet()
         for name, text in (("kubelet.log", n.kubelet_log()), ("daemon.log", _full_daemon_log(n.daemon))):
