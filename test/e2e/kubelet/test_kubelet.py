@@ -845,13 +845,16 @@ def test_moorage_restart_with_running_pods(node: Node, sig: int) -> None:
     node.wait_running("after")
 
 
-STATS_SCRIPT = "x=$(head -c 4000000 /dev/zero | tr '\\0' a); while true; do sleep 1; done"
+# Holds ~4 MB in a shell variable, then says so (the readiness probe waits for that).
+STATS_SCRIPT = "x=$(head -c 4000000 /dev/zero | tr '\\0' a); touch /tmp/ready; while true; do sleep 1; done"
 
 
 @pytest.mark.parametrize("from_cri", [False, True], ids=["cadvisor-pod-stats", "PodAndContainerStatsFromCRI"])
 def test_stats_summary(node_factory: Callable[..., Node], from_cri: bool) -> None:
     node = node_factory(feature_gates={"PodAndContainerStatsFromCRI": from_cri})
-    node.apply(pod_manifest("stats", [container("busy", node.image, STATS_SCRIPT)]))
+    node.apply(pod_manifest("stats", [container(
+        "busy", node.image, STATS_SCRIPT,
+        readinessProbe={"exec": {"command": ["test", "-e", "/tmp/ready"]}, "periodSeconds": 1})]))
     node.wait_running("stats")
 
     def summary_pod() -> dict | None:
@@ -862,7 +865,7 @@ def test_stats_summary(node_factory: Callable[..., Node], from_cri: bool) -> Non
                 # Pod-level numbers come from cadvisor's pod cgroup (without the CRI gate), whose
                 # first sample is taken at pod creation and refreshed every 10-15 s.
                 if all((x.get("cpu") or {}).get("usageCoreNanoSeconds") and
-                       (x.get("memory") or {}).get("workingSetBytes") for x in (c, p)):
+                       (x.get("memory") or {}).get("workingSetBytes", 0) > 4_000_000 for x in (c, p)):
                     return p
         return None
 
