@@ -599,8 +599,8 @@ def _teardown_node(n: Node, before: HostSnapshot, keep_dir: str) -> list[str]:
         # Pods go through the kubelet first (what a user does), then moorage's log is checked.
         if n.proc is not None and n.proc.poll() is None and n.daemon.proc is not None \
                 and n.daemon.proc.poll() is None:
-            for f in os.listdir(n.manifests):
-                os.unlink(os.path.join(n.manifests, f))
+            for manifest in os.listdir(n.manifests):
+                os.unlink(os.path.join(n.manifests, manifest))
             try:
                 wait_for(lambda: not n.pods() and not n.cri_sandboxes(ready_only=True), 120,
                          "the kubelet to stop every pod")
