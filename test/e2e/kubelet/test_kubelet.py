@@ -95,6 +95,9 @@ pytestmark = [
     pytest.mark.skipif(_kubelet() is None, reason="no kubelet binary ($KUBELET or PATH)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="a kubelet against moorage needs root"),
     pytest.mark.skipif(bool(_missing_tools()), reason=f"missing: {' '.join(_missing_tools())}"),
+    # The first test may wait for another kubelet-running module (test/e2e/cluster) to release
+    # KUBELET_LOCK; that wait counts against pytest-timeout.  Every wait in a test is bounded.
+    pytest.mark.timeout(1800),
 ]
 
 
@@ -560,11 +563,23 @@ def _restore_host(node: Node, before: HostSnapshot) -> list[str]:
     return problems
 
 
+@pytest.fixture(scope="module")
+def kubelet_lock() -> Iterator[None]:
+    """Held for the whole module: one kubelet-running module at a time on this host."""
+    lock = _hold(KUBELET_LOCK)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
 @pytest.fixture
-def node_factory(registry: regmod.TestRegistry, network: Network, tmp_path: Any) -> Iterator[Callable[..., Node]]:
+def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: Network,
+                 tmp_path: Any) -> Iterator[Callable[..., Node]]:
     """``make(feature_gates={...}, **kubelet_config)`` -> a started Node (one per test)."""
     made: list[Node] = []
-    locks = [_hold(KUBELET_LOCK), _hold(CNI_LOCK)]
+    locks = [_hold(CNI_LOCK)]  # per test, so the CNI tests are not kept waiting for the module
     before = HostSnapshot.take()
 
     def make(feature_gates: dict[str, bool] | None = None, **overrides: Any) -> Node:
