@@ -961,10 +961,6 @@ def test_ten_pods_at_once(node: Node) -> None:
     wait_for(lambda: not node.pods() and not node.cri_sandboxes(ready_only=True), 180, "all ten pods gone")
 
 
-@pytest.mark.xfail(strict=True, reason="moorage's Status lists only its named handlers (runc, crun), not the "
-                                       "default handler \"\" that the kubelet looks up for pods without a "
-                                       "RuntimeClass; a kubelet with an API server then logs 'Unknown runtime "
-                                       "handler' for every container it starts")
 def test_kubelet_knows_the_default_runtime_handler(node: Node) -> None:
     node.apply(pod_manifest("handler", [container("c", node.image, "exec sleep 100000")]))
     node.wait_running("handler")
