@@ -536,7 +536,10 @@ def _unknown(registry: Registry, name: str) -> Exception:
         files = registry.conflicts[name]
         return InvalidArgument(f"CDI device {name!r} is defined by more than one spec file of the same directory "
                                f"({', '.join(files)}); remove all but one")
-    vendor, cls, _dev = parse_qualified_name(name)
+    try:
+        vendor, cls, _dev = parse_qualified_name(name)
+    except ValueError as e:
+        return InvalidArgument(str(e))
     kind = f"{vendor}/{cls}"
     same_kind = [s for s in registry.specs if s.kind == kind]
     where = ", ".join(registry.dirs) or "(no spec directories)"

@@ -207,6 +207,8 @@ def test_unknown_device_names_it_the_dirs_the_kind_and_broken_files():
     assert "/etc/cdi/broken.yaml: not valid YAML: x" in m
     with pytest.raises(FailedPrecondition, match="unknown CDI device 'other.org/x=y'"):
         cdi.resolve(reg, ["other.org/x=y"])
+    with pytest.raises(InvalidArgument, match="not a fully-qualified CDI device name"):
+        cdi.resolve(reg, ["gpu7"])
 
 
 # --- resolving and merging ---------------------------------------------------------------------------
