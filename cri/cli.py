@@ -99,7 +99,26 @@ def _check_items(cfg: configmod.Config) -> list[tuple[str, bool, str]]:
     binary("iptables (portmap plugin)", "iptables", "iptables")
     items.append(_hugetlb_item(cfg))
     items.append(cli_admin.cgroup_driver_item(cfg.runtime.cgroup_driver))
+    items.append(_cdi_item(cfg))
     return items
+
+
+def _cdi_item(cfg: configmod.Config) -> tuple[str, bool, str]:
+    """CDI: on or off, the spec directories, and the devices they define (as CreateContainer sees them)."""
+    from moorage.runtime import cdi
+
+    rt = cfg.runtime
+    if not rt.enable_cdi:
+        return "CDI", True, "disabled (runtime.enable_cdi = false): CDI device requests are ignored"
+    reg = cdi.load_dirs(rt.cdi_spec_dirs)
+    dirs = ", ".join(d if os.path.isdir(d) else f"{d} (missing)" for d in rt.cdi_spec_dirs)
+    hint = (f"enabled; spec dirs {dirs}: {len(reg.devices)} device{'' if len(reg.devices) == 1 else 's'} "
+            f"from {len(reg.specs)} spec file{'' if len(reg.specs) == 1 else 's'}")
+    problems = [f"{p}: {m}" for p, m in sorted(reg.errors.items())]
+    problems += [f"{q} is defined by {', '.join(files)}" for q, files in sorted(reg.conflicts.items())]
+    if problems:
+        return "CDI", True, f"{cli_admin.WARNING}{hint}; not usable: {'; '.join(problems)}"
+    return "CDI", True, hint
 
 
 def _hugetlb_item(cfg: configmod.Config) -> tuple[str, bool, str]:

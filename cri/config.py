@@ -71,6 +71,8 @@ class RuntimeConfig:
     disable_hugetlb_controller: bool = False
     tolerate_missing_hugetlb_controller: bool = True
     disabled_features: list[str] = field(default_factory=list)
+    enable_cdi: bool = True
+    cdi_spec_dirs: list[str] = field(default_factory=lambda: ["/etc/cdi", "/var/run/cdi"])
 
 
 @dataclass
@@ -308,6 +310,11 @@ def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
     for key in ("allowed_annotations", "pod_annotations"):
         for i, pat in enumerate(getattr(rt, key)):
             _check(where, f"runtime.{key}[{i}]", bool(pat.strip()), "must be a non-empty glob pattern")
+    for i, d in enumerate(rt.cdi_spec_dirs):
+        _check(where, f"runtime.cdi_spec_dirs[{i}]", d.startswith("/") and "\0" not in d,
+               f"must be an absolute directory path, got {d!r}")
+    dup = [d for i, d in enumerate(rt.cdi_spec_dirs) if os.path.normpath(d) in map(os.path.normpath, rt.cdi_spec_dirs[:i])]
+    _check(where, "runtime.cdi_spec_dirs", not dup, f"lists {dup[0] if dup else ''!r} twice")
 
 
 def _validate_images(cfg: Config, where: str) -> None:
@@ -517,6 +524,12 @@ DOCS: dict[str, str] = {
         "CRI features never advertised in Status even where this node has them (`moorage check` lists them):\n"
         "recursive_read_only_mounts, user_namespaces, supplemental_groups_policy, mount_options,\n"
         "user_namespaces_host_network.",
+    "runtime.enable_cdi":
+        "Resolve CDI devices (ContainerConfig.CDI_devices and cdi.k8s.io/ annotations) from the spec files\n"
+        "in cdi_spec_dirs. When false, CDI requests are ignored (logged), as containerd does.",
+    "runtime.cdi_spec_dirs":
+        "Directories of CDI spec files (*.json, *.yaml), re-read when they change. A later directory\n"
+        "overrides an earlier one for the same device; two files of one directory defining it conflict.",
     "images": "Image pulls and storage.",
     "images.snapshotter": "overlayfs | native (copying fallback where overlayfs is missing).",
     "images.registry_config_path": "hosts.toml and certificates per registry (<path>/<host>/...).",

@@ -36,7 +36,6 @@ IGNORED: dict[str, str] = {
     "PodSandboxConfig.windows": _WINDOWS,
     "LinuxSandboxSecurityContext.seccomp_profile_path": "deprecated by the CRI for seccomp (mapped); not supported",
     "ContainerConfig.windows": _WINDOWS,
-    "ContainerConfig.CDI_devices": "CDI devices: " + _NOT_YET,
     "ContainerConfig.image.annotations": "annotations of the container's image spec: " + _NOT_YET,
     "ContainerConfig.image.runtime_handler": "per-image runtime handler: " + _NOT_YET
                                              + "; the pod's runtime handler runs the container",
@@ -138,6 +137,7 @@ _SPECIAL: dict[tuple[type, str], tuple[Callable[[Any], Any], tuple[str, ...]]] =
                                                       ("image.user_specified_image",)),
     (model.ContainerConfig, "envs"): (_envs, ("envs.key", "envs.value")),
     (model.ContainerConfig, "stop_signal"): (_stop_signal, ("stop_signal",)),
+    (model.ContainerConfig, "cdi_devices"): (lambda m: [d.name for d in m.CDI_devices], ("CDI_devices.name",)),
     (model.LinuxContainerSecurityContext, "masked_paths"): (_paths_or_default("masked_paths"), ("masked_paths",)),
     (model.LinuxContainerSecurityContext, "readonly_paths"): (_paths_or_default("readonly_paths"),
                                                               ("readonly_paths",)),

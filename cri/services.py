@@ -91,6 +91,7 @@ def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
         default_cgroup_parent=cfg.runtime.default_cgroup_parent, netns_dir=cfg.netns_dir,
         log_level=cfg.log_level, exec_sync_max_output=cfg.runtime.exec_sync_max_output,
         spec=runtime_spec_config(cfg.runtime), disabled_features=tuple(cfg.runtime.disabled_features),
+        enable_cdi=cfg.runtime.enable_cdi, cdi_spec_dirs=tuple(cfg.runtime.cdi_spec_dirs),
     )
 
 

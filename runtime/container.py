@@ -21,7 +21,7 @@ from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageErro
 from moorage.core.fs import remove_tree
 from moorage.core.ids import new_id
 from moorage.core.store import ImageRecord, now_ns
-from moorage.runtime import events, procsig, spec, users
+from moorage.runtime import cdi, events, procsig, spec, users
 from moorage.runtime.context import RuntimeContext, error_text
 from moorage.runtime.model import ContainerConfig, ImageConfig, LinuxContainerResources, Mount
 from moorage.runtime.modelio import to_plain
@@ -143,6 +143,7 @@ class Containers:
     async def _create(self, sb: Sandbox, cfg: ContainerConfig, name: str) -> str:
         image = self.ctx.images.get_local(cfg.image)  # NOT_FOUND with the reference
         volume_images = self._image_volume_images(cfg)  # bad input fails before anything is made
+        cdi_req = await self._resolve_cdi(cfg)  # so does an unknown or conflicting CDI device
         cid = new_id()
         log_path = container_log_path(sb.metadata.config.log_directory or "", cfg.log_path)
         meta = ContainerMeta(
@@ -157,7 +158,7 @@ class Containers:
         async with self.ctx.lock(cid):
             try:
                 # A working copy: image volumes fill in host paths; the record keeps what was asked.
-                await self._prepare(rec, sb, copy.deepcopy(cfg), image, volume_images)
+                await self._prepare(rec, sb, copy.deepcopy(cfg), image, volume_images, cdi_req)
                 # RemovePodSandbox may have run meanwhile: it marks the sandbox under its lock and
                 # then removes the containers it lists, so a container that passes this check is
                 # one it will find; one that does not is cleaned up here (under our own lock, so a
@@ -185,8 +186,23 @@ class Containers:
         except MoorageError as e:
             log.warning("recording the failed creation of container %s: %s", rec.id, e.message)
 
+    async def _resolve_cdi(self, cfg: ContainerConfig) -> cdi.Injection | None:
+        """The container's CDI devices (``CDI_devices``, then ``cdi.k8s.io/`` annotations) resolved
+        against the spec directories, which are re-read first if they changed."""
+        names = cdi.requested_devices(cfg.cdi_devices, cfg.annotations)
+        if not names:
+            return None
+        if self.ctx.cdi is None:
+            # As containerd with enable_cdi off: the kubelet also sends such devices as plain
+            # Devices where a device plugin can, so the request is not refused.
+            log.warning("container %s asks for CDI devices %s, ignored: runtime.enable_cdi is false",
+                        cfg.metadata.name, ", ".join(names))
+            return None
+        registry = await asyncio.to_thread(self.ctx.cdi.registry)
+        return cdi.resolve(registry, names)
+
     async def _prepare(self, rec: Container, sb: Sandbox, cfg: ContainerConfig, image: ImageRecord,
-                       volume_images: dict[int, ImageRecord]) -> None:
+                       volume_images: dict[int, ImageRecord], cdi_req: cdi.Injection | None = None) -> None:
         cid = rec.id
         state = self.ctx.container_state(cid)
         bundle = os.path.join(state, "bundle")
@@ -220,7 +236,7 @@ class Containers:
             runtime_cfg=s.spec, hostname_path=os.path.join(root, "hostname"),
             hosts_path=os.path.join(root, "hosts"), resolv_conf_path=os.path.join(root, "resolv.conf"),
             shm_path=sb.metadata.shm_path or None, target_pid=target_pid, hostname=sb.metadata.hostname or None,
-            host=self.ctx.host,
+            host=self.ctx.host, cdi=cdi_req,
         )
         await self._check_handler_features(cfg, sb.metadata.runtime_handler)
         with open(os.path.join(bundle, "config.json"), "w") as f:

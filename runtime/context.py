@@ -21,6 +21,7 @@ from opentelemetry import trace
 
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
 from moorage.core.store import Store
+from moorage.runtime import cdi as cdimod
 from moorage.runtime import features as featuresmod
 from moorage.runtime import oci as ocimod
 from moorage.runtime import records
@@ -58,6 +59,10 @@ class RuntimeSettings:
     spec: RuntimeSpecConfig = field(default_factory=RuntimeSpecConfig)
     #: Features never advertised (runtime/features.py names), e.g. to work around a kubelet.
     disabled_features: tuple[str, ...] = ()
+    #: Resolve CDI device requests (False: they are ignored, logged).
+    enable_cdi: bool = True
+    #: CDI spec directories, lowest precedence first.
+    cdi_spec_dirs: tuple[str, ...] = cdimod.DEFAULT_SPEC_DIRS
 
 
 def error_text(exc: BaseException) -> str:
@@ -98,6 +103,8 @@ class RuntimeContext:
         #: What each handler can do (probed once, on first use).
         self.features = featuresmod.FeatureProbe(settings.handlers, settings.default_handler,
                                                  settings.disabled_features)
+        #: The CDI spec directories, re-read when they change (None: CDI is disabled).
+        self.cdi = cdimod.SpecDirs(settings.cdi_spec_dirs) if settings.enable_cdi else None
         for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):
             os.makedirs(d, mode=0o711, exist_ok=True)
 

@@ -283,6 +283,8 @@ class ContainerConfig:
     linux: LinuxContainerConfig | None = None
     #: Signal that stops the container, e.g. "SIGUSR1" ("" = the image's StopSignal, else SIGTERM).
     stop_signal: str = ""
+    #: Fully-qualified CDI device names (``vendor.com/class=name``) the container asks for.
+    cdi_devices: list[str] = field(default_factory=list)
 
 
 @dataclass

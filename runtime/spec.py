@@ -25,6 +25,8 @@ from fnmatch import fnmatchcase
 from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from moorage.runtime import cgroups as _cgroups
 from moorage.runtime import seccomp as _seccomp
+from moorage.runtime.cdi import CdiMount, Injection
+from moorage.runtime.cdi import DeviceNode as CdiDeviceNode
 from moorage.runtime.model import (
     NAMESPACE_MODES,
     PROFILE_TYPES,
@@ -1073,6 +1075,7 @@ def build_container_spec(
     home: str | None = None,
     hostname: str | None = None,
     host: HostLookups = HostLookups(),
+    cdi: Injection | None = None,
 ) -> dict:
     """The spec of an application container in a running sandbox.
 
@@ -1081,6 +1084,8 @@ def build_container_spec(
     which is ``netns_path`` when given.  ``target_pid`` is the process of the
     container named by ``NamespaceOption.target_id`` (pid mode TARGET).
     ``uid``/``gid``/``additional_gids``/``home`` come from ``users.resolve_user``.
+    ``cdi`` is the container's resolved CDI request (runtime/cdi.py): its edits are applied
+    on top of what the CRI config asks (its env wins, its device nodes and mounts are added).
     """
     if not container_id:
         raise InvalidArgument("container id is empty")
@@ -1100,6 +1105,17 @@ def build_container_spec(
     args = container_args(cfg, image)
     host_name = hostname if hostname is not None else sandbox_cfg.hostname
     env = container_env(cfg, image, hostname=host_name, home=home)
+    edits = cdi.edits if cdi is not None else None
+    if edits is not None:
+        env = _merge_env(env, edits.env)
+        if edits.net_devices:
+            nd = edits.net_devices[0]
+            raise FailedPrecondition(f"CDI {nd.origin} moves host network interface {nd.host_interface_name} into "
+                                     "the container (netDevices); moorage does not support that: pods share the "
+                                     "sandbox's network namespace, set up by CNI")
+        for origin in edits.intel_rdt:
+            _note_once(f"CDI {origin}: intelRdt edits are ignored (moorage does not manage resctrl classes)")
+        additional_gids = [*additional_gids, *edits.additional_gids]
     cwd = cfg.working_dir or image.working_dir or "/"
     if not cwd.startswith("/"):
         raise InvalidArgument(f"working directory {cwd!r} must be an absolute path")
@@ -1193,6 +1209,13 @@ def build_container_spec(
             raise InvalidArgument(f"duplicate mount point {cm['destination']}")
         seen.add(cm["destination"])
         cri_mounts.append(cm)
+    for cdm in edits.mounts if edits is not None else ():
+        cm = _cdi_mount(cdm, host)
+        if cm["destination"] in seen:
+            raise InvalidArgument(f"CDI {cdm.origin} mounts {cm['source']} at {cm['destination']}, where the "
+                                  "container already has a mount")
+        seen.add(cm["destination"])
+        cri_mounts.append(cm)
     # Deeper mounts after shallower ones, so a parent never hides a child.
     cri_mounts.sort(key=lambda mm: _depth(mm["destination"]))
 
@@ -1214,6 +1237,7 @@ def build_container_spec(
     # --- devices -------------------------------------------------------------------------
     devices: dict[str, dict] = {}
     device_rules: list[dict] = [{"allow": False, "access": "rwm"}]
+    requested: dict[str, str] = {}  # container path -> host path, of the CRI-requested devices
     if privileged:
         device_rules = [{"allow": True, "access": "rwm"}]
         if not runtime_cfg.privileged_without_host_devices:
@@ -1238,10 +1262,24 @@ def build_container_spec(
         for hd in found:
             dest = cp if hd.path == hp else posixpath.join(cp, posixpath.relpath(hd.path, hp))
             devices[dest] = _device_obj(dest, hd)
+            requested[dest] = hp
             if not privileged:
                 device_rules.append(
                     {"allow": True, "type": hd.type, "major": hd.major, "minor": hd.minor, "access": perms}
                 )
+    for node in edits.device_nodes if edits is not None else ():
+        dobj = _cdi_device(node, host)
+        prev = devices.get(node.path)
+        if node.path in requested and prev is not None and (prev["type"], prev["major"], prev["minor"]) != (
+                dobj["type"], dobj["major"], dobj["minor"]):
+            raise InvalidArgument(f"CDI {node.origin} puts device {dobj['major']}:{dobj['minor']} at {node.path}, "
+                                  f"where the container's devices put {requested[node.path]} "
+                                  f"({prev['major']}:{prev['minor']})")
+        devices[node.path] = dobj  # over a privileged container's host node of the same path
+        access = node.permissions or "rwm"
+        if not privileged and dobj["type"] != "p" and access != "none":
+            device_rules.append({"allow": True, "type": "c" if dobj["type"] == "u" else dobj["type"],
+                                 "major": dobj["major"], "minor": dobj["minor"], "access": access})
 
     # --- linux -------------------------------------------------------------------------
     hugepages = bool(res is not None and res.hugepage_limits) and use_hugepage_limits(runtime_cfg, host, cgroups_path)
@@ -1283,7 +1321,7 @@ def build_container_spec(
         }
     )
 
-    return {
+    out = {
         "ociVersion": OCI_VERSION,
         "process": process,
         "root": {"path": rootfs, "readonly": bool(sc.readonly_rootfs)},
@@ -1291,6 +1329,66 @@ def build_container_spec(
         "annotations": annotations,
         "linux": linux_obj,
     }
+    if edits is not None and edits.hooks:
+        hooks: dict[str, list[dict]] = {}
+        for h in edits.hooks:
+            hook: dict = {"path": h.path}
+            if h.args:
+                hook["args"] = list(h.args)
+            if h.env:
+                hook["env"] = list(h.env)
+            if h.timeout is not None:
+                hook["timeout"] = h.timeout
+            hooks.setdefault(h.hook_name, []).append(hook)
+        out["hooks"] = hooks
+    return out
+
+
+def _cdi_device(n: CdiDeviceNode, host: HostLookups) -> dict:
+    """A CDI device node as an OCI ``linux.devices`` entry; what the spec leaves out comes from
+    the host node (type and numbers unless the spec gives both, mode and owner unless given)."""
+    src = n.source
+    hd: HostDevice | None = None
+    complete = bool(n.type) and (n.major is not None or n.type == "p")
+    found = host.devices_at(src)
+    if found is not None:
+        hd = next((d for d in found if d.path == src), None)
+    if not complete:
+        if found is None:
+            raise FailedPrecondition(f"device node {src} of CDI {n.origin} does not exist on this node")
+        if hd is None:
+            raise InvalidArgument(f"{src} (device node of CDI {n.origin}) is not a device node")
+        if n.type and n.type != hd.type and not (n.type == "u" and hd.type == "c"):
+            raise InvalidArgument(f"device node {src} of CDI {n.origin}: the spec says type {n.type!r}, "
+                                  f"the node is {hd.type!r}")
+    typ = n.type or (hd.type if hd else "c")
+    major = n.major if n.major is not None else (hd.major if hd else 0)
+    minor = n.minor if n.minor is not None else (hd.minor if hd else 0)
+    return {
+        "path": n.path,
+        "type": typ,
+        "major": major,
+        "minor": minor,
+        # Unset: the host node's, else what runc and crun default to.
+        "fileMode": n.file_mode if n.file_mode is not None else (hd.file_mode if hd else 0o666),
+        "uid": n.uid if n.uid is not None else (hd.uid if hd else 0),
+        "gid": n.gid if n.gid is not None else (hd.gid if hd else 0),
+    }
+
+
+def _cdi_mount(m: CdiMount, host: HostLookups) -> dict:
+    """A CDI mount as an OCI mount: a bind unless the spec names another type; a bind's source
+    must exist now (the CDI spec: resources need to exist when the container is created)."""
+    dest = _clean_abs(m.container_path, f"container path of the mount of CDI {m.origin}:")
+    options = list(m.options)
+    typ = m.type or "bind"
+    if typ == "bind" or "bind" in options or "rbind" in options:
+        src = _clean_abs(m.host_path, f"host path of the mount of CDI {m.origin} at {dest}:")
+        if not host.path_exists(src):
+            raise FailedPrecondition(f"mount source {src} of CDI {m.origin} (for {dest}) does not exist on this node")
+        if "bind" not in options and "rbind" not in options:
+            options.insert(0, "rbind")
+    return {"destination": dest, "type": typ, "source": m.host_path, "options": options}
 
 
 def _device_obj(path: str, hd: HostDevice) -> dict:

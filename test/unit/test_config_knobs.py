@@ -51,6 +51,8 @@ SNIPPETS = [
     '[runtime]\ntolerate_missing_hugetlb_controller = false',
     '[runtime]\ndisabled_features = ["mount_options"]',
     '[runtime]\nsandbox_image = "registry.k8s.io/pause:3.9"',
+    '[runtime]\nenable_cdi = false',
+    '[runtime]\ncdi_spec_dirs = ["/opt/cdi"]',
     '[images]\nsnapshotter = "native"',
     '[images]\nregistry_config_path = "/etc/other/certs.d"',
     '[images]\ninsecure_registries = ["localhost:5000"]',
@@ -161,6 +163,9 @@ def test_values_reach_the_spec_config():
     ('[runtime]\ndefault_cgroup_parent = "/a/../b"', "runtime.default_cgroup_parent"),
     ('[runtime]\ndefault_cgroup_parent = "a.slice:x:y"', "runtime.default_cgroup_parent"),
     ('[runtime]\nstop_timeout_grace = 2.0', "runtime.stop_timeout_grace"),
+    ('[runtime]\nenable_cdi = "yes"', "runtime.enable_cdi"),
+    ('[runtime]\ncdi_spec_dirs = ["etc/cdi"]', "runtime.cdi_spec_dirs[0]"),
+    ('[runtime]\ncdi_spec_dirs = ["/etc/cdi", "/etc/cdi/"]', "runtime.cdi_spec_dirs"),
 ])
 def test_bad_knob_is_reported_by_file_and_key(text, key):
     with pytest.raises(c.ConfigError) as e:
