@@ -678,8 +678,9 @@ def test_exec_with_tty_and_resize(cluster: Cluster, ns: str) -> None:
     buf = bytearray()
     try:
         read_until(master, r"/ # ", 30, buf)  # busybox sh's prompt as root
-        os.write(master, b"stty size; tty; echo TERM=$TERM\r")
-        read_until(master, r"TERM=\S+", 30, buf)
+        # the terminal echoes what we type: wait for a marker only the shell's output has
+        os.write(master, b"stty size; tty; echo M$((40+2))M\r")
+        read_until(master, r"M42M", 30, buf)
         text = buf.decode(errors="replace")
         assert "33 111" in text, text
         assert re.search(r"/dev/pts/\d+", text), text
