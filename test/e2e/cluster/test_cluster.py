@@ -90,6 +90,8 @@ ALLOWED_KUBELET_ERRORS: list[tuple[str, str]] = [
      "the pod object is gone (namespace deleted); the node authorizer no longer links it to the node"),
     (r'"Failed to update status for pod" err=.* not found" pod=',
      "a status patch for a pod deleted meanwhile (namespace deleted)"),
+    (r'"Server rejected event \(will not retry!\)" err="namespaces \\"[^\\]+\\" not found"',
+     "an event (a probe's, a kill's) about a pod whose namespace is already deleted"),
     (r"unable to create new content in namespace \S+ because it is being terminated",
      "a new service-account token for a pod whose namespace is being deleted"),
     (r'conn\.go:\d+\] "Error on socket receive" err="read tcp .*: use of closed network connection',
@@ -471,7 +473,8 @@ def _teardown(c: Cluster, before: HostSnapshot) -> list[str]:
             stop_process(c.procs.get(name))
         os.makedirs(keep, exist_ok=True)
         for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
-            shutil.copy(c.log(name), keep) if os.path.exists(c.log(name)) else None
+            if os.path.exists(c.log(name)):
+                shutil.copy(c.log(name), keep)
         for n in c.nodes:
             for src, dst in ((n.log_file, f"kubelet-{n.index}.log"), (n.daemon.log_file, f"moorage-{n.index}.log")):
                 if src and os.path.exists(src):
