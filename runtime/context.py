@@ -97,7 +97,7 @@ class RuntimeContext:
         self.background: set[asyncio.Task[None]] = set()
         #: What each handler can do (probed once, on first use).
         self.features = featuresmod.FeatureProbe(settings.handlers, settings.default_handler,
-                                                 settings.disabled_features)
+                                                 settings.disabled_features, idmap_path=settings.root_dir)
         for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):
             os.makedirs(d, mode=0o711, exist_ok=True)
 

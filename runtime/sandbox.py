@@ -72,6 +72,7 @@ class Sandboxes:
         self.ctx.oci(handler)  # unknown handler: INVALID_ARGUMENT before anything is made
         if cfg.linux:
             spec.pod_resource_annotations(cfg.linux.overhead, cfg.linux.resources)  # likewise bad pod resources
+        spec.sandbox_userns(cfg, self.ctx.s.spec.userns_length_multiple)  # likewise bad id mappings
         name = sandbox_name(cfg)
         return await self.ctx.dedup(name, lambda: self._run(cfg, name, handler))
 
@@ -86,6 +87,8 @@ class Sandboxes:
             hostname=cfg.hostname or (os.uname().nodename if host_net else cfg.metadata.name),
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
         )
+        # No await from this check to add_sandbox: two pods cannot both take the same host ids.
+        self._check_userns_free(cfg)
         # Reserves the name, or ALREADY_EXISTS naming the holder.
         rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
         try:
@@ -103,6 +106,35 @@ class Sandboxes:
         self.ctx.events.publish(sid, events.EventType.CREATED, sid)
         self.ctx.events.publish(sid, events.EventType.STARTED, sid)
         return sid
+
+    def _userns(self, cfg: PodSandboxConfig) -> spec.PodUserns | None:
+        return spec.sandbox_userns(cfg, self.ctx.s.spec.userns_length_multiple)
+
+    def _owner(self, cfg: PodSandboxConfig) -> tuple[int, int] | None:
+        """Host (uid, gid) of the pod's root when it has its own user namespace."""
+        u = self._userns(cfg)
+        return (u.uid.host_id, u.gid.host_id) if u is not None else None
+
+    def _check_userns_free(self, cfg: PodSandboxConfig) -> None:
+        """INVALID_ARGUMENT if another pod's user namespace maps any of the host ids this one asks for.
+        Sandboxes of the same pod (same uid: a new attempt) share their pod's mapping, as the kubelet
+        keeps it for the pod's life."""
+        mine = self._userns(cfg)
+        if mine is None:
+            return
+        for other in self.ctx.sandboxes.values():
+            ocfg = other.metadata.config
+            if ocfg.metadata.uid == cfg.metadata.uid:
+                continue
+            try:
+                theirs = self._userns(ocfg)
+            except InvalidArgument:
+                continue  # recorded before a stricter config: not ours to judge here
+            if theirs is not None and mine.overlaps(theirs):
+                (u0, u1), (g0, g1) = theirs.host_ranges()
+                raise InvalidArgument(
+                    f"{spec.USERNS_FIELD}: host ids already mapped by pod sandbox {other.id} "
+                    f"({ocfg.metadata.namespace}/{ocfg.metadata.name}: uids {u0}-{u1 - 1}, gids {g0}-{g1 - 1})")
 
     def _mark_create_failed(self, rec: Sandbox, exc: BaseException, cleanup: BaseException) -> None:
         """Creation failed and so did its clean-up: leave a visible NOTREADY sandbox that
@@ -122,19 +154,21 @@ class Sandboxes:
         os.makedirs(root, mode=0o711, exist_ok=True)
         os.makedirs(state, mode=0o711, exist_ok=True)
 
-        # Files the pod's containers bind-mount.
+        # Files the pod's containers bind-mount; in a pod user namespace, owned by the pod's root.
+        owner = self._owner(cfg)
         hostname = meta.hostname
-        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n")
+        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n", owner=owner)
         podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
-            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")))
+            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
         podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
-            hostname, host_net, podfiles.read_host_file("/etc/hosts")))
+            hostname, host_net, podfiles.read_host_file("/etc/hosts")), owner=owner)
 
-        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace.
+        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace (root-owned as the pod sees it).
         if ipc_mode != "NODE":
             os.makedirs(meta.shm_path, exist_ok=True)
+            ids = (f"uid={owner[0]}", f"gid={owner[1]}") if owner else ()
             mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
-                                                          f"size={SHM_SIZE}"))], meta.shm_path)
+                                                          f"size={SHM_SIZE}", *ids))], meta.shm_path)
 
         # The network: a pinned namespace, configured by CNI when a network is set up.
         if not host_net:
@@ -183,7 +217,7 @@ class Sandboxes:
         ips = list(res.ips)
         rec.update(lambda s: replace(s, ip=ips[0] if ips else "", additional_ips=tuple(ips[1:])))
         podfiles.write_atomic(os.path.join(self.ctx.sandbox_root(rec.id), "hosts"), podfiles.hosts_content(
-            rec.metadata.hostname, False, None, rec.status.ip))
+            rec.metadata.hostname, False, None, rec.status.ip), owner=self._owner(cfg))
 
     async def _on_infra_exit(self, sid: str) -> None:
         rec = self.ctx.sandboxes.get(sid)
