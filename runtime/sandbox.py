@@ -72,7 +72,9 @@ class Sandboxes:
         self.ctx.oci(handler)  # unknown handler: INVALID_ARGUMENT before anything is made
         if cfg.linux:
             spec.pod_resource_annotations(cfg.linux.overhead, cfg.linux.resources)  # likewise bad pod resources
-        spec.sandbox_userns(cfg, self.ctx.s.spec.userns_length_multiple)  # likewise bad id mappings
+        if spec.sandbox_userns(cfg, self.ctx.s.spec.userns_length_multiple):  # likewise bad id mappings
+            for d in (self.ctx.s.state_dir, self.ctx.s.root_dir):
+                _check_traversable(d)
         name = sandbox_name(cfg)
         return await self.ctx.dedup(name, lambda: self._run(cfg, name, handler))
 
@@ -170,8 +172,13 @@ class Sandboxes:
             mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
                                                           f"size={SHM_SIZE}", *ids))], meta.shm_path)
 
-        # The network: a pinned namespace, configured by CNI when a network is set up.
-        if not host_net:
+        # The network: a pinned namespace, configured by CNI when a network is set up.  A pod with
+        # its own user namespace gets one its infra makes inside that user namespace (pinned and
+        # configured below, before the infra starts): the pod's containers join the user namespace
+        # first and could not enter a network namespace the host's user namespace owns, nor mount
+        # a sysfs for it.
+        own_netns = owner is not None
+        if not host_net and not own_netns:
             netns_path = await asyncio.to_thread(netnsmod.create_netns, sid, self.ctx.s.netns_dir)
             rec.update(lambda s: replace(s, netns_path=netns_path, phase=SandboxPhase.NETWORK))
             await self._setup_network(rec, self.ctx.network, netns_path)
@@ -180,6 +187,8 @@ class Sandboxes:
         bundle = os.path.join(state, "bundle")
         rootfs = os.path.join(bundle, "rootfs")
         os.makedirs(rootfs, mode=0o755, exist_ok=True)
+        if owner is not None:  # the runtime makes the mount points in it as the pod's root
+            os.chown(rootfs, owner[0], owner[1])
         sb_spec = spec.build_sandbox_spec(
             cfg, sandbox_id=sid, rootfs=rootfs, infra_binary_path=self.ctx.s.infra_binary,
             netns_path=rec.status.netns_path or None, cgroups_path=meta.cgroups_path, runtime_cfg=self.ctx.s.spec,
@@ -193,6 +202,11 @@ class Sandboxes:
         rec.update(lambda s: replace(s, phase=SandboxPhase.INFRA))
         pid = await self.ctx.timed("oci_create", rt.create(sid, bundle, log_path=os.path.join(state, "infra.log"),
                                                           name=rec.name))
+        if not host_net and own_netns:
+            netns_path = await asyncio.to_thread(netnsmod.pin_netns, sid, f"/proc/{pid}/ns/net",
+                                                 self.ctx.s.netns_dir)
+            rec.update(lambda s: replace(s, netns_path=netns_path, pid=pid, phase=SandboxPhase.NETWORK))
+            await self._setup_network(rec, self.ctx.network, netns_path)
         await self.ctx.timed("oci_start", rt.start(sid))
         rec.update(lambda s: replace(s, pid=pid, state=SandboxState.READY, phase=None))
         self.ctx.watch_exit(sid, meta.runtime_handler, self._on_infra_exit)
@@ -375,6 +389,25 @@ class Sandboxes:
                 task = asyncio.ensure_future(cni_release_orphans(net, sorted(orphans)))
                 self.ctx.background.add(task)
                 task.add_done_callback(self.ctx.background.discard)
+
+
+def _check_traversable(path: str) -> None:
+    """FAILED_PRECONDITION unless every existing directory on ``path`` lets others through: the OCI
+    runtime mounts the rootfs and the pod files from inside the pod's user namespace, as its root,
+    which is no one on the host (containerd has the same rule for its state dirs)."""
+    d = os.path.abspath(path)
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError:
+            st = None
+        if st is not None and not st.st_mode & 0o001:
+            raise FailedPrecondition(
+                f"{d} is not searchable by others (mode {st.st_mode & 0o7777:o}): a pod with its own user "
+                f"namespace needs every directory above moorage's root and state dirs to have o+x (e.g. 0711)")
+        if d == "/":
+            return
+        d = os.path.dirname(d)
 
 
 def _plain_or_none(res: LinuxContainerResources | None) -> dict | None:

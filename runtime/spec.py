@@ -805,7 +805,8 @@ def container_userns(nso: NamespaceOption | None, sandbox_cfg: PodSandboxConfig,
 
 
 def _base_mounts(
-    runtime_cfg: RuntimeSpecConfig, *, privileged: bool, shm_path: str | None, cgroup: bool = True
+    runtime_cfg: RuntimeSpecConfig, *, privileged: bool, shm_path: str | None, cgroup: bool = True,
+    host_sysfs: bool = False,
 ) -> list[dict]:
     size = runtime_cfg.tmpfs_size
     ro = [] if privileged else ["ro"]
@@ -824,6 +825,10 @@ def _base_mounts(
             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
         },
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        # sysfs cannot be mounted from a user namespace that does not own the network namespace
+        # (a user-namespaced pod on the host network): bind the host's /sys, read-only.
+        {"destination": "/sys", "type": "bind", "source": "/sys",
+         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]} if host_sysfs else
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", *ro]},
     ]
     if cgroup:
@@ -954,7 +959,8 @@ def build_sandbox_spec(
     # Mounts.  With host IPC the pod shares the node's /dev/shm unless told otherwise.
     if host_ipc and not shm_path:
         shm_path = HOST_DEV_SHM
-    mounts = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path, cgroup=False)
+    mounts = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path, cgroup=False,
+                          host_sysfs=userns is not None and host_network)
     mounts.append(_file_bind(INFRA_PATH_IN_CONTAINER, infra_binary_path, True))
     for dest, src in (("/etc/resolv.conf", resolv_conf_path), ("/etc/hosts", hosts_path),
                       ("/etc/hostname", hostname_path)):
@@ -1297,7 +1303,8 @@ def build_container_spec(
 
     if ipc_mode == "NODE" and not shm_path:
         shm_path = HOST_DEV_SHM
-    defaults = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path)
+    defaults = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path,
+                            host_sysfs=userns is not None and net_mode == "NODE")
     for dest, src in (("/etc/hostname", hostname_path), ("/etc/hosts", hosts_path),
                       ("/etc/resolv.conf", resolv_conf_path)):
         if src:
