@@ -48,8 +48,9 @@ HANDLER_FEATURES = (RECURSIVE_READ_ONLY_MOUNTS, USER_NAMESPACES)
 RUNTIME_FEATURES = (SUPPLEMENTAL_GROUPS_POLICY, MOUNT_OPTIONS, USER_NAMESPACES_HOST_NETWORK)
 ALL_FEATURES = HANDLER_FEATURES + RUNTIME_FEATURES
 
-_NO_USERNS_HOST_NETWORK = ("a user-namespaced pod on the host network is not supported: its /sys cannot "
-                           "be mounted from a user namespace that does not own the network namespace")
+_NO_USERNS_HOST_NETWORK = ("not supported: a user-namespaced pod on the host network cannot mount a sysfs "
+                           "(the host's user namespace owns that network namespace); moorage would only "
+                           "bind the host's /sys read-only, and no test runs that")
 
 
 class State(StrEnum):
