@@ -114,9 +114,27 @@ def run_features(path: str, timeout: float = 10.0) -> BinaryFeatures:
         return BinaryFeatures(path, error=f"cannot run `{path} features`: {e}")
     if p.returncode != 0:
         said = (p.stderr or p.stdout).strip().splitlines()
-        return BinaryFeatures(path, error=f"`{path} features` failed ({said[-1] if said else f'exit {p.returncode}'})"
-                              "; this runtime does not report what it supports")
+        error = (f"`{path} features` failed ({said[-1] if said else f'exit {p.returncode}'})"
+                 "; this runtime does not report what it supports")
+        return _crun_without_features(path, error, timeout) or BinaryFeatures(path, error=error)
     return BinaryFeatures.parse(path, p.stdout)
+
+
+#: The namespaces every crun release knows (it has had all of them since before 1.0).
+CRUN_NAMESPACES = frozenset({"cgroup", "ipc", "mount", "network", "pid", "user", "uts"})
+
+
+def _crun_without_features(path: str, error: str, timeout: float) -> BinaryFeatures | None:
+    """crun before 1.10 has no ``features`` command, but every release knows all namespaces: a
+    binary whose ``--version`` says crun gets those (its mount options stay unknown, ``error`` kept)."""
+    try:
+        p = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = p.stdout.strip().splitlines()[0] if p.returncode == 0 and p.stdout.strip() else ""
+    if not first.startswith("crun version "):
+        return None
+    return BinaryFeatures(path, error=error, namespaces=CRUN_NAMESPACES, version=first.split()[2])
 
 
 def kernel_release() -> tuple[int, int]:
@@ -170,12 +188,10 @@ def _handler_features(name: str, b: BinaryFeatures, kernel: tuple[int, int],
     userns_why: list[str] = []
     if b.error:
         rro_why.append(b.error)
-        userns_why.append(b.error)
-    else:
-        if "rro" not in b.mount_options:
-            rro_why.append(f"{label} does not list the rro mount option")
-        if "user" not in b.namespaces:
-            userns_why.append(f"{label} does not list the user namespace")
+    elif "rro" not in b.mount_options:
+        rro_why.append(f"{label} does not list the rro mount option")
+    if "user" not in b.namespaces:  # known without `features` for crun (_crun_without_features)
+        userns_why.append(b.error or f"{label} does not list the user namespace")
     if kernel < RRO_KERNEL:
         rro_why.append(f"kernel {kernel[0]}.{kernel[1]} has no mount_setattr (needs {RRO_KERNEL[0]}.{RRO_KERNEL[1]})")
     if idmap_why:

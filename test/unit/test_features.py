@@ -63,6 +63,15 @@ def test_user_namespaces_from_the_binary_and_the_idmap_probe():
     assert d.handlers[""].user_namespaces.state == f.State.DISABLED
 
 
+def test_crun_without_a_features_command_still_knows_user_namespaces():
+    # Debian 12's crun 1.8.1 has no `features`; its --version names it, and crun knows every namespace.
+    b = f.run_features("/usr/bin/crun")
+    assert "unknown command features" in b.error and "user" in b.namespaces and b.version
+    r = f.compute({"crun": "/usr/bin/crun"}, "crun", idmap_probe=lambda p: "")
+    assert r.handlers["crun"].user_namespaces.advertised
+    assert not r.handlers["crun"].recursive_read_only_mounts.advertised  # its mount options stay unknown
+
+
 def test_the_idmap_probe_on_this_host():
     # Kernel 6.x and ext4/tmpfs: an idmapped mount can be made (the real probe, no fake).
     assert f.idmap_why_not("/tmp/does/not/exist") == ""
