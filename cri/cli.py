@@ -150,7 +150,7 @@ def _feature_lines(cfg: configmod.Config) -> list[tuple[str, str]]:
 
     rt = cfg.runtime
     report = features.compute({n: h.path for n, h in rt.handlers.items()}, rt.default_handler,
-                              rt.disabled_features)
+                              rt.disabled_features, idmap_path=cfg.root_dir)
     out: list[tuple[str, str]] = []
     for name, h in sorted(report.handlers.items()):
         where = f"handler {name}" if name else f"handler \"\" (default: {rt.default_handler})"

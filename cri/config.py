@@ -73,6 +73,7 @@ class RuntimeConfig:
     disabled_features: list[str] = field(default_factory=list)
     enable_cdi: bool = True
     cdi_spec_dirs: list[str] = field(default_factory=lambda: ["/etc/cdi", "/var/run/cdi"])
+    userns_length_multiple: int = specmod.USERNS_LENGTH_MULTIPLE
 
 
 @dataclass
@@ -307,6 +308,8 @@ def _validate_runtime(rt: RuntimeConfig, where: str) -> None:
     for i, name in enumerate(rt.disabled_features):
         _check(where, f"runtime.disabled_features[{i}]", name in featuresmod.ALL_FEATURES,
                f"unknown feature {name!r}; use one of {', '.join(featuresmod.ALL_FEATURES)}")
+    _check(where, "runtime.userns_length_multiple", rt.userns_length_multiple >= 1,
+           f"must be 1 (any length) or more, got {rt.userns_length_multiple}")
     for key in ("allowed_annotations", "pod_annotations"):
         for i, pat in enumerate(getattr(rt, key)):
             _check(where, f"runtime.{key}[{i}]", bool(pat.strip()), "must be a non-empty glob pattern")
@@ -530,6 +533,9 @@ DOCS: dict[str, str] = {
     "runtime.cdi_spec_dirs":
         "Directories of CDI spec files (*.json, *.yaml), re-read when they change. A later directory\n"
         "overrides an earlier one for the same device; two files of one directory defining it conflict.",
+    "runtime.userns_length_multiple":
+        "A user-namespaced pod's uid/gid mapping lengths must be a multiple of this (the kubelet\n"
+        "allocates 65536 ids per pod); 1 accepts any length (critest's specs map 100000 ids).",
     "images": "Image pulls and storage.",
     "images.snapshotter": "overlayfs | native (copying fallback where overlayfs is missing).",
     "images.registry_config_path": "hosts.toml and certificates per registry (<path>/<host>/...).",

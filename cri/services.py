@@ -78,6 +78,7 @@ def runtime_spec_config(rt: RuntimeConfig) -> RuntimeSpecConfig:
         pod_annotations=tuple(rt.pod_annotations),
         disable_hugetlb_controller=rt.disable_hugetlb_controller,
         tolerate_missing_hugetlb_controller=rt.tolerate_missing_hugetlb_controller,
+        userns_length_multiple=rt.userns_length_multiple,
     )
 
 

@@ -25,8 +25,10 @@ from typing import Any
 
 from opentelemetry import trace
 
+from moorage.core import idmap
 from moorage.core import mount as mountmod
 from moorage.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoorageError, NotFound
+from moorage.core.idmap import UserNS
 from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
 from moorage.images import oci
@@ -665,9 +667,11 @@ class ImageService:
 
     # -- container root filesystems --------------------------------------------------------------
 
-    async def _mount_snapshot(self, key: str, image: ImageRecord, target: str, writable: bool) -> None:
+    async def _mount_snapshot(self, key: str, image: ImageRecord, target: str, writable: bool,
+                              userns: UserNS | None = None) -> None:
         """Mount snapshot ``key`` over ``image``'s layers at ``target``, making it on first use:
-        an active (writable) snapshot for a container's rootfs, a view for an image volume."""
+        an active (writable) snapshot for a container's rootfs, a view for an image volume.
+        With ``userns`` the mount is id-mapped into it (see moorage/core/idmap.py)."""
         def work() -> None:
             os.makedirs(target, mode=0o755, exist_ok=True)
             if self.snapshots.exists(key):
@@ -677,7 +681,14 @@ class ImageService:
             else:
                 mounts = self.snapshots.view(key, image.chain_id or None)
             try:
-                mountmod.mount(mounts, target)
+                if userns is None:
+                    mountmod.mount(mounts, target)
+                else:
+                    if writable and mounts[0].type == "overlay":
+                        # The merged root dir is the upper dir's: the pod's root must own it, as it
+                        # owns the (id-mapped) image dirs below.
+                        os.chown(self.snapshots.upper_dir(key), userns.uid, userns.gid)
+                    idmap.mount_idmapped(mounts, target, userns, target.rstrip("/") + ".idmap")
             except BaseException:
                 self._remove_snapshot_quietly(key)
                 raise
@@ -685,8 +696,9 @@ class ImageService:
         with _span("snapshot.mount", **{"snapshot.key": key, "snapshot.backend": self.snapshots.backend}):
             await asyncio.to_thread(work)
 
-    async def prepare_rootfs(self, key: str, image: ImageRecord, target: str) -> None:
-        await self._mount_snapshot(key, image, target, writable=True)
+    async def prepare_rootfs(self, key: str, image: ImageRecord, target: str, *,
+                             userns: UserNS | None = None) -> None:
+        await self._mount_snapshot(key, image, target, writable=True, userns=userns)
 
     async def release_rootfs(self, key: str, target: str) -> None:
         def work() -> None:

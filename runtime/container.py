@@ -19,6 +19,7 @@ import signal
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from moorage.core.fs import remove_tree
+from moorage.core.idmap import UserNS
 from moorage.core.ids import new_id
 from moorage.core.store import ImageRecord, now_ns
 from moorage.runtime import cdi, events, procsig, spec, users
@@ -208,7 +209,17 @@ class Containers:
         bundle = os.path.join(state, "bundle")
         rootfs = os.path.join(bundle, "rootfs")
         os.makedirs(rootfs, mode=0o755, exist_ok=True)
-        await self.ctx.images.prepare_rootfs(cid, image, rootfs)
+        nso = cfg.linux.security_context.namespace_options if cfg.linux and cfg.linux.security_context else None
+        userns = spec.container_userns(nso, sb.metadata.config, self.ctx.s.spec.userns_length_multiple)
+        if userns is None:
+            await self.ctx.images.prepare_rootfs(cid, image, rootfs)
+        else:
+            # The image's layers are id-mapped into the pod's user namespace (held by its infra process).
+            if not sb.status.pid:
+                raise FailedPrecondition(f"pod sandbox {sb.id} has no running infra process holding its "
+                                         "user namespace; is it ready?")
+            await self.ctx.images.prepare_rootfs(cid, image, rootfs, userns=UserNS(
+                f"/proc/{sb.status.pid}/ns/user", userns.uid.host_id, userns.gid.host_id))
         mounts: list[Mount] | None = None
         if volume_images:
             mounts = await self._mount_image_volumes(rec, cfg, volume_images)

@@ -102,7 +102,7 @@ class RuntimeContext:
         self.background: set[asyncio.Task[None]] = set()
         #: What each handler can do (probed once, on first use).
         self.features = featuresmod.FeatureProbe(settings.handlers, settings.default_handler,
-                                                 settings.disabled_features)
+                                                 settings.disabled_features, idmap_path=settings.root_dir)
         #: The CDI spec directories, re-read when they change (None: CDI is disabled).
         self.cdi = cdimod.SpecDirs(settings.cdi_spec_dirs) if settings.enable_cdi else None
         for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):

@@ -59,12 +59,16 @@ def read_host_file(path: str) -> str | None:
         return None
 
 
-def write_atomic(path: str, content: str, mode: int = 0o644) -> None:
+def write_atomic(path: str, content: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with ``content``; ``owner`` (uid, gid) chowns it first, e.g. to the host ids
+    of a user-namespaced pod's root, so the file is the pod's own inside (mode kept)."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(content)
+        if owner is not None:
+            os.chown(tmp, owner[0], owner[1])
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

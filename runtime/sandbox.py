@@ -72,6 +72,9 @@ class Sandboxes:
         self.ctx.oci(handler)  # unknown handler: INVALID_ARGUMENT before anything is made
         if cfg.linux:
             spec.pod_resource_annotations(cfg.linux.overhead, cfg.linux.resources)  # likewise bad pod resources
+        if spec.sandbox_userns(cfg, self.ctx.s.spec.userns_length_multiple):  # likewise bad id mappings
+            for d in (self.ctx.s.state_dir, self.ctx.s.root_dir):
+                _check_traversable(d)
         name = sandbox_name(cfg)
         return await self.ctx.dedup(name, lambda: self._run(cfg, name, handler))
 
@@ -86,6 +89,8 @@ class Sandboxes:
             hostname=cfg.hostname or (os.uname().nodename if host_net else cfg.metadata.name),
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
         )
+        # No await from this check to add_sandbox: two pods cannot both take the same host ids.
+        self._check_userns_free(cfg)
         # Reserves the name, or ALREADY_EXISTS naming the holder.
         rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
         try:
@@ -103,6 +108,35 @@ class Sandboxes:
         self.ctx.events.publish(sid, events.EventType.CREATED, sid)
         self.ctx.events.publish(sid, events.EventType.STARTED, sid)
         return sid
+
+    def _userns(self, cfg: PodSandboxConfig) -> spec.PodUserns | None:
+        return spec.sandbox_userns(cfg, self.ctx.s.spec.userns_length_multiple)
+
+    def _owner(self, cfg: PodSandboxConfig) -> tuple[int, int] | None:
+        """Host (uid, gid) of the pod's root when it has its own user namespace."""
+        u = self._userns(cfg)
+        return (u.uid.host_id, u.gid.host_id) if u is not None else None
+
+    def _check_userns_free(self, cfg: PodSandboxConfig) -> None:
+        """INVALID_ARGUMENT if another pod's user namespace maps any of the host ids this one asks for.
+        Sandboxes of the same pod (same uid: a new attempt) share their pod's mapping, as the kubelet
+        keeps it for the pod's life."""
+        mine = self._userns(cfg)
+        if mine is None:
+            return
+        for other in self.ctx.sandboxes.values():
+            ocfg = other.metadata.config
+            if ocfg.metadata.uid == cfg.metadata.uid:
+                continue
+            try:
+                theirs = self._userns(ocfg)
+            except InvalidArgument:
+                continue  # recorded before a stricter config: not ours to judge here
+            if theirs is not None and mine.overlaps(theirs):
+                (u0, u1), (g0, g1) = theirs.host_ranges()
+                raise InvalidArgument(
+                    f"{spec.USERNS_FIELD}: host ids already mapped by pod sandbox {other.id} "
+                    f"({ocfg.metadata.namespace}/{ocfg.metadata.name}: uids {u0}-{u1 - 1}, gids {g0}-{g1 - 1})")
 
     def _mark_create_failed(self, rec: Sandbox, exc: BaseException, cleanup: BaseException) -> None:
         """Creation failed and so did its clean-up: leave a visible NOTREADY sandbox that
@@ -122,22 +156,29 @@ class Sandboxes:
         os.makedirs(root, mode=0o711, exist_ok=True)
         os.makedirs(state, mode=0o711, exist_ok=True)
 
-        # Files the pod's containers bind-mount.
+        # Files the pod's containers bind-mount; in a pod user namespace, owned by the pod's root.
+        owner = self._owner(cfg)
         hostname = meta.hostname
-        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n")
+        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n", owner=owner)
         podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
-            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")))
+            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
         podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
-            hostname, host_net, podfiles.read_host_file("/etc/hosts")))
+            hostname, host_net, podfiles.read_host_file("/etc/hosts")), owner=owner)
 
-        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace.
+        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace (root-owned as the pod sees it).
         if ipc_mode != "NODE":
             os.makedirs(meta.shm_path, exist_ok=True)
+            ids = (f"uid={owner[0]}", f"gid={owner[1]}") if owner else ()
             mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
-                                                          f"size={SHM_SIZE}"))], meta.shm_path)
+                                                          f"size={SHM_SIZE}", *ids))], meta.shm_path)
 
-        # The network: a pinned namespace, configured by CNI when a network is set up.
-        if not host_net:
+        # The network: a pinned namespace, configured by CNI when a network is set up.  A pod with
+        # its own user namespace gets one its infra makes inside that user namespace (pinned and
+        # configured below, before the infra starts): the pod's containers join the user namespace
+        # first and could not enter a network namespace the host's user namespace owns, nor mount
+        # a sysfs for it.
+        own_netns = owner is not None
+        if not host_net and not own_netns:
             netns_path = await asyncio.to_thread(netnsmod.create_netns, sid, self.ctx.s.netns_dir)
             rec.update(lambda s: replace(s, netns_path=netns_path, phase=SandboxPhase.NETWORK))
             await self._setup_network(rec, self.ctx.network, netns_path)
@@ -146,6 +187,8 @@ class Sandboxes:
         bundle = os.path.join(state, "bundle")
         rootfs = os.path.join(bundle, "rootfs")
         os.makedirs(rootfs, mode=0o755, exist_ok=True)
+        if owner is not None:  # the runtime makes the mount points in it as the pod's root
+            os.chown(rootfs, owner[0], owner[1])
         sb_spec = spec.build_sandbox_spec(
             cfg, sandbox_id=sid, rootfs=rootfs, infra_binary_path=self.ctx.s.infra_binary,
             netns_path=rec.status.netns_path or None, cgroups_path=meta.cgroups_path, runtime_cfg=self.ctx.s.spec,
@@ -159,6 +202,11 @@ class Sandboxes:
         rec.update(lambda s: replace(s, phase=SandboxPhase.INFRA))
         pid = await self.ctx.timed("oci_create", rt.create(sid, bundle, log_path=os.path.join(state, "infra.log"),
                                                           name=rec.name))
+        if not host_net and own_netns:
+            netns_path = await asyncio.to_thread(netnsmod.pin_netns, sid, f"/proc/{pid}/ns/net",
+                                                 self.ctx.s.netns_dir)
+            rec.update(lambda s: replace(s, netns_path=netns_path, pid=pid, phase=SandboxPhase.NETWORK))
+            await self._setup_network(rec, self.ctx.network, netns_path)
         await self.ctx.timed("oci_start", rt.start(sid))
         rec.update(lambda s: replace(s, pid=pid, state=SandboxState.READY, phase=None))
         self.ctx.watch_exit(sid, meta.runtime_handler, self._on_infra_exit)
@@ -183,7 +231,7 @@ class Sandboxes:
         ips = list(res.ips)
         rec.update(lambda s: replace(s, ip=ips[0] if ips else "", additional_ips=tuple(ips[1:])))
         podfiles.write_atomic(os.path.join(self.ctx.sandbox_root(rec.id), "hosts"), podfiles.hosts_content(
-            rec.metadata.hostname, False, None, rec.status.ip))
+            rec.metadata.hostname, False, None, rec.status.ip), owner=self._owner(cfg))
 
     async def _on_infra_exit(self, sid: str) -> None:
         rec = self.ctx.sandboxes.get(sid)
@@ -341,6 +389,25 @@ class Sandboxes:
                 task = asyncio.ensure_future(cni_release_orphans(net, sorted(orphans)))
                 self.ctx.background.add(task)
                 task.add_done_callback(self.ctx.background.discard)
+
+
+def _check_traversable(path: str) -> None:
+    """FAILED_PRECONDITION unless every existing directory on ``path`` lets others through: the OCI
+    runtime mounts the rootfs and the pod files from inside the pod's user namespace, as its root,
+    which is no one on the host (containerd has the same rule for its state dirs)."""
+    d = os.path.abspath(path)
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError:
+            st = None
+        if st is not None and not st.st_mode & 0o001:
+            raise FailedPrecondition(
+                f"{d} is not searchable by others (mode {st.st_mode & 0o7777:o}): a pod with its own user "
+                f"namespace needs every directory above moorage's root and state dirs to have o+x (e.g. 0711)")
+        if d == "/":
+            return
+        d = os.path.dirname(d)
 
 
 def _plain_or_none(res: LinuxContainerResources | None) -> dict | None:

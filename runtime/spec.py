@@ -273,6 +273,10 @@ class HostLookups:
     selinux_active: Callable[[], bool] = lambda: os.path.exists("/sys/fs/selinux/enforce")
 
 
+#: What the kubelet allocates per pod (and a multiple of): ranges of 65536 ids.
+USERNS_LENGTH_MULTIPLE = 65536
+_MAX_ID = 1 << 32
+
 @dataclass(frozen=True)
 class RuntimeSpecConfig:
     """Runtime-wide knobs that shape every spec (filled from the daemon config)."""
@@ -312,6 +316,9 @@ class RuntimeSpecConfig:
     #: Where the hugetlb controller is not usable, drop hugepage limits (True) or refuse
     #: the container with FAILED_PRECONDITION (False).
     tolerate_missing_hugetlb_controller: bool = True
+    #: A pod user namespace's mapping lengths must be a multiple of this (the kubelet allocates
+    #: ranges of 65536 ids); 1 accepts any length.
+    userns_length_multiple: int = USERNS_LENGTH_MULTIPLE
 
 
 # --- small helpers ----------------------------------------------------------------
@@ -705,8 +712,103 @@ def _id_mappings(maps: Sequence[IDMapping]) -> list[dict]:
     return [{"containerID": m.container_id, "hostID": m.host_id, "size": m.length} for m in maps]
 
 
+USERNS_FIELD = "linux.security_context.namespace_options.userns_options"
+
+
+@dataclass(frozen=True)
+class PodUserns:
+    """A pod's checked user-namespace mapping (one range each for uids and gids, container 0 mapped)."""
+
+    uid: IDMapping
+    gid: IDMapping
+
+    def host_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """[start, end) of the host uids, then of the host gids."""
+        return ((self.uid.host_id, self.uid.host_id + self.uid.length),
+                (self.gid.host_id, self.gid.host_id + self.gid.length))
+
+    def same(self, other: PodUserns) -> bool:
+        return self.host_ranges() == other.host_ranges() and (
+            self.uid.container_id, self.gid.container_id) == (other.uid.container_id, other.gid.container_id)
+
+    def overlaps(self, other: PodUserns) -> bool:
+        return any(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(self.host_ranges(), other.host_ranges(),
+                                                                      strict=True))
+
+
+def _check_id_ranges(maps: Sequence[IDMapping], where: str, multiple: int) -> IDMapping:
+    if not maps:
+        raise InvalidArgument(f"{where}: a pod user namespace needs uid and gid mappings")
+    for i, m in enumerate(maps):
+        at = f"{where}[{i}]"
+        if m.length <= 0:
+            raise InvalidArgument(f"{at}.length: must be positive, got {m.length}")
+        if multiple > 1 and m.length % multiple:
+            raise InvalidArgument(f"{at}.length: {m.length} is not a multiple of {multiple} "
+                                  "(runtime.userns_length_multiple; the kubelet allocates ranges of 65536)")
+        for what, start in (("container_id", m.container_id), ("host_id", m.host_id)):
+            if start < 0 or start + m.length > _MAX_ID:
+                raise InvalidArgument(f"{at}.{what}: range {start}+{m.length} leaves the 32-bit id space")
+        if m.host_id == 0:
+            raise InvalidArgument(f"{at}.host_id: 0 would map the pod's ids onto the host's root")
+    for i, a in enumerate(maps):
+        for j in range(i):
+            b = maps[j]
+            for what, s1, s2 in (("container_id", a.container_id, b.container_id),
+                                 ("host_id", a.host_id, b.host_id)):
+                if s1 < s2 + b.length and s2 < s1 + a.length:
+                    raise InvalidArgument(f"{where}[{i}].{what}: range {s1}+{a.length} overlaps "
+                                          f"{where.rsplit('.', 1)[-1]}[{j}] ({s2}+{b.length})")
+    if len(maps) != 1:
+        raise InvalidArgument(f"{where}: {len(maps)} ranges given; moorage needs exactly one "
+                              "(as the kubelet sends), so that the rootfs can be id-mapped by one offset")
+    if maps[0].container_id != 0:
+        raise InvalidArgument(f"{where}[0].container_id: must be 0 (the container's root must be mapped), "
+                              f"got {maps[0].container_id}")
+    return maps[0]
+
+
+def pod_userns(nso: NamespaceOption | None, multiple: int = USERNS_LENGTH_MULTIPLE, *,
+               where: str = USERNS_FIELD) -> PodUserns | None:
+    """The pod user namespace ``nso`` asks for (None: the host's), or INVALID_ARGUMENT naming the field."""
+    userns = nso.userns_options if nso is not None else None
+    if userns is None:
+        return None
+    mode = _ns_mode(userns.mode, "user")
+    if mode == "NODE":
+        if userns.uids or userns.gids:
+            raise InvalidArgument(f"{where}: mode NODE (the host's user namespace) takes no uid/gid mappings")
+        return None
+    if mode != "POD":
+        raise InvalidArgument(f"{where}.mode: user namespace mode {mode} is not supported; use POD or NODE")
+    uid = _check_id_ranges(userns.uids, f"{where}.uids", multiple)
+    gid = _check_id_ranges(userns.gids, f"{where}.gids", multiple)
+    return PodUserns(uid, gid)
+
+
+def sandbox_userns(cfg: PodSandboxConfig, multiple: int = USERNS_LENGTH_MULTIPLE) -> PodUserns | None:
+    sc = cfg.linux.security_context if cfg.linux else None
+    return pod_userns(sc.namespace_options if sc else None, multiple)
+
+
+def container_userns(nso: NamespaceOption | None, sandbox_cfg: PodSandboxConfig,
+                     multiple: int = USERNS_LENGTH_MULTIPLE) -> PodUserns | None:
+    """A container's user namespace: its pod's.  A container that names another is refused (it
+    cannot have its own: it joins the pod's network, IPC and UTS namespaces, which that one owns)."""
+    pod = sandbox_userns(sandbox_cfg, multiple)
+    asked = nso.userns_options if nso is not None else None
+    if asked is None:
+        return pod
+    mine = pod_userns(nso, multiple)
+    if (mine is None) != (pod is None) or (mine is not None and pod is not None and not mine.same(pod)):
+        raise InvalidArgument(f"{USERNS_FIELD}: the container's user namespace must be its pod's "
+                              f"({'mode POD with the same mappings' if pod else 'the host one: mode NODE'})")
+    return pod
+
+
 def _base_mounts(
-    runtime_cfg: RuntimeSpecConfig, *, privileged: bool, shm_path: str | None, cgroup: bool = True
+    runtime_cfg: RuntimeSpecConfig, *, privileged: bool, shm_path: str | None, cgroup: bool = True,
+    host_sysfs: bool = False,
 ) -> list[dict]:
     size = runtime_cfg.tmpfs_size
     ro = [] if privileged else ["ro"]
@@ -725,6 +827,10 @@ def _base_mounts(
             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
         },
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        # sysfs cannot be mounted from a user namespace that does not own the network namespace
+        # (a user-namespaced pod on the host network): bind the host's /sys, read-only.
+        {"destination": "/sys", "type": "bind", "source": "/sys",
+         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]} if host_sysfs else
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", *ro]},
     ]
     if cgroup:
@@ -835,14 +941,12 @@ def build_sandbox_spec(
         namespaces.append({"type": "pid"})
     if runtime_cfg.cgroupns:
         namespaces.append({"type": "cgroup"})
-    userns = nso.userns_options
+    userns = pod_userns(nso, runtime_cfg.userns_length_multiple)
     uid_maps: list[dict] = []
     gid_maps: list[dict] = []
-    if userns is not None and userns.mode == "POD":
-        if not userns.uids or not userns.gids:
-            raise InvalidArgument("a pod user namespace needs uid and gid mappings")
+    if userns is not None:
         namespaces.append({"type": "user"})
-        uid_maps, gid_maps = _id_mappings(userns.uids), _id_mappings(userns.gids)
+        uid_maps, gid_maps = _id_mappings([userns.uid]), _id_mappings([userns.gid])
 
     # Sysctls: runtime defaults that apply here, then the pod's (validated).
     sysctls: dict[str, str] = {}
@@ -857,7 +961,8 @@ def build_sandbox_spec(
     # Mounts.  With host IPC the pod shares the node's /dev/shm unless told otherwise.
     if host_ipc and not shm_path:
         shm_path = HOST_DEV_SHM
-    mounts = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path, cgroup=False)
+    mounts = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path, cgroup=False,
+                          host_sysfs=userns is not None and host_network)
     mounts.append(_file_bind(INFRA_PATH_IN_CONTAINER, infra_binary_path, True))
     for dest, src in (("/etc/resolv.conf", resolv_conf_path), ("/etc/hosts", hosts_path),
                       ("/etc/hostname", hostname_path)):
@@ -1195,10 +1300,10 @@ def build_container_spec(
         namespaces.append({"type": "cgroup"})
     uid_maps: list[dict] = []
     gid_maps: list[dict] = []
-    userns = nso.userns_options
-    if userns is not None and userns.mode == "POD":
+    userns = container_userns(nso, sandbox_cfg, runtime_cfg.userns_length_multiple)
+    if userns is not None:
         namespaces.append({"type": "user", "path": sandbox_ns("user")})
-        uid_maps, gid_maps = _id_mappings(userns.uids), _id_mappings(userns.gids)
+        uid_maps, gid_maps = _id_mappings([userns.uid]), _id_mappings([userns.gid])
 
     # --- mounts ------------------------------------------------------------------------
     cri_mounts: list[dict] = []
@@ -1221,7 +1326,8 @@ def build_container_spec(
 
     if ipc_mode == "NODE" and not shm_path:
         shm_path = HOST_DEV_SHM
-    defaults = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path)
+    defaults = _base_mounts(runtime_cfg, privileged=privileged, shm_path=shm_path,
+                            host_sysfs=userns is not None and net_mode == "NODE")
     for dest, src in (("/etc/hostname", hostname_path), ("/etc/hosts", hosts_path),
                       ("/etc/resolv.conf", resolv_conf_path)):
         if src:

@@ -143,6 +143,26 @@ def create_netns(name: str, pin_dir: str = DEFAULT_PIN_DIR) -> str:
     return path
 
 
+def pin_netns(name: str, source: str, pin_dir: str = DEFAULT_PIN_DIR) -> str:
+    """Pin the existing network namespace at ``source`` (e.g. ``/proc/<pid>/ns/net``) at
+    ``<pin_dir>/<name>``, loopback up; the pin path.  For a namespace a pod's infra process made
+    inside its own user namespace, which must own it (see runtime/sandbox.py)."""
+    path = netns_path(name, pin_dir)
+    os.makedirs(pin_dir, mode=0o755, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+    except FileExistsError:
+        raise InvalidArgument(f"network namespace {path} already exists") from None
+    try:
+        if _c().mount(source.encode(), path.encode(), b"none", _MS_BIND, None) != 0:
+            raise _oserror(f"bind-mount of network namespace {source}", path)
+        run_in_netns(path, _lo_up)
+    except BaseException:
+        remove_netns(path)
+        raise
+    return path
+
+
 def remove_netns(path_or_name: str, pin_dir: str = DEFAULT_PIN_DIR) -> None:
     """Unmount and unlink a pin.  Idempotent: a missing or unmounted pin is fine."""
     path = path_or_name if "/" in path_or_name else netns_path(path_or_name, pin_dir)

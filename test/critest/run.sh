@@ -49,6 +49,7 @@ SKIP="${CRITEST_SKIP-$DEFAULT_SKIP}"
 FOCUS="${CRITEST_FOCUS:-}"
 
 WORK="$(mktemp -d /tmp/mrg-critest-XXXXXX)"
+chmod 711 "$WORK"   # user-namespaced pods' mapped root must get through to the rootfs (0700 from mktemp)
 REPORT_DIR="${CRITEST_REPORT_DIR:-$WORK/report}"
 mkdir -p "$REPORT_DIR" "$WORK/registry" "$WORK/certs.d" "$WORK/cni/net.d" "$WORK/cni/data"
 REG_PID=""; DAEMON_PID=""; BRIDGE=""
@@ -161,6 +162,9 @@ address = "127.0.0.1:$METRICS_PORT"
 conf_dir = "$WORK/cni/net.d"
 [images]
 registry_config_path = "$WORK/certs.d"
+[runtime]
+# critest's user-namespace specs map 100000 ids (0 1000 100000), not the kubelet's multiple of 65536.
+userns_length_multiple = 1
 TEOF
 (cd "$REPO" && exec "$PY" -m moorage.cri.cli serve --config "$WORK/config.toml") >"$REPORT_DIR/daemon.log" 2>&1 </dev/null &
 DAEMON_PID=$!

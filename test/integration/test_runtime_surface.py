@@ -53,13 +53,15 @@ def test_status_advertises_features_per_handler_including_the_default(env):
     assert by_name["runc"].recursive_read_only_mounts
     assert by_name[""] == by_name["runc"]  # the default handler is runc
     assert not by_name["crun"].recursive_read_only_mounts
-    # User-namespaced pods do not work end to end yet: never advertised.
-    assert not any(f.user_namespaces for f in by_name.values())
+    # User-namespaced pods work with runc and crun (moorage id-maps the rootfs; test_runtime_userns.py).
+    assert by_name["runc"].user_namespaces and by_name[""].user_namespaces and by_name["crun"].user_namespaces
     assert st.features.supplemental_groups_policy and st.features.mount_options
     assert not st.features.user_namespaces_host_network
     why = json.loads(status(env, verbose=True).info["features"])
     assert why["handlers"]["crun"]["recursive_read_only_mounts"].startswith("unavailable (")
-    assert "id-map" in why["handlers"][""]["user_namespaces"]
+    assert why["handlers"][""]["user_namespaces"].startswith("available (") and "id-mapped" in \
+        why["handlers"][""]["user_namespaces"]
+    assert why["handlers"]["crun"]["user_namespaces"].startswith("available (crun")
     assert why["runtime"]["mount_options"].startswith("available")
 
 
@@ -73,7 +75,9 @@ def test_check_lists_each_feature_with_its_state():
 
     assert state('recursive_read_only_mounts [handler runc]').startswith("available (runc")
     assert state('recursive_read_only_mounts [handler crun]').startswith("unavailable (")
-    assert "id-map" in state('user_namespaces [handler "" (default: runc)]')
+    assert state('user_namespaces [handler "" (default: runc)]').startswith("available (runc")
+    assert state('user_namespaces [handler crun]').startswith("available (crun")
+    assert state("user_namespaces_host_network").startswith("unavailable (")
     assert state("mount_options").startswith("available")
 
 

@@ -776,11 +776,33 @@ def test_cgroup_namespace_optional():
     assert "cgroup" in ns(build(runtime_cfg=RuntimeSpecConfig(cgroupns=True)))
 
 
+def _userns_sandbox(userns):
+    sb = sandbox_cfg()
+    sb.linux.security_context.namespace_options = NamespaceOption(userns_options=userns)
+    return sb
+
+
 def test_user_namespace_joins_sandbox():
     userns = UserNamespace(mode="POD", uids=[IDMapping(100000, 0, 65536)], gids=[IDMapping(100000, 0, 65536)])
-    spec = build(with_ns(userns_options=userns))
+    spec = build(with_ns(userns_options=userns), sandbox=_userns_sandbox(userns))
     assert ns(spec)["user"] == f"/proc/{SANDBOX_PID}/ns/user"
     assert spec["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    # A container that says nothing about it still joins its pod's user namespace.
+    spec = build(sandbox=_userns_sandbox(userns))
+    assert ns(spec)["user"] == f"/proc/{SANDBOX_PID}/ns/user"
+    assert spec["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 100000, "size": 65536}]
+
+
+def test_container_user_namespace_must_be_its_pods():
+    userns = UserNamespace(mode="POD", uids=[IDMapping(100000, 0, 65536)], gids=[IDMapping(100000, 0, 65536)])
+    other = UserNamespace(mode="POD", uids=[IDMapping(200000, 0, 65536)], gids=[IDMapping(200000, 0, 65536)])
+    with pytest.raises(InvalidArgument, match="userns_options: the container's user namespace must be its pod's"):
+        build(with_ns(userns_options=userns))  # the pod has none
+    with pytest.raises(InvalidArgument, match="must be its pod's"):
+        build(with_ns(userns_options=other), sandbox=_userns_sandbox(userns))
+    with pytest.raises(InvalidArgument, match="must be its pod's"):
+        build(with_ns(userns_options=UserNamespace(mode="NODE")), sandbox=_userns_sandbox(userns))
+    assert "user" not in ns(build(with_ns(userns_options=UserNamespace(mode="NODE"))))
 
 
 def test_container_spec_sets_no_sysctls():

@@ -167,6 +167,48 @@ def test_cgroupns_and_userns():
         build(pod(userns=UserNamespace(mode="POD")))
 
 
+def _m(host, length=65536, ctr=0):
+    return IDMapping(host_id=host, container_id=ctr, length=length)
+
+
+@pytest.mark.parametrize(("uids", "gids", "cfg", "match"), [
+    ([_m(65536), _m(131072, ctr=100)], None, None, r"uids\[1\]\.container_id: range 100\+65536 overlaps uids\[0\]"),
+    ([_m(65536), _m(100000, ctr=70000)], None, None, r"uids\[1\]\.host_id: range 100000\+65536 overlaps"),
+    ([_m(65536), _m(196608, ctr=65536)], None, None, r"uids: 2 ranges given; moorage needs exactly one"),
+    ([_m(65536, length=100000)], None, None, r"uids\[0\]\.length: 100000 is not a multiple of 65536"),
+    (None, [_m(65536, length=0)], None, r"gids\[0\]\.length: must be positive"),
+    ([_m(65536, ctr=1)], None, None, r"uids\[0\]\.container_id: must be 0"),
+    ([_m(0)], None, None, r"uids\[0\]\.host_id: 0 would map"),
+    ([_m(4294901760 + 65536)], None, None, r"uids\[0\]\.host_id: range .* leaves the 32-bit id space"),
+    ([], None, None, r"uids: a pod user namespace needs uid and gid mappings"),
+    # critest's mapping (0 1000 100000) is fine where the multiple is switched off.
+    ([_m(1000, length=100000)], [_m(1000, length=100000)], RuntimeSpecConfig(userns_length_multiple=1), None),
+])
+def test_bad_userns_mappings_name_the_field(uids, gids, cfg, match):
+    good = [_m(65536)]
+    userns = UserNamespace(mode="POD", uids=good if uids is None else uids, gids=good if gids is None else gids)
+    if match is None:
+        assert "user" in ns(build(pod(userns=userns), runtime_cfg=cfg))
+        return
+    with pytest.raises(InvalidArgument, match="linux.security_context.namespace_options.userns_options." + match):
+        build(pod(userns=userns), runtime_cfg=cfg or RuntimeSpecConfig())
+
+
+@pytest.mark.parametrize(("userns", "match"), [
+    (UserNamespace(mode="NODE", uids=[_m(65536)], gids=[_m(65536)]), "mode NODE .* takes no uid/gid mappings"),
+    (UserNamespace(mode="CONTAINER"), "mode CONTAINER is not supported"),
+    (UserNamespace(mode="TARGET"), "mode TARGET is not supported"),
+])
+def test_bad_userns_modes(userns, match):
+    with pytest.raises(InvalidArgument, match=match):
+        build(pod(userns=userns))
+
+
+def test_userns_mode_node_is_the_host_namespace():
+    spec = build(pod(userns=UserNamespace(mode="NODE")))
+    assert "user" not in ns(spec) and "uidMappings" not in spec["linux"]
+
+
 def test_run_as_user_and_groups():
     spec = build(pod(run_as_user=65534, run_as_group=65534, supplemental_groups=[5]))
     assert spec["process"]["user"] == {"uid": 65534, "gid": 65534, "additionalGids": [65534, 5]}
