@@ -388,7 +388,7 @@ WS_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Ve
               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 
 
-def test_bad_used_and_wrong_kind_tokens_get_404(env):
+def test_bad_used_and_wrong_kind_tokens_get_404_and_a_wrong_try_leaves_the_token(env):
     url = env.exec_url(env.main, ["true"])
     base = url.rsplit("/", 2)[0]
     with pytest.raises(websocket.WebSocketBadStatusException) as e:
@@ -398,8 +398,9 @@ def test_bad_used_and_wrong_kind_tokens_get_404(env):
     with pytest.raises(spdy_client.UpgradeError) as e2:
         spdy_run(f"{base}/attach/{url.rsplit('/', 1)[1]}")  # an exec token is no attach token...
     assert e2.value.status == 404
+    spdy_run(url)  # ...and that wrong try did not use it up: the real client gets its stream, once
     with pytest.raises(spdy_client.UpgradeError) as e2:
-        spdy_run(url)  # ...and that try used it up
+        spdy_run(url)
     assert e2.value.status == 404
     code, _, body = raw_http(f"{base}/portforward/nope", WS_HEADERS)
     assert code == 404 and "token" in body
