@@ -99,7 +99,7 @@ ALLOWED_KUBELET_ERRORS: list[tuple[str, str]] = [
     (r'upgradeaware\.go:\d+\] "Error proxying data from client to backend" err=".*websocket: close 1006',
      "the test ends a kubectl attach/exec client by SIGTERM: its websocket closes without a close frame"),
     (r"can't set `spec\.hostUsers: false`, runtime does not support user namespaces",
-     "test_host_users_false_is_refused: the kubelet refuses the pod while moorage advertises no user namespaces"),
+     "test_host_users_false: the kubelet refuses the pod while moorage advertises no user namespaces"),
 ]
 # Error lines caused by moorage bugs or gaps that are reported and have a strict-xfail test of
 # their own (named here): the per-test log check leaves them to that test, which fails
@@ -932,10 +932,10 @@ def test_update_pod_sandbox_resources_is_implemented(cluster: Cluster, ns: str) 
     assert "UpdatePodSandboxResources from runtime service failed" not in read_from(n.log_file, k0)
 
 
-def test_host_users_false_is_refused(cluster: Cluster, ns: str) -> None:
-    """moorage advertises no user-namespace support today, so the kubelet must refuse the pod
-    with its reason.  When the CRI-surface issue advertises it, this pod must run instead:
-    the test then fails and must be changed to expect Running."""
+def test_host_users_false(cluster: Cluster, ns: str) -> None:
+    """Where moorage advertises user namespaces (it does on a host with idmapped mounts), a
+    `hostUsers: false` pod runs in a user namespace of its own; where it does not, the kubelet
+    must refuse the pod with its reason, and nothing is started."""
     n = cluster.nodes[0]
     st = n.rt.Status(pb.StatusRequest(), timeout=10)
     cluster.apply(pod("userns", [container("c", cluster.image, SLEEP)], n, hostUsers=False), namespace=ns)
@@ -1077,7 +1077,9 @@ def test_moorage_restart_under_load(cluster: Cluster, two_nodes: list[Node], ns:
     n.daemon.start()
     cluster.kubectl("rollout", "status", "-n", ns, "deployment/load", "--timeout=240s", timeout=260)
     wait_for(lambda: node_ready(cluster, n.name), 60, "the node Ready after moorage's restart")
-    # the kubelet's errors while its runtime was away are the point of the exercise
+    # the kubelet's errors while its runtime was away are the point of the exercise; klog flushes
+    # its buffer every 5 s, so wait for those lines to reach the file before closing the window
+    time.sleep(6)
     n.quiet.append((k0, file_size(n.log_file)))
     after = {p["metadata"]["uid"]: p for p in running_pods(cluster, ns, "app=load")}
     assert len(after) == 8
