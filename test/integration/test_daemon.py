@@ -36,10 +36,14 @@ def test_status_conditions_and_verbose_config(daemon):
 
 
 def test_unbuilt_rpc_is_unimplemented_by_name(daemon):
-    with pytest.raises(grpc.RpcError) as e:
-        daemon.runtime.CheckpointPod(pb.CheckpointPodRequest())
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "RuntimeService/CheckpointPod" in e.value.details()
+    # checkpoint/restore: criu cannot work on this host (`moorage check` quotes `criu check`), so the
+    # three RPCs stay unbuilt and say so by name rather than pretending
+    for name, req in (("CheckpointContainer", pb.CheckpointContainerRequest(container_id="x")),
+                      ("CheckpointPod", pb.CheckpointPodRequest()), ("RestorePod", pb.RestorePodRequest())):
+        with pytest.raises(grpc.RpcError) as e:
+            getattr(daemon.runtime, name)(req)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
+        assert f"RuntimeService/{name}" in e.value.details()
 
 
 def test_socket_mode(daemon):
