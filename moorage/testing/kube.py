@@ -146,8 +146,10 @@ def remove_cgroup_tree(cgroup_root: str) -> list[str]:
     return busy
 
 
-def unmount_under(*prefixes: str) -> list[str]:
-    """Unmount everything at or below the given paths, deepest first; returns what stayed mounted."""
+def unmount_under(*prefixes: str, lazy: bool = False) -> list[str]:
+    """Unmount everything at or below the given paths, deepest first; returns what stayed mounted.
+    ``lazy``: detach (``umount -l``) what a plain umount refuses, for callers that must not
+    leave anything behind even while a straggler still uses it."""
     def mine() -> list[str]:
         return sorted((m for m in mountpoints() if any(m == p or m.startswith(p.rstrip("/") + "/")
                                                         for p in prefixes)), key=len, reverse=True)
@@ -156,7 +158,8 @@ def unmount_under(*prefixes: str) -> list[str]:
         if not left:
             return []
         for m in left:
-            subprocess.run(["umount", m], check=False, capture_output=True)
+            if subprocess.run(["umount", m], check=False, capture_output=True).returncode != 0 and lazy:
+                subprocess.run(["umount", "-l", m], check=False, capture_output=True)
     return mine()
 
 
