@@ -56,24 +56,9 @@ import grpc
 
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.testing import kube
 from moorage.testing.daemon import DaemonProcess, free_port, new_base
 from moorage.testing.daemon import teardown as daemon_teardown
-from moorage.testing.kube import (
-    CNI_LOCK,
-    KUBELET_LOCK,
-    HostSnapshot,
-    add_bridge,
-    delete_bridge,
-    host_lock,
-    http_get,
-    make_cgroup_root,
-    read_from,
-    remove_cgroup_tree,
-    start_logged,
-    stop_process,
-    unmount_under,
-    wait_for,
-)
 from moorage.testing.net import free_subnet, remove_rules_of_network
 from moorage.testing.procs import cmdlines
 from moorage.testing.registry import DOCKER_REGISTRY, REPO_PREFIX, TestRegistry, push_layout
@@ -149,10 +134,10 @@ class Registry:
         path = os.path.join(self.base, "config.yml")
         with open(path, "w") as f:
             json.dump(cfg, f)  # JSON is YAML
-        self.proc = start_logged([DOCKER_REGISTRY, "serve", path], os.path.join(self.base, "registry.log"))
+        self.proc = kube.start_logged([DOCKER_REGISTRY, "serve", path], os.path.join(self.base, "registry.log"))
         self.host = f"127.0.0.1:{port}"
-        wait_for(lambda: self.proc is not None and self.proc.poll() is None and
-                 http_get(f"http://{self.host}/v2/")[0] == 200, 30, "docker-registry", 0.05)
+        kube.wait_for(lambda: self.proc is not None and self.proc.poll() is None and
+                      kube.http_get(f"http://{self.host}/v2/")[0] == 200, 30, "docker-registry", 0.05)
 
     def push(self, layouts: dict[str, LayoutInfo]) -> None:
         async def go() -> None:
@@ -165,40 +150,24 @@ class Registry:
         self.pause = f"{self.host}/{REPO_PREFIX}/pause:3.9"
 
     def stop(self) -> None:
-        stop_process(self.proc, 10)
+        kube.stop_process(self.proc, 10)
 
 
-@dataclass
-class Network:
-    bridge: str
-    name: str
-    subnet: str
-    gateway: str
-    ipam_dir: str
-
-    def conflist(self) -> dict[str, Any]:
-        # The kubelet e2e harness's shape: bridge without gateway forwarding or masquerade,
-        # host-local in our own dir, portmap, loopback.
-        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "dataDir": self.ipam_dir,
-                      "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            {"type": "loopback"},
-        ]}
+class Network(kube.BridgeNetwork):
+    """The kubelet e2e harness's network shape (hostPorts on), created and removed by the run."""
 
     def write(self, conf_dir: str) -> None:
         os.makedirs(conf_dir, exist_ok=True)
         with open(os.path.join(conf_dir, "10-bench.conflist"), "w") as f:
-            json.dump(self.conflist(), f)
+            json.dump(self.conflist(hostports=True), f)
 
     def create(self) -> None:
         net = free_subnet(SUBNET_OCTET)
         self.subnet, self.gateway = str(net), str(net.network_address + 1)
-        add_bridge(self.bridge, f"{self.gateway}/{net.prefixlen}")
+        kube.add_bridge(self.bridge, f"{self.gateway}/{net.prefixlen}")
 
     def remove(self) -> None:
-        delete_bridge(self.bridge)
+        kube.delete_bridge(self.bridge)
         remove_rules_of_network(self.name)
 
 
@@ -349,7 +318,7 @@ state = "{b}/state"
 """
 
     def start(self) -> None:
-        self.proc = start_logged([self.binary, "--config", os.path.join(self.base, "config.toml")], self.log_file)
+        self.proc = kube.start_logged([self.binary, "--config", os.path.join(self.base, "config.toml")], self.log_file)
         self.connect()
 
         def up() -> bool:
@@ -358,10 +327,10 @@ state = "{b}/state"
                 raise SystemExit(f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}")
             self.rt.Version(pb.VersionRequest(), timeout=1)
             return True
-        wait_for(up, 60, "containerd's CRI socket", 0.1)
+        kube.wait_for(up, 60, "containerd's CRI socket", 0.1)
 
     def log_tail(self, n: int = 4000) -> str:
-        return read_from(self.log_file)[-n:]
+        return kube.read_from(self.log_file)[-n:]
 
     @staticmethod
     def fixed_paths_before() -> dict[str, bool]:
@@ -393,14 +362,14 @@ state = "{b}/state"
             self.remove_all_pods()
         if self.channel is not None:
             self.channel.close()
-        stop_process(self.proc)
+        kube.stop_process(self.proc)
         problems = []
         left = self.shims()
         if left:
             problems.append(f"containerd shims left after its pods went (killed): {left}")
             kill_tree(left)
             time.sleep(0.5)
-        stuck = unmount_under(self.base, lazy=True)
+        stuck = kube.unmount_under(self.base, lazy=True)
         if stuck:
             problems.append(f"containerd mounts left: {stuck}")
         else:
@@ -427,7 +396,7 @@ def ensure_containerd(install: bool) -> str:
 # --- a standalone kubelet -----------------------------------------------------------------------
 
 @dataclass
-class Kubelet:
+class Kubelet(kube.KubeletDirs):
     binary: str
     runtime: Runtime
     base: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="mrgb-kubelet-"))
@@ -443,35 +412,20 @@ class Kubelet:
     def cgroup_root(self) -> str:
         return f"/mrgb-{self.tag}"
 
-    def path(self, *p: str) -> str:
-        return os.path.join(self.base, *p)
-
     def start(self) -> None:
         for d in ("root", "manifests", "pod-logs", "volume-plugins"):
             os.makedirs(self.path(d), exist_ok=True)
         self.read_only_port = free_port()
         healthz = free_port()
-        endpoint = f"unix://{self.runtime.socket}"
-        cfg = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
-            "failSwapOn": False, "failCgroupV1": False,
-            "address": "127.0.0.1", "port": free_port(), "readOnlyPort": self.read_only_port,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": healthz,
-            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
-            "authorization": {"mode": "AlwaysAllow"},
-            "podLogsDir": self.path("pod-logs"), "volumePluginDir": self.path("volume-plugins"),
-            "staticPodPath": self.path("manifests"), "fileCheckFrequency": "1s",
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "serializeImagePulls": False,
-        }
+        cfg = kube.kubelet_config(
+            self.runtime.socket, self, self.cgroup_root,
+            address="127.0.0.1", port=free_port(), readOnlyPort=self.read_only_port, healthzPort=healthz,
+            authentication={"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
+            staticPodPath=self.manifests, fileCheckFrequency="1s", serializeImagePulls=False)
         with open(self.path("kubelet.json"), "w") as f:
             json.dump(cfg, f, indent=1)
-        make_cgroup_root(self.cgroup_root)
-        self.proc = start_logged(
+        kube.make_cgroup_root(self.cgroup_root)
+        self.proc = kube.start_logged(
             [self.binary, f"--config={self.path('kubelet.json')}", f"--root-dir={self.path('root')}",
              f"--cert-dir={self.path('pki')}", f"--hostname-override={self.node}", "--v=1"],
             self.path("kubelet.log"))
@@ -480,15 +434,15 @@ class Kubelet:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise SystemExit(f"kubelet exited with {self.proc.returncode}:\n{self.log_tail()}")
-            return (http_get(f"http://127.0.0.1:{healthz}/healthz")[0] == 200
-                    and http_get(f"http://127.0.0.1:{self.read_only_port}/pods")[0] == 200)
-        wait_for(healthy, 90, "the kubelet's healthz and read-only port", WAIT_POLL)
+            return (kube.http_get(f"http://127.0.0.1:{healthz}/healthz")[0] == 200
+                    and kube.http_get(f"http://127.0.0.1:{self.read_only_port}/pods")[0] == 200)
+        kube.wait_for(healthy, 90, "the kubelet's healthz and read-only port", WAIT_POLL)
 
     def log_tail(self, n: int = 4000) -> str:
-        return read_from(self.path("kubelet.log"))[-n:]
+        return kube.read_from(self.path("kubelet.log"))[-n:]
 
     def pods(self) -> list[dict[str, Any]]:
-        code, body = http_get(f"http://127.0.0.1:{self.read_only_port}/pods", timeout=30)
+        code, body = kube.http_get(f"http://127.0.0.1:{self.read_only_port}/pods", timeout=30)
         if code != 200:
             raise OSError(f"GET /pods: {code}")
         return json.loads(body).get("items") or []
@@ -520,25 +474,20 @@ class Kubelet:
         if self.proc is not None and self.proc.poll() is None:
             self.remove_manifests()
             try:
-                wait_for(lambda: not self.pods() and not ready_sandboxes(self.runtime), 120,
-                         "the kubelet to stop every pod", WAIT_POLL)
+                kube.wait_for(lambda: not self.pods() and not ready_sandboxes(self.runtime), 120,
+                              "the kubelet to stop every pod", WAIT_POLL)
             except AssertionError as e:
                 problems.append(str(e))
-        stop_process(self.proc)
+        kube.stop_process(self.proc)
         self.runtime.remove_all_pods()
-        stuck = unmount_under(self.base, lazy=True)
-        if stuck:
-            problems.append(f"kubelet mounts left: {stuck}")
-        problems += [f"cgroup busy: {d}" for d in remove_cgroup_tree(self.cgroup_root)]
-        if not stuck:
+        problems += [f"kubelet {p}" for p in kube.remove_kubelet_leftovers(self.base, self.cgroup_root, lazy=True)]
+        if not kube.unmount_under(self.base, lazy=True):  # nothing stayed mounted: the dir can go
             shutil.rmtree(self.base, ignore_errors=True)
         return problems
 
 
 def ready_sandboxes(runtime: Runtime) -> list[pb.PodSandbox]:
-    f = pb.PodSandboxFilter()
-    f.state.state = pb.SANDBOX_READY
-    return list(runtime.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=30).items)
+    return kube.list_sandboxes(runtime.rt, ready_only=True, timeout=30)
 
 
 # --- one measurement ----------------------------------------------------------------------------
@@ -593,10 +542,11 @@ def batch(k: Kubelet, image: str, prefix: str, n: int) -> Sample:
     def gone() -> bool:
         sb = {s.labels.get("io.kubernetes.pod.name", "") for s in ready_sandboxes(k.runtime)}
         return not (want & sb) and not (want & pod_names_running_in_cri(k.runtime))
-    wait_for(gone, BATCH_TIMEOUT, f"{k.runtime.name}: {n} pods to stop", CRI_POLL)
+    kube.wait_for(gone, BATCH_TIMEOUT, f"{k.runtime.name}: {n} pods to stop", CRI_POLL)
     t_stop = time.perf_counter() - t1
     # Let the kubelet finish with them (status, cleanup) before the next batch.
-    wait_for(lambda: not (want & {p["metadata"]["name"] for p in k.pods()}), 120, "the kubelet to forget them", WAIT_POLL)
+    kube.wait_for(lambda: not (want & {p["metadata"]["name"] for p in k.pods()}), 120, "the kubelet to forget them",
+                  WAIT_POLL)
     return Sample(t_cri, t_kub, t_stop)
 
 
@@ -682,9 +632,9 @@ def main() -> None:
     versions: dict[str, str] = {}
     pod_logs: list[str] = []
     problems: list[str] = []
-    with host_lock(KUBELET_LOCK), host_lock(CNI_LOCK):
+    with kube.host_lock(kube.KUBELET_LOCK), kube.host_lock(kube.CNI_LOCK):
         load = [os.getloadavg()[0]]
-        before = HostSnapshot.take()
+        before = kube.HostSnapshot.take()
         containerd_paths = Containerd.fixed_paths_before()
         try:
             log("building and pushing the test images")

@@ -45,20 +45,24 @@ from moorage.testing.daemon import teardown as daemon_teardown
 from moorage.testing.kube import (
     CNI_LOCK,
     KUBELET_LOCK,
+    BridgeNetwork,
     HostSnapshot,
+    KubeletDirs,
     add_bridge,
     cgroup_hierarchies,
     delete_bridge,
     host_lock,
     http_get,
+    kubelet_config,
+    list_containers,
+    list_sandboxes,
     make_cgroup_root,
     moorage_errors,
     mountpoints,
     read_from,
-    remove_cgroup_tree,
+    remove_kubelet_leftovers,
     start_logged,
     stop_process,
-    unmount_under,
     wait_for,
 )
 from moorage.testing.net import free_subnet, iptables_state, remove_rules_of_network
@@ -102,32 +106,12 @@ pytestmark = [
 
 # --- the network this module owns ---------------------------------------------------------------
 
-@dataclass
-class Network:
-    bridge: str
-    name: str
-    subnet: str
-    gateway: str
-    data_dir: str
-
-    def conflist(self) -> dict:
-        # portmap with snat (its default) so that hostPorts answer on 127.0.0.1 too; the
-        # masquerade chains it adds for that are removed after each test if they are ours.
-        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "dataDir": self.data_dir,
-                      "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            {"type": "loopback"},
-        ]}
-
-
 @pytest.fixture(scope="module")
-def network() -> Iterator[Network]:
+def network() -> Iterator[BridgeNetwork]:
     tag = uuid.uuid4().hex[:6]
     net = free_subnet(SUBNET_OCTET)
     root = tempfile.mkdtemp(prefix="mrgk-net-")
-    n = Network(f"mrgk{tag}", f"mrgk-net-{tag}", str(net), str(net.network_address + 1), os.path.join(root, "ipam"))
+    n = BridgeNetwork(f"mrgk{tag}", f"mrgk-net-{tag}", str(net), str(net.network_address + 1), os.path.join(root, "ipam"))
     try:
         add_bridge(n.bridge, f"{n.gateway}/{net.prefixlen}")
         yield n
@@ -140,12 +124,12 @@ def network() -> Iterator[Network]:
 # --- a kubelet node -----------------------------------------------------------------------------
 
 @dataclass
-class Node:
+class Node(KubeletDirs):
     """One moorage + one standalone kubelet, each on its own dirs and ports."""
 
     base: str
     daemon: DaemonProcess
-    network: Network
+    network: BridgeNetwork
     image: str
     feature_gates: dict[str, bool] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -163,48 +147,13 @@ class Node:
     def cgroup_root(self) -> str:
         return f"/mrgk-{self.tag}"
 
-    def path(self, *p: str) -> str:
-        return os.path.join(self.base, *p)
-
-    @property
-    def root_dir(self) -> str:
-        return self.path("root")
-
-    @property
-    def manifests(self) -> str:
-        return self.path("manifests")
-
-    @property
-    def pod_logs(self) -> str:
-        return self.path("pod-logs")
-
-    @property
-    def log_file(self) -> str:
-        return self.path("kubelet.log")
-
     def config(self) -> dict:
-        endpoint = f"unix://{self.daemon.socket}"
-        cfg: dict[str, Any] = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
-            "failSwapOn": False, "failCgroupV1": False,
-            "address": "127.0.0.1", "port": self.port, "readOnlyPort": self.read_only_port,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": self.healthz_port,
-            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False},
-                               "x509": {}},
-            "authorization": {"mode": "AlwaysAllow"},
-            "podLogsDir": self.pod_logs, "volumePluginDir": self.path("volume-plugins"),
-            "staticPodPath": self.manifests, "fileCheckFrequency": "1s",
-            # Explicit thresholds: the defaults include imagefs/nodefs percentages that a
-            # busy shared disk could cross, and eviction would then kill test pods.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "featureGates": dict(self.feature_gates),
-        }
-        cfg.update(self.config_overrides)
-        return cfg
+        return kubelet_config(
+            self.daemon.socket, self, self.cgroup_root,
+            address="127.0.0.1", port=self.port, readOnlyPort=self.read_only_port, healthzPort=self.healthz_port,
+            authentication={"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
+            staticPodPath=self.manifests, fileCheckFrequency="1s",
+            featureGates=dict(self.feature_gates), **self.config_overrides)
 
     # -- lifecycle --
 
@@ -294,19 +243,14 @@ class Node:
         return self.daemon.runtime
 
     def cri_sandboxes(self, name: str | None = None, ready_only: bool = False) -> list[pb.PodSandbox]:
-        f = pb.PodSandboxFilter()
-        if name is not None:
-            f.label_selector["io.kubernetes.pod.name"] = self.pod_name(name)
-        if ready_only:
-            f.state.state = pb.SANDBOX_READY
-        return list(self.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=10).items)
+        labels = {} if name is None else {"io.kubernetes.pod.name": self.pod_name(name)}
+        return list_sandboxes(self.rt, labels, ready_only)
 
     def cri_containers(self, name: str, container: str | None = None) -> list[pb.Container]:
-        f = pb.ContainerFilter()
-        f.label_selector["io.kubernetes.pod.name"] = self.pod_name(name)
+        labels = {"io.kubernetes.pod.name": self.pod_name(name)}
         if container is not None:
-            f.label_selector["io.kubernetes.container.name"] = container
-        return list(self.rt.ListContainers(pb.ListContainersRequest(filter=f), timeout=10).containers)
+            labels["io.kubernetes.container.name"] = container
+        return list_containers(self.rt, labels)
 
     def cri_running(self, name: str, container: str) -> pb.Container:
         running = [c for c in self.cri_containers(name, container) if c.state == pb.CONTAINER_RUNNING]
@@ -336,12 +280,7 @@ def _full_daemon_log(d: DaemonProcess) -> str:
 
 def _restore_host(node: Node, before: HostSnapshot) -> list[str]:
     """Undo the kubelet's host changes; returns what could not be undone."""
-    problems: list[str] = []
-    # mounts under its root dir (pod volumes, then the rshared self-bind), deepest first
-    left = unmount_under(node.base)
-    if left:
-        problems.append(f"mounts left: {left}")
-    problems += [f"cgroup busy: {d}" for d in remove_cgroup_tree(node.cgroup_root)]
+    problems = remove_kubelet_leftovers(node.base, node.cgroup_root)
     # this network's portmap rules, so that portmap's top chain is empty when restore looks
     remove_rules_of_network(node.network.name)
     return problems + before.restore([node.pod_logs])
@@ -354,7 +293,7 @@ def kubelet_lock() -> Iterator[None]:
 
 
 @pytest.fixture
-def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: Network,
+def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: BridgeNetwork,
                  tmp_path: Any) -> Iterator[Callable[..., Node]]:
     """``make(feature_gates={...}, **kubelet_config)`` -> a started Node (one per test)."""
     made: list[Node] = []
@@ -366,7 +305,9 @@ def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: Net
         d = DaemonProcess(base=new_base())
         d.write_config()
         with open(os.path.join(d.cni_conf_dir, "10-kubelet-e2e.conflist"), "w") as f:
-            json.dump(network.conflist(), f)
+            # portmap with snat (its default) so that hostPorts answer on 127.0.0.1 too; the
+            # masquerade chains it adds for that are removed after each test if they are ours.
+            json.dump(network.conflist(hostports=True), f)
         n = Node(base=tempfile.mkdtemp(prefix="mrgk-"), daemon=d, network=network,
                  image=registry.images["busybox"].ref, feature_gates=feature_gates or {},
                  config_overrides=overrides)
