@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import os
 import shutil
@@ -48,11 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,102 +56,33 @@ import grpc
 
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.api import api_pb2_grpc as pbg
+from moorage.testing import kube
 from moorage.testing.daemon import DaemonProcess, free_port, new_base
 from moorage.testing.daemon import teardown as daemon_teardown
-from moorage.testing.net import (
-    free_subnet,
-    iptables_state,
-    remove_portmap_scaffolding_if_ours,
-    remove_rules_of_network,
-    sh,
-)
-from moorage.testing.netlab import LOCK_PATH as CNI_LOCK
+from moorage.testing.net import free_subnet, remove_rules_of_network
 from moorage.testing.procs import cmdlines
 from moorage.testing.registry import DOCKER_REGISTRY, REPO_PREFIX, TestRegistry, push_layout
 from moorage.testing.testimages import LayoutInfo, build_critest_images, cached_build_all
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
-# The kubelet e2e tests' lock: one kubelet at a time changes host-wide state.
-KUBELET_LOCK = "/run/lock/moorage-test-kubelet.lock"
 SUBNET_OCTET = 238  # 10.238.x.0/24: critest 10.234, kubelet e2e 10.236, netlab 10.223
-KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
-                   "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
-HOST_PATHS = ("/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers")
 # Fixed paths containerd uses whatever its config says: the shim's socket dir (1.6) and
 # libcni's result cache.  Removed afterwards if they did not exist before and hold nothing.
 CONTAINERD_FIXED_PATHS = ("/run/containerd", "/var/lib/cni")
 CRI_POLL = 0.02
 PODS_POLL = 0.1
 BATCH_TIMEOUT = 300.0
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+WAIT_POLL = 0.2  # the other waits (kubelet up, pods gone): finer than wait_for's default
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
-    try:
-        with _NO_PROXY.open(url, timeout=timeout) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
-def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            v = fn()
-            if v:
-                return v
-            last = v
-        except (OSError, grpc.RpcError, KeyError, ValueError) as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     k = max(0, min(len(s) - 1, round(p / 100 * (len(s) - 1))))
     return s[k]
-
-
-@contextmanager
-def hold(path: str) -> Iterator[None]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def mountpoints() -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f]
-
-
-def unmount_under(base: str) -> list[str]:
-    """Unmount everything at or below ``base``, deepest first; returns what stays mounted."""
-    for _ in range(5):
-        mine = sorted((m for m in mountpoints() if m == base or m.startswith(base + "/")), key=len, reverse=True)
-        if not mine:
-            return []
-        for m in mine:
-            if subprocess.run(["umount", m], check=False, capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", m], check=False, capture_output=True)
-    return [m for m in mountpoints() if m == base or m.startswith(base + "/")]
-
-
-def cgroup_hierarchies() -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [p[1] for p in (line.split() for line in f) if p[2] in ("cgroup", "cgroup2")]
 
 
 def kill_tree(roots: list[int]) -> None:
@@ -180,97 +107,9 @@ def kill_tree(roots: list[int]) -> None:
             pass
 
 
-def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def find_kubelet() -> str | None:
     k = os.environ.get("KUBELET") or shutil.which("kubelet")
     return k if k and os.access(k, os.X_OK) else None
-
-
-# --- host state the kubelet changes -------------------------------------------------------------
-
-def read_sysctl(name: str) -> str:
-    with open("/proc/sys/" + name.replace(".", "/")) as f:
-        return f.read().strip()
-
-
-def iptables_chains(binary: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for table in ("filter", "nat", "mangle"):
-        r = subprocess.run([binary, "-w", "-t", table, "-S"], check=False, capture_output=True, text=True)
-        if r.returncode == 0:
-            out[table] = {ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("-N ")}
-    return out
-
-
-def remove_new_kube_chains(binary: str, before: dict[str, set[str]]) -> None:
-    """Delete KUBE-* chains that appeared since ``before``, and the jumps into them."""
-    for table, chains in iptables_chains(binary).items():
-        new = {c for c in chains - before.get(table, set()) if c.startswith("KUBE-")}
-        if not new:
-            continue
-        rules = subprocess.run([binary, "-w", "-t", table, "-S"], check=False, capture_output=True, text=True).stdout
-        for ln in rules.splitlines():
-            a = ln.split()
-            if a[:1] == ["-A"] and "-j" in a and a[a.index("-j") + 1] in new:
-                subprocess.run([binary, "-w", "-t", table, "-D", *a[1:]], check=False, capture_output=True)
-        for verb in ("-F", "-X"):
-            for c in new:
-                subprocess.run([binary, "-w", "-t", table, verb, c], check=False, capture_output=True)
-
-
-@dataclass
-class HostSnapshot:
-    sysctls: dict[str, str]
-    chains_v4: dict[str, set[str]]
-    chains_v6: dict[str, set[str]]
-    paths: dict[str, bool]
-    iptables: set[str]
-
-    @classmethod
-    def take(cls) -> HostSnapshot:
-        return cls({s: read_sysctl(s) for s in KUBELET_SYSCTLS}, iptables_chains("iptables"),
-                   iptables_chains("ip6tables"), {p: os.path.lexists(p) for p in HOST_PATHS}, iptables_state())
-
-    def restore(self, pod_logs_dirs: list[str]) -> list[str]:
-        """Undo what kubelets changed host-wide since the snapshot; returns what stays changed."""
-        for name, value in self.sysctls.items():
-            if read_sysctl(name) != value:
-                with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
-                    f.write(value)
-        remove_new_kube_chains("iptables", self.chains_v4)
-        remove_new_kube_chains("ip6tables", self.chains_v6)
-        if not self.paths["/var/lib/kubelet"]:
-            shutil.rmtree("/var/lib/kubelet", ignore_errors=True)
-        elif not self.paths["/var/lib/kubelet/device-plugins"]:
-            shutil.rmtree("/var/lib/kubelet/device-plugins", ignore_errors=True)
-        if not self.paths["/var/log/containers"]:
-            shutil.rmtree("/var/log/containers", ignore_errors=True)
-        elif os.path.isdir("/var/log/containers"):
-            for n in os.listdir("/var/log/containers"):  # only our pods' symlinks
-                p = os.path.join("/var/log/containers", n)
-                if os.path.islink(p) and any(os.readlink(p).startswith(d + "/") for d in pod_logs_dirs):
-                    os.unlink(p)
-        remove_portmap_scaffolding_if_ours(self.iptables)
-        after = HostSnapshot.take()
-        problems = [f"sysctl {n} is {after.sysctls[n]}, was {v}" for n, v in self.sysctls.items()
-                    if after.sysctls[n] != v]
-        for label, b, a in (("v4", self.chains_v4, after.chains_v4), ("v6", self.chains_v6, after.chains_v6)):
-            for table in a:
-                extra = {c for c in a[table] - b.get(table, set()) if c.startswith(("KUBE-", "CNI-"))}
-                if extra:
-                    problems.append(f"iptables {label} {table}: chains left {sorted(extra)}")
-        problems += [f"{p} left behind" for p, existed in self.paths.items() if not existed and os.path.lexists(p)]
-        return problems
 
 
 # --- registry and network ---------------------------------------------------------------------
@@ -295,12 +134,10 @@ class Registry:
         path = os.path.join(self.base, "config.yml")
         with open(path, "w") as f:
             json.dump(cfg, f)  # JSON is YAML
-        with open(os.path.join(self.base, "registry.log"), "ab") as logf:
-            self.proc = subprocess.Popen([DOCKER_REGISTRY, "serve", path], stdout=logf, stderr=logf,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = kube.start_logged([DOCKER_REGISTRY, "serve", path], os.path.join(self.base, "registry.log"))
         self.host = f"127.0.0.1:{port}"
-        wait_for(lambda: self.proc is not None and self.proc.poll() is None and
-                 http_get(f"http://{self.host}/v2/")[0] == 200, 30, "docker-registry", 0.05)
+        kube.wait_for(lambda: self.proc is not None and self.proc.poll() is None and
+                      kube.http_get(f"http://{self.host}/v2/")[0] == 200, 30, "docker-registry", 0.05)
 
     def push(self, layouts: dict[str, LayoutInfo]) -> None:
         async def go() -> None:
@@ -313,44 +150,24 @@ class Registry:
         self.pause = f"{self.host}/{REPO_PREFIX}/pause:3.9"
 
     def stop(self) -> None:
-        stop_process(self.proc, 10)
+        kube.stop_process(self.proc, 10)
 
 
-@dataclass
-class Network:
-    bridge: str
-    name: str
-    subnet: str
-    gateway: str
-    ipam_dir: str
-
-    def conflist(self) -> dict[str, Any]:
-        # The kubelet e2e harness's shape: bridge without gateway forwarding or masquerade,
-        # host-local in our own dir, portmap, loopback.
-        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "dataDir": self.ipam_dir,
-                      "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            {"type": "loopback"},
-        ]}
+class Network(kube.BridgeNetwork):
+    """The kubelet e2e harness's network shape (hostPorts on), created and removed by the run."""
 
     def write(self, conf_dir: str) -> None:
         os.makedirs(conf_dir, exist_ok=True)
         with open(os.path.join(conf_dir, "10-bench.conflist"), "w") as f:
-            json.dump(self.conflist(), f)
+            json.dump(self.conflist(hostports=True), f)
 
     def create(self) -> None:
         net = free_subnet(SUBNET_OCTET)
         self.subnet, self.gateway = str(net), str(net.network_address + 1)
-        sh("ip", "link", "add", "name", self.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{self.gateway}/{net.prefixlen}", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
+        kube.add_bridge(self.bridge, f"{self.gateway}/{net.prefixlen}")
 
     def remove(self) -> None:
-        for line in sh("ip", "-o", "link", "show", "master", self.bridge, check=False).splitlines():
-            sh("ip", "link", "del", line.split(":")[1].strip().split("@")[0], check=False)
-        sh("ip", "link", "del", self.bridge, check=False)
+        kube.delete_bridge(self.bridge)
         remove_rules_of_network(self.name)
 
 
@@ -501,10 +318,7 @@ state = "{b}/state"
 """
 
     def start(self) -> None:
-        with open(self.log_file, "ab") as logf:
-            self.proc = subprocess.Popen([self.binary, "--config", os.path.join(self.base, "config.toml")],
-                                         stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+        self.proc = kube.start_logged([self.binary, "--config", os.path.join(self.base, "config.toml")], self.log_file)
         self.connect()
 
         def up() -> bool:
@@ -513,14 +327,10 @@ state = "{b}/state"
                 raise SystemExit(f"containerd exited with {self.proc.returncode}:\n{self.log_tail()}")
             self.rt.Version(pb.VersionRequest(), timeout=1)
             return True
-        wait_for(up, 60, "containerd's CRI socket", 0.1)
+        kube.wait_for(up, 60, "containerd's CRI socket", 0.1)
 
     def log_tail(self, n: int = 4000) -> str:
-        try:
-            with open(self.log_file, errors="replace") as f:
-                return f.read()[-n:]
-        except OSError:
-            return ""
+        return kube.read_from(self.log_file)[-n:]
 
     @staticmethod
     def fixed_paths_before() -> dict[str, bool]:
@@ -552,14 +362,14 @@ state = "{b}/state"
             self.remove_all_pods()
         if self.channel is not None:
             self.channel.close()
-        stop_process(self.proc)
+        kube.stop_process(self.proc)
         problems = []
         left = self.shims()
         if left:
             problems.append(f"containerd shims left after its pods went (killed): {left}")
             kill_tree(left)
             time.sleep(0.5)
-        stuck = unmount_under(self.base)
+        stuck = kube.unmount_under(self.base, lazy=True)
         if stuck:
             problems.append(f"containerd mounts left: {stuck}")
         else:
@@ -586,7 +396,7 @@ def ensure_containerd(install: bool) -> str:
 # --- a standalone kubelet -----------------------------------------------------------------------
 
 @dataclass
-class Kubelet:
+class Kubelet(kube.KubeletDirs):
     binary: str
     runtime: Runtime
     base: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="mrgb-kubelet-"))
@@ -602,63 +412,37 @@ class Kubelet:
     def cgroup_root(self) -> str:
         return f"/mrgb-{self.tag}"
 
-    def path(self, *p: str) -> str:
-        return os.path.join(self.base, *p)
-
     def start(self) -> None:
         for d in ("root", "manifests", "pod-logs", "volume-plugins"):
             os.makedirs(self.path(d), exist_ok=True)
         self.read_only_port = free_port()
         healthz = free_port()
-        endpoint = f"unix://{self.runtime.socket}"
-        cfg = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
-            "failSwapOn": False, "failCgroupV1": False,
-            "address": "127.0.0.1", "port": free_port(), "readOnlyPort": self.read_only_port,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": healthz,
-            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
-            "authorization": {"mode": "AlwaysAllow"},
-            "podLogsDir": self.path("pod-logs"), "volumePluginDir": self.path("volume-plugins"),
-            "staticPodPath": self.path("manifests"), "fileCheckFrequency": "1s",
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "serializeImagePulls": False,
-        }
+        cfg = kube.kubelet_config(
+            self.runtime.socket, self, self.cgroup_root,
+            address="127.0.0.1", port=free_port(), readOnlyPort=self.read_only_port, healthzPort=healthz,
+            authentication={"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
+            staticPodPath=self.manifests, fileCheckFrequency="1s", serializeImagePulls=False)
         with open(self.path("kubelet.json"), "w") as f:
             json.dump(cfg, f, indent=1)
-        for h in cgroup_hierarchies():  # the kubelet wants its cgroupRoot in every hierarchy
-            d = h + self.cgroup_root
-            os.makedirs(d, exist_ok=True)
-            if os.path.basename(h) == "cpuset":
-                for name in ("cpuset.cpus", "cpuset.mems"):
-                    with open(os.path.join(h, name)) as src, open(os.path.join(d, name), "w") as dst:
-                        dst.write(src.read().strip())
-        with open(self.path("kubelet.log"), "ab") as logf:
-            self.proc = subprocess.Popen(
-                [self.binary, f"--config={self.path('kubelet.json')}", f"--root-dir={self.path('root')}",
-                 f"--cert-dir={self.path('pki')}", f"--hostname-override={self.node}", "--v=1"],
-                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        kube.make_cgroup_root(self.cgroup_root)
+        self.proc = kube.start_logged(
+            [self.binary, f"--config={self.path('kubelet.json')}", f"--root-dir={self.path('root')}",
+             f"--cert-dir={self.path('pki')}", f"--hostname-override={self.node}", "--v=1"],
+            self.path("kubelet.log"))
 
         def healthy() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise SystemExit(f"kubelet exited with {self.proc.returncode}:\n{self.log_tail()}")
-            return (http_get(f"http://127.0.0.1:{healthz}/healthz")[0] == 200
-                    and http_get(f"http://127.0.0.1:{self.read_only_port}/pods")[0] == 200)
-        wait_for(healthy, 90, "the kubelet's healthz and read-only port")
+            return (kube.http_get(f"http://127.0.0.1:{healthz}/healthz")[0] == 200
+                    and kube.http_get(f"http://127.0.0.1:{self.read_only_port}/pods")[0] == 200)
+        kube.wait_for(healthy, 90, "the kubelet's healthz and read-only port", WAIT_POLL)
 
     def log_tail(self, n: int = 4000) -> str:
-        try:
-            with open(self.path("kubelet.log"), errors="replace") as f:
-                return f.read()[-n:]
-        except OSError:
-            return ""
+        return kube.read_from(self.path("kubelet.log"))[-n:]
 
     def pods(self) -> list[dict[str, Any]]:
-        code, body = http_get(f"http://127.0.0.1:{self.read_only_port}/pods", timeout=30)
+        code, body = kube.http_get(f"http://127.0.0.1:{self.read_only_port}/pods", timeout=30)
         if code != 200:
             raise OSError(f"GET /pods: {code}")
         return json.loads(body).get("items") or []
@@ -690,39 +474,20 @@ class Kubelet:
         if self.proc is not None and self.proc.poll() is None:
             self.remove_manifests()
             try:
-                wait_for(lambda: not self.pods() and not ready_sandboxes(self.runtime), 120,
-                         "the kubelet to stop every pod")
-            except RuntimeError as e:
+                kube.wait_for(lambda: not self.pods() and not ready_sandboxes(self.runtime), 120,
+                              "the kubelet to stop every pod", WAIT_POLL)
+            except AssertionError as e:
                 problems.append(str(e))
-        stop_process(self.proc)
+        kube.stop_process(self.proc)
         self.runtime.remove_all_pods()
-        stuck = unmount_under(self.base)
-        if stuck:
-            problems.append(f"kubelet mounts left: {stuck}")
-        for h in cgroup_hierarchies():
-            top = h + self.cgroup_root
-            if not os.path.isdir(top):
-                continue
-            for dirpath, _d, _f in sorted(os.walk(top), key=lambda t: len(t[0]), reverse=True):
-                for _ in range(20):
-                    try:
-                        os.rmdir(dirpath)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.25)
-                else:
-                    problems.append(f"cgroup busy: {dirpath}")
-        if not stuck:
+        problems += [f"kubelet {p}" for p in kube.remove_kubelet_leftovers(self.base, self.cgroup_root, lazy=True)]
+        if not kube.unmount_under(self.base, lazy=True):  # nothing stayed mounted: the dir can go
             shutil.rmtree(self.base, ignore_errors=True)
         return problems
 
 
 def ready_sandboxes(runtime: Runtime) -> list[pb.PodSandbox]:
-    f = pb.PodSandboxFilter()
-    f.state.state = pb.SANDBOX_READY
-    return list(runtime.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=30).items)
+    return kube.list_sandboxes(runtime.rt, ready_only=True, timeout=30)
 
 
 # --- one measurement ----------------------------------------------------------------------------
@@ -777,10 +542,11 @@ def batch(k: Kubelet, image: str, prefix: str, n: int) -> Sample:
     def gone() -> bool:
         sb = {s.labels.get("io.kubernetes.pod.name", "") for s in ready_sandboxes(k.runtime)}
         return not (want & sb) and not (want & pod_names_running_in_cri(k.runtime))
-    wait_for(gone, BATCH_TIMEOUT, f"{k.runtime.name}: {n} pods to stop", CRI_POLL)
+    kube.wait_for(gone, BATCH_TIMEOUT, f"{k.runtime.name}: {n} pods to stop", CRI_POLL)
     t_stop = time.perf_counter() - t1
     # Let the kubelet finish with them (status, cleanup) before the next batch.
-    wait_for(lambda: not (want & {p["metadata"]["name"] for p in k.pods()}), 120, "the kubelet to forget them")
+    kube.wait_for(lambda: not (want & {p["metadata"]["name"] for p in k.pods()}), 120, "the kubelet to forget them",
+                  WAIT_POLL)
     return Sample(t_cri, t_kub, t_stop)
 
 
@@ -866,9 +632,9 @@ def main() -> None:
     versions: dict[str, str] = {}
     pod_logs: list[str] = []
     problems: list[str] = []
-    with hold(KUBELET_LOCK), hold(CNI_LOCK):
+    with kube.host_lock(kube.KUBELET_LOCK), kube.host_lock(kube.CNI_LOCK):
         load = [os.getloadavg()[0]]
-        before = HostSnapshot.take()
+        before = kube.HostSnapshot.take()
         containerd_paths = Containerd.fixed_paths_before()
         try:
             log("building and pushing the test images")

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import grpc
 
+from moorage.cri.api import api_pb2 as pb
 from moorage.testing.net import iptables_state, remove_portmap_scaffolding_if_ours, sh
 
 # netlab's lock: held while a kubelet's KUBE-* chains exist, so that the CNI tests comparing
@@ -146,8 +147,10 @@ def remove_cgroup_tree(cgroup_root: str) -> list[str]:
     return busy
 
 
-def unmount_under(*prefixes: str) -> list[str]:
-    """Unmount everything at or below the given paths, deepest first; returns what stayed mounted."""
+def unmount_under(*prefixes: str, lazy: bool = False) -> list[str]:
+    """Unmount everything at or below the given paths, deepest first; returns what stayed mounted.
+    ``lazy``: detach (``umount -l``) what a plain umount refuses, for callers that must not
+    leave anything behind even while a straggler still uses it."""
     def mine() -> list[str]:
         return sorted((m for m in mountpoints() if any(m == p or m.startswith(p.rstrip("/") + "/")
                                                         for p in prefixes)), key=len, reverse=True)
@@ -156,8 +159,19 @@ def unmount_under(*prefixes: str) -> list[str]:
         if not left:
             return []
         for m in left:
-            subprocess.run(["umount", m], check=False, capture_output=True)
+            if subprocess.run(["umount", m], check=False, capture_output=True).returncode != 0 and lazy:
+                subprocess.run(["umount", "-l", m], check=False, capture_output=True)
     return mine()
+
+
+def remove_kubelet_leftovers(base: str, cgroup_root: str, lazy: bool = False) -> list[str]:
+    """After a kubelet stopped: unmount what it left under its dir ``base`` (pod volumes, the
+    rshared bind of its root dir) and remove its ``cgroup_root``; returns teardown problems."""
+    problems: list[str] = []
+    left = unmount_under(base, lazy=lazy)
+    if left:
+        problems.append(f"mounts left: {left}")
+    return problems + [f"cgroup busy: {d}" for d in remove_cgroup_tree(cgroup_root)]
 
 
 def iptables_chains(binary: str) -> dict[str, set[str]]:
@@ -249,6 +263,56 @@ class HostSnapshot:
         return problems
 
 
+# --- a kubelet's dirs and configuration ---------------------------------------------------------
+
+class KubeletDirs:
+    """The layout of one kubelet's own directory ``base`` (mixed into the harnesses' node classes)."""
+
+    base: str
+
+    def path(self, *p: str) -> str:
+        return os.path.join(self.base, *p)
+
+    @property
+    def root_dir(self) -> str:
+        return self.path("root")
+
+    @property
+    def manifests(self) -> str:
+        return self.path("manifests")
+
+    @property
+    def pod_logs(self) -> str:
+        return self.path("pod-logs")
+
+    @property
+    def log_file(self) -> str:
+        return self.path("kubelet.log")
+
+
+def kubelet_config(socket: str, dirs: KubeletDirs, cgroup_root: str, **settings: Any) -> dict[str, Any]:
+    """A KubeletConfiguration for a test kubelet on the CRI ``socket``: cgroupfs under its own
+    ``cgroup_root``, its pod logs and volume plugins under ``dirs``, healthz on 127.0.0.1;
+    ``settings`` (ports, address, authentication, static pods, feature gates...) go on top."""
+    endpoint = f"unix://{socket}"
+    cfg: dict[str, Any] = {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+        "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
+        "cgroupDriver": "cgroupfs", "cgroupRoot": cgroup_root,
+        "failSwapOn": False, "failCgroupV1": False,
+        "healthzBindAddress": "127.0.0.1",
+        "authorization": {"mode": "AlwaysAllow"},
+        "podLogsDir": dirs.pod_logs, "volumePluginDir": dirs.path("volume-plugins"),
+        # Explicit thresholds: the defaults include disk percentages that a busy shared disk
+        # could cross, and eviction would then kill test pods.
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
+                         "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
+        "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+    }
+    cfg.update(settings)
+    return cfg
+
+
 # --- links -------------------------------------------------------------------------------------
 
 def add_bridge(name: str, *cidrs: str) -> None:
@@ -265,6 +329,48 @@ def delete_bridge(name: str) -> None:
     for line in out.splitlines():
         sh("ip", "link", "del", line.split(":")[1].strip().split("@")[0], check=False)
     sh("ip", "link", "del", name, check=False)
+
+
+@dataclass
+class BridgeNetwork:
+    """A CNI network on one Linux bridge and subnet (host address ``gateway`` on the bridge);
+    host-local IPAM keeps its leases in ``data_dir``, not in the host-wide default."""
+
+    bridge: str
+    name: str
+    subnet: str
+    gateway: str
+    data_dir: str
+
+    def conflist(self, hostports: bool = False) -> dict[str, Any]:
+        """bridge (no gateway forwarding, no masquerade), host-local, loopback; ``hostports``
+        adds portmap and hairpin mode so that a pod reaches itself through its hostPort."""
+        bridge: dict[str, Any] = {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False,
+                                  "ipam": {"type": "host-local", "dataDir": self.data_dir,
+                                           "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}}
+        plugins: list[dict[str, Any]] = [bridge]
+        if hostports:
+            bridge["hairpinMode"] = True
+            plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
+        plugins.append({"type": "loopback"})
+        return {"cniVersion": "1.0.0", "name": self.name, "plugins": plugins}
+
+
+# --- CRI -----------------------------------------------------------------------------------------
+
+def list_sandboxes(rt: Any, labels: dict[str, str] | None = None, ready_only: bool = False,
+                   timeout: float = 10) -> list[pb.PodSandbox]:
+    """The sandboxes on a RuntimeService stub carrying ``labels`` (only SANDBOX_READY ones if asked)."""
+    f = pb.PodSandboxFilter(label_selector=labels or {})
+    if ready_only:
+        f.state.state = pb.SANDBOX_READY
+    return list(rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=timeout).items)
+
+
+def list_containers(rt: Any, labels: dict[str, str], timeout: float = 10) -> list[pb.Container]:
+    """The containers on a RuntimeService stub carrying ``labels``."""
+    f = pb.ContainerFilter(label_selector=labels)
+    return list(rt.ListContainers(pb.ListContainersRequest(filter=f), timeout=timeout).containers)
 
 
 # --- certificates ------------------------------------------------------------------------------

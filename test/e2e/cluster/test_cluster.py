@@ -47,8 +47,10 @@ from moorage.testing.daemon import teardown as daemon_teardown
 from moorage.testing.kube import (
     CNI_LOCK,
     KUBELET_LOCK,
+    BridgeNetwork,
     Cert,
     HostSnapshot,
+    KubeletDirs,
     Pki,
     add_bridge,
     delete_bridge,
@@ -56,13 +58,15 @@ from moorage.testing.kube import (
     host_lock,
     http_get,
     klog_errors,
+    kubelet_config,
+    list_containers,
+    list_sandboxes,
     make_cgroup_root,
     moorage_errors,
     read_from,
-    remove_cgroup_tree,
+    remove_kubelet_leftovers,
     start_logged,
     stop_process,
-    unmount_under,
     wait_for,
 )
 from moorage.testing.net import free_subnet, remove_rules_of_network
@@ -131,32 +135,13 @@ def kbin(name: str) -> str:
 # --- the cluster --------------------------------------------------------------------------------
 
 @dataclass
-class PodNetwork:
-    """A node's CNI network: its own bridge and /24, host address .1 on the bridge."""
-
-    bridge: str
-    name: str
-    subnet: str
-    gateway: str
-    data_dir: str
-
-    def conflist(self) -> dict[str, Any]:
-        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False,
-             "ipam": {"type": "host-local", "dataDir": self.data_dir,
-                      "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}},
-            {"type": "loopback"},
-        ]}
-
-
-@dataclass
-class Node:
+class Node(KubeletDirs):
     """A kubelet and its own moorage."""
 
     cluster: Cluster
     index: int
     ip: str
-    net: PodNetwork
+    net: BridgeNetwork
     daemon: DaemonProcess
     base: str
     feature_gates: dict[str, bool] = field(default_factory=dict)
@@ -176,46 +161,17 @@ class Node:
 
     @property
     def cgroup_root(self) -> str:
-        return f"/{self.cluster.tag}-n{self.index}"
-
-    def path(self, *p: str) -> str:
-        return os.path.join(self.base, *p)
-
-    @property
-    def root_dir(self) -> str:
-        return self.path("root")
-
-    @property
-    def pod_logs(self) -> str:
-        return self.path("pod-logs")
-
-    @property
-    def log_file(self) -> str:
-        return self.path("kubelet.log")
+        return "/" + self.name
 
     def config(self, serving: Cert) -> dict[str, Any]:
-        endpoint = f"unix://{self.daemon.socket}"
-        return {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
-            "failSwapOn": False, "failCgroupV1": False,
+        return kubelet_config(
+            self.daemon.socket, self, self.cgroup_root,
             # The apiserver reaches the kubelet (logs, exec, port-forward) on the node IP.
-            "address": self.ip, "port": self.port, "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": self.healthz_port,
-            "tlsCertFile": serving.cert, "tlsPrivateKeyFile": serving.key,
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
-                               "x509": {"clientCAFile": self.cluster.pki.ca.cert}},
-            "authorization": {"mode": "AlwaysAllow"},
-            "podLogsDir": self.pod_logs, "volumePluginDir": self.path("volume-plugins"),
-            # Explicit thresholds: the defaults include disk percentages that a busy shared
-            # disk could cross, and eviction would then kill test pods.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "nodeStatusUpdateFrequency": "4s",
-            "featureGates": dict(self.feature_gates),
-        }
+            address=self.ip, port=self.port, readOnlyPort=0, healthzPort=self.healthz_port,
+            tlsCertFile=serving.cert, tlsPrivateKeyFile=serving.key,
+            authentication={"anonymous": {"enabled": False}, "webhook": {"enabled": False},
+                            "x509": {"clientCAFile": self.cluster.pki.ca.cert}},
+            nodeStatusUpdateFrequency="4s", featureGates=dict(self.feature_gates))
 
     def start(self) -> None:
         c = self.cluster
@@ -268,19 +224,14 @@ class Node:
         return self.daemon.runtime
 
     def sandboxes(self, namespace: str | None = None, ready_only: bool = False) -> list[pb.PodSandbox]:
-        f = pb.PodSandboxFilter()
-        if namespace is not None:
-            f.label_selector["io.kubernetes.pod.namespace"] = namespace
-        if ready_only:
-            f.state.state = pb.SANDBOX_READY
-        return list(self.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=10).items)
+        labels = {} if namespace is None else {"io.kubernetes.pod.namespace": namespace}
+        return list_sandboxes(self.rt, labels, ready_only)
 
     def containers(self, namespace: str, pod: str | None = None) -> list[pb.Container]:
-        f = pb.ContainerFilter()
-        f.label_selector["io.kubernetes.pod.namespace"] = namespace
+        labels = {"io.kubernetes.pod.namespace": namespace}
         if pod is not None:
-            f.label_selector["io.kubernetes.pod.name"] = pod
-        return list(self.rt.ListContainers(pb.ListContainersRequest(filter=f), timeout=10).containers)
+            labels["io.kubernetes.pod.name"] = pod
+        return list_containers(self.rt, labels)
 
     def container_pid(self, cid: str) -> int:
         r = self.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid, verbose=True), timeout=10)
@@ -394,8 +345,9 @@ class Cluster:
     def add_node(self, registry_host: str, feature_gates: dict[str, bool] | None = None) -> Node:
         i = len(self.nodes) + 1
         sub = free_subnet(POD_OCTET)
-        net = PodNetwork(f"{self.tag}p{i}", f"{self.tag}-pods{i}", str(sub), str(sub.network_address + 1),
-                         self.path(f"ipam{i}"))
+        # the node's own bridge and /24, host address .1 on the bridge
+        net = BridgeNetwork(f"{self.tag}p{i}", f"{self.tag}-pods{i}", str(sub), str(sub.network_address + 1),
+                            self.path(f"ipam{i}"))
         add_bridge(net.bridge, f"{net.gateway}/{sub.prefixlen}")
         d = DaemonProcess(base=new_base())
         node = Node(self, i, self.node_ips[i - 1], net, d, tempfile.mkdtemp(prefix=f"{self.tag}-n{i}-"),
@@ -476,10 +428,7 @@ def _teardown(c: Cluster, before: HostSnapshot) -> list[str]:
                 if src and os.path.exists(src):
                     shutil.copy(src, os.path.join(keep, dst))
             daemon_teardown(n.daemon)
-            left = unmount_under(n.base)
-            if left:
-                problems.append(f"mounts left: {left}")
-            problems += [f"cgroup busy: {d}" for d in remove_cgroup_tree(n.cgroup_root)]
+            problems += remove_kubelet_leftovers(n.base, n.cgroup_root)
             delete_bridge(n.net.bridge)
             remove_rules_of_network(n.net.name)
             shutil.rmtree(n.base, ignore_errors=True)

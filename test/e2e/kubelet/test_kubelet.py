@@ -20,7 +20,6 @@ across xdist workers (a lock file): the kubelet changes host-wide state.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import os
@@ -31,42 +30,46 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import pytest
 
 import moorage.testing.registry as regmod  # not the class itself: pytest would collect Test*
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing.daemon import DaemonProcess, free_port, new_base
 from moorage.testing.daemon import teardown as daemon_teardown
-from moorage.testing.net import (
-    free_subnet,
-    iptables_state,
-    remove_portmap_scaffolding_if_ours,
-    remove_rules_of_network,
-    sh,
+from moorage.testing.kube import (
+    CNI_LOCK,
+    KUBELET_LOCK,
+    BridgeNetwork,
+    HostSnapshot,
+    KubeletDirs,
+    add_bridge,
+    cgroup_hierarchies,
+    delete_bridge,
+    host_lock,
+    http_get,
+    kubelet_config,
+    list_containers,
+    list_sandboxes,
+    make_cgroup_root,
+    moorage_errors,
+    mountpoints,
+    read_from,
+    remove_kubelet_leftovers,
+    start_logged,
+    stop_process,
+    wait_for,
 )
+from moorage.testing.net import free_subnet, iptables_state, remove_rules_of_network
 from moorage.testing.procs import cmdlines
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
-# netlab's lock: held while this test's portmap rules and KUBE-* chains exist, so the CNI
-# tests that compare iptables before/after never see ours.
-CNI_LOCK = "/run/lock/moorage-test-cni.lock"
-# One kubelet at a time on this host: sysctls, /var/lib/kubelet/device-plugins and the
-# KUBE-* chains are host-wide.
-KUBELET_LOCK = "/run/lock/moorage-test-kubelet.lock"
 SUBNET_OCTET = 236  # 10.236.x.0/24: critest uses 10.234, netlab 10.223
-
-# Sysctls the kubelet sets when protectKernelDefaults is false (restored afterwards).
-KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
-                   "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
-HOST_PATHS = ("/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers")
 
 # moorage error-level log lines that a kubelet run is allowed to cause; everything else fails
 # the test.  Each entry: (regexp on the JSON line, why it is expected).  Empty today: the
@@ -101,143 +104,19 @@ pytestmark = [
 ]
 
 
-# --- small helpers --------------------------------------------------------------------------------
-
-def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll ``fn`` until it returns something truthy; its last exception or value goes in the failure."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            v = fn()
-            if v:
-                return v
-            last = v
-        except (OSError, grpc.RpcError, KeyError, ValueError, AssertionError) as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
-    try:
-        with _NO_PROXY.open(url, timeout=timeout) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
-def read_sysctl(name: str) -> str:
-    with open("/proc/sys/" + name.replace(".", "/")) as f:
-        return f.read().strip()
-
-
-def write_sysctl(name: str, value: str) -> None:
-    with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
-        f.write(value)
-
-
-def mountpoints() -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f]
-
-
-def cgroup_hierarchies() -> list[str]:
-    """Mount points of the v1 controller hierarchies and the v2 one (hybrid hosts have both)."""
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[2] in ("cgroup", "cgroup2"):
-                out.append(parts[1])
-    return out
-
-
-def iptables_chains(binary: str) -> dict[str, set[str]]:
-    """table -> user chain names, for one of iptables/ip6tables."""
-    out: dict[str, set[str]] = {}
-    for table in ("filter", "nat", "mangle"):
-        r = subprocess.run([binary, "-w", "-t", table, "-S"], capture_output=True, text=True)
-        if r.returncode == 0:
-            out[table] = {ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("-N ")}
-    return out
-
-
-def remove_new_kube_chains(binary: str, before: dict[str, set[str]]) -> None:
-    """Delete the KUBE-* chains that appeared since ``before``, and every jump into them."""
-    for table, chains in iptables_chains(binary).items():
-        new = {c for c in chains - before.get(table, set()) if c.startswith("KUBE-")}
-        if not new:
-            continue
-        rules = subprocess.run([binary, "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
-        for ln in rules.splitlines():
-            args = ln.split()
-            if args[:1] == ["-A"] and "-j" in args and args[args.index("-j") + 1] in new:
-                subprocess.run([binary, "-w", "-t", table, "-D", *args[1:]], capture_output=True)
-        for c in new:
-            subprocess.run([binary, "-w", "-t", table, "-F", c], capture_output=True)
-        for c in new:
-            subprocess.run([binary, "-w", "-t", table, "-X", c], capture_output=True)
-
-
-@dataclass
-class HostSnapshot:
-    """What the kubelet may change on the host, taken before it starts."""
-
-    sysctls: dict[str, str]
-    chains_v4: dict[str, set[str]]
-    chains_v6: dict[str, set[str]]
-    paths: dict[str, bool]
-    iptables: set[str]
-
-    @classmethod
-    def take(cls) -> HostSnapshot:
-        return cls({s: read_sysctl(s) for s in KUBELET_SYSCTLS}, iptables_chains("iptables"),
-                   iptables_chains("ip6tables"), {p: os.path.lexists(p) for p in HOST_PATHS}, iptables_state())
-
-
 # --- the network this module owns ---------------------------------------------------------------
 
-@dataclass
-class Network:
-    bridge: str
-    name: str
-    subnet: str
-    gateway: str
-    data_dir: str
-
-    def conflist(self) -> dict:
-        # portmap with snat (its default) so that hostPorts answer on 127.0.0.1 too; the
-        # masquerade chains it adds for that are removed after each test if they are ours.
-        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": False, "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "dataDir": self.data_dir,
-                      "ranges": [[{"subnet": self.subnet, "gateway": self.gateway}]]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            {"type": "loopback"},
-        ]}
-
-
 @pytest.fixture(scope="module")
-def network() -> Iterator[Network]:
+def network() -> Iterator[BridgeNetwork]:
     tag = uuid.uuid4().hex[:6]
     net = free_subnet(SUBNET_OCTET)
     root = tempfile.mkdtemp(prefix="mrgk-net-")
-    n = Network(f"mrgk{tag}", f"mrgk-net-{tag}", str(net), str(net.network_address + 1), os.path.join(root, "ipam"))
-    sh("ip", "link", "add", "name", n.bridge, "type", "bridge")
+    n = BridgeNetwork(f"mrgk{tag}", f"mrgk-net-{tag}", str(net), str(net.network_address + 1), os.path.join(root, "ipam"))
     try:
-        sh("ip", "addr", "add", f"{n.gateway}/{net.prefixlen}", "dev", n.bridge)
-        sh("ip", "link", "set", n.bridge, "up")
+        add_bridge(n.bridge, f"{n.gateway}/{net.prefixlen}")
         yield n
     finally:
-        out = sh("ip", "-o", "link", "show", "master", n.bridge, check=False)
-        for line in out.splitlines():
-            sh("ip", "link", "del", line.split(":")[1].strip().split("@")[0], check=False)
-        sh("ip", "link", "del", n.bridge, check=False)
+        delete_bridge(n.bridge)
         remove_rules_of_network(n.name)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -245,12 +124,12 @@ def network() -> Iterator[Network]:
 # --- a kubelet node -----------------------------------------------------------------------------
 
 @dataclass
-class Node:
+class Node(KubeletDirs):
     """One moorage + one standalone kubelet, each on its own dirs and ports."""
 
     base: str
     daemon: DaemonProcess
-    network: Network
+    network: BridgeNetwork
     image: str
     feature_gates: dict[str, bool] = field(default_factory=dict)
     config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -268,62 +147,15 @@ class Node:
     def cgroup_root(self) -> str:
         return f"/mrgk-{self.tag}"
 
-    def path(self, *p: str) -> str:
-        return os.path.join(self.base, *p)
-
-    @property
-    def root_dir(self) -> str:
-        return self.path("root")
-
-    @property
-    def manifests(self) -> str:
-        return self.path("manifests")
-
-    @property
-    def pod_logs(self) -> str:
-        return self.path("pod-logs")
-
-    @property
-    def log_file(self) -> str:
-        return self.path("kubelet.log")
-
     def config(self) -> dict:
-        endpoint = f"unix://{self.daemon.socket}"
-        cfg: dict[str, Any] = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
-            "failSwapOn": False, "failCgroupV1": False,
-            "address": "127.0.0.1", "port": self.port, "readOnlyPort": self.read_only_port,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": self.healthz_port,
-            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False},
-                               "x509": {}},
-            "authorization": {"mode": "AlwaysAllow"},
-            "podLogsDir": self.pod_logs, "volumePluginDir": self.path("volume-plugins"),
-            "staticPodPath": self.manifests, "fileCheckFrequency": "1s",
-            # Explicit thresholds: the defaults include imagefs/nodefs percentages that a
-            # busy shared disk could cross, and eviction would then kill test pods.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "featureGates": dict(self.feature_gates),
-        }
-        cfg.update(self.config_overrides)
-        return cfg
+        return kubelet_config(
+            self.daemon.socket, self, self.cgroup_root,
+            address="127.0.0.1", port=self.port, readOnlyPort=self.read_only_port, healthzPort=self.healthz_port,
+            authentication={"anonymous": {"enabled": True}, "webhook": {"enabled": False}, "x509": {}},
+            staticPodPath=self.manifests, fileCheckFrequency="1s",
+            featureGates=dict(self.feature_gates), **self.config_overrides)
 
     # -- lifecycle --
-
-    def make_cgroup_root(self) -> None:
-        """The kubelet requires its cgroupRoot to exist in every hierarchy."""
-        for h in cgroup_hierarchies():
-            d = h + self.cgroup_root
-            os.makedirs(d, exist_ok=True)
-            if os.path.basename(h) == "cpuset":  # a new v1 cpuset is empty until told otherwise
-                for f in ("cpuset.cpus", "cpuset.mems"):
-                    with open(os.path.join(h, f)) as src:
-                        v = src.read().strip()
-                    with open(os.path.join(d, f), "w") as dst:
-                        dst.write(v)
 
     def start(self) -> None:
         for d in (self.root_dir, self.manifests, self.pod_logs, self.path("volume-plugins")):
@@ -331,17 +163,12 @@ class Node:
         self.port, self.read_only_port, self.healthz_port = free_port(), free_port(), free_port()
         with open(self.path("kubelet.json"), "w") as f:
             json.dump(self.config(), f, indent=1)
-        self.make_cgroup_root()
+        make_cgroup_root(self.cgroup_root)
         kubelet = _kubelet()
         assert kubelet is not None
-        log = open(self.log_file, "ab")
-        try:
-            self.proc = subprocess.Popen(
-                [kubelet, f"--config={self.path('kubelet.json')}", f"--root-dir={self.root_dir}",
-                 f"--cert-dir={self.path('pki')}", f"--hostname-override={self.name}", "--v=2"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            log.close()
+        self.proc = start_logged(
+            [kubelet, f"--config={self.path('kubelet.json')}", f"--root-dir={self.root_dir}",
+             f"--cert-dir={self.path('pki')}", f"--hostname-override={self.name}", "--v=2"], self.log_file)
         wait_for(self._healthy, 60, "the kubelet's healthz and read-only port")
 
     def _healthy(self) -> bool:
@@ -352,21 +179,10 @@ class Node:
                 and http_get(f"http://127.0.0.1:{self.read_only_port}/pods")[0] == 200)
 
     def stop_kubelet(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
     def kubelet_log(self) -> str:
-        try:
-            with open(self.log_file, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_from(self.log_file)
 
     # -- static pods --
 
@@ -427,19 +243,14 @@ class Node:
         return self.daemon.runtime
 
     def cri_sandboxes(self, name: str | None = None, ready_only: bool = False) -> list[pb.PodSandbox]:
-        f = pb.PodSandboxFilter()
-        if name is not None:
-            f.label_selector["io.kubernetes.pod.name"] = self.pod_name(name)
-        if ready_only:
-            f.state.state = pb.SANDBOX_READY
-        return list(self.rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=f), timeout=10).items)
+        labels = {} if name is None else {"io.kubernetes.pod.name": self.pod_name(name)}
+        return list_sandboxes(self.rt, labels, ready_only)
 
     def cri_containers(self, name: str, container: str | None = None) -> list[pb.Container]:
-        f = pb.ContainerFilter()
-        f.label_selector["io.kubernetes.pod.name"] = self.pod_name(name)
+        labels = {"io.kubernetes.pod.name": self.pod_name(name)}
         if container is not None:
-            f.label_selector["io.kubernetes.container.name"] = container
-        return list(self.rt.ListContainers(pb.ListContainersRequest(filter=f), timeout=10).containers)
+            labels["io.kubernetes.container.name"] = container
+        return list_containers(self.rt, labels)
 
     def cri_running(self, name: str, container: str) -> pb.Container:
         running = [c for c in self.cri_containers(name, container) if c.state == pb.CONTAINER_RUNNING]
@@ -459,134 +270,44 @@ class Node:
 
     def moorage_errors(self) -> list[str]:
         """Error-level lines of moorage's log that no EXPECTED_MOORAGE_ERRORS entry explains."""
-        out = []
-        for line in _full_daemon_log(self.daemon).splitlines() if self.daemon.log_file else []:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                # A traceback or a line not from the JSON formatter: an error for our purposes
-                # only if it looks like one.
-                if "Traceback" in line or "Error" in line:
-                    out.append(line)
-                continue
-            if rec.get("level") in ("error", "critical") and \
-                    not any(re.search(p, line) for p, _ in EXPECTED_MOORAGE_ERRORS):
-                out.append(line)
-        return out
-
+        if not self.daemon.log_file:
+            return []
+        return moorage_errors(_full_daemon_log(self.daemon), EXPECTED_MOORAGE_ERRORS)
 
 def _full_daemon_log(d: DaemonProcess) -> str:
-    try:
-        with open(d.log_file, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _hold(path: str) -> Any:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    f = open(path, "a")
-    fcntl.flock(f, fcntl.LOCK_EX)
-    return f
+    return read_from(d.log_file)
 
 
 def _restore_host(node: Node, before: HostSnapshot) -> list[str]:
     """Undo the kubelet's host changes; returns what could not be undone."""
-    problems: list[str] = []
-    # mounts under its root dir (pod volumes, then the rshared self-bind), deepest first
-    for _ in range(5):
-        mine = sorted((m for m in mountpoints() if m == node.root_dir or m.startswith(node.base + "/")),
-                      key=len, reverse=True)
-        if not mine:
-            break
-        for m in mine:
-            subprocess.run(["umount", m], capture_output=True)
-    else:
-        problems.append(f"mounts left: {[m for m in mountpoints() if m.startswith(node.base + '/')]}")
-    # cgroups under its cgroupRoot, leaves first
-    for h in cgroup_hierarchies():
-        top = h + node.cgroup_root
-        if not os.path.isdir(top):
-            continue
-        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: len(t[0]), reverse=True):
-            for _ in range(20):
-                try:
-                    os.rmdir(dirpath)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.25)
-            else:
-                problems.append(f"cgroup busy: {dirpath}")
-    for name, value in before.sysctls.items():
-        if read_sysctl(name) != value:
-            write_sysctl(name, value)
-    remove_new_kube_chains("iptables", before.chains_v4)
-    remove_new_kube_chains("ip6tables", before.chains_v6)
-    if not before.paths["/var/lib/kubelet"]:
-        shutil.rmtree("/var/lib/kubelet", ignore_errors=True)
-    elif not before.paths["/var/lib/kubelet/device-plugins"]:
-        shutil.rmtree("/var/lib/kubelet/device-plugins", ignore_errors=True)
-    if not before.paths["/var/log/containers"]:
-        shutil.rmtree("/var/log/containers", ignore_errors=True)
-    elif os.path.isdir("/var/log/containers"):
-        for n in os.listdir("/var/log/containers"):  # only our pods' symlinks
-            p = os.path.join("/var/log/containers", n)
-            if os.path.islink(p) and os.readlink(p).startswith(node.pod_logs + "/"):
-                os.unlink(p)
-    # portmap's masquerade scaffolding for 127.0.0.1 hostPorts, if this test created it
-    state = iptables_state()
-    for chain in ("CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK"):
-        if f"nat :{chain}" in state and f"nat :{chain}" not in before.iptables:
-            for line in state:
-                if line.startswith("nat -A ") and f"-j {chain}" in line and not line.startswith(f"nat -A {chain} "):
-                    subprocess.run(["iptables", "-w", "-t", "nat", "-D", *line.split()[2:]], capture_output=True)
-            sh("iptables", "-w", "-t", "nat", "-F", chain, check=False)
-    for chain in ("CNI-HOSTPORT-MASQ", "CNI-HOSTPORT-SETMARK"):
-        if f"nat :{chain}" not in before.iptables:
-            sh("iptables", "-w", "-t", "nat", "-X", chain, check=False)
+    problems = remove_kubelet_leftovers(node.base, node.cgroup_root)
+    # this network's portmap rules, so that portmap's top chain is empty when restore looks
     remove_rules_of_network(node.network.name)
-    remove_portmap_scaffolding_if_ours(before.iptables)
-    after = HostSnapshot.take()
-    for name, value in before.sysctls.items():
-        if after.sysctls[name] != value:
-            problems.append(f"sysctl {name} is {after.sysctls[name]}, was {value}")
-    for label, b, a in (("v4", before.chains_v4, after.chains_v4), ("v6", before.chains_v6, after.chains_v6)):
-        for table in a:
-            extra = {c for c in a[table] - b.get(table, set()) if c.startswith(("KUBE-", "CNI-"))}
-            if extra:
-                problems.append(f"iptables {label} {table}: chains left {sorted(extra)}")
-    for p, existed in before.paths.items():
-        if not existed and os.path.lexists(p):
-            problems.append(f"{p} left behind")
-    return problems
-
+    return problems + before.restore([node.pod_logs])
 
 @pytest.fixture(scope="module")
 def kubelet_lock() -> Iterator[None]:
     """Held for the whole module: one kubelet-running module at a time on this host."""
-    lock = _hold(KUBELET_LOCK)
-    try:
+    with host_lock(KUBELET_LOCK):
         yield
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
 
 
 @pytest.fixture
-def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: Network,
+def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: BridgeNetwork,
                  tmp_path: Any) -> Iterator[Callable[..., Node]]:
     """``make(feature_gates={...}, **kubelet_config)`` -> a started Node (one per test)."""
     made: list[Node] = []
-    locks = [_hold(CNI_LOCK)]  # per test, so the CNI tests are not kept waiting for the module
+    locks = ExitStack()
+    locks.enter_context(host_lock(CNI_LOCK))  # per test, so the CNI tests are not kept waiting for the module
     before = HostSnapshot.take()
 
     def make(feature_gates: dict[str, bool] | None = None, **overrides: Any) -> Node:
         d = DaemonProcess(base=new_base())
         d.write_config()
         with open(os.path.join(d.cni_conf_dir, "10-kubelet-e2e.conflist"), "w") as f:
-            json.dump(network.conflist(), f)
+            # portmap with snat (its default) so that hostPorts answer on 127.0.0.1 too; the
+            # masquerade chains it adds for that are removed after each test if they are ours.
+            json.dump(network.conflist(hostports=True), f)
         n = Node(base=tempfile.mkdtemp(prefix="mrgk-"), daemon=d, network=network,
                  image=registry.images["busybox"].ref, feature_gates=feature_gates or {},
                  config_overrides=overrides)
@@ -601,9 +322,7 @@ def node_factory(kubelet_lock: None, registry: regmod.TestRegistry, network: Net
     finally:
         for n in made:
             problems += _teardown_node(n, before, str(tmp_path))
-        for lk in reversed(locks):
-            fcntl.flock(lk, fcntl.LOCK_UN)
-            lk.close()
+        locks.close()
     if problems:
         pytest.fail("kubelet e2e teardown:\n  " + "\n  ".join(problems))
 
