@@ -26,6 +26,7 @@ from moorage.cni.manager import CNIManager
 from moorage.core import mount as mountmod
 from moorage.core import netns as netnsmod
 from moorage.core.errors import FailedPrecondition, MoorageError, NotFound
+from moorage.core.procs import cmdlines
 from moorage.core.store import now_ns
 from moorage.cri import cli_root
 from moorage.cri.cli_admin import IMAGE_VOLUME_PREFIX
@@ -83,21 +84,14 @@ def _conmons(state_dir: str) -> dict[str, int]:
     """Live conmons of this state dir: container id -> pid (from their command lines)."""
     out: dict[str, int] = {}
     marker = (state_dir.rstrip("/") + "/").encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
+    for pid, args in cmdlines():
         if not args or not os.path.basename(args[0]).startswith(b"conmon") or not any(a.startswith(marker) for a in args):
             continue
         if b"--exec" in args or b"-e" in args:
             continue  # an exec session's conmon: it belongs to its container
         for i, a in enumerate(args[:-1]):
-            if a in (b"-c", b"--cid") and alive(int(entry)):
-                out[args[i + 1].decode(errors="replace")] = int(entry)
+            if a in (b"-c", b"--cid") and alive(pid):
+                out[args[i + 1].decode(errors="replace")] = pid
     return out
 
 

@@ -54,13 +54,13 @@ from typing import Any
 
 import grpc
 
+from moorage.core.procs import cmdlines
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.api import api_pb2_grpc as pbg
 from moorage.testing import kube
 from moorage.testing.daemon import DaemonProcess, free_port, new_base
 from moorage.testing.daemon import teardown as daemon_teardown
 from moorage.testing.net import free_subnet, remove_rules_of_network
-from moorage.testing.procs import cmdlines
 from moorage.testing.registry import DOCKER_REGISTRY, REPO_PREFIX, TestRegistry, push_layout
 from moorage.testing.testimages import LayoutInfo, build_critest_images, cached_build_all
 

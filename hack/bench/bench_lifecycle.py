@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 
+from moorage.core.procs import cmdlines
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing.daemon import DaemonProcess, teardown
 from moorage.testing.registry import (
@@ -161,18 +162,11 @@ def latency(fn, n: int) -> tuple[float, float]:
 def conmon_pids_of(base: str) -> dict[str, int]:
     """container/sandbox id → conmon pid, for conmons of this daemon."""
     out = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
+    for pid, args in cmdlines():
         if args and os.path.basename(args[0]) == b"conmon" and base.encode() in b" ".join(args):
             for i, a in enumerate(args):
                 if a in (b"-c", b"--cid") and i + 1 < len(args):
-                    out[args[i + 1].decode()] = int(p)
+                    out[args[i + 1].decode()] = pid
     return out
 
 

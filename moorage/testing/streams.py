@@ -8,7 +8,7 @@ import socket
 
 import websocket
 
-from moorage.testing.procs import cmdlines
+from moorage.core.procs import cmdlines
 
 
 class WS:

@@ -14,13 +14,13 @@ import urllib.request
 import pytest
 
 from moorage.core import netns as netnsmod
+from moorage.core.procs import cmdlines
 from moorage.core.store import SnapshotRecord, Store
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing.cri import container_config, pod_config, run_container, status, wait_exited
 from moorage.testing.daemon import REPO
 from moorage.testing.imagesenv import pull
 from moorage.testing.netlab import run_pod
-from moorage.testing.procs import cmdlines
 
 pytestmark = pytest.mark.integration
 

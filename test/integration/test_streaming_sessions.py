@@ -10,6 +10,7 @@ import uuid
 import grpc
 import pytest
 
+from moorage.core.procs import cmdlines
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing.cri import (
     container_config,
@@ -18,7 +19,6 @@ from moorage.testing.cri import (
     status,
     wait_for,
 )
-from moorage.testing.procs import cmdlines
 from moorage.testing.streams import WS, exec_sessions_on_host
 
 pytestmark = [

@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 import moorage.testing.registry as regmod  # not the class itself: pytest would collect Test*
+from moorage.core.procs import cmdlines
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing.daemon import DaemonProcess, free_port, new_base
 from moorage.testing.daemon import teardown as daemon_teardown
@@ -66,7 +67,6 @@ from moorage.testing.kube import (
     wait_for,
 )
 from moorage.testing.net import free_subnet, iptables_state, remove_rules_of_network
-from moorage.testing.procs import cmdlines
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
 SUBNET_OCTET = 236  # 10.236.x.0/24: critest uses 10.234, netlab 10.223

@@ -1,4 +1,4 @@
-"""Host process look-ups for tests: who is running, by command line."""
+"""Host process look-ups: who is running, by command line (/proc/<pid>/cmdline)."""
 
 from __future__ import annotations
 
