@@ -377,7 +377,7 @@ def node_ready(c: Cluster, name: str) -> bool:
 # --- fixtures -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster(registry: regmod.TestRegistry) -> Iterator[Cluster]:
+def cluster(registry: regmod.TestRegistry, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     tag = "mrgc" + uuid.uuid4().hex[:5]
     with host_lock(KUBELET_LOCK), host_lock(CNI_LOCK):
         before = HostSnapshot.take()
@@ -397,11 +397,19 @@ def cluster(registry: regmod.TestRegistry) -> Iterator[Cluster]:
             problems = _teardown(c, before)
     if problems:
         pytest.fail("cluster e2e teardown:\n  " + "\n  ".join(problems))
+    if not os.environ.get("CLUSTER_E2E_KEEP_LOGS") and request.session.testsfailed == 0:
+        shutil.rmtree(_logs_dir(c), ignore_errors=True)  # the copy is for a failed run
+
+
+def _logs_dir(c: Cluster) -> str:
+    """Where the logs are copied: $CLUSTER_E2E_KEEP_LOGS (always kept), else a temp dir kept only
+    when something failed."""
+    return os.environ.get("CLUSTER_E2E_KEEP_LOGS") or os.path.join(tempfile.gettempdir(), f"{c.tag}-logs")
 
 
 def _teardown(c: Cluster, before: HostSnapshot) -> list[str]:
     problems: list[str] = []
-    keep = os.environ.get("CLUSTER_E2E_KEEP_LOGS") or os.path.join(tempfile.gettempdir(), f"{c.tag}-logs")
+    keep = _logs_dir(c)
     try:
         if c.procs.get("kube-apiserver") is not None and c.procs["kube-apiserver"].poll() is None:
             # Pods go away through the kubelets first (what a user does).
