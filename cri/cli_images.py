@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from moorage.core.errors import InvalidArgument, MoorageError, NotFound, Unavailable
+from moorage.cri import cli_root
 from moorage.cri import config as configmod
 
 if TYPE_CHECKING:  # imported where used: `moorage images ls` should not pay for them
@@ -77,11 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --- helpers -------------------------------------------------------------------------------------
 
 def _cfg(args: argparse.Namespace) -> configmod.Config:
-    cfg = configmod.load(getattr(args, "config", None))
+    cfg = cli_root.load_config(args)  # --config, --root
     if getattr(args, "socket", None):
         cfg.socket = args.socket
-    if getattr(args, "root", None):
-        cfg.root_dir = args.root
     return cfg
 
 

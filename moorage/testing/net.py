@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import shlex
 import subprocess
@@ -72,3 +73,16 @@ def free_subnet(second_octet: int) -> ipaddress.IPv4Network:
         if f"10.{second_octet}.{third}." not in used:
             return ipaddress.IPv4Network(f"10.{second_octet}.{third}.0/24")
     raise RuntimeError(f"no free 10.{second_octet}.x.0/24 subnet")
+
+
+def reservations(data_dir: str, network: str) -> list[str]:
+    """The addresses host-local holds for ``network`` under ``data_dir`` (one file per address), sorted."""
+    d = os.path.join(data_dir, network)
+    out = []
+    for n in os.listdir(d) if os.path.isdir(d) else []:
+        try:
+            ipaddress.ip_address(n)
+            out.append(n)
+        except ValueError:
+            pass
+    return sorted(out)

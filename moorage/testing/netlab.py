@@ -43,6 +43,7 @@ from moorage.testing.net import (
     iptables_state,
     remove_portmap_scaffolding_if_ours,
     remove_rules_of_network,
+    reservations,
     sh,
 )
 
@@ -147,15 +148,7 @@ class NetLab:
         return path
 
     def reservations(self) -> list[str]:
-        d = os.path.join(self.data_dir, self.network)
-        out = []
-        for n in os.listdir(d) if os.path.isdir(d) else []:
-            try:
-                ipaddress.ip_address(n)
-                out.append(n)
-            except ValueError:
-                pass
-        return sorted(out)
+        return reservations(self.data_dir, self.network)
 
     # --- daemons ------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from moorage.testing.net import (
     iptables_state,
     remove_portmap_scaffolding_if_ours,
     remove_rules_of_network,
+    reservations,
     sh,
 )
 from moorage.testing.net import free_subnet as _free_subnet
@@ -72,18 +73,6 @@ def addrs_in_netns(ns_path: str, ifname: str = "eth0") -> list[str]:
             return sorted(a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0]) if a["family"] == socket.AF_INET)
 
     return netns.run_in_netns(ns_path, read)
-
-
-def reservations(data_dir: str, network: str) -> list[str]:
-    d = os.path.join(data_dir, network)
-    out = []
-    for n in os.listdir(d) if os.path.isdir(d) else []:
-        try:
-            ipaddress.ip_address(n)
-            out.append(n)
-        except ValueError:
-            pass
-    return out
 
 
 class Lab:
