@@ -426,6 +426,7 @@ class TarReader:
             return self._entry(block, type_, size, pending)
 
     def _entry(self, block: bytes, type_: bytes, size: int, pending: _Pending) -> TarEntry:
+        self._header_at = pending.offset  # errors name the entry's first header
         magic = block[257:265]
         name = _cstr(block[0:100])
         if magic[:6] == b"ustar\0":
