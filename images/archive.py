@@ -11,7 +11,8 @@ Import reads an archive (a tar, optionally gzip/zstd/xz compressed, that must be
   and layers' digests are computed; an OCI manifest is synthesised for them.  (A Docker 25+
   archive carries both forms; the OCI one is preferred.)
 
-The archive is untrusted: it is never extracted onto disk.  Only members named by a
+The archive is untrusted: it is read by ``moorage.images.tarstream`` (bounded, strict headers;
+gzip, zstd, xz or bz2 around it) and never extracted onto disk.  Only members named by a
 descriptor (``blobs/<alg>/<hex>``) or by ``manifest.json`` are read, by exact name; their
 content streams into the content store, which verifies size and digest before anything is
 visible; manifests and configs are size-bounded; layers are unpacked by the same safe unpack
