@@ -1,6 +1,6 @@
 """Offline image import and export: OCI image layout archives and ``docker save`` archives.
 
-Import reads an archive (a tar, optionally gzip/zstd/xz compressed, that must be seekable):
+Import reads an archive (a tar, optionally gzip/zstd/xz/bz2 compressed, that must be seekable):
 
 * **OCI layout** (``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``): every entry of
   ``index.json`` is an image; a nested index (multi-arch) is resolved to this machine's
