@@ -45,6 +45,8 @@ def global_keys(n: int) -> bytes:
     return tc.pax(body=b"".join(tc.pax_record(f"k{i}", "v") for i in range(n)), type_=b"g")
 
 
+HEAVY = b"".join(tc.pax({"comment": "c" * ((1 << 20) - 64)}) + tc.file(f"heavy{i}") for i in range(64))
+
 # name -> (layer tar, status, message parts); every corrupt case starts with two good files
 # (1536 bytes each: header and 700 padded bytes), so the bad header is at byte offset 3072
 CASES: dict[str, tuple[bytes, grpc.StatusCode, tuple[str, ...]]] = {
@@ -74,7 +76,12 @@ CASES: dict[str, tuple[bytes, grpc.StatusCode, tuple[str, ...]]] = {
                          grpc.StatusCode.DATA_LOSS, ("the uid 1099511627776 is outside",)),
     "global-pax-60000-keys": (ok_files() + global_keys(60_000) + tc.file("n"),
                               grpc.StatusCode.INVALID_ARGUMENT, ("a PAX header has more than 4096 records",)),
+    # 64 MiB of maximal PAX headers (each under the limit) keep the unpack busy, then a bad time
+    "pax-1mib-headers-x64-then-nan": (ok_files() + HEAVY + tc.pax({"mtime": "nan"}) + tc.file("n"),
+                                      grpc.StatusCode.DATA_LOSS, ("the PAX mtime is not a decimal number",)),
 }
+#: where the bad header of each DATA_LOSS case is (in the uncompressed stream)
+OFFSETS = {"pax-1mib-headers-x64-then-nan": 3072 + len(HEAVY)}
 
 
 @pytest.fixture(scope="module", params=["overlayfs", "native"])
@@ -134,7 +141,7 @@ def test_hostile_layer_is_refused_with_its_status_and_leaves_nothing(snap_daemon
     for p in parts:
         assert p in details, details
     if code == grpc.StatusCode.DATA_LOSS:
-        assert "corrupt tar archive at byte offset 3072: " in details, details
+        assert f"corrupt tar archive at byte offset {OFFSETS.get(case, 3072)}: " in details, details
     # nothing left behind: no snapshot (active or committed), no blob, no ingest
     assert snapshot_entries(d) == snaps
     assert content_files(d) == blobs
