@@ -1,6 +1,6 @@
 """Offline image import and export: OCI image layout archives and ``docker save`` archives.
 
-Import reads an archive (a tar, optionally gzip/zstd/xz compressed, that must be seekable):
+Import reads an archive (a tar, optionally gzip/zstd/xz/bz2 compressed, that must be seekable):
 
 * **OCI layout** (``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``): every entry of
   ``index.json`` is an image; a nested index (multi-arch) is resolved to this machine's
@@ -11,7 +11,8 @@ Import reads an archive (a tar, optionally gzip/zstd/xz compressed, that must be
   and layers' digests are computed; an OCI manifest is synthesised for them.  (A Docker 25+
   archive carries both forms; the OCI one is preferred.)
 
-The archive is untrusted: it is never extracted onto disk.  Only members named by a
+The archive is untrusted: it is read by ``moorage.images.tarstream`` (bounded, strict headers;
+gzip, zstd, xz or bz2 around it) and never extracted onto disk.  Only members named by a
 descriptor (``blobs/<alg>/<hex>``) or by ``manifest.json`` are read, by exact name; their
 content streams into the content store, which verifies size and digest before anything is
 visible; manifests and configs are size-bounded; layers are unpacked by the same safe unpack
@@ -27,18 +28,24 @@ start-up cleaning never remove what they are working with.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import logging
+import lzma
 import os
 import posixpath
 import secrets
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import BinaryIO, Protocol
+
+import zstandard
 
 from moorage.core.errors import InvalidArgument, MoorageError
 from moorage.core.store import ImageRecord
@@ -48,7 +55,7 @@ from moorage.images.oci import Platform
 from moorage.images.platform import select_manifest
 from moorage.images.reference import Reference, parse_reference
 from moorage.images.service import ImageService
-from moorage.images.unpack import bounded_tarinfo
+from moorage.images.tarstream import TarCorrupt, TarEntry, TarLimits, TarReader, TarRefused, shown
 
 log = logging.getLogger("moorage.images.archive")
 
@@ -59,6 +66,10 @@ MAX_DOCKER_MANIFEST_JSON = 4 * 1024 * 1024
 _CHUNK = 1 << 20
 _MAX_LINK_HOPS = 16
 _TAR_MTIME = 946684800  # exports are reproducible: fixed mtimes, owners and order
+
+
+class _Source(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class ArchiveError(InvalidArgument):
@@ -86,57 +97,123 @@ def _norm(name: str) -> str | None:
     return "/".join(parts)
 
 
+_MAX_MEMBERS = 65_536  # names kept from one archive; an image layout holds a few per image
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bz2"))
+
+
+def _open_archive_file(path: str) -> BinaryIO:
+    return open(path, "rb")
+
+
 class _Archive:
+    """The members of an archive, read by ``moorage.images.tarstream`` in one forward pass; a
+    member's data is then read from its recorded offset in the decompressed stream (a compressed
+    archive is decompressed again from the start when a read goes backwards, as tarfile does)."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.tf = tarfile.open(path, mode="r:*",
-                                   tarinfo=bounded_tarinfo(lambda why: ArchiveError(f"{path}: {why}")))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ArchiveError(f"{path}: not a readable tar archive ({e})") from None
-        self.members: dict[str, tarfile.TarInfo] = {}
+            self._f = _open_archive_file(path)
+        except OSError as e:
+            raise ArchiveError(f"{path}: not a readable tar archive ({e.strerror})") from None
         try:
-            for m in self.tf:
-                n = _norm(m.name)
-                if n is not None and (m.isfile() or m.issym() or m.islnk()):
-                    self.members[n] = m
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ArchiveError(f"{path}: corrupt tar archive ({e})") from None
+            head = self._f.read(6)
+            self._kind = next((kind for magic, kind in _MAGIC if head.startswith(magic)), "none")
+            self._stream = self._reopen()
+            self.members: dict[str, TarEntry] = {}
+            self._data_at: dict[str, int] = {}
+            reader = TarReader(self._stream, label=path,
+                               limits=TarLimits(max_headers=4 * _MAX_MEMBERS + 16))
+            with self._errors():
+                for m in reader:
+                    n = _norm(m.name)
+                    if n is not None and (m.isreg() or m.issym() or m.islnk()):
+                        if n not in self.members and len(self.members) >= _MAX_MEMBERS:
+                            raise ArchiveError(f"{path}: has more than {_MAX_MEMBERS} members")
+                        self.members[n] = m
+                        self._data_at[n] = reader.position
+            self._at = reader.position
+        except BaseException:
+            self._f.close()
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Decompression and tar errors as ArchiveError (INVALID_ARGUMENT: an import is a CLI
+        call on a file the operator named)."""
+        try:
+            yield
+        except TarRefused as e:
+            raise ArchiveError(e.message) from None
+        except TarCorrupt as e:
+            raise ArchiveError(f"not a readable tar archive: {e.message}") from None
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as e:
+            raise ArchiveError(f"{self.path}: corrupt archive ({str(e)[:200]})") from None
+
+    def _reopen(self) -> _Source:
+        self._f.seek(0)
+        self._at = 0
+        if self._kind == "gzip":
+            return gzip.GzipFile(fileobj=self._f, mode="rb")
+        if self._kind == "zstd":
+            return zstandard.ZstdDecompressor().stream_reader(self._f, read_across_frames=True)
+        if self._kind == "xz":
+            return lzma.LZMAFile(self._f)
+        if self._kind == "bz2":
+            return bz2.BZ2File(self._f)
+        return self._f
+
+    def _read_at(self, pos: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``pos`` of the decompressed stream."""
+        with self._errors():
+            if self._kind == "none":
+                self._f.seek(pos)
+            else:
+                if pos < self._at:
+                    self._stream = self._reopen()
+                while self._at < pos:
+                    skipped = self._stream.read(min(_CHUNK, pos - self._at))
+                    if not skipped:
+                        break
+                    self._at += len(skipped)
+            data = self._stream.read(n)
+            self._at = pos + len(data)
+            return data
 
     def close(self) -> None:
-        self.tf.close()
+        self._f.close()
 
     def has(self, name: str) -> bool:
         return self._resolve(name, missing_ok=True) is not None
 
-    def _resolve(self, name: str, missing_ok: bool = False) -> tarfile.TarInfo | None:
+    def _resolve(self, name: str, missing_ok: bool = False) -> str | None:
+        """The normalised name of the regular member ``name`` leads to (following links)."""
         n = _norm(name)
         for _ in range(_MAX_LINK_HOPS):
             m = self.members.get(n) if n is not None else None
             if m is None or n is None:
                 if missing_ok:
                     return None
-                raise ArchiveError(f"{self.path}: has no member {name!r}")
-            if m.isfile():
-                return m
+                raise ArchiveError(f"{self.path}: has no member \"{shown(name)}\"")
+            if m.isreg():
+                return n
             if m.issym():  # relative to the link's directory, inside the archive; absolute: never
                 n = None if m.linkname.startswith("/") else \
                     _norm(posixpath.normpath(posixpath.join(posixpath.dirname(n), m.linkname)))
             else:  # hardlink: names another member
                 n = _norm(m.linkname)
-        raise ArchiveError(f"{self.path}: member {name!r} is a chain of links")
+        raise ArchiveError(f"{self.path}: member \"{shown(name)}\" is a chain of links")
 
-    def open(self, name: str) -> tuple[IO[bytes], int]:
-        m = self._resolve(name)
-        f = self.tf.extractfile(m) if m is not None else None
-        if m is None or f is None:  # pragma: no cover - only regular members are resolved
-            raise ArchiveError(f"{self.path}: member {name!r} is not a file")
-        return f, m.size
+    def open(self, name: str) -> tuple[_Member, int]:
+        n = self._resolve(name)
+        assert n is not None  # _resolve raises when missing_ok is False
+        size = self.members[n].size
+        return _Member(self, self._data_at[n], size), size
 
     def read(self, name: str, limit: int) -> bytes:
         f, size = self.open(name)
         if size > limit:
-            raise ArchiveError(f"{self.path}: {name} is {size} bytes, over the {limit} byte limit")
+            raise ArchiveError(f"{self.path}: {shown(name)} is {size} bytes, over the {limit} byte limit")
         return f.read(limit + 1)
 
     def sha256(self, name: str) -> tuple[str, int]:
@@ -147,6 +224,28 @@ class _Archive:
             h.update(chunk)
             n += len(chunk)
         return f"sha256:{h.hexdigest()}", n
+
+
+class _Member:
+    """The data of one member, read forward."""
+
+    def __init__(self, arc: _Archive, start: int, size: int) -> None:
+        self._arc = arc
+        self._pos = start
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        parts: list[bytes] = []
+        while want > 0:
+            data = self._arc._read_at(self._pos, want)
+            if not data:
+                raise ArchiveError(f"{self._arc.path}: the archive ends inside a member")
+            parts.append(data)
+            self._pos += len(data)
+            self._left -= len(data)
+            want -= len(data)
+        return b"".join(parts)
 
 
 def _blob_name(digest: str) -> str:

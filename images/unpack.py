@@ -1,7 +1,7 @@
 """Apply an image layer (tar, optionally gzip/zstd compressed) into a directory.
 
 Layers are hostile input (DESIGN principle 7).  This module therefore never
-uses ``tarfile.extract``; it creates every entry itself, relative to directory
+extracts with a library; it creates every entry itself, relative to directory
 file descriptors opened with ``O_NOFOLLOW``, so nothing it writes can land
 outside the target directory:
 
@@ -30,11 +30,15 @@ outside the target directory:
   deleted / the directory emptied, keeping what this same layer added (a
   whiteout only hides lower layers).  Other ``.wh..wh.*`` (aufs metadata) are skipped.
 * xattrs come from PAX ``SCHILY.xattr.*`` records; ``trusted.overlay.*`` from a
-  layer is dropped (it would let a layer forge overlayfs metadata).
+  layer is dropped (it would let a layer forge overlayfs metadata).  They are set
+  after the owner (chown clears ``security.capability``) and the data (so does a
+  write), and before the mode, as containerd does; a kernel refusal is handled as
+  containerd handles it (``_Applier._set_xattr``).
 * Bounded: number of entries, uncompressed bytes, size of any single file and
-  of all files together, name length and directory depth.  Extended headers
-  (GNU long name/link, PAX) are bounded *before* tarfile reads their bodies
-  into memory (``bounded_tarinfo``).  Sparse members are rejected: their holes
+  of all files together, name length and directory depth.  The tar headers are
+  read by ``moorage.images.tarstream``, which bounds and checks every header
+  before reading its body and refuses corrupt archives (``CorruptLayer``,
+  DATA_LOSS, naming the byte offset).  Sparse members are rejected: their holes
   would be written out in full, so a tiny layer could fill the disk.
 
 The uncompressed stream is hashed while it is read (the whole stream, including
@@ -54,16 +58,16 @@ import logging
 import os
 import shutil
 import stat
-import tarfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, Literal, NoReturn, Protocol, cast, overload
+from typing import IO, Any, BinaryIO, Literal, Protocol, cast, overload
 
 import zstandard
 
 from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted, Unavailable
 from moorage.images.digest import Digest
+from moorage.images.tarstream import TarCorrupt, TarEntry, TarLimits, TarReader, TarRefused, shown
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,13 @@ class LayerError(InvalidArgument):
     """The layer is malformed or tries something it may not do."""
 
 
+class CorruptLayer(LayerError):
+    """The layer's bytes are not a valid (compressed) tar archive: DATA_LOSS, with the byte
+    offset of the bad header; the image itself is broken, so retrying cannot help."""
+
+    code = "DATA_LOSS"
+
+
 class DiffIDMismatch(InvalidArgument):
     """The layer's uncompressed content does not match the diff_id the config announced."""
 
@@ -109,76 +120,6 @@ class UnpackResult:
     entries: int
     size: int  # bytes of the uncompressed tar stream
     compression: str
-
-
-# --------------------------------------------------------------------------- tar headers
-MAX_TAR_EXT_HEADER = 1 << 20   # one GNU long name/link or PAX header body, and all of one member's
-MAX_TAR_EXT_CHAIN = 8          # extended headers in front of one member (PAX + long name + long link)
-
-
-def bounded_tarinfo(error: Callable[[str], Exception]) -> type[tarfile.TarInfo]:
-    """A ``tarfile.TarInfo`` subclass (pass as ``tarinfo=``) for untrusted archives.
-
-    ``tarfile`` reads the body of a GNU long-name/long-link or PAX extended header
-    into one ``bytes`` sized by the header, and recurses once per chained extended
-    header, all before any caller sees the member.  This class checks the sizes
-    first: one body, the bodies in front of one member together, and the global PAX
-    headers accumulated over the archive stay under ``MAX_TAR_EXT_HEADER``; at most
-    ``MAX_TAR_EXT_CHAIN`` extended headers precede a member.  Sparse members (old
-    GNU ``S`` type and the PAX GNU.sparse formats) are refused.  ``error(reason)``
-    builds the exception raised.
-    """
-
-    class _BoundedTarInfo(tarfile.TarInfo):
-        def _check_size(self, kind: str) -> None:
-            if self.size > MAX_TAR_EXT_HEADER:
-                raise error(f"a {kind} tar header claims {self.size} bytes, more than the limit of "
-                            f"{MAX_TAR_EXT_HEADER} bytes")
-
-        # _block, _proc_gnulong and _proc_pax are tarfile's private header hooks (not in its
-        # type stubs); overriding them is the only way to bound headers while reading a stream.
-        def _bounded_ext(self, tf: tarfile.TarFile, kind: str,
-                         proc: Callable[[tarfile.TarFile], tarfile.TarInfo]) -> tarfile.TarInfo:
-            self._check_size(kind)
-            body: int = self._block(self.size)  # type: ignore[attr-defined]
-            pending, depth = getattr(tf, "_moorage_ext", (0, 0))
-            if depth + 1 > MAX_TAR_EXT_CHAIN or pending + body > MAX_TAR_EXT_HEADER:
-                raise error(f"a tar entry has more than {MAX_TAR_EXT_CHAIN} extended headers or more "
-                            f"than {MAX_TAR_EXT_HEADER} bytes of them")
-            setattr(tf, "_moorage_ext", (pending + body, depth + 1))  # noqa: B010 -- not in TarFile's type
-            try:
-                return proc(tf)
-            finally:
-                setattr(tf, "_moorage_ext", (pending, depth))  # noqa: B010
-
-        def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-            kind = "GNU long name" if self.type == tarfile.GNUTYPE_LONGNAME else "GNU long link"
-            return self._bounded_ext(tf, kind, super()._proc_gnulong)  # type: ignore[misc]
-
-        def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-            kind = "PAX global" if self.type == tarfile.XGLTYPE else "PAX extended"
-            self._check_size(kind)
-            if self.type == tarfile.XGLTYPE:
-                held = sum(len(k) + len(v) for k, v in tf.pax_headers.items())
-                if held + self.size > MAX_TAR_EXT_HEADER:
-                    raise error(f"global PAX tar headers exceed the limit of {MAX_TAR_EXT_HEADER} bytes")
-            return self._bounded_ext(tf, kind, super()._proc_pax)  # type: ignore[misc]
-
-        @staticmethod
-        def _sparse(name: str) -> NoReturn:
-            raise error(f"entry \"{name}\" is a sparse file; sparse tar members are not supported "
-                        "(their holes would be written out in full)")
-
-        def _proc_sparse(self, tf: tarfile.TarFile) -> NoReturn:
-            self._sparse(self.name)
-
-        def _proc_gnusparse_00(self, next: tarfile.TarInfo, pax_headers: dict[str, str], *_: object) -> NoReturn:
-            self._sparse(pax_headers.get("GNU.sparse.name", next.name))
-
-        _proc_gnusparse_01 = _proc_gnusparse_00
-        _proc_gnusparse_10 = _proc_gnusparse_00
-
-    return _BoundedTarInfo
 
 
 # --------------------------------------------------------------------------- streams
@@ -234,6 +175,11 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(_CHUNK):
             pass
+
+
+def _tar_limits(limits: UnpackLimits) -> TarLimits:
+    """The tar reader's bounds for a layer: every entry may bring a few extended headers."""
+    return TarLimits(max_headers=4 * limits.max_entries + 16, max_path=limits.max_name_length)
 
 
 def _read_exact(src: BinaryIO, n: int) -> bytes:
@@ -332,7 +278,7 @@ class _Applier:
         os.close(self.root_fd)
 
     def bad(self, reason: str) -> LayerError:
-        return LayerError(f"layer {self.label} entry \"{self.entry}\" {reason}")
+        return LayerError(f"layer {self.label} entry \"{shown(self.entry)}\" {reason}")
 
     # -- bookkeeping
     def _mark(self, comps: list[str]) -> None:
@@ -446,59 +392,63 @@ class _Applier:
         return None
 
     # -- metadata
-    def _xattrs(self, member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    def _xattrs(self, member: TarEntry) -> list[tuple[str, bytes]]:
         out = []
-        for key, value in member.pax_headers.items():
-            if not key.startswith("SCHILY.xattr."):
-                continue
-            name = key[len("SCHILY.xattr."):]
+        for name, value in member.xattrs:
             if name.startswith("trusted.overlay.") or not name.startswith(_ALLOWED_XATTR_PREFIXES):
-                log.warning("layer %s entry %r: dropping xattr %r", self.label, self.entry, name)
+                log.warning("layer %s entry \"%s\": dropping xattr \"%s\"", self.label, shown(self.entry),
+                            shown(name))
                 continue
-            out.append((name, value.encode("utf-8", "surrogateescape")))
+            out.append((name, value))
         return out
 
-    def _set_xattr(self, target: int | str, name: str, value: bytes, follow: bool = True) -> None:
+    def _set_xattr(self, target: int | str, name: str, value: bytes, *, follow: bool = True,
+                   reg_or_dir: bool = True) -> None:
+        """Set one xattr from the layer as containerd's archive.Apply does: a filesystem without
+        support for it (ENOTSUP) and ``user.*`` on what is neither a file nor a directory (EPERM,
+        see xattr(7)) are skipped with a warning; any other refusal fails the layer."""
         try:
             os.setxattr(target, name, value, follow_symlinks=follow)
         except OSError as e:
-            if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
-                log.warning("layer %s entry %r: cannot set xattr %r: %s",
-                            self.label, self.entry, name, e.strerror)
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) or (
+                    e.errno == errno.EPERM and name.startswith("user.") and not reg_or_dir):
+                log.warning("layer %s entry \"%s\": ignoring xattr \"%s\": %s",
+                            self.label, shown(self.entry), shown(name), e.strerror)
                 return
-            raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise self.bad(f"has xattr \"{shown(name)}\" which the kernel refused: "
+                           f"{e.strerror or e}") from None
 
     @staticmethod
-    def _times(member: tarfile.TarInfo) -> tuple[int, int]:
-        mtime_ns = int(float(member.mtime) * 1e9)
-        atime = member.pax_headers.get("atime")
-        try:
-            atime_ns = max(int(float(atime) * 1e9), mtime_ns) if atime else mtime_ns
-        except ValueError:
-            atime_ns = mtime_ns
+    def _times(member: TarEntry) -> tuple[int, int]:
+        mtime_ns = member.mtime_ns
+        atime_ns = max(member.atime_ns, mtime_ns) if member.atime_ns is not None else mtime_ns
         return atime_ns, mtime_ns
 
-    def _meta_fd(self, fd: int, member: tarfile.TarInfo, times: bool = True) -> None:
+    # Order as containerd: owner first (chown clears security.capability and set-id bits), then
+    # xattrs, then the mode; the data is written before all of them (a write clears the caps too).
+    def _meta_fd(self, fd: int, member: TarEntry, times: bool = True) -> None:
         if _IS_ROOT:
             os.fchown(fd, member.uid, member.gid)
-        os.fchmod(fd, member.mode & 0o7777)  # after chown, which clears set-id bits
         for name, value in self._xattrs(member):
             self._set_xattr(fd, name, value)
+        os.fchmod(fd, member.mode & 0o7777)
         if times:
             os.utime(fd, ns=self._times(member))
 
-    def _meta_at(self, dfd: int, name: str, member: tarfile.TarInfo) -> None:
+    def _meta_at(self, dfd: int, name: str, member: TarEntry) -> None:
         """Metadata for entries we must not open (symlinks, devices, fifos)."""
         if _IS_ROOT:
             os.chown(name, member.uid, member.gid, dir_fd=dfd, follow_symlinks=False)
+        for xname, value in self._xattrs(member):
+            self._set_xattr(_fd_path(dfd, name), xname, value, follow=False, reg_or_dir=False)
         if not member.issym():
             os.chmod(name, member.mode & 0o7777, dir_fd=dfd)  # not a symlink: nothing to follow
-        for xname, value in self._xattrs(member):
-            self._set_xattr(_fd_path(dfd, name), xname, value, follow=False)
         os.utime(name, ns=self._times(member), dir_fd=dfd, follow_symlinks=False)
 
     # -- entries
-    def apply(self, tf: tarfile.TarFile) -> int:
+    def apply(self, tf: TarReader) -> int:
         count = 0
         for member in tf:
             count += 1
@@ -536,7 +486,7 @@ class _Applier:
                     os.close(fd)
         return count
 
-    def _entry(self, tf: tarfile.TarFile, member: tarfile.TarInfo, comps: list[str], pfd: int) -> None:
+    def _entry(self, tf: TarReader, member: TarEntry, comps: list[str], pfd: int) -> None:
         base = comps[-1]
         try:
             existing = os.stat(base, dir_fd=pfd, follow_symlinks=False)
@@ -575,8 +525,6 @@ class _Applier:
         elif not (member.isreg() or member.issym() or member.isfifo()):
             raise self.bad(f"has unsupported tar entry type {member.type!r}")
 
-        if member.issparse():  # bounded_tarinfo refuses these already; never write holes out
-            raise self.bad("is a sparse file; sparse tar members are not supported")
         if member.isreg() and member.size > self.max_file:
             raise self.bad(f"is {member.size} bytes, larger than the limit of {self.max_file} bytes")
         if member.isreg():
@@ -592,14 +540,9 @@ class _Applier:
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=pfd)
             try:
-                src = tf.extractfile(member)
-                if src is None:  # pragma: no cover - a regular member always has data
-                    raise self.bad("has no data")
                 remaining = member.size
                 while remaining > 0:
-                    chunk = src.read(min(_CHUNK, remaining))
-                    if not chunk:
-                        raise self.bad("is truncated")
+                    chunk = tf.read(min(_CHUNK, remaining))  # the reader refuses a short member
                     view = memoryview(chunk)
                     while view:
                         n = os.write(fd, view)
@@ -619,12 +562,12 @@ class _Applier:
             os.mknod(base, node | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)
             self._meta_at(pfd, base, member)
 
-    def _hardlink(self, member: tarfile.TarInfo, comps: list[str], pfd: int,
+    def _hardlink(self, member: TarEntry, comps: list[str], pfd: int,
                   existing: os.stat_result | None) -> None:
         base = comps[-1]
         tcomps = _split_name(member.linkname)
         if tcomps is None:
-            raise self.bad(f"is a hardlink to \"{member.linkname}\" which escapes the root")
+            raise self.bad(f"is a hardlink to \"{shown(member.linkname)}\" which escapes the root")
         if not tcomps:
             raise self.bad("is a hardlink to the root directory")
         if tcomps == comps:
@@ -643,11 +586,11 @@ class _Applier:
         if tst is None or tpfd is None:
             if tpfd is not None:
                 os.close(tpfd)
-            raise self.bad(f"is a hardlink to \"{member.linkname}\" which does not exist in the layer "
+            raise self.bad(f"is a hardlink to \"{shown(member.linkname)}\" which does not exist in the layer "
                            "or below it")
         try:
             if stat.S_ISDIR(tst.st_mode):
-                raise self.bad(f"is a hardlink to \"{member.linkname}\" which is a directory")
+                raise self.bad(f"is a hardlink to \"{shown(member.linkname)}\" which is a directory")
             if existing is not None:
                 if (existing.st_dev, existing.st_ino) == (tst.st_dev, tst.st_ino):
                     return
@@ -841,25 +784,26 @@ def apply_layer(
     directory is left partially written; the caller removes the snapshot.
     """
     applier = _Applier(root, mode, parents, label, allow_devices, limits)
+    hashing: _HashingReader | None = None
     try:
         try:
             stream, compression = open_decompressed(src)
             hashing = _HashingReader(stream, limits.max_bytes, label)
-            try:
-                # a stream read forward: tarfile's "r|" mode only ever calls read()
-                tf = tarfile.open(fileobj=cast(IO[bytes], hashing), mode="r|", errors="surrogateescape",
-                                  tarinfo=bounded_tarinfo(lambda why: LayerError(f"layer {label}: {why}")))
-            except tarfile.ReadError as e:
-                raise LayerError(f"layer {label}: not a tar archive ({e})") from None
-            with tf:
-                count = applier.apply(tf)
-            hashing.drain()
+            reader = TarReader(hashing, label=f"layer {label}", limits=_tar_limits(limits))
+            count = applier.apply(reader)
+            hashing.drain()  # what follows the end marker counts in the diff_id, as containerd hashes it
+        except TarCorrupt as e:
+            raise CorruptLayer(e.message) from None
+        except TarRefused as e:
+            raise LayerError(e.message) from None
         except MoorageError:
             raise
-        except (tarfile.TarError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError, EOFError) as e:
-            raise LayerError(f"layer {label}: corrupt or truncated archive: {e}") from None
+        except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError, EOFError) as e:
+            at = hashing.count if hashing is not None else 0
+            raise CorruptLayer(f"layer {label}: corrupt or truncated archive (after {at} uncompressed "
+                               f"bytes): {str(e)[:200]}") from None
         except OSError as e:
-            where = f"layer {label} entry \"{applier.entry}\""
+            where = f"layer {label} entry \"{shown(applier.entry)}\""
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"{where}: no space left on the image filesystem") from None
             if e.errno == errno.ENAMETOOLONG:
@@ -869,6 +813,7 @@ def apply_layer(
             _syncfs(applier.root_fd, f"layer {label}")
     finally:
         applier.close()
+    assert hashing is not None  # set before anything that can return normally
     diff_id = Digest("sha256", hashing.hasher.hexdigest())
     if expected_diff_id is not None:
         expected = Digest.parse(expected_diff_id)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
 
 from moorage.cri.api import api_pb2 as pb
+from moorage.images import oci
+from moorage.images.platform import host_platform
 from moorage.testing.cri import image_client
 from moorage.testing.daemon import DaemonProcess
-from moorage.testing.registry import FakeHTTPServer, FakeRequest, FakeResponse
+from moorage.testing.registry import FakeHTTPServer, FakeRequest, FakeResponse, TestRegistry
 
 #: ``hook(request, count)`` of a RegistryProxy: a response (or a coroutine giving one) to inject, None to forward.
 ProxyHook = Callable[[FakeRequest, int], FakeResponse | Coroutine[Any, Any, FakeResponse | None] | None]
@@ -39,6 +43,75 @@ def list_images(d: DaemonProcess, ref: str = "") -> list[pb.Image]:
         req.filter.image.image = ref
     r: pb.ListImagesResponse = image_client(d).ListImages(req, timeout=30)
     return list(r.images)
+
+
+def push_layers(reg: TestRegistry, name: str, tars: list[bytes], *, compress: bool = True) -> str:
+    """Push an image made of the given layer tars (any bytes: they may be hostile) to ``reg`` as
+    ``test/<name>:latest``, with a config whose diff_ids match them; returns the reference."""
+    plat = host_platform()
+    blobs = [gzip.compress(t, mtime=0) if compress else t for t in tars]
+    media = oci.OCI_LAYER_GZIP if compress else oci.OCI_LAYER
+    config = oci.canonical_json({
+        "architecture": plat.architecture, "os": "linux", "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(t) for t in tars]}})
+    manifest = oci.canonical_json({
+        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": oci.sha256_digest(config), "size": len(config)},
+        "layers": [{"mediaType": media, "digest": oci.sha256_digest(b), "size": len(b)} for b in blobs]})
+    repo = f"{reg.host}/test/{name}"
+
+    async def go() -> None:
+        async with reg.client(retries=2, backoff=0.1) as c:
+            for blob in [config, *blobs]:
+                await c.push_blob(repo, blob, credentials=reg.credentials())
+            await c.push_manifest(repo, "latest", manifest, oci.OCI_MANIFEST, credentials=reg.credentials())
+
+    asyncio.run(go())
+    return f"{repo}:latest"
+
+
+class VersionProbe:
+    """Calls Version on ``d`` in a loop from a thread, each with a ``deadline`` (the issue's
+    responsiveness bar), recording the longest call and any failure, until stopped."""
+
+    def __init__(self, d: DaemonProcess, deadline: float = 2.0) -> None:
+        self._d = d
+        self._deadline = deadline
+        self._stop = threading.Event()
+        self.longest = 0.0
+        self.calls = 0
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        stub = self._d.runtime
+        assert stub is not None
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                stub.Version(pb.VersionRequest(), timeout=self._deadline)
+            except Exception as e:  # any failure is what the probe reports
+                self.failures.append(f"{type(e).__name__}: {str(e)[:200]}")
+            self.longest = max(self.longest, time.monotonic() - start)
+            self.calls += 1
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> VersionProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the most resident memory the process has had."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def files_under(path: str) -> list[str]:

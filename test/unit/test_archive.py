@@ -317,8 +317,8 @@ def test_huge_extended_header_is_refused_before_its_body_is_read(svc, tmp_path, 
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    real_open = tarfile.bltn_open
-    monkeypatch.setattr(tarfile, "bltn_open", lambda *a, **k: Counting(real_open(*a, **k)))
+    real_open = archive._open_archive_file
+    monkeypatch.setattr(archive, "_open_archive_file", lambda path: Counting(real_open(path)))
     with pytest.raises(InvalidArgument, match=f"{word} tar header claims {claim} bytes"):
         archive.import_archive(svc, str(p))
     assert sum(read) <= 64 << 10
@@ -334,5 +334,50 @@ def test_sparse_archive_member_is_refused(svc, tmp_path):
     p = tmp_path / "sparse.tar"
     p.write_bytes(_chksum(hdr) + b"s" * 512 + b"\0" * 1024)
     with pytest.raises(InvalidArgument, match="is a sparse file"):
+        archive.import_archive(svc, str(p))
+    assert_empty(svc)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "xz", "bz2"])
+def test_compressed_archives_import(svc, test_image_layouts, tmp_path, compression):
+    # members are read in the importer's order, not the archive's (index.json, then manifest,
+    # config, layers), so a read may go backwards and decompress again from the start
+    import bz2
+    import lzma
+
+    import zstandard
+
+    info = test_image_layouts["multilayer"]
+    plain = Path(tar_layout(info.path, str(tmp_path / "ml.tar"))).read_bytes()
+    packed = {"gzip": lambda b: gzip.compress(b, mtime=0), "zstd": zstandard.ZstdCompressor().compress,
+              "xz": lzma.compress, "bz2": bz2.compress}[compression](plain)
+    path = tmp_path / f"ml.tar.{compression}"
+    path.write_bytes(packed)
+    out = archive.import_archive(svc, str(path), base_name="x.io/ml")
+    assert [o.record.id for o in out] == [info.manifests[0].config_digest]
+    assert len(out[0].record.layers) == len(info.manifests[0].layers)
+
+
+def test_corrupt_header_mid_archive_names_the_offset(svc, test_image_layouts, tmp_path):
+    info = test_image_layouts["busybox"]
+    data = bytearray(Path(tar_layout(info.path, str(tmp_path / "bb.tar"))).read_bytes())
+    # the second header block of the archive: after the first member (one header, its data)
+    first_size = int(data[124:136].strip(b"\0 ") or b"0", 8)
+    second = 512 + (first_size + 511) // 512 * 512
+    data[second] ^= 0x55
+    p = tmp_path / "bad.tar"
+    p.write_bytes(bytes(data))
+    with pytest.raises(InvalidArgument, match=f"not a readable tar archive: .*at byte offset {second}: ") as ei:
+        archive.import_archive(svc, str(p))
+    assert len(ei.value.message) < 512
+    assert_empty(svc)
+
+
+def test_truncated_archive_is_refused(svc, test_image_layouts, tmp_path):
+    info = test_image_layouts["busybox"]
+    data = Path(tar_layout(info.path, str(tmp_path / "bb.tar"))).read_bytes()
+    p = tmp_path / "cut.tar"
+    p.write_bytes(data[:len(data) // 2 + 100])
+    with pytest.raises(InvalidArgument, match="ends inside"):
         archive.import_archive(svc, str(p))
     assert_empty(svc)
