@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from moorage.core import safejson
 from moorage.core.errors import InvalidArgument, MoorageError
 from moorage.core.store import ImageRecord
 from moorage.images import oci
@@ -276,9 +277,10 @@ def _import_oci(imp: _Importer, base_name: str | None) -> list[Imported]:
 def _import_docker(imp: _Importer) -> list[Imported]:
     arc = imp.arc
     try:
-        doc = json.loads(arc.read("manifest.json", MAX_DOCKER_MANIFEST_JSON))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArchiveError(f"{arc.path}: manifest.json is not JSON ({e})") from None
+        doc = safejson.loads(arc.read("manifest.json", MAX_DOCKER_MANIFEST_JSON), what="manifest.json",
+                             max_size=MAX_DOCKER_MANIFEST_JSON)
+    except InvalidArgument as e:
+        raise ArchiveError(f"{arc.path}: {e.message}") from None
     if not isinstance(doc, list) or not doc:
         raise ArchiveError(f"{arc.path}: manifest.json must be a non-empty list of images")
     out: list[Imported] = []
