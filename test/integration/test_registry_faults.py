@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from moorage.core.errors import (
-    DeadlineExceeded,
     DataLoss,
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     Unavailable,
