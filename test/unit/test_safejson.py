@@ -30,8 +30,7 @@ def test_depth_up_to_the_limit_parses(depth: int) -> None:
 def test_deeper_than_the_limit_is_invalid_argument(depth: int) -> None:
     with pytest.raises(InvalidArgument) as ei:
         safejson.loads(nested(depth), what="image config sha256:abc", max_size=1 << 20)
-    assert ei.value.message == (f"image config sha256:abc nests {depth} levels deep, "
-                                f"over the limit of {safejson.MAX_DEPTH}")
+    assert ei.value.message == f"image config sha256:abc nests more than {safejson.MAX_DEPTH} levels deep"
 
 
 def test_objects_count_as_levels_and_brackets_in_strings_do_not() -> None:
@@ -97,3 +96,21 @@ def test_random_bytes_only_ever_give_invalid_argument(data: bytes) -> None:
         safejson.loads(data, what="doc", max_size=200, max_depth=8)
     except InvalidArgument as e:
         assert len(e.message) < 300
+
+
+def test_the_depth_scan_spans_chunks_and_can_stop_early() -> None:
+    wide = b"[" + b"[1]," * 100_000 + b"[[[7]]]]"  # the deepest part comes after many chunks
+    assert safejson.nesting_depth(wide) == 4
+    deep = nested(200_000)
+    assert safejson.nesting_depth(deep) == 200_000
+    assert 64 < safejson.nesting_depth(deep, stop_above=64) <= 1 << 16
+
+
+def test_a_document_of_too_many_values_is_refused_before_parsing() -> None:
+    many = b"[" + b"[1]," * safejson.MAX_VALUES + b"1]"
+    with pytest.raises(InvalidArgument, match=rf"^manifest holds about {2 * safejson.MAX_VALUES + 1} values, "
+                                              rf"over the limit of {safejson.MAX_VALUES}$"):
+        safejson.loads(many, what="manifest", max_size=1 << 24)
+    # commas inside strings are not values
+    assert safejson.loads(b'["' + b"," * 200_000 + b'"]', what="doc", max_size=1 << 20) == ["," * 200_000]
+    assert safejson.count_values(b'{"a": [1, 2, {"b": ","}]}') == 5
