@@ -115,7 +115,7 @@ class Reference:
         return replace(self, digest=Digest.parse(digest))
 
 
-def _quoted(value: str, limit: int = 200) -> str:
+def _quoted(value: str, limit: int = 300) -> str:
     """*value* for an error message: as typed when short and printable, else escaped and cut
     (a reference comes from the caller and must not flood a status or a log line)."""
     if len(value) <= limit and value.isprintable():
