@@ -121,6 +121,8 @@ def _quoted(value: str, limit: int = 300) -> str:
     if len(value) <= limit and value.isprintable():
         return f"\"{value}\""
     shown = repr(value[:limit])
+    if len(shown) > limit:  # escapes make it longer: cut the escaped form itself
+        return shown[:limit] + f"... ({len(value)} characters in all)"
     return shown + (f"... ({len(value) - limit} more characters)" if len(value) > limit else "")
 
 

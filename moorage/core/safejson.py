@@ -110,6 +110,9 @@ def clip(value: object, limit: int = 80) -> str:
     """``repr`` of an untrusted value for a message or log line: escaped (no newline or
     control character gets through) and at most about *limit* characters."""
     s = value if isinstance(value, str) else str(value)
+    shown = repr(s[:limit])
+    if len(shown) > limit + 2:  # escapes (\n, \x00, \U...) make it longer: cut the escaped form
+        return shown[:limit] + f"... ({len(s)} characters in all)"
     if len(s) > limit:
-        return repr(s[:limit]) + f"... ({len(s) - limit} more characters)"
-    return repr(s)
+        return shown + f"... ({len(s) - limit} more characters)"
+    return shown
