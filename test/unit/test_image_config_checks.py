@@ -108,3 +108,16 @@ def test_a_stored_image_config_with_nul_is_invalid_argument_at_create() -> None:
         with pytest.raises(InvalidArgument, match=rf"^image reg/x:1: config.{field_name} contains a NUL"):
             spec.check_image_strings(image, "reg/x:1")
     spec.check_image_strings(ImageConfig(entrypoint=["/bin/sh"], env=["A=1"]), "reg/x:1")
+
+
+def test_the_platforms_an_index_offers_are_listed_bounded_and_escaped() -> None:
+    from moorage.images.platform import MAX_PLATFORMS_SHOWN, available_platforms
+    d = "sha256:" + "b" * 64
+    many = [oci.Descriptor(oci.OCI_MANIFEST, d, 1, oci.Platform("linux", f"arch{i}")) for i in range(100)]
+    shown = available_platforms(many)
+    assert shown.endswith(f"and {100 - MAX_PLATFORMS_SHOWN} more") and "arch15" in shown and "arch16" not in shown
+    evil = [oci.Descriptor(oci.OCI_MANIFEST, d, 1, oci.Platform("linux\nInjected: x", "a" * 1000))]
+    out = available_platforms(evil)
+    assert "\n" not in out and len(out) < 150
+    assert available_platforms([]) == ""
+    assert available_platforms(many[:1]) == "linux/arch0"
