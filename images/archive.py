@@ -47,6 +47,7 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
+from moorage.core import safejson
 from moorage.core.errors import InvalidArgument, MoorageError
 from moorage.core.store import ImageRecord
 from moorage.images import oci
@@ -375,9 +376,10 @@ def _import_oci(imp: _Importer, base_name: str | None) -> list[Imported]:
 def _import_docker(imp: _Importer) -> list[Imported]:
     arc = imp.arc
     try:
-        doc = json.loads(arc.read("manifest.json", MAX_DOCKER_MANIFEST_JSON))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArchiveError(f"{arc.path}: manifest.json is not JSON ({e})") from None
+        doc = safejson.loads(arc.read("manifest.json", MAX_DOCKER_MANIFEST_JSON), what="manifest.json",
+                             max_size=MAX_DOCKER_MANIFEST_JSON)
+    except InvalidArgument as e:
+        raise ArchiveError(f"{arc.path}: {e.message}") from None
     if not isinstance(doc, list) or not doc:
         raise ArchiveError(f"{arc.path}: manifest.json must be a non-empty list of images")
     out: list[Imported] = []

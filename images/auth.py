@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
-import json
 import logging
 import os
 import shutil
@@ -40,7 +39,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from moorage.core.errors import FailedPrecondition, Unavailable
+from moorage.core import safejson
+from moorage.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from moorage.images.registry import Credentials
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ _HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"
 _HUB_SERVER_URL = "https://index.docker.io/v1/"  # what helpers know Docker Hub by
 HELPER_CACHE_SECONDS = 30.0  # a pull makes many requests; one helper run serves them all
 _MAX_HELPER_OUTPUT = 1024 * 1024
+MAX_AUTH_FILE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,9 @@ class AuthFile:
     @classmethod
     def parse(cls, path: str, data: bytes) -> AuthFile:
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise FailedPrecondition(f"registry auth file {path} is not valid JSON") from None
+            doc = safejson.loads(data, what=f"registry auth file {path}", max_size=MAX_AUTH_FILE)
+        except InvalidArgument as e:  # the message names the file, never its content
+            raise FailedPrecondition(e.message) from None
         if not isinstance(doc, dict):
             raise FailedPrecondition(f"registry auth file {path}: expected a JSON object")
         known = ("auths", "credHelpers", "credsStore")
@@ -209,7 +210,7 @@ class NodeCredentials:
                 return self._parsed
         try:
             with open(self.auth_file, "rb") as f:
-                data = f.read(16 * 1024 * 1024)
+                data = f.read(MAX_AUTH_FILE)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -273,8 +274,8 @@ def run_helper(helper: str, server: str, timeout: float) -> Credentials | None:
         first = msg.splitlines()[0][:200] if msg else ""
         raise Unavailable(f"{what}: exited with status {proc.returncode}" + (f": {first}" if first else ""))
     try:
-        doc = json.loads(proc.stdout[:_MAX_HELPER_OUTPUT])
-    except (ValueError, UnicodeDecodeError):
+        doc = safejson.loads(proc.stdout[:_MAX_HELPER_OUTPUT], what=what, max_size=_MAX_HELPER_OUTPUT)
+    except InvalidArgument:
         doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("Username", ""), str) \
             or not isinstance(doc.get("Secret", ""), str):

@@ -33,18 +33,18 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from moorage.core.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from moorage.core.errors import DataLoss, FailedPrecondition, Internal, InvalidArgument, NotFound
 from moorage.images.digest import ALGORITHMS, Digest
 
 log = logging.getLogger(__name__)
 
 
 
-class DigestMismatch(InvalidArgument):
+class DigestMismatch(DataLoss):
     """Downloaded or supplied data does not hash to the digest it was announced with."""
 
 
-class SizeMismatch(InvalidArgument):
+class SizeMismatch(DataLoss):
     """Data is longer or shorter than the size its descriptor announced."""
 
 

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from moorage.core.errors import InvalidArgument
+from moorage.core.safejson import clip
 
 # algorithm -> number of hex characters in an encoded digest
 ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
 
 _ALGORITHM_GRAMMAR = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*")
 _HEX = re.compile(r"[a-f0-9]+")
+# sha512: 6 + 1 + 128; a longer value cannot be a digest we know, and is not quoted whole
+_MAX_DIGEST_LENGTH = 160
 
 
 class Hasher(Protocol):
@@ -44,7 +47,10 @@ class Digest:
         if isinstance(value, Digest):
             return value
         if not isinstance(value, str):
-            raise InvalidArgument(f"invalid digest {value!r}: expected a string like \"sha256:<hex>\"")
+            raise InvalidArgument(f"invalid digest: expected a string like \"sha256:<hex>\", got {type(value).__name__}")
+        if len(value) > _MAX_DIGEST_LENGTH or not value.isprintable():
+            raise InvalidArgument(f"invalid digest {clip(value, 80)}: expected \"<algorithm>:<hex>\" of at most "
+                                  f"{_MAX_DIGEST_LENGTH} printable characters")
         algorithm, sep, encoded = value.partition(":")
         if not sep or not algorithm or not encoded:
             raise InvalidArgument(

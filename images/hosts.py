@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from moorage.core.errors import InvalidArgument
+from moorage.core.safejson import clip
 
 ALL_CAPABILITIES = ("pull", "resolve", "push")
 DOCKER_HUB = "docker.io"
@@ -113,15 +115,22 @@ def _normalize_url(raw: str, insecure_hosts: tuple[str, ...], what: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidArgument(f"{what}: host URL must be a non-empty string")
     raw = raw.strip()
+    if len(raw) > 2048 or not raw.isprintable() or any(c.isspace() for c in raw):
+        raise InvalidArgument(f"{what}: host URL {clip(raw)} must be at most 2048 printable characters "
+                              "without spaces")
     if "://" not in raw:
         netloc = raw.split("/", 1)[0]
         scheme = "http" if _is_insecure(netloc, insecure_hosts) else "https"
         raw = f"{scheme}://{raw}"
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError as e:  # e.g. an unclosed "[" of an IPv6 address
+        raise InvalidArgument(f"{what}: {clip(raw)} is not a URL ({e})") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidArgument(f"{what}: unsupported scheme {parts.scheme!r} in {raw!r} (use http or https)")
+        raise InvalidArgument(f"{what}: unsupported scheme {clip(parts.scheme, 20)} in {clip(raw)} "
+                              "(use http or https)")
     if not parts.netloc:
-        raise InvalidArgument(f"{what}: {raw!r} has no host")
+        raise InvalidArgument(f"{what}: {clip(raw)} has no host")
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
@@ -169,8 +178,11 @@ def _parse_capabilities(v: Any, what: str) -> tuple[str, ...]:
         raise InvalidArgument(f"{what}: capabilities must be a list of strings")
     bad = [x for x in v if x not in ALL_CAPABILITIES]
     if bad:
-        raise InvalidArgument(f"{what}: unknown capabilities {bad} (known: pull, resolve, push)")
+        raise InvalidArgument(f"{what}: unknown capabilities {clip(', '.join(bad))} (known: pull, resolve, push)")
     return tuple(x for x in ALL_CAPABILITIES if x in v)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")
 
 
 def _parse_headers(v: Any, what: str) -> tuple[tuple[str, str], ...]:
@@ -181,11 +193,18 @@ def _parse_headers(v: Any, what: str) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     for k, val in v.items():
         if isinstance(val, str):
-            out.append((k, val))
+            vals = [val]
         elif isinstance(val, list) and all(isinstance(x, str) for x in val):
-            out.extend((k, x) for x in val)
+            vals = val
         else:
-            raise InvalidArgument(f"{what}: header {k!r} must be a string or a list of strings")
+            raise InvalidArgument(f"{what}: header {clip(k, 40)} must be a string or a list of strings")
+        # A header line must stay one line: no CR/LF (request splitting) or other control characters.
+        if not _HEADER_NAME.fullmatch(k):
+            raise InvalidArgument(f"{what}: header name {clip(k, 40)} is not a valid HTTP field name")
+        for x in vals:
+            if any(c in x for c in "\r\n\x00") or not x.replace("\t", " ").isprintable():
+                raise InvalidArgument(f"{what}: header {clip(k, 40)} has a control character in its value")
+        out.extend((k, x) for x in vals)
     return tuple(out)
 
 
@@ -220,15 +239,17 @@ def parse_hosts_toml(text: str, namespace: str, base_dir: str = "/",
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise InvalidArgument(f"{source}: invalid TOML: {e}") from None
+        raise InvalidArgument(f"{source}: invalid TOML: {str(e)[:200]}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise InvalidArgument(f"{source}: invalid TOML: nested too deeply") from None
     hosts: list[RegistryHost] = []
     host_tables = doc.get("host", {})
     if not isinstance(host_tables, dict):
         raise InvalidArgument(f"{source}: [host] must be a table of tables")
     for url, table in host_tables.items():  # tomllib keeps file order
         if not isinstance(table, dict):
-            raise InvalidArgument(f"{source}: host {url!r} must be a table")
-        hosts.append(_host_from_table(url, table, base_dir, insecure_hosts, f"{source} host {url!r}",
+            raise InvalidArgument(f"{source}: host {clip(url)} must be a table")
+        hosts.append(_host_from_table(url, table, base_dir, insecure_hosts, f"{source} host {clip(url)}",
                                       is_mirror=True, namespace=namespace))
     server = doc.get("server")
     if server is not None and not isinstance(server, str):

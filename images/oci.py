@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from moorage.core import safejson
 from moorage.core.errors import InvalidArgument
+from moorage.core.safejson import clip
 from moorage.images.digest import Hasher
 
 # --- media types ----------------------------------------------------------------
@@ -62,6 +65,13 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 MAX_CONFIG_SIZE = 8 * 1024 * 1024
 MAX_INDEX_ENTRIES = 4096
 MAX_LAYERS = 1024
+#: An index may name other indexes (OCI allows it); this many levels below the root at most.
+MAX_INDEX_DEPTH = 4
+#: Image config bounds beyond the document's size: labels as a whole, volumes and ports by count.
+MAX_LABELS_BYTES = 256 * 1024
+MAX_CONFIG_ENTRIES = 1024
+MAX_USER_LENGTH = 256
+MAX_PATH_LENGTH = 4096
 
 _DIGEST_RE = re.compile(r"^(?P<alg>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)$")
 _HEX_LEN = {"sha256": 64, "sha512": 128}
@@ -73,14 +83,14 @@ def validate_digest(digest: str, what: str = "digest") -> str:
     """Return *digest* if it is a well-formed sha256/sha512 digest, else InvalidArgument."""
     if not isinstance(digest, str):
         raise InvalidArgument(f"{what}: expected a digest string, got {type(digest).__name__}")
-    m = _DIGEST_RE.match(digest)
+    m = _DIGEST_RE.match(digest) if len(digest) <= 200 else None
     if not m:
-        raise InvalidArgument(f"{what}: {digest!r} is not a valid digest (want sha256:<64 hex>)")
+        raise InvalidArgument(f"{what}: {clip(digest, 140)} is not a valid digest (want sha256:<64 hex>)")
     alg, hexpart = m.group("alg"), m.group("hex")
     if alg not in _HEX_LEN:
-        raise InvalidArgument(f"{what}: unsupported digest algorithm {alg!r} in {digest!r}")
+        raise InvalidArgument(f"{what}: unsupported digest algorithm {clip(alg, 20)} in {clip(digest, 140)}")
     if len(hexpart) != _HEX_LEN[alg] or not re.fullmatch(r"[0-9a-f]+", hexpart):
-        raise InvalidArgument(f"{what}: {digest!r} is not a valid {alg} digest")
+        raise InvalidArgument(f"{what}: {clip(digest, 140)} is not a valid {alg} digest")
     return digest
 
 
@@ -231,15 +241,8 @@ class ImageConfig:
 # --- parsing helpers ----------------------------------------------------------------
 
 def _load_json(data: bytes, limit: int, what: str) -> dict[str, Any]:
-    if len(data) > limit:
-        raise InvalidArgument(f"{what} is {len(data)} bytes, over the {limit} byte limit")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"{what} must be a JSON object, got {type(doc).__name__}")
-    return doc
+    # bounded in size and depth before the parser runs (see moorage.core.safejson)
+    return safejson.loads_object(data, what=what, max_size=limit)
 
 
 def _str_map(v: Any, what: str) -> dict[str, str]:
@@ -273,6 +276,8 @@ def parse_descriptor(v: Any, what: str = "descriptor") -> Descriptor:
     mt = v.get("mediaType")
     if not isinstance(mt, str) or not mt:
         raise InvalidArgument(f"{what}: mediaType missing")
+    if len(mt) > 255:
+        raise InvalidArgument(f"{what}: mediaType {clip(mt)} is longer than 255 characters")
     digest = validate_digest(v.get("digest"), f"{what} digest")  # type: ignore[arg-type]
     size = v.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -308,9 +313,9 @@ def sniff_media_type(data: bytes, content_type: str | None = None) -> str:
     if ct in INDEX_TYPES or ct in MANIFEST_TYPES or ct in SCHEMA1_TYPES:
         return ct
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return ct
+        doc = safejson.loads(data, what="manifest", max_size=MAX_MANIFEST_SIZE)
+    except InvalidArgument:
+        return ct  # the parser that runs next says what is wrong with it
     if not isinstance(doc, dict):
         return ct
     mt = doc.get("mediaType")
@@ -331,9 +336,10 @@ def parse_index(data: bytes, media_type: str | None = None, what: str = "image i
     _reject_schema1(doc, media_type, what)
     mt = doc.get("mediaType") or media_type or OCI_INDEX
     if mt not in INDEX_TYPES:
-        raise InvalidArgument(f"{what}: unexpected media type {mt!r} (want an OCI index or Docker manifest list)")
+        raise InvalidArgument(f"{what}: unexpected media type {clip(mt)} (want an OCI index or Docker manifest list)")
     if media_type and doc.get("mediaType") and media_type != doc["mediaType"] and media_type in INDEX_TYPES:
-        raise InvalidArgument(f"{what}: media type {media_type!r} disagrees with the document's {doc['mediaType']!r}")
+        raise InvalidArgument(f"{what}: media type {clip(media_type)} disagrees with the document's "
+                              f"{clip(doc['mediaType'])}")
     if doc.get("schemaVersion") != 2:
         raise InvalidArgument(f"{what}: schemaVersion must be 2")
     entries = doc.get("manifests")
@@ -350,7 +356,7 @@ def parse_manifest(data: bytes, media_type: str | None = None, what: str = "imag
     _reject_schema1(doc, media_type, what)
     mt = doc.get("mediaType") or media_type or OCI_MANIFEST
     if mt not in MANIFEST_TYPES:
-        raise InvalidArgument(f"{what}: unexpected media type {mt!r} (want an OCI or Docker v2 image manifest)")
+        raise InvalidArgument(f"{what}: unexpected media type {clip(mt)} (want an OCI or Docker v2 image manifest)")
     if doc.get("schemaVersion") != 2:
         raise InvalidArgument(f"{what}: schemaVersion must be 2")
     config = parse_descriptor(doc.get("config"), f"{what} config")
@@ -375,7 +381,7 @@ def parse_manifest_or_index(data: bytes, media_type: str | None = None,
         return parse_index(data, mt, what)
     if mt in MANIFEST_TYPES:
         return parse_manifest(data, mt, what)
-    raise InvalidArgument(f"{what}: unsupported media type {mt or 'unknown'!r}")
+    raise InvalidArgument(f"{what}: unsupported media type {clip(mt or 'unknown')}")
 
 
 def parse_config(data: bytes, what: str = "image config") -> ImageConfig:
@@ -396,16 +402,105 @@ def parse_config(data: bytes, what: str = "image config") -> ImageConfig:
     cfg = doc.get("config") or {}
     if not isinstance(cfg, dict):
         raise InvalidArgument(f"{what}: config must be an object")
+    validate_config_fields(cfg, what)
+    return ImageConfig(architecture=arch, os=os_, variant=variant, diff_ids=tuple(diff_ids),
+                       config=cfg, raw=doc)
+
+
+_PORT_RE = re.compile(r"(\d{1,5})(?:/(tcp|udp|sctp))?", re.IGNORECASE)
+_RT_SIGNAL_RE = re.compile(r"(?:SIG)?RTM(IN|AX)([+-]\d{1,2})?")
+
+
+def _no_nul(value: str, field_name: str, what: str) -> None:
+    # A NUL can never reach the kernel (argv, env, paths are C strings): refused up front.
+    if "\x00" in value:
+        raise InvalidArgument(f"{what}: config.{field_name} contains a NUL character")
+
+
+def _valid_signal(name: str) -> bool:
+    """Signal names as Docker writes STOPSIGNAL: SIGTERM, TERM, 15, SIGRTMIN+3."""
+    n = name.upper()
+    if n.isdigit():
+        return 1 <= int(n) <= 64
+    m = _RT_SIGNAL_RE.fullmatch(n)
+    if m:
+        off = int(m.group(2) or 0)
+        return 0 <= off <= 30 if m.group(1) == "IN" else -30 <= off <= 0
+    sig = n if n.startswith("SIG") else "SIG" + n
+    return sig in signal.Signals.__members__
+
+
+def _check_user(user: str, what: str) -> None:
+    """``name``, ``uid``, ``name:group`` or ``uid:gid`` (empty: root), as the runtime reads it."""
+    if len(user) > MAX_USER_LENGTH:
+        raise InvalidArgument(f"{what}: config.User is {len(user)} characters, over {MAX_USER_LENGTH}")
+    parts = user.split(":")
+    bad = (len(parts) > 2 or any(not p or "/" in p or not p.isprintable() or p != p.strip() for p in parts)
+           or any(p.isdigit() and int(p) > 0xFFFFFFFE for p in parts))
+    if bad:
+        raise InvalidArgument(f"{what}: config.User {clip(user)} is not a user, uid, user:group or uid:gid")
+
+
+def _string_map(v: Any, field_name: str, what: str, *, values: type | tuple[type, ...]) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, values) for k, x in v.items()):
+        kind = "strings" if values is str else "objects"
+        raise InvalidArgument(f"{what}: config.{field_name} must map strings to {kind}")
+    if len(v) > MAX_CONFIG_ENTRIES:
+        raise InvalidArgument(f"{what}: config.{field_name} has {len(v)} entries, over {MAX_CONFIG_ENTRIES}")
+    for k in v:
+        if not k:
+            raise InvalidArgument(f"{what}: config.{field_name} has an empty key")
+        _no_nul(k, field_name, what)
+    return v
+
+
+def validate_config_fields(cfg: dict[str, Any], what: str) -> None:
+    """Check the runtime part (``config``) of an image config at pull or import time.
+
+    What a container would be made from must be usable: no NUL anywhere (it cannot be
+    passed to the kernel), ``NAME=value`` environment entries with a name (an entry
+    without ``=`` is kept: it unsets the variable, as containerd applies it), an
+    absolute working directory, a user the runtime can parse, a stop signal that
+    exists, absolute volume paths, ``port[/proto]`` exposed ports and bounded labels.
+    Refusing at pull is the truthful moment: such an image can never run.
+    """
     for key in ("Env", "Entrypoint", "Cmd"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
             raise InvalidArgument(f"{what}: config.{key} must be a list of strings")
+        for i, x in enumerate(v or ()):
+            _no_nul(x, f"{key}[{i}]", what)
+    for i, e in enumerate(cfg.get("Env") or ()):
+        if not e or e.startswith("="):
+            raise InvalidArgument(f"{what}: config.Env[{i}] {clip(e)} has no variable name")
     for key in ("User", "WorkingDir", "StopSignal"):
         v = cfg.get(key)
         if v is not None and not isinstance(v, str):
             raise InvalidArgument(f"{what}: config.{key} must be a string")
-    return ImageConfig(architecture=arch, os=os_, variant=variant, diff_ids=tuple(diff_ids),
-                       config=cfg, raw=doc)
+        if v:
+            _no_nul(v, key, what)
+    wd = cfg.get("WorkingDir") or ""
+    if wd and (not wd.startswith("/") or len(wd) > MAX_PATH_LENGTH):
+        raise InvalidArgument(f"{what}: config.WorkingDir {clip(wd)} is not an absolute path")
+    if cfg.get("User"):
+        _check_user(cfg["User"], what)
+    sig = cfg.get("StopSignal") or ""
+    if sig and not _valid_signal(sig):
+        raise InvalidArgument(f"{what}: config.StopSignal {clip(sig)} is not a signal")
+    for path in _string_map(cfg.get("Volumes"), "Volumes", what, values=(dict, type(None))):
+        if not path.startswith("/") or len(path) > MAX_PATH_LENGTH:
+            raise InvalidArgument(f"{what}: config.Volumes entry {clip(path)} is not an absolute path")
+    for port in _string_map(cfg.get("ExposedPorts"), "ExposedPorts", what, values=(dict, type(None))):
+        m = _PORT_RE.fullmatch(port)
+        if m is None or int(m.group(1)) > 65535:
+            raise InvalidArgument(f"{what}: config.ExposedPorts entry {clip(port)} is not port[/tcp|udp|sctp]")
+    labels = _string_map(cfg.get("Labels"), "Labels", what, values=str)
+    total = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+                for k, v in labels.items())
+    if total > MAX_LABELS_BYTES:
+        raise InvalidArgument(f"{what}: config.Labels hold {total} bytes, over the {MAX_LABELS_BYTES} byte limit")
 
 
 def check_manifest_layers(manifest: Manifest, config: ImageConfig, what: str = "image") -> None:
@@ -416,7 +511,7 @@ def check_manifest_layers(manifest: Manifest, config: ImageConfig, what: str = "
             f"{len(config.diff_ids)} diff_ids")
     for i, layer in enumerate(manifest.layers):
         if layer.media_type not in LAYER_TYPES:
-            raise InvalidArgument(f"{what}: layer {i} has unsupported media type {layer.media_type!r}")
+            raise InvalidArgument(f"{what}: layer {i} has unsupported media type {clip(layer.media_type)}")
 
 
 def layer_compression(media_type: str) -> str:
@@ -424,7 +519,7 @@ def layer_compression(media_type: str) -> str:
     try:
         return LAYER_TYPES[media_type]
     except KeyError:
-        raise InvalidArgument(f"unsupported layer media type {media_type!r}") from None
+        raise InvalidArgument(f"unsupported layer media type {clip(media_type)}") from None
 
 
 def canonical_json(doc: Any) -> bytes:

@@ -14,6 +14,7 @@ import platform as _pyplatform
 from collections.abc import Iterable, Sequence
 
 from moorage.core.errors import InvalidArgument, NotFound
+from moorage.core.safejson import clip
 from moorage.images.oci import Descriptor, Platform
 
 _ARCH_ALIASES: dict[str, tuple[str, str]] = {
@@ -167,12 +168,20 @@ def select_manifest(manifests: Sequence[Descriptor], want: Platform | None = Non
     return best[2]
 
 
+#: Platforms named in a "no manifest for this platform" message; an index may list thousands.
+MAX_PLATFORMS_SHOWN = 16
+
+
 def available_platforms(manifests: Iterable[Descriptor]) -> str:
     seen: list[str] = []
     for d in manifests:
         if _is_attestation(d):
             continue
         s = str(d.platform) if d.platform else "(unspecified)"
+        if len(s) > 64 or not s.isprintable():  # the registry's text: escaped and cut
+            s = clip(s, 64)
         if s not in seen:
             seen.append(s)
+    if len(seen) > MAX_PLATFORMS_SHOWN:
+        return ", ".join(seen[:MAX_PLATFORMS_SHOWN]) + f" and {len(seen) - MAX_PLATFORMS_SHOWN} more"
     return ", ".join(seen)

@@ -36,6 +36,9 @@ LEGACY_DEFAULT_DOMAIN = "index.docker.io"
 OFFICIAL_REPO_PREFIX = "library/"
 DEFAULT_TAG = "latest"
 NAME_TOTAL_LENGTH_MAX = 255
+#: name (255) + ":" + tag (128) + "@" + a sha512 digest (135) fits with room to spare; longer
+#: input is refused before any pattern runs on it.
+REFERENCE_LENGTH_MAX = 1024
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
@@ -105,11 +108,22 @@ class Reference:
 
     def with_tag(self, tag: str) -> Reference:
         if not _TAG_RE.fullmatch(tag):
-            raise InvalidArgument(f"invalid tag \"{tag}\": must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
+            raise InvalidArgument(f"invalid tag {_quoted(tag, 40)}: must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
         return replace(self, tag=tag)
 
     def with_digest(self, digest: Digest | str) -> Reference:
         return replace(self, digest=Digest.parse(digest))
+
+
+def _quoted(value: str, limit: int = 300) -> str:
+    """*value* for an error message: as typed when short and printable, else escaped and cut
+    (a reference comes from the caller and must not flood a status or a log line)."""
+    if len(value) <= limit and value.isprintable():
+        return f"\"{value}\""
+    shown = repr(value[:limit])
+    if len(shown) > limit:  # escapes make it longer: cut the escaped form itself
+        return shown[:limit] + f"... ({len(value)} characters in all)"
+    return shown + (f"... ({len(value) - limit} more characters)" if len(value) > limit else "")
 
 
 def _split_domain(name: str) -> tuple[str, str]:
@@ -135,13 +149,16 @@ def parse_reference(value: str, *, default_tag: str | None = DEFAULT_TAG) -> Ref
     (pass ``None`` to keep it untagged).
     """
 
-    def bad(reason: str) -> InvalidArgument:
-        return InvalidArgument(f"invalid reference \"{value}\": {reason}")
-
     if not isinstance(value, str):
-        raise InvalidArgument(f"invalid reference {value!r}: expected a string")
+        raise InvalidArgument(f"invalid reference: expected a string, got {type(value).__name__}")
+
+    def bad(reason: str) -> InvalidArgument:
+        return InvalidArgument(f"invalid reference {_quoted(value)}: {reason}")
+
     if value == "":
         raise bad("reference is empty")
+    if len(value) > REFERENCE_LENGTH_MAX:
+        raise bad(f"reference is {len(value)} characters long, over the limit of {REFERENCE_LENGTH_MAX}")
     if value != value.strip() or any(c.isspace() for c in value):
         raise bad("reference must not contain whitespace")
     if _IDENTIFIER_RE.fullmatch(value):
@@ -164,7 +181,7 @@ def parse_reference(value: str, *, default_tag: str | None = DEFAULT_TAG) -> Ref
     if colon > slash:
         name_part, tag = name_part[:colon], name_part[colon + 1:]
         if not _TAG_RE.fullmatch(tag):
-            raise bad(f"tag \"{tag}\" is invalid: must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
+            raise bad(f"tag {_quoted(tag, 40)} is invalid: must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
 
     if name_part == "":
         raise bad("repository name must have at least one component")
@@ -172,7 +189,7 @@ def parse_reference(value: str, *, default_tag: str | None = DEFAULT_TAG) -> Ref
     domain, path = _split_domain(name_part)
 
     if not _DOMAIN_RE.fullmatch(domain):
-        raise bad(f"domain \"{domain}\" is invalid: expected host[:port] (e.g. registry.example.com:5000)")
+        raise bad(f"domain {_quoted(domain, 40)} is invalid: expected host[:port] (e.g. registry.example.com:5000)")
     components = path.split("/")
     for comp in components:
         if comp == "":
@@ -181,7 +198,7 @@ def parse_reference(value: str, *, default_tag: str | None = DEFAULT_TAG) -> Ref
             if _PATH_COMPONENT_RE.fullmatch(comp.lower()):
                 raise bad("repository name must be lowercase")
             raise bad(
-                f"path component \"{comp}\" is invalid: use lowercase letters and digits, "
+                f"path component {_quoted(comp, 40)} is invalid: use lowercase letters and digits, "
                 "separated by \".\", \"_\", \"__\" or dashes"
             )
     full_name = f"{domain}/{path}"

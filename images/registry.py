@@ -24,7 +24,6 @@ import asyncio
 import base64
 import functools
 import hashlib
-import json
 import logging
 import re
 import ssl
@@ -36,9 +35,10 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
+from moorage.core import safejson
 from moorage.core.errors import (
+    DataLoss,
     DeadlineExceeded,
-    Internal,
     InvalidArgument,
     MoorageError,
     NotFound,
@@ -46,6 +46,7 @@ from moorage.core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from moorage.core.safejson import clip
 from moorage.images import oci
 from moorage.images.hosts import RegistryHost, TLSSettings, resolve_hosts
 from moorage.images.oci import Descriptor, ImageConfig, Index, Manifest, Platform
@@ -528,8 +529,8 @@ class RegistryClient:
             raise Unavailable(f"token server {realm} for registry {name} answered HTTP {resp.status_code}"
                               f"{_error_detail(body)}")
         try:
-            doc = json.loads(body)
-        except ValueError:
+            doc = safejson.loads(body, what="token response", max_size=_MAX_TOKEN_BODY)
+        except InvalidArgument:
             raise Unauthenticated(f"authentication to registry {name} failed: token server {realm} "
                                   "returned something that is not JSON") from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
@@ -708,7 +709,7 @@ class RegistryClient:
                 if (oci.is_digest(dcd) and (ct in oci.INDEX_TYPES or ct in oci.MANIFEST_TYPES)
                         and length.isdigit()):
                     if oci.is_digest(reference) and dcd != reference:
-                        raise Internal(f"registry {host.netloc} answered digest {dcd} for {shown}")
+                        raise DataLoss(f"registry {host.netloc} answered digest {dcd} for {shown}")
                     return Descriptor(ct, dcd, int(length))
                 if ct in oci.SCHEMA1_TYPES:
                     raise InvalidArgument(f"{shown} is a Docker schema 1 image, which is not supported; "
@@ -752,23 +753,25 @@ class RegistryClient:
             raise InvalidArgument(f"{shown} is a Docker schema 1 image, which is not supported; "
                                   "re-push it with a current client")
         if media_type not in oci.INDEX_TYPES and media_type not in oci.MANIFEST_TYPES:
-            raise InvalidArgument(f"manifest {shown} has unsupported media type {media_type or 'unknown'!r}")
+            raise InvalidArgument(f"manifest {shown} from {host.netloc} has unsupported media type "
+                                  f"{clip(media_type or 'unknown')}")
         want = expected.digest if expected else (reference if oci.is_digest(reference) else "")
         if want:
             got = oci.compute_digest(data, want)
             if got != want:
-                raise Internal(f"manifest {shown} from {host.netloc} failed verification: "
+                raise DataLoss(f"manifest {shown} from {host.netloc} failed verification: "
                                f"expected {want}, got {got}")
             digest = want
         else:
             dcd = resp.headers.get("docker-content-digest", "")
             got = oci.compute_digest(data, dcd if oci.is_digest(dcd) else None)
             if dcd and oci.is_digest(dcd) and dcd != got:
-                raise Internal(f"manifest {shown} from {host.netloc} does not match its "
+                raise DataLoss(f"manifest {shown} from {host.netloc} does not match its "
                                f"Docker-Content-Digest {dcd} (content is {got})")
             digest = got
         if expected is not None and expected.size != len(data):
-            raise Internal(f"manifest {shown} from {host.netloc} is {len(data)} bytes, expected {expected.size}")
+            raise DataLoss(f"manifest {shown} from {host.netloc} is {len(data)} bytes, its descriptor "
+                           f"says {expected.size}")
         return FetchedManifest(Descriptor(media_type, digest, len(data)), data)
 
     async def fetch_manifest(self, repo: Any, reference: str | Descriptor, *,
@@ -792,30 +795,48 @@ class RegistryClient:
         instead of a download (e.g. from a content store, so concurrent pulls fetch it once);
         it must return verified bytes.
         """
-        from moorage.images.platform import Matcher, select_manifest
+        from moorage.images.platform import Matcher
         repo, reference = split_reference(ref)
         shown = display_ref(repo, reference)
         root_fm = await self.fetch_manifest(repo, reference, credentials=credentials)
         root = root_fm.descriptor
         index: Index | None = None
-        if root.media_type in oci.INDEX_TYPES:
-            index = oci.parse_index(root_fm.data, root.media_type, f"image index {shown}")
-            chosen = select_manifest(index.manifests, platform, f"image index {shown}")
+        fm, mdesc = root_fm, root
+        seen = {root.digest}
+        depth = 0
+        while fm.descriptor.media_type in oci.INDEX_TYPES:
+            what = f"image index {shown}" if depth == 0 else f"image index {fm.descriptor.digest} of {shown}"
+            if depth > oci.MAX_INDEX_DEPTH:
+                raise InvalidArgument(f"{what} from {repo.registry}: indexes nest more than "
+                                      f"{oci.MAX_INDEX_DEPTH} levels deep")
+            parsed = await asyncio.to_thread(oci.parse_index, fm.data, fm.descriptor.media_type, what)
+            if index is None:
+                index = parsed
+            chosen = _choose_entry(parsed, platform, what)
+            if chosen.digest in seen:
+                raise InvalidArgument(f"{what} from {repo.registry} refers to {chosen.digest}, which "
+                                      "contains it (an index cycle)")
+            seen.add(chosen.digest)
             fm = await self.fetch_manifest(repo, chosen, credentials=credentials)
+            if _doc_kind(fm.descriptor.media_type) != _doc_kind(chosen.media_type):
+                raise InvalidArgument(f"{what} from {repo.registry}: entry {chosen.digest} is declared "
+                                      f"{clip(chosen.media_type)} but the registry served "
+                                      f"{clip(fm.descriptor.media_type)}")
             mdesc = Descriptor(fm.descriptor.media_type, chosen.digest, chosen.size, chosen.platform,
                                chosen.annotations)
-        else:
-            fm, mdesc = root_fm, root
-        manifest = oci.parse_manifest(fm.data, mdesc.media_type, f"image manifest {shown}")
+            depth += 1
+        manifest = await asyncio.to_thread(oci.parse_manifest, fm.data, mdesc.media_type,
+                                           f"image manifest {mdesc.digest} of {shown}")
         if manifest.config.media_type not in oci.CONFIG_TYPES:
             raise InvalidArgument(f"{shown} is not a container image: config media type "
-                                  f"{manifest.config.media_type!r}")
+                                  f"{clip(manifest.config.media_type)}")
         if read_config is not None:
             config_bytes = await read_config(repo, manifest.config)
         else:
             config_bytes = await self.read_blob(repo, manifest.config, max_size=oci.MAX_CONFIG_SIZE,
                                                 credentials=credentials)
-        config = oci.parse_config(config_bytes, f"image config of {shown}")
+        config = await asyncio.to_thread(oci.parse_config, config_bytes,
+                                         f"image config {manifest.config.digest} of {shown}")
         if index is None:
             m = Matcher(platform)
             if config.os and config.architecture and not m.match(config.platform):
@@ -882,6 +903,7 @@ class RegistryClient:
                             raise Unavailable(f"GET {what} from {host.netloc}: HTTP {resp.status_code}"
                                               f"{_error_detail(body)}")
                         skip = 0
+                        complete = _complete_length(resp)
                         if resp.status_code == 206:
                             start = _content_range_start(resp.headers.get("content-range", ""))
                             if start is None or start > received:
@@ -909,7 +931,7 @@ class RegistryClient:
                                     continue
                                 chunk, skip = chunk[skip:], 0
                             if received + len(chunk) > desc.size:
-                                raise Internal(f"{what} from {host.netloc} is larger than its declared "
+                                raise DataLoss(f"{what} from {host.netloc} is larger than its declared "
                                                f"size {desc.size}; refusing it")
                             received += len(chunk)
                             hasher.update(chunk)
@@ -917,10 +939,14 @@ class RegistryClient:
                     finally:
                         await resp.aclose()
                     if received < desc.size:
+                        if complete is not None and complete < desc.size:
+                            # a whole, well-formed answer that is shorter: not a network fault
+                            raise DataLoss(f"{what} from {host.netloc} is {complete} bytes, smaller than "
+                                           f"its declared size {desc.size}; refusing it")
                         raise _Retryable(f"{what}: transfer ended after {received} of {desc.size} bytes")
                     got = f"{hasher.name}:{hasher.hexdigest()}"
                     if got != desc.digest:
-                        raise Internal(f"{what} from {host.netloc} failed verification: "
+                        raise DataLoss(f"{what} from {host.netloc} failed verification: "
                                        f"content digest is {got}, expected {desc.digest}")
                     return
                 except _Retryable as e:
@@ -1011,12 +1037,34 @@ class RegistryClient:
                                   f"{_error_detail(body)}")
             dcd = resp.headers.get("docker-content-digest")
             if dcd and dcd != digest:
-                raise Internal(f"registry {host.netloc} stored manifest as {dcd}, expected {digest}")
+                raise DataLoss(f"registry {host.netloc} stored manifest as {clip(dcd)}, expected {digest}")
             return Descriptor(media_type, digest, len(data))
         return await self._with_retries(f"pushing manifest {display_ref(r, reference)}", go)
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+def _doc_kind(media_type: str) -> str:
+    """"index", "manifest" or the media type itself: what a descriptor says it points at."""
+    if media_type in oci.INDEX_TYPES:
+        return "index"
+    if media_type in oci.MANIFEST_TYPES:
+        return "manifest"
+    return media_type
+
+
+def _choose_entry(index: Index, platform: Platform | None, what: str) -> Descriptor:
+    """The entry of *index* to follow: the best manifest for *platform*, else (as containerd
+    walks nested indexes) the first nested index whose platform is unset or matches."""
+    from moorage.images.platform import Matcher, select_manifest
+    try:
+        return select_manifest(index.manifests, platform, what)
+    except NotFound:
+        m = Matcher(platform)
+        for d in index.manifests:
+            if d.media_type in oci.INDEX_TYPES and (d.platform is None or m.match(d.platform)):
+                return d
+        raise
 
 def _ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
@@ -1060,6 +1108,16 @@ def _token_params(service: str, scopes: list[str]) -> list[tuple[str, str]]:
         params.append(("service", service))
     params.extend(("scope", s) for s in scopes)
     return params
+
+
+def _complete_length(resp: httpx.Response) -> int | None:
+    """The blob's full length a response claims to deliver whole (Content-Length of a 200,
+    the total of a 206's Content-Range), or None when it does not say."""
+    if resp.status_code == 200:
+        cl = resp.headers.get("content-length", "")
+        return int(cl) if cl.isdigit() and len(cl) < 20 else None
+    m = re.match(r"\s*bytes\s+\d+-\d+/(\d{1,19})\s*$", resp.headers.get("content-range", ""))
+    return int(m.group(1)) if m else None
 
 
 def _content_range_start(v: str) -> int | None:
@@ -1114,20 +1172,20 @@ def _error_detail(body: bytes, skip_code: str = "") -> str:
     if not body:
         return ""
     try:
-        doc = json.loads(body)
+        doc = safejson.loads(body, what="error body", max_size=_MAX_ERROR_BODY)
         errs = doc.get("errors") if isinstance(doc, dict) else None
         if isinstance(errs, list) and errs:
             parts = []
             for e in errs[:3]:
                 if isinstance(e, dict):
-                    code, msg = str(e.get("code", "")), str(e.get("message", ""))
+                    code, msg = str(e.get("code", ""))[:64], str(e.get("message", ""))[:200]
                     if code == skip_code:
                         continue
                     parts.append(f"{code}: {msg}" if code else msg)
             return f" ({'; '.join(parts)})" if parts else ""
         if isinstance(doc, dict) and isinstance(doc.get("details") or doc.get("error"), str):
-            return f" ({doc.get('details') or doc.get('error')})"
-    except (ValueError, UnicodeDecodeError):
+            return f" ({str(doc.get('details') or doc.get('error'))[:200]})"
+    except InvalidArgument:
         pass
     text = body[:200].decode("utf-8", "replace").strip()
     return f" ({text})" if text and text.isprintable() else ""

@@ -42,6 +42,26 @@ from moorage.images.unpack import MODE_OVERLAY, apply_layer
 log = logging.getLogger("moorage.images")
 
 
+#: A pull's error message is cut to this many characters: it may quote what a registry sent.
+MAX_PULL_ERROR = 2048
+
+
+def _pull_error(e: MoorageError, shown: str) -> MoorageError:
+    """*e* naming the reference pulled, bounded in length (a new error of the same class
+    when its message has to change)."""
+    msg = e.message
+    if shown not in msg:
+        msg = f"pulling {shown}: {msg}"
+    if len(msg) > MAX_PULL_ERROR:
+        msg = f"{msg[:MAX_PULL_ERROR]}... ({len(msg) - MAX_PULL_ERROR} more characters cut)"
+    if msg == e.message:
+        return e
+    try:
+        return type(e)(msg)
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return e
+
+
 def _span(name: str, **attrs: Any) -> contextlib.AbstractContextManager[trace.Span]:
     """A child span of the current one (a no-op one when tracing is off)."""
     return trace.get_tracer("moorage").start_as_current_span(name, attributes=attrs)
@@ -308,8 +328,17 @@ class ImageService:
                         raise
                     rec = self._record(r, str(resolved.digest), str(resolved.root.digest),
                                        str(resolved.manifest_descriptor.digest), manifest, config, top)
+        except MoorageError as e:
+            err = _pull_error(e, shown)
+            self.pulls.finish(prog, error=err.message)
+            if self.metrics is not None:
+                self.metrics.image_pulls.labels("failure").inc()
+            await self._cleanup_failed(shown)
+            if err is e:
+                raise
+            raise err from e
         except BaseException as e:
-            self.pulls.finish(prog, error=(e.message if isinstance(e, MoorageError) else str(e)) or type(e).__name__)
+            self.pulls.finish(prog, error=str(e) or type(e).__name__)
             if self.metrics is not None:
                 self.metrics.image_pulls.labels("failure").inc()
             if not isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -631,8 +660,8 @@ class ImageService:
 
         Blocking (runs in a thread or the CLI).  The caller holds the blobs under a lease.
         """
-        config = json.loads(config_bytes)
         oci.parse_config(config_bytes, f"image config {manifest.config.digest}")
+        config = json.loads(config_bytes)  # checked (size, depth, fields) just above
         diff_ids = [str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
         if len(diff_ids) != len(manifest.layers):
             raise InvalidArgument(f"image {manifest_digest}: config lists {len(diff_ids)} diff_ids for "

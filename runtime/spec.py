@@ -675,17 +675,25 @@ def _filter_annotations(
 
 
 def _merge_env(base: list[str], updates: Iterable[str]) -> list[str]:
-    """Replace ``KEY=...`` entries by key, append new keys (order kept)."""
-    out = list(base)
-    index = {e.split("=", 1)[0]: i for i, e in enumerate(out)}
+    """Replace ``KEY=...`` entries by key, append new keys (order kept).
+
+    An update without ``=`` (an image's ``Env: ["FOO"]``) unsets ``FOO`` and is itself
+    dropped, as containerd applies image env: runc refuses an entry without ``=``.
+    """
+    out: list[str | None] = list(base)
+    index = {e.split("=", 1)[0]: i for i, e in enumerate(base)}
     for e in updates:
-        k = e.split("=", 1)[0]
+        k, sep, _ = e.partition("=")
+        if not sep:
+            if k in index:
+                out[index.pop(k)] = None
+            continue
         if k in index:
             out[index[k]] = e
         else:
             index[k] = len(out)
             out.append(e)
-    return out
+    return [e for e in out if e is not None]
 
 
 def _user_obj(uid: int, gid: int, additional_gids: Sequence[int]) -> dict:
@@ -1085,6 +1093,20 @@ def container_env(
     return env
 
 
+def check_image_strings(image: ImageConfig, ref: str) -> None:
+    """No NUL in what the image config hands the kernel (argv, env, cwd, user).
+
+    Pulls refuse such configs (images/oci.py); this covers images recorded before that
+    check, so they fail as INVALID_ARGUMENT naming the field, not inside runc.
+    """
+    fields: list[tuple[str, Iterable[str]]] = [
+        ("Entrypoint", image.entrypoint), ("Cmd", image.cmd), ("Env", image.env),
+        ("WorkingDir", [image.working_dir]), ("User", [image.user])]
+    for name, values in fields:
+        if any("\x00" in v for v in values):
+            raise InvalidArgument(f"image {ref or '(unknown)'}: config.{name} contains a NUL character")
+
+
 #: CRI ``Mount.mount_options`` a bind mount takes, each with the option it contradicts.  They are
 #: per-mount flags runc and crun apply by remounting the bind (the recursive ``r*`` forms and
 #: filesystem data options make no sense for a kubelet volume); anything else is refused.
@@ -1207,6 +1229,7 @@ def build_container_spec(
         )
 
     # --- process -----------------------------------------------------------------
+    check_image_strings(image, cfg.image)
     args = container_args(cfg, image)
     host_name = hostname if hostname is not None else sandbox_cfg.hostname
     env = container_env(cfg, image, hostname=host_name, home=home)

@@ -54,6 +54,13 @@ class Unavailable(MoorageError):
     code = "UNAVAILABLE"
 
 
+class DataLoss(MoorageError):
+    """Content does not match the digest or size it was announced with (a registry or an
+    archive served something else): retrying the same source will not help."""
+
+    code = "DATA_LOSS"
+
+
 class Unimplemented(MoorageError):
     code = "UNIMPLEMENTED"
 

@@ -113,7 +113,7 @@ def test_blob_whose_digest_does_not_match_stores_nothing(daemon, registry):
 
         proxy.hook = hook
         e = pull_error(daemon, f"{proxy.host}/test/multilayer:latest")
-    assert e.code() == grpc.StatusCode.INTERNAL, e.details()
+    assert e.code() == grpc.StatusCode.DATA_LOSS, e.details()
     assert layer in e.details() and "verification" in e.details()
     assert_nothing_stored(daemon)
     assert os.listdir(os.path.join(daemon.root, "images", "content", "ingest")) == []

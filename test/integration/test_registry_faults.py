@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from moorage.core.errors import (
+    DataLoss,
     DeadlineExceeded,
-    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -62,7 +62,7 @@ def test_tampered_blob_is_detected():
         async with FakeHTTPServer(handler) as srv, RegistryClient(**FAST) as c:
             await _download(c, f"{srv.host}/test/x")
 
-    with pytest.raises(Internal) as ei:
+    with pytest.raises(DataLoss) as ei:
         run(go())
     assert BLOB_DESC.digest in ei.value.message and "verification" in ei.value.message
 
@@ -75,7 +75,7 @@ def test_oversized_blob_is_cut_off():
         async with FakeHTTPServer(handler) as srv, RegistryClient(**FAST) as c:
             await _download(c, f"{srv.host}/test/x")
 
-    with pytest.raises(Internal, match="larger than its declared size"):
+    with pytest.raises(DataLoss, match="larger than its declared size"):
         run(go())
 
 
@@ -90,7 +90,7 @@ def test_tampered_manifest_by_digest_is_detected():
         async with FakeHTTPServer(handler) as srv, RegistryClient(**FAST) as c:
             await c.fetch_manifest(f"{srv.host}/test/x", wanted)
 
-    with pytest.raises(Internal) as ei:
+    with pytest.raises(DataLoss) as ei:
         run(go())
     assert wanted in ei.value.message
 
@@ -106,7 +106,7 @@ def test_manifest_not_matching_docker_content_digest_is_detected():
         async with FakeHTTPServer(handler) as srv, RegistryClient(**FAST) as c:
             await c.fetch_manifest(f"{srv.host}/test/x", "latest")
 
-    with pytest.raises(Internal, match="Docker-Content-Digest"):
+    with pytest.raises(DataLoss, match="Docker-Content-Digest"):
         run(go())
 
 
