@@ -291,7 +291,7 @@ def sandbox_config(cfg: model.PodSandboxConfig, field: str = "config") -> None:
 
 def mount_destination(path: str, field: str) -> None:
     abs_path(path, field)
-    clean = posixpath.normpath(path)
+    clean = "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading '//'
     if ".." in path.split("/"):
         raise bad(field, f"must not contain '..': {clip(path)}")
     if clean == "/":
@@ -385,7 +385,7 @@ def image_ref(value: str, field: str) -> None:
     """An image reference or id, as far as its syntax is everyone's: the reference parser says the rest."""
     printable(value, field, MAX_KEY)
     if any(c.isspace() for c in value):
-        raise bad(field, f"contains white space: {clip(value)}")
+        raise bad(field, f"contains whitespace: {clip(value)}")
 
 
 def command(cmd: Sequence[str], field: str = "cmd") -> None:
