@@ -1,7 +1,8 @@
 """CRI RuntimeService: translates protobuf to calls on ``runtime/`` objects and back.
 
-No business logic here: validation of meaning, state and lifecycle live in
-``runtime/``; this module only moves fields between messages and dataclasses.
+No business logic here: each request's syntax is checked by ``cri.validate``
+first; validation of meaning, state and lifecycle live in ``runtime/``; this
+module only moves fields between messages and dataclasses.
 """
 
 from __future__ import annotations
