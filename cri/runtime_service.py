@@ -93,6 +93,7 @@ class RuntimeServicer:
     async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest,
                                   context: Ctx) -> pb.UpdateRuntimeConfigResponse:
         cidr = request.runtime_config.network_config.pod_cidr
+        validate.pod_cidr(cidr, "runtime_config.network_config.pod_cidr")
         if cidr and self.network is not None and self.cfg.cni.conf_template:
             await asyncio.to_thread(self.network.write_conf_from_template, self.cfg.cni.conf_template, cidr)
         return pb.UpdateRuntimeConfigResponse()

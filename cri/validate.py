@@ -171,6 +171,18 @@ def ip(value: str, field: str) -> None:
         raise bad(field, f"is not an IP address: {clip(value)}") from None
 
 
+def pod_cidr(value: str, field: str) -> None:
+    """The kubelet's pod CIDR: one network, or a comma-separated pair for dual stack."""
+    if not value:
+        return
+    printable(value, field, MAX_DNS_ITEM)
+    for part in value.split(","):
+        try:
+            ipaddress.ip_network(part.strip(), strict=False)
+        except ValueError:
+            raise bad(field, f"{clip(part)} is not a CIDR such as 10.244.0.0/24") from None
+
+
 def port_mappings(ports: Sequence[model.PortMapping], field: str) -> None:
     for i, p in enumerate(ports):
         f = f"{field}[{i}]"

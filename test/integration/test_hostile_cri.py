@@ -312,6 +312,12 @@ CASES: list[Case] = [
          "container_id"),
     Case("remove-pod-id-space", "RemovePodSandbox", ident(pb.RemovePodSandboxRequest(pod_sandbox_id="a b")),
          INVALID, "pod_sandbox_id"),
+    Case("stats-id-slash", "ContainerStats", ident(pb.ContainerStatsRequest(container_id="a/b")), INVALID,
+         "container_id"),
+    Case("pod-stats-id-nul", "PodSandboxStats", ident(pb.PodSandboxStatsRequest(pod_sandbox_id="\x00")), INVALID,
+         "pod_sandbox_id"),
+    Case("pod-cidr-bad", "UpdateRuntimeConfig", ident(pb.UpdateRuntimeConfigRequest(runtime_config=pb.RuntimeConfig(
+        network_config=pb.NetworkConfig(pod_cidr="10.0.0.0/99")))), INVALID, "runtime_config.network_config.pod_cidr"),
     # -- images --------------------------------------------------------------------------------------
     Case("pull-ref-newline", "PullImage", ident(pb.PullImageRequest(image=pb.ImageSpec(image="busybox\nx"))),
          INVALID, "image.image"),

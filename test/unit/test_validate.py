@@ -358,3 +358,12 @@ def test_sysctl_names_refuse_path_games() -> None:
 ])
 def test_exec_start_failure_code(text: str, code: int | None) -> None:
     assert exec_start_failure_code(text) == code
+
+
+def test_pod_cidr() -> None:
+    validate.pod_cidr("", "p")
+    validate.pod_cidr("10.244.0.0/24", "p")
+    validate.pod_cidr("10.244.0.0/24,fd00::/64", "p")
+    refused(validate.pod_cidr, "10.244.0.0/33", "p", field="p")
+    refused(validate.pod_cidr, "10.0.0.0/8\n", "p", field="p")
+    refused(validate.pod_cidr, "10.0.0.0/8,x", "p", field="p")
