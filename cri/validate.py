@@ -269,7 +269,7 @@ def sandbox_config(cfg: model.PodSandboxConfig, field: str = "config") -> None:
     lx = cfg.linux
     nso = lx.security_context.namespace_options if lx and lx.security_context else None
     if not cfg.hostname and (nso is None or nso.network != "NODE"):
-        # the pod's name becomes its hostname: it must be one the kernel and /etc/hosts take
+        # the pod's name becomes its /etc/hostname and /etc/hosts entry: one word
         _domain(podfiles.checked_hostname, f"{field}.metadata.name (the hostname, as config.hostname is empty)",
                 md.name)
     abs_path(cfg.log_directory, f"{field}.log_directory", required=False)
@@ -348,7 +348,7 @@ def container_config(cfg: model.ContainerConfig, field: str = "config") -> None:
                     host_id(getattr(idm, part), f"{f}.{what}[{j}].{part}")
     for i, d in enumerate(cfg.devices):
         f = f"{field}.devices[{i}]"
-        abs_path(d.container_path, f"{f}.container_path")
+        abs_path(d.container_path, f"{f}.container_path", required=False)  # empty: at host_path
         abs_path(d.host_path, f"{f}.host_path")
         if not set(d.permissions) <= set("rwm"):
             raise bad(f"{f}.permissions", f"must be letters of \"rwm\": {clip(d.permissions)}")

@@ -12,7 +12,9 @@ from moorage.core.errors import InvalidArgument, clip
 from moorage.runtime.model import DNSConfig
 
 MAX_HOST_FILE = 1 << 20
-MAX_HOSTNAME = 64  # HOST_NAME_MAX
+# A pod without a hostname is named by its metadata name (up to a DNS subdomain's 253); the
+# kernel's 64-byte limit applies to config.hostname alone, which the CRI edge checks.
+MAX_HOSTNAME = 253
 
 DEFAULT_HOSTS = (
     "127.0.0.1\tlocalhost\n"

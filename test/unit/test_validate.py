@@ -217,7 +217,8 @@ def test_sandbox_config_valid() -> None:
 
 def test_sandbox_config_name_as_hostname() -> None:
     validate.sandbox_config(pod(hostname=""))
-    refused(validate.sandbox_config, pod(hostname="", metadata=model.PodSandboxMetadata(name="a" * 70)),
+    validate.sandbox_config(pod(hostname="", metadata=model.PodSandboxMetadata(name="PodSandbox-" + "a" * 70)))
+    refused(validate.sandbox_config, pod(hostname="", metadata=model.PodSandboxMetadata(name="a b")),
             field="config.metadata.name (the hostname")
     refused(validate.sandbox_config, pod(metadata=model.PodSandboxMetadata(name="")), field="config.metadata.name")
 
@@ -251,7 +252,8 @@ def test_container_config_valid() -> None:
         command=["sh", "-c", "x\ny"], envs=[("A", "="), ("B_2", "")], working_dir="/srv",
         mounts=[model.Mount(container_path="/data", host_path="/tmp"),
                 model.Mount(container_path="/img", image=model.ImageSpec(image="busybox"), image_sub_path="a/b")],
-        devices=[model.Device("/dev/x", "/dev/null", "rw")], log_path="app/0.log"))
+        devices=[model.Device("/dev/x", "/dev/null", "rw"), model.Device("", "/dev/fuse", "")],
+        log_path="app/0.log"))
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -325,7 +327,7 @@ def test_convert_then_validate_sees_bytes_env_values() -> None:
 # -- last guards in the runtime -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["web\n6.6.6.6 evil", "a b", "a\tb", "a#b", "a" * 65, "a\x00"])
+@pytest.mark.parametrize("bad", ["web\n6.6.6.6 evil", "a b", "a\tb", "a#b", "a" * 254, "a\x00"])
 def test_pod_files_refuse_a_hostname_that_is_not_one_word(bad: str) -> None:
     with pytest.raises(MoorageError):
         podfiles.hostname_content(bad)
