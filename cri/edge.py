@@ -21,9 +21,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from moorage.core.errors import InvalidArgument
+from moorage.cri import wire
 from moorage.cri.api import api_pb2
 from moorage.cri.errors import status_for
 from moorage.cri.metrics import METRICS
@@ -36,6 +39,33 @@ Streaming: TypeAlias = Callable[[Any, Ctx], AsyncIterator[Any]]
 
 # Calls the kubelet makes every second or so: logged at debug level only.
 _POLLED = ("List", "Status", "Version", "ImageFsInfo", "ContainerStats", "PodSandboxStats", "RuntimeConfig")
+
+
+class Undecodable:
+    """A request whose bytes did not parse (invalid UTF-8 in a string field, a cut message).
+
+    grpc answers UNKNOWN with the parser's exception when a deserializer raises; the edge's
+    deserializers return this instead and the handler refuses it as INVALID_ARGUMENT.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+def _deserializer(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            why = wire.explain(data, cls.DESCRIPTOR) or "the encoding is corrupt"
+            return Undecodable(f"{cls.DESCRIPTOR.full_name} does not parse: {why}")
+
+    return parse
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(request.what)
 
 
 class _Unimplemented:
@@ -115,6 +145,7 @@ class Edge:
     def unary(self, service: str, method: str, fn: Unary) -> Unary:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(service, method, context):
+                _refuse_undecodable(request)
                 return await fn(request, context)
 
         return handler
@@ -122,6 +153,7 @@ class Edge:
     def stream(self, service: str, method: str, fn: Streaming) -> Streaming:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(service, method, context):
+                _refuse_undecodable(request)
                 async for item in fn(request, context):
                     yield item
 
@@ -141,12 +173,12 @@ class Edge:
             if m.server_streaming:
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(
                     self.stream(service, m.name, fn or _unimplemented_stream(service, m.name)),
-                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                    request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString,
                 )
             else:
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(
                     self.unary(service, m.name, fn or _Unimplemented(service, m.name)),
-                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                    request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString,
                 )
         return grpc.method_handlers_generic_handler(desc.full_name, handlers)
 

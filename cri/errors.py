@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import grpc
 
-from moorage.core.errors import MoorageError
+from moorage.core.errors import MoorageError, bound
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map an exception raised below ``cri/`` to (code, message)."""
+    """Map an exception raised below ``cri/`` to (code, message); the message is bounded, whatever
+    raised it (a status over gRPC's 16 KiB metadata limit would reach the client as RESOURCE_EXHAUSTED)."""
+    code, msg = _status_for(exc)
+    return code, bound(msg)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, MoorageError):
         return _CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message
     if isinstance(exc, TimeoutError):

@@ -11,6 +11,7 @@ import grpc
 
 from moorage.core.errors import InvalidArgument
 from moorage.core.store import ImageRecord
+from moorage.cri import validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
 from moorage.images.registry import Credentials
@@ -45,6 +46,7 @@ class ImageServicer:
     def _images(self, f: pb.ImageFilter | None) -> list[pb.Image]:
         """What ListImages and StreamImages answer for a filter (an image reference, or all)."""
         ref = f.image.image if f is not None else ""
+        validate.image_ref(ref, "filter.image.image")
         return [self._image(r) for r in self.images.list(ref or None)]
 
     async def ListImages(self, request: pb.ListImagesRequest, context: Ctx) -> pb.ListImagesResponse:
@@ -55,6 +57,7 @@ class ImageServicer:
             yield pb.StreamImagesResponse(images=batch)
 
     async def ImageStatus(self, request: pb.ImageStatusRequest, context: Ctx) -> pb.ImageStatusResponse:
+        validate.image_ref(request.image.image, "image.image")
         rec = self.images.status(request.image.image)
         if rec is None:
             return pb.ImageStatusResponse()  # the CRI's "not present": no image, no error
@@ -65,6 +68,8 @@ class ImageServicer:
         # A handler has no snapshotter or platform of its own in moorage, so a known one pulls as
         # usual; an unknown one is refused as RunPodSandbox refuses it.
         handler = request.image.runtime_handler
+        validate.image_ref(request.image.image, "image.image")
+        validate.runtime_handler(handler, "image.runtime_handler")
         if handler and self.handlers and handler not in self.handlers:
             raise InvalidArgument(f"unknown runtime handler {handler!r} for the pull of {request.image.image!r}; "
                                   f"configured handlers: {', '.join(sorted(self.handlers))}")
@@ -80,6 +85,7 @@ class ImageServicer:
         return pb.PullImageResponse(image_ref=rec.id)
 
     async def RemoveImage(self, request: pb.RemoveImageRequest, context: Ctx) -> pb.RemoveImageResponse:
+        validate.image_ref(request.image.image, "image.image")
         await self.images.remove(request.image.image)
         return pb.RemoveImageResponse()
 

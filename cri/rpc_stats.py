@@ -19,6 +19,7 @@ from typing import TypeAlias
 import grpc
 
 from moorage.core.errors import NotFound
+from moorage.cri import validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
 from moorage.runtime import stats as st
@@ -292,6 +293,7 @@ class StatsRPCs:
         self.batching = batching or Batching()
 
     async def ContainerStats(self, request: pb.ContainerStatsRequest, context: Ctx) -> pb.ContainerStatsResponse:
+        validate.object_id(request.container_id, "container_id")
         rec = self.rt.get_container(request.container_id)  # NOT_FOUND names it
         s = await asyncio.to_thread(self.collector.container, rec)
         return pb.ContainerStatsResponse(stats=container_stats_pb(s))
@@ -329,6 +331,7 @@ class StatsRPCs:
         return await asyncio.to_thread(work)
 
     async def PodSandboxStats(self, request: pb.PodSandboxStatsRequest, context: Ctx) -> pb.PodSandboxStatsResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
         if sb.status.phase is not None:
             raise NotFound(f"pod sandbox {sb.id} is still being created")

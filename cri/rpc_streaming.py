@@ -15,6 +15,7 @@ from typing import TypeAlias
 import grpc
 
 from moorage.core.errors import FailedPrecondition
+from moorage.cri import validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.streaming.server import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
 from moorage.runtime.records import SandboxState
@@ -32,6 +33,8 @@ class StreamingRPCs:
         self.server = server
 
     async def Exec(self, request: pb.ExecRequest, context: Ctx) -> pb.ExecResponse:
+        validate.object_id(request.container_id, "container_id")
+        validate.command(request.cmd)
         rec = self.rt.running_container(request.container_id)
         url = self.server.get_exec_url(ExecRequest(
             container_id=rec.id, cmd=list(request.cmd), tty=request.tty, stdin=request.stdin,
@@ -39,6 +42,7 @@ class StreamingRPCs:
         return pb.ExecResponse(url=url)
 
     async def Attach(self, request: pb.AttachRequest, context: Ctx) -> pb.AttachResponse:
+        validate.object_id(request.container_id, "container_id")
         rec = self.rt.attachable_container(request.container_id, stdin=request.stdin)
         url = self.server.get_attach_url(AttachRequest(
             container_id=rec.id, tty=request.tty, stdin=request.stdin, stdout=request.stdout,
@@ -46,6 +50,8 @@ class StreamingRPCs:
         return pb.AttachResponse(url=url)
 
     async def PortForward(self, request: pb.PortForwardRequest, context: Ctx) -> pb.PortForwardResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
+        validate.ports(request.port)
         sb = self.rt.get_sandbox(request.pod_sandbox_id)
         if sb.status.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready; cannot forward ports to it")

@@ -1,7 +1,8 @@
 """CRI RuntimeService: translates protobuf to calls on ``runtime/`` objects and back.
 
-No business logic here: validation of meaning, state and lifecycle live in
-``runtime/``; this module only moves fields between messages and dataclasses.
+No business logic here: each request's syntax is checked by ``cri.validate``
+first; validation of meaning, state and lifecycle live in ``runtime/``; this
+module only moves fields between messages and dataclasses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import grpc
 
 from moorage.core.errors import InvalidArgument, NotFound
 from moorage.cri import config as configmod
-from moorage.cri import convert
+from moorage.cri import convert, validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
 from moorage.cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, VERSION
@@ -92,6 +93,7 @@ class RuntimeServicer:
     async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest,
                                   context: Ctx) -> pb.UpdateRuntimeConfigResponse:
         cidr = request.runtime_config.network_config.pod_cidr
+        validate.pod_cidr(cidr, "runtime_config.network_config.pod_cidr")
         if cidr and self.network is not None and self.cfg.cni.conf_template:
             await asyncio.to_thread(self.network.write_conf_from_template, self.cfg.cni.conf_template, cidr)
         return pb.UpdateRuntimeConfigResponse()
@@ -99,11 +101,14 @@ class RuntimeServicer:
     # -- sandboxes -------------------------------------------------------------------------------
 
     async def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context: Ctx) -> pb.RunPodSandboxResponse:
+        validate.runtime_handler(request.runtime_handler)
         cfg = convert.sandbox_config(request.config)
+        validate.sandbox_config(cfg)
         sid = await self.rt.run_sandbox(cfg, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sid)
 
     async def StopPodSandbox(self, request: pb.StopPodSandboxRequest, context: Ctx) -> pb.StopPodSandboxResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         try:
             await self.rt.stop_sandbox(request.pod_sandbox_id)
         except NotFound:
@@ -111,13 +116,17 @@ class RuntimeServicer:
         return pb.StopPodSandboxResponse()
 
     async def RemovePodSandbox(self, request: pb.RemovePodSandboxRequest, context: Ctx) -> pb.RemovePodSandboxResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         await self.rt.remove_sandbox(request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
 
     async def UpdatePodSandboxResources(self, request: pb.UpdatePodSandboxResourcesRequest,
                                         context: Ctx) -> pb.UpdatePodSandboxResourcesResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         overhead = convert.resources(request.overhead) if request.HasField("overhead") else None
         resources = convert.resources(request.resources) if request.HasField("resources") else None
+        validate.resources(overhead, "overhead")
+        validate.resources(resources, "resources")
         await self.rt.update_sandbox_resources(request.pod_sandbox_id, overhead, resources)
         return pb.UpdatePodSandboxResourcesResponse()
 
@@ -135,6 +144,7 @@ class RuntimeServicer:
         )
 
     async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Ctx) -> pb.PodSandboxStatusResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         rec, info = self.rt.sandbox_status(request.pod_sandbox_id, request.verbose)
         memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet asks often)
         statuses = [self._container_status(c, memo) for c in self.rt.list_containers(sandbox_id=rec.id)
@@ -167,19 +177,24 @@ class RuntimeServicer:
     # -- containers --------------------------------------------------------------------------------
 
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: Ctx) -> pb.CreateContainerResponse:
+        validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         cfg = convert.container_config(request.config)
+        validate.container_config(cfg)
         cid = await self.rt.create_container(request.pod_sandbox_id, cfg)
         return pb.CreateContainerResponse(container_id=cid)
 
     async def StartContainer(self, request: pb.StartContainerRequest, context: Ctx) -> pb.StartContainerResponse:
+        validate.object_id(request.container_id, "container_id")
         await self.rt.start_container(request.container_id)
         return pb.StartContainerResponse()
 
     async def StopContainer(self, request: pb.StopContainerRequest, context: Ctx) -> pb.StopContainerResponse:
+        validate.object_id(request.container_id, "container_id")
         await self.rt.stop_container(request.container_id, request.timeout)
         return pb.StopContainerResponse()
 
     async def RemoveContainer(self, request: pb.RemoveContainerRequest, context: Ctx) -> pb.RemoveContainerResponse:
+        validate.object_id(request.container_id, "container_id")
         await self.rt.remove_container(request.container_id)
         return pb.RemoveContainerResponse()
 
@@ -238,6 +253,7 @@ class RuntimeServicer:
         )
 
     async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx) -> pb.ContainerStatusResponse:
+        validate.object_id(request.container_id, "container_id")
         rec, info = self.rt.container_status(request.container_id, request.verbose)
         return pb.ContainerStatusResponse(status=self._container_status(rec), info=info)
 
@@ -260,17 +276,23 @@ class RuntimeServicer:
 
     async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
                                        context: Ctx) -> pb.UpdateContainerResourcesResponse:
+        validate.object_id(request.container_id, "container_id")
         if not request.HasField("linux"):
-            raise InvalidArgument("UpdateContainerResources needs linux resources")
-        await self.rt.update_resources(request.container_id, convert.resources(request.linux))
+            raise InvalidArgument("linux: UpdateContainerResources needs linux resources")
+        res = convert.resources(request.linux)
+        validate.resources(res, "linux")
+        await self.rt.update_resources(request.container_id, res)
         return pb.UpdateContainerResourcesResponse()
 
     async def ReopenContainerLog(self, request: pb.ReopenContainerLogRequest,
                                  context: Ctx) -> pb.ReopenContainerLogResponse:
+        validate.object_id(request.container_id, "container_id")
         await self.rt.reopen_log(request.container_id)
         return pb.ReopenContainerLogResponse()
 
     async def ExecSync(self, request: pb.ExecSyncRequest, context: Ctx) -> pb.ExecSyncResponse:
+        validate.object_id(request.container_id, "container_id")
+        validate.command(request.cmd)
         code, out, err = await self.rt.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return pb.ExecSyncResponse(stdout=out, stderr=err, exit_code=code)
 

@@ -53,6 +53,7 @@ from moorage.core.errors import (
     MoorageError,
     NotFound,
     RuntimeFailure,
+    clip,
 )
 from moorage.runtime import cgroups
 from moorage.runtime.conmon import (
@@ -181,6 +182,18 @@ def _classify(text: str, cid: str, action: str, root: str = "") -> MoorageError:
             or "cannot delete container" in low or "is paused" in low or "not in `created` or `stopped`" in low:
         return FailedPrecondition(msg)
     return OCIRuntimeError(msg, stderr=text)
+
+
+def exec_start_failure_code(text: str) -> int | None:
+    """The exit code a shell gives a command the runtime could not start, from the runtime's
+    words: 127 for a missing binary, 126 for one that is not executable (as Docker answers);
+    None when the failure is something else (the container, the runtime)."""
+    low = text.lower()
+    if "executable file not found" in low or "no such file or directory" in low:
+        return 127
+    if "permission denied" in low or "exec format error" in low or "is a directory" in low:
+        return 126
+    return None
 
 
 def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -402,9 +415,9 @@ class ExecSession:
         self.exited = True
         if result is None:
             raise OCIRuntimeError(
-                f"conmon for exec {self.cmd!r} in container {self.cid} ended without reporting an exit code")
+                f"conmon for exec {clip(self.cmd)} in container {self.cid} ended without reporting an exit code")
         if result.data < 0 and result.message:
-            raise OCIRuntimeError(f"exec {self.cmd!r} in container {self.cid}: {result.message}")
+            raise OCIRuntimeError(f"exec {clip(self.cmd)} in container {self.cid}: {result.message}")
         return result.data
 
     async def close(self) -> None:
@@ -933,8 +946,9 @@ class OCIRuntime:
         dropped).  *timeout* (seconds, None or <= 0 for none): when it passes, the
         exec'd process and everything it started are SIGKILLed and
         ``DeadlineExceeded`` is raised — the kubelet maps that gRPC code to a
-        probe timeout.  A command the runtime cannot start (missing binary,
-        container not running) raises with the runtime's message.
+        probe timeout.  A binary the runtime cannot find or execute answers exit
+        code 127 or 126 with the runtime's words on stderr (``exec_start_failure_code``);
+        any other failure to start (container not running) raises with them.
         """
         self._check_cid(cid)
         if not cmd:
@@ -1006,22 +1020,27 @@ class OCIRuntime:
                     self._kill_group(proc)
                 await self._finish_exec(proc, readers)
                 raise DeadlineExceeded(
-                    f"command {cmd!r} in container {cid} timed out after {timeout:g}s; it was killed"
+                    f"command {clip(cmd)} in container {cid} timed out after {timeout:g}s; it was killed"
                 )
             await self._finish_exec(proc, readers)
             if exec_pid is None:
                 text = (clean_runtime_error((result.message or "") if result else "")
                         or clean_runtime_error(bytes(err)) or clean_runtime_error(bytes(out))
                         or f"conmon exited with status {proc.returncode}")
-                e = _classify(text, cid, f"{self.handler.name} exec {cmd[0]!r} in", self.root)
+                e = _classify(text, cid, f"{self.handler.name} exec {clip(cmd[0])} in", self.root)
+                code = exec_start_failure_code(text) if type(e) is OCIRuntimeError else None
+                if code is not None:
+                    # As CRI-O: a command that cannot start is an answer, not an error: the
+                    # kubelet's exec probe sees a failed command and the runtime's words.
+                    return code, bytes(out), (text.rstrip("\n") + "\n").encode()
                 raise e
             if result is None:
                 raise OCIRuntimeError(
-                    f"conmon for exec {cmd!r} in container {cid} ended without reporting an exit code "
+                    f"conmon for exec {clip(cmd)} in container {cid} ended without reporting an exit code "
                     f"(status {proc.returncode})"
                 )
             if result.data < 0 and result.message == TIMED_OUT_MESSAGE:
-                raise DeadlineExceeded(f"command {cmd!r} in container {cid} timed out; it was killed")
+                raise DeadlineExceeded(f"command {clip(cmd)} in container {cid} timed out; it was killed")
             return result.data, bytes(out), bytes(err)
         finally:
             if sync_w >= 0:
@@ -1145,7 +1164,7 @@ class OCIRuntime:
         if not text:
             text = self._read_text(conmon_log)
         text = text or f"conmon exited with status {rc}"
-        return _classify(text, sess.cid, f"exec {sess.cmd[0]!r} in", "")
+        return _classify(text, sess.cid, f"exec {clip(sess.cmd[0])} in", "")
 
     def reap_exec_sessions(self) -> builtins.list[int]:
         """Kill exec sessions a previous daemon process left behind; remove their files.

@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-from moorage.core.errors import InvalidArgument
+from moorage.core.errors import InvalidArgument, clip
 from moorage.runtime.model import DNSConfig
 
 MAX_HOST_FILE = 1 << 20
+# A pod without a hostname is named by its metadata name (up to a DNS subdomain's 253); the
+# kernel's 64-byte limit applies to config.hostname alone, which the CRI edge checks.
+MAX_HOSTNAME = 253
 
 DEFAULT_HOSTS = (
     "127.0.0.1\tlocalhost\n"
@@ -23,11 +26,33 @@ DEFAULT_HOSTS = (
 )
 
 
+def checked_hostname(hostname: str) -> str:
+    """``hostname`` if it is one word the kernel takes, else InvalidArgument.
+
+    The CRI edge checks the syntax first; this is the last guard before the name is
+    written into /etc/hostname and /etc/hosts, where a newline or a space would add
+    entries of the caller's choosing.
+    """
+    if len(hostname.encode()) > MAX_HOSTNAME or any(c.isspace() or not c.isprintable() or c == "#"
+                                                    for c in hostname):
+        raise InvalidArgument(f"hostname {clip(hostname)} is not one printable word of at most "
+                              f"{MAX_HOSTNAME} bytes")
+    return hostname
+
+
+def hostname_content(hostname: str) -> str:
+    """The sandbox's /etc/hostname."""
+    return checked_hostname(hostname) + "\n"
+
+
 def hosts_content(hostname: str, host_network: bool, host_hosts: str | None = None, pod_ip: str = "") -> str:
     """The sandbox's /etc/hosts: the node's for host-network pods, else a default."""
     if host_network and host_hosts is not None:
         return host_hosts
     text = DEFAULT_HOSTS
+    checked_hostname(hostname)
+    if pod_ip and any(c.isspace() for c in pod_ip):
+        raise InvalidArgument(f"pod IP {clip(pod_ip)} is not an address")
     if pod_ip and hostname:
         text += f"{pod_ip}\t{hostname}\n"
     return text

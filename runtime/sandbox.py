@@ -89,6 +89,7 @@ class Sandboxes:
             hostname=cfg.hostname or (os.uname().nodename if host_net else cfg.metadata.name),
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
         )
+        podfiles.checked_hostname(meta.hostname)  # the edge checked it; a last guard before any file
         # No await from this check to add_sandbox: two pods cannot both take the same host ids.
         self._check_userns_free(cfg)
         # Reserves the name, or ALREADY_EXISTS naming the holder.
@@ -159,7 +160,7 @@ class Sandboxes:
         # Files the pod's containers bind-mount; in a pod user namespace, owned by the pod's root.
         owner = self._owner(cfg)
         hostname = meta.hostname
-        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n", owner=owner)
+        podfiles.write_atomic(os.path.join(root, "hostname"), podfiles.hostname_content(hostname), owner=owner)
         podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
             cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
         podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(

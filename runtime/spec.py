@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import stat as _stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound, clip
 from moorage.runtime import cgroups as _cgroups
 from moorage.runtime import seccomp as _seccomp
 from moorage.runtime.cdi import CdiMount, Injection
@@ -170,6 +171,10 @@ DEFAULT_READONLY_PATHS: tuple[str, ...] = (
 _IPC_SYSCTL_PREFIXES = ("kernel.shm", "kernel.msg", "fs.mqueue.")
 _IPC_SYSCTLS = ("kernel.sem",)
 _NET_SYSCTL_PREFIX = "net."
+#: /proc/sys path pieces: no whitespace, control characters or '=' (sysctl(8)'s separator).
+_SYSCTL_NAME_CHARS = re.compile(r"[A-Za-z0-9_.:@+/-]+")
+MAX_SYSCTL_NAME = 1024
+MAX_SYSCTL_VALUE = 4096  # a /proc/sys write takes at most a page
 
 # Host /dev entries a privileged container does not get as device nodes
 # (runc provides its own console, pts, shm and mqueue).
@@ -553,8 +558,11 @@ def normalize_sysctl_name(name: str) -> str:
     if first_slash != -1 and (first_dot == -1 or first_slash < first_dot):
         name = name.translate(str.maketrans("./", "/."))
     parts = name.split(".")
-    if any(p in ("", "..") for p in parts) or "\x00" in name or "\n" in name:
-        raise InvalidArgument(f"invalid sysctl name {name!r}")
+    # A '/' left in a component came from a '.' of the slash form (an interface such as
+    # eth0.100); empty pieces there mean '.' or '..' was written: a path game, refused.
+    if (any(p == "" or "" in p.split("/") for p in parts) or len(name) > MAX_SYSCTL_NAME
+            or not _SYSCTL_NAME_CHARS.fullmatch(name)):
+        raise InvalidArgument(f"invalid sysctl name {clip(name)}")
     return name
 
 
@@ -573,8 +581,8 @@ def validate_sysctls(
     out: dict[str, str] = {}
     for raw, value in sysctls.items():
         name = normalize_sysctl_name(raw)
-        if not isinstance(value, str) or "\n" in value or "\x00" in value:
-            raise InvalidArgument(f"invalid value {value!r} for sysctl {name}")
+        if not isinstance(value, str) or "\n" in value or "\x00" in value or len(value) > MAX_SYSCTL_VALUE:
+            raise InvalidArgument(f"invalid value {clip(value)} for sysctl {name}")
         ns = _sysctl_namespace(name)
         if ns is None:
             raise InvalidArgument(

@@ -7,6 +7,33 @@ codes in exactly one place.  Messages are written for a person reading them in
 
 from __future__ import annotations
 
+#: How much of an untrusted value a message may echo (``clip``).
+MAX_ECHO = 256
+#: The longest message a status may carry: gRPC metadata is refused past 16 KiB, and a
+#: message is also one log line.  The edge cuts any longer one (``bound``).
+MAX_MESSAGE = 4096
+
+
+def clip(value: object, limit: int = MAX_ECHO) -> str:
+    """``repr`` of an untrusted value for a message, cut to ``limit`` characters.
+
+    The repr escapes newlines, NULs and control characters, so the echo cannot
+    forge log lines; the cut keeps a 200 KB argv out of a gRPC status.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    head = text[:limit]
+    more = len(text.encode("utf-8", "surrogatepass")) - len(head.encode("utf-8", "surrogatepass"))
+    return f"{head!r}…({more} more bytes)"
+
+
+def bound(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut to ``limit`` characters, saying how much was cut (the edge's last guard)."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}…({len(message) - limit} more characters cut)"
+
 
 class MoorageError(Exception):
     """Base class: an error with a message meant for the API caller."""
@@ -14,6 +41,7 @@ class MoorageError(Exception):
     code = "INTERNAL"
 
     def __init__(self, message: str) -> None:
+        message = bound(message)
         super().__init__(message)
         self.message = message
 
