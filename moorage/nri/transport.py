@@ -125,7 +125,14 @@ class Endpoint:
     def _send(self, conn_id: int, frame: ttrpc.Frame) -> None:
         if self.closed:
             raise ConnectionLost(self.close_reason or "connection closed")
-        self._writer.write(mux.encode(conn_id, ttrpc.encode(frame)))
+        # Header and payload in chunks of their own, as Go's ttrpc writes them: NRI's mux hands a
+        # reader one whole chunk per read, and ttrpc reads the header through a 4 KiB buffer, so a
+        # chunk with a header and more than 4 KiB behind it fails there (ENOMEM).
+        data = ttrpc.encode(frame)
+        out = mux.encode(conn_id, data[:ttrpc.HEADER_LEN])
+        if len(data) > ttrpc.HEADER_LEN:
+            out += mux.encode(conn_id, data[ttrpc.HEADER_LEN:])
+        self._writer.write(out)
 
     async def call(self, service: str, method: str, payload: bytes, timeout: float | None) -> bytes:
         """One unary call; TimeoutError after ``timeout`` seconds (the peer is told the deadline too)."""
