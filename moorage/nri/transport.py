@@ -145,6 +145,8 @@ class Endpoint:
             self._send(self._client_conn, ttrpc.Frame(sid, ttrpc.TYPE_REQUEST, 0, req.SerializeToString()))
             await self._writer.drain()
             resp = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise  # an OSError too, but the peer is slow, not gone
         except (ConnectionError, OSError) as e:
             raise ConnectionLost(f"connection error: {e}") from e
         finally:
