@@ -107,6 +107,8 @@ class NRIPlugin:
                 asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     async def _close(self) -> None:
         if self._endpoint is not None:
