@@ -295,7 +295,9 @@ class Adaptation:
         plugin.close(reason)
         if plugin in self.plugins:
             self.plugins.remove(plugin)
-            log.warning("NRI: plugin %s dropped: %s", plugin.qualified, reason)
+            # a plugin leaving on its own is ordinary; one dropped for a fault is not
+            level = logging.INFO if reason == "connection closed by peer" else logging.WARNING
+            log.log(level, "NRI: plugin %s gone: %s", plugin.qualified, reason)
 
     async def _reap(self, plugin: Plugin) -> None:
         proc = self._procs.pop(plugin, None)
