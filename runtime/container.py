@@ -177,11 +177,16 @@ class Containers:
                 async with self.ctx.lock(sb.id):
                     self._check_sandbox_accepts(sb)
             except BaseException as exc:
+                seen_by_hooks = rec.status.phase != ContainerPhase.CREATING  # its CreateContainer hook may have run
                 try:
                     await asyncio.shield(self._destroy(rec))
                 except Exception as cleanup:
                     log.exception("cleanup of failed container %s", cid)
                     self._mark_create_failed(rec, exc, cleanup)
+                if seen_by_hooks:
+                    # NRI plugins that answered its creation (and perhaps reserved something for it) learn
+                    # it is gone, as containerd undoes a failed create; never raises.
+                    await asyncio.shield(self.ctx.hooks.remove_container(sb, rec))
                 raise
         return rec
 

@@ -322,9 +322,11 @@ class Sandboxes:
                 raise NotFound(f"pod sandbox {rec.id} not found (it was removed)")
             if rec.status.resources_updated and rec.pod_resources() == (overhead, resources):
                 return
+            await self.ctx.hooks.update_pod_sandbox(rec, overhead, resources)  # a plugin error fails the call
             rec.update(lambda s: replace(s, overhead=copy.deepcopy(overhead), resources=copy.deepcopy(resources),
                                          resources_updated=True))
         log.info("pod sandbox resources updated", extra={"fields": {"id": rec.id}})
+        await self.ctx.hooks.post_update_pod_sandbox(rec)
 
     # -- status and list ----------------------------------------------------------------------
 

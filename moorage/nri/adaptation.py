@@ -352,6 +352,20 @@ class Adaptation:
         await self._each(nri.REMOVE_POD_SANDBOX, "RemovePodSandbox", nri.RemovePodSandboxRequest(pod=convert.pod(sb)),
                          nri.RemovePodSandboxResponse, fail=False)
 
+    async def update_pod_sandbox(self, sb: Sandbox, overhead: LinuxContainerResources | None,
+                                 resources: LinuxContainerResources | None) -> None:
+        req = nri.UpdatePodSandboxRequest(pod=convert.pod(sb))
+        if overhead is not None:
+            req.overhead_linux_resources.CopyFrom(convert.resources_from_model(overhead))
+        if resources is not None:
+            req.linux_resources.CopyFrom(convert.resources_from_model(resources))
+        await self._each(nri.UPDATE_POD_SANDBOX, "UpdatePodSandbox", req, nri.UpdatePodSandboxResponse, fail=True)
+
+    async def post_update_pod_sandbox(self, sb: Sandbox) -> None:
+        await self._each(nri.POST_UPDATE_POD_SANDBOX, "PostUpdatePodSandbox",
+                         nri.PostUpdatePodSandboxRequest(pod=convert.pod(sb)), nri.PostUpdatePodSandboxResponse,
+                         fail=False)
+
     async def create_container(self, sb: Sandbox, ctr: Container, spec: dict) -> ContainerAdjustment | None:
         self._ctrs_stopped.discard(ctr.id)
         if not self.plugins:
@@ -364,6 +378,7 @@ class Adaptation:
             result.adjust_with(plugin, resp.adjust)
             result.update_with(plugin, [u for u in resp.update if u.container_id != ctr.id])
             result.evict_with(plugin, resp.evict)
+        await self._validate(req, result)
         bad = convert.unsupported(result.adjust)
         if bad:
             raise FailedPrecondition(f"NRI adjustment of container {ctr.id} asks for what moorage does not "
@@ -372,6 +387,21 @@ class Adaptation:
         if result.updates or result.evictions:
             self._spawn(self._apply_updates("CreateContainer", list(result.updates.values()), result.evictions))
         return adj
+
+    async def _validate(self, req: nri.CreateContainerRequest, result: merge.Result) -> None:
+        """Validating plugins (NRI's ValidateContainerAdjustment) see the merged result and may reject it."""
+        validators = [p for p in self.plugins if p.subscribed(nri.VALIDATE_CONTAINER_ADJUSTMENT)]
+        if not validators:
+            return
+        vreq = nri.ValidateContainerAdjustmentRequest(
+            pod=req.pod, container=req.container, adjust=result.adjust, update=list(result.updates.values()),
+            plugins=[nri.PluginInstance(name=p.name, index=p.idx) for p in self.plugins
+                     if p.subscribed(nri.CREATE_CONTAINER)])
+        for name, resp in await self._each(nri.VALIDATE_CONTAINER_ADJUSTMENT, "ValidateContainerAdjustment", vreq,
+                                           nri.ValidateContainerAdjustmentResponse, fail=True):
+            if resp.reject:
+                raise FailedPrecondition(f"NRI validator {name} rejected the adjustment of container "
+                                         f"{req.container.id}: {convert.clean_text(resp.reason)}")
 
     async def post_create_container(self, sb: Sandbox, ctr: Container) -> None:
         await self._notify(nri.POST_CREATE_CONTAINER, "PostCreateContainer", nri.PostCreateContainerRequest,

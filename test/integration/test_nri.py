@@ -129,7 +129,8 @@ def test_every_lifecycle_event_once_and_in_order(nenv: NRIEnv) -> None:
     env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)  # again: no event
     env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
     assert [m for m in p.methods() if m not in ("Configure", "Synchronize")] == [
-        "RunPodSandbox", "CreateContainer", "PostCreateContainer", "StartContainer", "PostStartContainer",
+        "RunPodSandbox", "CreateContainer", "ValidateContainerAdjustment", "PostCreateContainer", "StartContainer",
+        "PostStartContainer",
         "UpdateContainer", "PostUpdateContainer", "StopContainer", "RemoveContainer", "StopPodSandbox",
         "RemovePodSandbox"]
     upd = p.seen("UpdateContainer")[0]
@@ -260,6 +261,10 @@ def test_two_plugins_adjusting_one_field_conflict(nenv: NRIEnv) -> None:
     assert f"NRI plugins 10-{a.name} and 20-{b.name} conflict: both adjust annotation nri.test/k" in e.value.details()
     listed = env.rt.ListContainers(pb.ListContainersRequest(), timeout=30).containers
     assert [c for c in listed if c.metadata.name == "conflicted"] == []
+    # both answered its creation: both hear that it is gone (a plugin may have reserved something for it)
+    for p in (a, b):
+        gone = p.wait_for("RemoveContainer", lambda r: r.container.name == "conflicted")
+        assert gone.container.id == p.seen("CreateContainer")[0].container.id
 
 
 def test_a_plugin_error_fails_run_pod_sandbox_and_leaves_nothing(nenv: NRIEnv) -> None:
@@ -382,3 +387,42 @@ def test_a_pre_installed_plugin_is_launched_with_its_config(registry: registrymo
     finally:
         teardown(d)
         remove_cgroup_tree(parent)
+
+
+def test_a_validator_sees_the_merged_adjustment_and_may_reject_it(nenv: NRIEnv) -> None:
+    env = nenv.env
+
+    def adjust(req: Any) -> nri.CreateContainerResponse:
+        return nri.CreateContainerResponse(adjust=nri.ContainerAdjustment(annotations={"nri.test/v": req.container.name}))
+
+    def validate(req: Any) -> nri.ValidateContainerAdjustmentResponse:
+        bad = req.adjust.annotations.get("nri.test/v") == "rejected"
+        return nri.ValidateContainerAdjustmentResponse(reject=bad, reason="no rejected containers here")
+
+    adjuster = nenv.plugin("adj", "10", handlers={"CreateContainer": adjust})
+    validator = nenv.plugin("validator", "90", events=[nri.VALIDATE_CONTAINER_ADJUSTMENT],
+                            handlers={"ValidateContainerAdjustment": validate})
+    sid, pcfg = env.run_pod()
+    with pytest.raises(grpc.RpcError) as e:
+        env.create(sid, pcfg, SLEEP, name="rejected")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"NRI validator 90-{validator.name} rejected the adjustment of container" in e.value.details()
+    assert "no rejected containers here" in e.value.details()
+    cid = env.create(sid, pcfg, SLEEP, name="accepted")
+    assert nenv.spec(cid)["annotations"]["nri.test/v"] == "accepted"
+    req = validator.seen("ValidateContainerAdjustment")[-1]
+    assert req.container.id == cid and [(p.name, p.index) for p in req.plugins] == [(adjuster.name, "10")]
+    assert validator.seen("CreateContainer") == []  # it subscribed to validation only
+
+
+def test_pod_resource_updates_reach_plugins(nenv: NRIEnv) -> None:
+    env = nenv.env
+    p = nenv.plugin("podupdates")
+    sid, _ = env.run_pod()
+    env.rt.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id=sid, resources=pb.LinuxContainerResources(memory_limit_in_bytes=128 << 20, cpu_shares=512)),
+        timeout=30)
+    upd = p.wait_for("UpdatePodSandbox", lambda r: r.pod.id == sid)
+    assert upd.linux_resources.memory.limit.value == 128 << 20 and upd.linux_resources.cpu.shares.value == 512
+    assert not upd.HasField("overhead_linux_resources")
+    p.wait_for("PostUpdatePodSandbox", lambda r: r.pod.id == sid)
