@@ -100,7 +100,28 @@ def _check_items(cfg: configmod.Config) -> list[tuple[str, bool, str]]:
     items.append(_hugetlb_item(cfg))
     items.append(cli_admin.cgroup_driver_item(cfg.runtime.cgroup_driver))
     items.append(_cdi_item(cfg))
+    items.append(_nri_item(cfg))
     return items
+
+
+def _nri_item(cfg: configmod.Config) -> tuple[str, bool, str]:
+    """NRI: on or off, where plugins connect, and the pre-installed plugins the daemon launches."""
+    from moorage.nri.adaptation import discover_plugins
+
+    n = cfg.nri
+    if not n.enable:
+        return "NRI", True, "disabled (nri.enable = false): no plugins are called"
+    if n.disable_connections:
+        where = "external connections disabled (nri.disable_connections = true)"
+    else:
+        up = os.path.exists(n.socket_path)
+        where = f"socket {n.socket_path} ({'present: a daemon serves it' if up else 'absent until the daemon starts'})"
+    good, bad = discover_plugins(n.plugin_path)
+    plugins = f"pre-installed plugins in {n.plugin_path}: {', '.join(good) if good else 'none'}"
+    hint = f"enabled; {where}; {plugins}"
+    if bad:
+        return "NRI", True, f"{cli_admin.WARNING}{hint}; ignored (not named NN-name): {', '.join(bad)}"
+    return "NRI", True, hint
 
 
 def _cdi_item(cfg: configmod.Config) -> tuple[str, bool, str]:

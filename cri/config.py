@@ -105,6 +105,18 @@ class CNIConfig:
 
 
 @dataclass
+class NRIConfig:
+    enable: bool = True
+    socket_path: str = "/var/run/nri/nri.sock"
+    plugin_path: str = "/opt/nri/plugins"
+    plugin_config_path: str = "/etc/nri/conf.d"
+    plugin_registration_timeout: float = 5.0
+    plugin_request_timeout: float = 2.0
+    disable_connections: bool = False
+    fail_on_plugin_loss: bool = False
+
+
+@dataclass
 class StreamingConfig:
     address: str = "127.0.0.1"
     port: int = 0  # 0: a free port
@@ -139,6 +151,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     cni: CNIConfig = field(default_factory=CNIConfig)
+    nri: NRIConfig = field(default_factory=NRIConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -241,6 +254,10 @@ def validate(cfg: Config, where: str = "config") -> Config:
     _check(where, "images.stall_timeout", cfg.images.stall_timeout > 0, "must be positive")
     _validate_images(cfg, where)
     _check(where, "cni.plugin_timeout", cfg.cni.plugin_timeout > 0, "must be positive")
+    for k in ("plugin_registration_timeout", "plugin_request_timeout"):
+        _check(where, f"nri.{k}", getattr(cfg.nri, k) > 0, "must be positive")
+    for k in ("socket_path", "plugin_path", "plugin_config_path"):
+        _check(where, f"nri.{k}", getattr(cfg.nri, k).startswith("/"), "must be an absolute path")
     _check(where, "streaming.port", 0 <= cfg.streaming.port <= 65535, "must be a port number (0 for a free one)")
     _check(
         where, "streaming.tls_key", bool(cfg.streaming.tls_cert) == bool(cfg.streaming.tls_key), "tls_cert and tls_key go together"
@@ -565,6 +582,16 @@ DOCS: dict[str, str] = {
     "cni.network_name": "The network to use; empty: the first valid one in conf_dir.",
     "cni.conf_template": "Written for UpdateRuntimeConfig's pod CIDR when conf_dir is empty.",
     "cni.netns_dir": "Where pod network namespaces are pinned; empty: <state_dir>/netns.",
+    "nri": "NRI (Node Resource Interface): plugins that observe and adjust pods and containers.",
+    "nri.enable": "Run NRI: serve plugins and call them at each pod and container event.",
+    "nri.socket_path": "Unix socket external NRI plugins connect to.",
+    "nri.plugin_path": "Pre-installed plugins (executables named NN-name), launched at start.",
+    "nri.plugin_config_path": "Configs of pre-installed plugins: NN-name.conf or name.conf.",
+    "nri.plugin_registration_timeout": "Seconds a plugin may take to register and synchronize.",
+    "nri.plugin_request_timeout": "Seconds a plugin may take to answer an event; then it is dropped.",
+    "nri.disable_connections": "Do not listen on socket_path: only pre-installed plugins.",
+    "nri.fail_on_plugin_loss": ("A plugin that times out or disconnects during a CRI call fails that call "
+                                "(DEADLINE_EXCEEDED/UNAVAILABLE); false: the call goes on without it, as containerd."),
     "streaming": "The exec/attach/port-forward streaming server.",
     "streaming.address": "Listen address.",
     "streaming.port": "Listen port; 0: a free one.",

@@ -24,6 +24,7 @@ from moorage.cri.rpc_streaming import StreamingRPCs
 from moorage.cri.runtime_service import RuntimeServicer
 from moorage.cri.streaming_backend import build_streaming
 from moorage.images.service import ImageService, ImageSettings
+from moorage.nri.adaptation import Adaptation, NRISettings
 from moorage.runtime.service import Runtime, RuntimeSettings
 from moorage.runtime.spec import RuntimeSpecConfig
 from moorage.runtime.stats import StatsCollector
@@ -108,6 +109,16 @@ def image_settings(cfg: configmod.Config) -> ImageSettings:
     )
 
 
+def nri_settings(cfg: configmod.Config) -> NRISettings:
+    n = cfg.nri
+    return NRISettings(
+        enable=n.enable, socket_path=n.socket_path, plugin_path=n.plugin_path,
+        plugin_config_path=n.plugin_config_path, registration_timeout=n.plugin_registration_timeout,
+        request_timeout=n.plugin_request_timeout, disable_connections=n.disable_connections,
+        fail_on_plugin_loss=n.fail_on_plugin_loss,
+    )
+
+
 def _observe(op: str, secs: float) -> None:
     if op.startswith("oci"):
         METRICS.oci_seconds.labels(op).observe(secs)
@@ -121,7 +132,12 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
                      cfg.cni.network_name or None)
     images = ImageService(image_settings(cfg), store, metrics=METRICS)
     METRICS.json_routes["/debug/pulls"] = lambda: {"pulls": images.pulls.snapshot()}  # `moorage images pull` reads it
-    runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe)
+    # NRI sits between the CRI front and the runtime: the runtime calls it through its hooks port,
+    # and it sends the plugins' own updates and evictions back to the runtime.
+    nri = Adaptation(nri_settings(cfg)) if cfg.nri.enable else None
+    runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe, hooks=nri)
+    if nri is not None:
+        nri.attach(runtime)
     images.in_use = runtime.images_in_use
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
@@ -132,6 +148,6 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
         streaming=StreamingRPCs(runtime, streaming),
         stats=StatsRPCs(runtime, StatsCollector(runtime), batching),
         images=ImageServicer(images, batching, handlers=tuple(cfg.runtime.handlers)),
-        components=[images, runtime, streaming],
+        components=[images, runtime, *([nri] if nri is not None else []), streaming],
         reload_targets=ReloadTargets(images=images, network=cni, runtime=runtime),
     )

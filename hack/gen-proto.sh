@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the CRI v1 Python bindings (moorage.cri.api: api_pb2.py, api_pb2.pyi,
-# api_pb2_grpc.py) from cri/api/api.proto. Safe to run repeatedly.
+# api_pb2_grpc.py) from cri/api/api.proto, and the NRI messages (moorage.nri.api:
+# api_pb2.py/.pyi from NRI's api.proto, ttrpc_pb2.py/.pyi from ttrpc.proto). NRI speaks
+# ttrpc, not gRPC, so no service stubs are generated for it. Safe to run repeatedly.
 #
 #   hack/gen-proto.sh              # uses .venv/bin/python
 #   PYTHON=/path/to/python hack/gen-proto.sh
@@ -31,3 +33,13 @@ fi
 
 "$PYTHON" -c 'from moorage.cri.api import api_pb2, api_pb2_grpc'
 echo "gen-proto: regenerated $OUT/api_pb2.py, api_pb2.pyi, api_pb2_grpc.py"
+
+NRI=moorage/nri/api   # a real package (not a symlink)
+"$PYTHON" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. "$NRI/api.proto" "$NRI/ttrpc.proto"
+# NRI's Field enum has a value named None: legal in protobuf, not as a Python stub name
+# (api_pb2.Field.Value("None") still reaches it).
+# LinuxIOPriority's field "class" is a keyword: the stub takes it as **kwargs, typed here.
+sed -i -E 's/, \*\*kwargs\) -> None/, **kwargs: object) -> None/' "$NRI/api_pb2.pyi"
+sed -i -E '/^(    )?None: _?(ClassVar\[)?Field\]?$/d' "$NRI/api_pb2.pyi"
+"$PYTHON" -c 'from moorage.nri.api import api_pb2, ttrpc_pb2'
+echo "gen-proto: regenerated $NRI/api_pb2.py, api_pb2.pyi, ttrpc_pb2.py, ttrpc_pb2.pyi"

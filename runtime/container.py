@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 import os
@@ -154,6 +155,15 @@ class Containers:
             # The container's own stop signal overrides the image's STOPSIGNAL (as containerd).
             stop_signal=cfg.stop_signal or ImageConfig.from_oci(image.config).stop_signal,
         )
+        async with self.ctx.hooks.creating():  # an NRI plugin synchronizing sees it or its event
+            rec = await self._create_hidden(sb, cfg, meta, image, volume_images, cdi_req)
+        self.ctx.events.publish(cid, events.EventType.CREATED, sb.id)
+        await self.ctx.hooks.post_create_container(sb, rec)
+        return cid
+
+    async def _create_hidden(self, sb: Sandbox, cfg: ContainerConfig, meta: ContainerMeta, image: ImageRecord,
+                             volume_images: dict[int, ImageRecord], cdi_req: cdi.Injection | None) -> Container:
+        cid = meta.id
         self._check_sandbox_accepts(sb)  # removed or stopped while we waited to run
         rec = self.ctx.add_container(meta, ContainerStatus(phase=ContainerPhase.CREATING))  # reserves the name
         async with self.ctx.lock(cid):
@@ -167,14 +177,18 @@ class Containers:
                 async with self.ctx.lock(sb.id):
                     self._check_sandbox_accepts(sb)
             except BaseException as exc:
+                seen_by_hooks = rec.status.phase != ContainerPhase.CREATING  # its CreateContainer hook may have run
                 try:
                     await asyncio.shield(self._destroy(rec))
                 except Exception as cleanup:
                     log.exception("cleanup of failed container %s", cid)
                     self._mark_create_failed(rec, exc, cleanup)
+                if seen_by_hooks:
+                    # NRI plugins that answered its creation (and perhaps reserved something for it) learn
+                    # it is gone, as containerd undoes a failed create; never raises.
+                    await asyncio.shield(self.ctx.hooks.remove_container(sb, rec))
                 raise
-        self.ctx.events.publish(cid, events.EventType.CREATED, sb.id)
-        return cid
+        return rec
 
     def _mark_create_failed(self, rec: Container, exc: BaseException, cleanup: BaseException) -> None:
         """Creation failed and so did its clean-up: leave a visible EXITED container that
@@ -239,7 +253,8 @@ class Containers:
             target_pid = target.status.pid
         root = self.ctx.sandbox_root(sb.id)
         s = self.ctx.s
-        c_spec = spec.build_container_spec(
+        build = functools.partial(
+            spec.build_container_spec,
             cfg, img_cfg, container_id=cid, sandbox_id=sb.id, sandbox_cfg=sb.metadata.config, rootfs=rootfs,
             sandbox_pid=sb.status.pid or None, netns_path=sb.status.netns_path or None, uid=uid, gid=gid,
             additional_gids=gids, home=home,
@@ -249,6 +264,12 @@ class Containers:
             shm_path=sb.metadata.shm_path or None, target_pid=target_pid, hostname=sb.metadata.hostname or None,
             host=self.ctx.host, cdi=cdi_req,
         )
+        c_spec = build()
+        # NRI plugins see the container as the CRI config makes it and may adjust it; their
+        # changes go through the same pure builder.  A plugin error fails the create.
+        adjustment = await self.ctx.hooks.create_container(sb, rec, c_spec)
+        if adjustment is not None and not adjustment.empty():
+            c_spec = build(adjust=adjustment)
         await self._check_handler_features(cfg, sb.metadata.runtime_handler)
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump(restrict_oom_score_adj(c_spec), f)
@@ -334,6 +355,7 @@ class Containers:
             bundle = os.path.join(self.ctx.container_state(rec.id), "bundle")
             rt = self.ctx.oci(rec.metadata.runtime_handler)
             log_path = rec.metadata.log_path or os.path.join(self.ctx.container_state(rec.id), "ctr.log")
+            await self.ctx.hooks.start_container(sb, rec)
             rec.update(lambda s: replace(s, phase=ContainerPhase.STARTING))
             pid = 0
             try:
@@ -356,10 +378,12 @@ class Containers:
                                              exit_code=128, finished_at=now_ns(), reason="StartError",
                                              message=failure))
                 self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.metadata.sandbox_id)
+                await self.ctx.hooks.stop_container(sb, rec)
                 raise
             rec.update(lambda s: replace(s, phase=None, state=ContainerState.RUNNING, pid=pid, started_at=started))
             self.ctx.watch_exit(rec.id, rec.metadata.runtime_handler, self._on_exit)
         self.ctx.events.publish(rec.id, events.EventType.STARTED, rec.metadata.sandbox_id)
+        await self.ctx.hooks.post_start_container(sb, rec)
 
     async def _on_exit(self, cid: str) -> None:
         rec = self.ctx.containers.get(cid)
@@ -377,6 +401,10 @@ class Containers:
         self.ctx.events.publish(cid, events.EventType.STOPPED, rec.metadata.sandbox_id)
         log.info("container exited", extra={"fields": {"id": cid, "exit_code": rec.status.exit_code,
                                                        "reason": rec.status.reason}})
+        # Before a StopContainer waiting for this exit returns: plugins see stop before remove.
+        sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
+        if sb is not None:
+            await self.ctx.hooks.stop_container(sb, rec)
 
     # -- StopContainer -------------------------------------------------------------------------
 
@@ -461,6 +489,10 @@ class Containers:
             if rec.id in self.ctx.containers:
                 await self._destroy(rec)
                 self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.metadata.sandbox_id)
+                sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
+                if sb is not None:
+                    await self.ctx.hooks.stop_container(sb, rec)  # once per container: a no-op if seen
+                    await self.ctx.hooks.remove_container(sb, rec)
 
     async def _destroy(self, rec: Container) -> None:
         cid = rec.id
@@ -479,6 +511,9 @@ class Containers:
 
     def status(self, cid: str, verbose: bool = False) -> tuple[Container, dict[str, str]]:
         rec = self.ctx.get_container(cid)
+        if rec.status.phase in (ContainerPhase.CREATING, ContainerPhase.SPEC):
+            # Not created yet (NRI plugins may still be adjusting it), as List hides it.
+            raise NotFound(f"container {rec.id} not found (it is still being created)")
         info: dict[str, str] = {}
         if verbose:
             try:
@@ -541,10 +576,15 @@ class Containers:
                 max_output=self.ctx.s.exec_sync_max_output))
         return result
 
-    async def update_resources(self, cid: str, res: LinuxContainerResources) -> None:
+    async def update_resources(self, cid: str, res: LinuxContainerResources, *, hooks: bool = True) -> None:
+        """UpdateContainerResources; NRI plugins may adjust ``res`` first.  ``hooks=False`` is
+        for the updates NRI plugins ask themselves (same path, no second round of hooks)."""
         rec = self.ctx.get_container(cid)
+        sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
         async with self.ctx.lock(rec.id):
             self._still_there(rec)
+            if hooks and sb is not None:
+                res = await self.ctx.hooks.update_container(sb, rec, res)
             state = rec.status.state
             if state == ContainerState.RUNNING:
                 await self.ctx.timed("oci_update", self.ctx.oci(rec.metadata.runtime_handler).update(
@@ -561,6 +601,8 @@ class Containers:
                     json.dump(c_spec, f)
             # Kept for ContainerStatus and for a later start.
             rec.update(lambda s: replace(s, resources=copy.deepcopy(res)))
+        if hooks and sb is not None:
+            await self.ctx.hooks.post_update_container(sb, rec)
 
     async def reopen_log(self, cid: str) -> None:
         rec = self.running(cid)

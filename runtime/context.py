@@ -26,7 +26,7 @@ from moorage.runtime import features as featuresmod
 from moorage.runtime import oci as ocimod
 from moorage.runtime import records
 from moorage.runtime.events import EventHub
-from moorage.runtime.ports import ImageProvider, PodNetwork
+from moorage.runtime.ports import ImageProvider, LifecycleHooks, NoHooks, PodNetwork
 from moorage.runtime.records import (
     Container,
     ContainerMeta,
@@ -82,8 +82,11 @@ def _explain_failed_holder(name: str, recs: Iterable[Sandbox | Container], remov
 
 class RuntimeContext:
     def __init__(self, settings: RuntimeSettings, store: Store, images: ImageProvider, network: PodNetwork | None,
-                 events: EventHub, host: HostLookups, observe: Callable[[str, float], None]) -> None:
+                 events: EventHub, host: HostLookups, observe: Callable[[str, float], None],
+                 hooks: LifecycleHooks | None = None) -> None:
         self.s = settings
+        #: NRI's lifecycle hooks (runtime/ports.py); no-ops when NRI is off
+        self.hooks: LifecycleHooks = hooks if hooks is not None else NoHooks()
         self.store = store
         self.images = images
         self.network = network

@@ -92,19 +92,20 @@ class Sandboxes:
         podfiles.checked_hostname(meta.hostname)  # the edge checked it; a last guard before any file
         # No await from this check to add_sandbox: two pods cannot both take the same host ids.
         self._check_userns_free(cfg)
-        # Reserves the name, or ALREADY_EXISTS naming the holder.
-        rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
-        try:
-            async with self.ctx.lock(sid):
-                await self._setup(rec, host_net, ipc_mode)
-        except BaseException as exc:
-            log.warning("RunPodSandbox %s failed, cleaning up: %s", name, error_text(exc))
+        async with self.ctx.hooks.creating():  # an NRI plugin synchronizing sees it or its event
+            # Reserves the name, or ALREADY_EXISTS naming the holder.
+            rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
             try:
-                await asyncio.shield(self.teardown(rec, remove=True))
-            except Exception as cleanup:
-                log.exception("cleanup of failed sandbox %s", sid)
-                self._mark_create_failed(rec, exc, cleanup)
-            raise
+                async with self.ctx.lock(sid):
+                    await self._setup(rec, host_net, ipc_mode)
+            except BaseException as exc:
+                log.warning("RunPodSandbox %s failed, cleaning up: %s", name, error_text(exc))
+                try:
+                    await asyncio.shield(self.teardown(rec, remove=True))
+                except Exception as cleanup:
+                    log.exception("cleanup of failed sandbox %s", sid)
+                    self._mark_create_failed(rec, exc, cleanup)
+                raise
         # As containerd does, sandbox lifecycle events carry the sandbox id as container_id.
         self.ctx.events.publish(sid, events.EventType.CREATED, sid)
         self.ctx.events.publish(sid, events.EventType.STARTED, sid)
@@ -209,6 +210,9 @@ class Sandboxes:
             rec.update(lambda s: replace(s, netns_path=netns_path, pid=pid, phase=SandboxPhase.NETWORK))
             await self._setup_network(rec, self.ctx.network, netns_path)
         await self.ctx.timed("oci_start", rt.start(sid))
+        rec.update(lambda s: replace(s, pid=pid))
+        # NRI plugins see the pod while it is still hidden and not ready; a plugin error fails the call.
+        await self.ctx.hooks.run_pod_sandbox(rec)
         rec.update(lambda s: replace(s, pid=pid, state=SandboxState.READY, phase=None))
         self.ctx.watch_exit(sid, meta.runtime_handler, self._on_infra_exit)
         log.info("pod sandbox ready", extra={"fields": {"id": sid, "name": rec.name, "pid": pid,
@@ -246,12 +250,16 @@ class Sandboxes:
 
     async def stop(self, rec: Sandbox) -> None:
         async with self.ctx.lock(rec.id):
+            # Its containers are stopped already (the facade's order); the pod is still there.
+            await self.ctx.hooks.stop_pod_sandbox(rec)
             await self.teardown(rec, remove=False)
 
     async def remove(self, rec: Sandbox) -> None:
         async with self.ctx.lock(rec.id):
             if rec.id in self.ctx.sandboxes:
+                await self.ctx.hooks.stop_pod_sandbox(rec)  # once per pod: a no-op after StopPodSandbox
                 await self.teardown(rec, remove=True)
+                await self.ctx.hooks.remove_pod_sandbox(rec)
                 self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.id)
 
     async def teardown(self, rec: Sandbox, remove: bool) -> None:
@@ -315,9 +323,11 @@ class Sandboxes:
                 raise NotFound(f"pod sandbox {rec.id} not found (it was removed)")
             if rec.status.resources_updated and rec.pod_resources() == (overhead, resources):
                 return
+            await self.ctx.hooks.update_pod_sandbox(rec, overhead, resources)  # a plugin error fails the call
             rec.update(lambda s: replace(s, overhead=copy.deepcopy(overhead), resources=copy.deepcopy(resources),
                                          resources_updated=True))
         log.info("pod sandbox resources updated", extra={"fields": {"id": rec.id}})
+        await self.ctx.hooks.post_update_pod_sandbox(rec)
 
     # -- status and list ----------------------------------------------------------------------
 

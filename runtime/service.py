@@ -10,7 +10,9 @@ restart is ``Runtime.start``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 
@@ -22,7 +24,7 @@ from moorage.runtime.events import EventHub
 from moorage.runtime.features import FeatureProbe
 from moorage.runtime.model import ContainerConfig, LinuxContainerResources, PodSandboxConfig
 from moorage.runtime.oci import OCIRuntime, OCIRuntimeAPI
-from moorage.runtime.ports import ImageProvider, PodNetwork
+from moorage.runtime.ports import ImageProvider, LifecycleHooks, PodNetwork
 from moorage.runtime.records import Container, ContainerState, Sandbox, SandboxState
 from moorage.runtime.sandbox import Sandboxes
 from moorage.runtime.spec import HostLookups
@@ -35,9 +37,9 @@ log = logging.getLogger("moorage.runtime")
 class Runtime:
     def __init__(self, settings: RuntimeSettings, store: Store, images: ImageProvider, cni: PodNetwork | None,
                  events: EventHub | None = None, host: HostLookups | None = None,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None, hooks: LifecycleHooks | None = None) -> None:
         self.ctx = RuntimeContext(settings, store, images, cni, events or EventHub(), host or HostLookups(),
-                                  observe or (lambda op, secs: None))
+                                  observe or (lambda op, secs: None), hooks)
         self.sandbox_ops = Sandboxes(self.ctx)
         self.container_ops = Containers(self.ctx)
         self.events.bind(self.capture_pod)  # events carry the pod state at publish time
@@ -168,6 +170,19 @@ class Runtime:
 
     async def update_resources(self, cid: str, res: LinuxContainerResources) -> None:
         await self.container_ops.update_resources(cid, res)
+
+    async def update_resources_unhooked(self, cid: str, res: LinuxContainerResources) -> None:
+        """An update an NRI plugin asked: UpdateContainerResources' path without the NRI hooks."""
+        await self.container_ops.update_resources(cid, res, hooks=False)
+
+    def container_spec(self, cid: str) -> dict | None:
+        """The OCI spec a container was created with (its bundle's config.json), if readable."""
+        try:
+            with open(os.path.join(self.ctx.container_state(cid), "bundle", "config.json")) as f:
+                spec: dict = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return spec
 
     async def reopen_log(self, cid: str) -> None:
         await self.container_ops.reopen_log(cid)

@@ -14,6 +14,7 @@ moorage's design asks (an empty infra rootfs running ``catatonit -P``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import posixpath
@@ -22,10 +23,12 @@ import stat as _stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, NotFound, clip
 from moorage.runtime import cgroups as _cgroups
 from moorage.runtime import seccomp as _seccomp
+from moorage.runtime.adjust import ContainerAdjustment
 from moorage.runtime.cdi import CdiMount, Injection
 from moorage.runtime.cdi import DeviceNode as CdiDeviceNode
 from moorage.runtime.model import (
@@ -1211,6 +1214,7 @@ def build_container_spec(
     hostname: str | None = None,
     host: HostLookups = HostLookups(),
     cdi: Injection | None = None,
+    adjust: ContainerAdjustment | None = None,
 ) -> dict:
     """The spec of an application container in a running sandbox.
 
@@ -1221,6 +1225,7 @@ def build_container_spec(
     ``uid``/``gid``/``additional_gids``/``home`` come from ``users.resolve_user``.
     ``cdi`` is the container's resolved CDI request (runtime/cdi.py): its edits are applied
     on top of what the CRI config asks (its env wins, its device nodes and mounts are added).
+    ``adjust`` is what NRI plugins asked (runtime/adjust.py), applied last, over everything.
     """
     if not container_id:
         raise InvalidArgument("container id is empty")
@@ -1478,7 +1483,85 @@ def build_container_spec(
                 hook["timeout"] = h.timeout
             hooks.setdefault(h.hook_name, []).append(hook)
         out["hooks"] = hooks
+    if adjust is not None:
+        apply_adjustment(out, adjust)
     return out
+
+
+def _deep_merge(base: dict, over: Mapping[str, Any]) -> dict:
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def apply_adjustment(out: dict, adj: ContainerAdjustment) -> None:
+    """Apply an NRI adjustment to a built container spec, in place: removals first, then
+    additions, each replacing what has the same key (env name, mount destination, device path,
+    rlimit type)."""
+    ann = out.setdefault("annotations", {})
+    for k in adj.remove_annotations:
+        ann.pop(k, None)
+    ann.update(adj.annotations)
+    proc = out["process"]
+    if adj.args is not None:
+        if not adj.args:
+            raise InvalidArgument("NRI adjustment: args must not be empty")
+        proc["args"] = list(adj.args)
+    if adj.remove_env or adj.env:
+        gone = set(adj.remove_env) | {k for k, _ in adj.env}
+        proc["env"] = [e for e in proc.get("env", []) if e.split("=", 1)[0] not in gone]
+        proc["env"] += [f"{k}={v}" for k, v in adj.env]
+    if adj.rlimits:
+        kinds = {r.type for r in adj.rlimits}
+        proc["rlimits"] = [r for r in proc.get("rlimits", []) if r["type"] not in kinds]
+        proc["rlimits"] += [{"type": r.type, "hard": r.hard, "soft": r.soft} for r in adj.rlimits]
+    if adj.oom_score_adj is not None:
+        proc["oomScoreAdj"] = adj.oom_score_adj
+    if adj.remove_mounts or adj.mounts:
+        gone = {_clean_abs(d, "NRI mount destination") for d in (*adj.remove_mounts, *(m.destination for m in adj.mounts))}
+        out["mounts"] = [m for m in out.get("mounts", []) if m["destination"] not in gone]
+        for m in adj.mounts:
+            mobj: dict = {"destination": _clean_abs(m.destination, "NRI mount destination"), "type": m.type or "bind",
+                          "source": m.source}
+            if m.options:
+                mobj["options"] = list(m.options)
+            out["mounts"].append(mobj)
+        out["mounts"].sort(key=lambda mm: _depth(mm["destination"]))
+    for name, hooks in adj.hooks.items():
+        lst = out.setdefault("hooks", {}).setdefault(name, [])
+        for h in hooks:
+            hobj: dict = {"path": _clean_abs(h.path, "NRI hook path")}
+            if h.args:
+                hobj["args"] = list(h.args)
+            if h.env:
+                hobj["env"] = list(h.env)
+            if h.timeout is not None:
+                hobj["timeout"] = h.timeout
+            lst.append(hobj)
+    linux = out.setdefault("linux", {})
+    if adj.remove_devices or adj.devices:
+        gone = set(adj.remove_devices) | {d.path for d in adj.devices}
+        devs = [d for d in linux.get("devices", []) if d["path"] not in gone]
+        rules = linux.setdefault("resources", {}).setdefault("devices", [])
+        for d in adj.devices:
+            dobj: dict = {"path": _clean_abs(d.path, "NRI device path"), "type": d.type, "major": d.major,
+                          "minor": d.minor}
+            for key, val in (("fileMode", d.file_mode), ("uid", d.uid), ("gid", d.gid)):
+                if val is not None:
+                    dobj[key] = val
+            devs.append(dobj)
+            if d.type in ("c", "b"):
+                rules.append({"allow": True, "type": d.type, "major": d.major, "minor": d.minor, "access": "rwm"})
+        linux["devices"] = sorted(devs, key=lambda dd: dd["path"])
+    if adj.resources:
+        _deep_merge(linux.setdefault("resources", {}), adj.resources)
+    if adj.cgroups_path is not None:
+        linux["cgroupsPath"] = adj.cgroups_path
+    if adj.sysctl:
+        linux.setdefault("sysctl", {}).update(adj.sysctl)
 
 
 def _cdi_device(n: CdiDeviceNode, host: HostLookups) -> dict:

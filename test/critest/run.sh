@@ -20,6 +20,8 @@
 #   CRITEST_TIMEOUT    whole-suite timeout for ginkgo (default 90m)
 #   CRITEST_REPORT_DIR where to keep the JUnit report and logs (default: the work dir, kept
 #                      when critest fails, else removed)
+#   CRITEST_NRI        1 (default): run moorage's NRI on its own socket and pass it to critest
+#                      (-nri-socket), so critest's NRI specs run; 0: NRI off, those specs skip
 #   MOORAGE_PYTHON     python with moorage installed (default: <repo>/.venv/bin/python)
 #   KEEP_WORKDIR=1     keep the temporary work dir
 # Exit status: critest's.
@@ -54,6 +56,8 @@ REPORT_DIR="${CRITEST_REPORT_DIR:-$WORK/report}"
 mkdir -p "$REPORT_DIR" "$WORK/registry" "$WORK/certs.d" "$WORK/cni/net.d" "$WORK/cni/data"
 REG_PID=""; DAEMON_PID=""; BRIDGE=""
 SOCK="$WORK/moorage.sock"
+NRI="${CRITEST_NRI:-1}"
+NRI_SOCK="$WORK/nri.sock"
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -162,6 +166,11 @@ address = "127.0.0.1:$METRICS_PORT"
 conf_dir = "$WORK/cni/net.d"
 [images]
 registry_config_path = "$WORK/certs.d"
+[nri]
+enable = $([ "$NRI" = 1 ] && echo true || echo false)
+socket_path = "$NRI_SOCK"
+plugin_path = "$WORK/nri/plugins"
+plugin_config_path = "$WORK/nri/conf.d"
 [runtime]
 # critest's user-namespace specs map 100000 ids (0 1000 100000), not the kubelet's multiple of 65536.
 userns_length_multiple = 1
@@ -178,6 +187,7 @@ echo "run.sh: moorage on $SOCK (pid $DAEMON_PID); running critest" >&2
 ARGS=(--runtime-endpoint "unix://$SOCK" --image-endpoint "unix://$SOCK" --config /dev/null
       "-ginkgo.timeout=${CRITEST_TIMEOUT:-90m}" -ginkgo.no-color
       "-ginkgo.junit-report=$REPORT_DIR/junit.xml")
+[ "$NRI" = 1 ] && ARGS+=(-nri-socket "$NRI_SOCK")
 [ -n "$SKIP" ] && ARGS+=("-ginkgo.skip=$SKIP")
 [ -n "$FOCUS" ] && ARGS+=("-ginkgo.focus=$FOCUS")
 "$CRITEST_BIN" "${ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 | tee "$REPORT_DIR/critest.log"

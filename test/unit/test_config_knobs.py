@@ -10,8 +10,9 @@ import re
 import pytest
 
 from moorage.cri import config as c
-from moorage.cri.services import image_settings, runtime_settings
+from moorage.cri.services import image_settings, nri_settings, runtime_settings
 from moorage.images.service import ImageSettings
+from moorage.nri.adaptation import NRISettings
 from moorage.runtime.service import RuntimeSettings
 from moorage.runtime.spec import RuntimeSpecConfig
 
@@ -54,6 +55,14 @@ SNIPPETS = [
     '[runtime]\nsandbox_image = "registry.k8s.io/pause:3.9"',
     '[runtime]\nenable_cdi = false',
     '[runtime]\ncdi_spec_dirs = ["/opt/cdi"]',
+    '[nri]\nenable = false',
+    '[nri]\nsocket_path = "/run/other/nri.sock"',
+    '[nri]\nplugin_path = "/srv/nri/plugins"',
+    '[nri]\nplugin_config_path = "/srv/nri/conf.d"',
+    '[nri]\nplugin_registration_timeout = 9.0',
+    '[nri]\nplugin_request_timeout = 3.0',
+    '[nri]\ndisable_connections = true',
+    '[nri]\nfail_on_plugin_loss = true',
     '[images]\nsnapshotter = "native"',
     '[images]\nregistry_config_path = "/etc/other/certs.d"',
     '[images]\ninsecure_registries = ["localhost:5000"]',
@@ -95,7 +104,8 @@ def _fields(cls: type, prefix: str = "") -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("cls, build", [(RuntimeSettings, runtime_settings), (ImageSettings, image_settings)])
+@pytest.mark.parametrize("cls, build", [(RuntimeSettings, runtime_settings), (ImageSettings, image_settings),
+                                        (NRISettings, nri_settings)])
 def test_every_settings_field_has_a_config_key(cls, build):
     base = _flat(build(c.loads("")))
     changed: set[str] = set()

@@ -1,4 +1,7 @@
-"""The house rule: ``cri`` -> (``runtime``, ``images``, ``cni``) -> ``core``, and no cycles.
+"""The house rule: ``cri`` -> ``nri`` -> (``runtime``, ``images``, ``cni``) -> ``core``, and no cycles.
+
+``nri`` (the NRI adaptation) sits between the CRI front and the runtime: it may
+import only ``runtime`` and ``core``; the runtime reaches it through a port.
 
 Walks every module of the ``moorage`` package (its source, not the imported
 objects, so function-level and ``TYPE_CHECKING`` imports count too) and fails
@@ -19,7 +22,9 @@ import moorage
 ROOT = Path(moorage.__file__).resolve().parent  # .../moorage (the symlinks resolve below)
 
 #: layer -> rank; an import must go to a strictly lower rank, or stay inside its own package
-RANK = {"cri": 3, "runtime": 2, "images": 2, "cni": 2, "core": 1}
+RANK = {"cri": 4, "nri": 3, "runtime": 2, "images": 2, "cni": 2, "core": 1}
+#: layers that may import only some of the lower ones
+ONLY = {"nri": {"runtime", "core"}}
 #: packages outside the layering: test support may use anything; the root only names the version
 OUTSIDE = {"testing", ""}
 
@@ -91,7 +96,7 @@ GRAPH = _graph()
 
 def test_the_walk_sees_every_layer() -> None:
     seen = {_layer(m) for m in MODULES}
-    assert {"cri", "runtime", "images", "cni", "core", "testing"} <= seen
+    assert {"cri", "nri", "runtime", "images", "cni", "core", "testing"} <= seen
     assert "moorage.core.errors" in MODULES and "moorage.cri.edge" in MODULES
 
 
@@ -107,7 +112,7 @@ def test_no_import_goes_up_or_sideways() -> None:
                 continue
             if dst == "testing":
                 bad.append(f"{mod}:{line} imports test support {dep}")
-            elif RANK.get(dst, 0) >= RANK[src]:
+            elif RANK.get(dst, 0) >= RANK[src] or (src in ONLY and dst not in ONLY[src]):
                 bad.append(f"{mod}:{line} ({src}) imports {dep} ({dst})")
     assert not bad, "layer violations:\n" + "\n".join(sorted(bad))
 
@@ -191,6 +196,30 @@ def test_the_checker_catches_a_cycle_and_an_upward_import(tmp_path: Path) -> Non
         GRAPH = saved
         MODULES.pop("moorage.cri.x", None)
         MODULES.pop("moorage.core.a", None)
+
+
+def test_the_checker_catches_nri_below_cri_and_beside_images() -> None:
+    # the runtime must reach NRI through its port; NRI must not reach the images or CNI layers
+    global GRAPH
+    saved = GRAPH
+    try:
+        GRAPH = {
+            "moorage.runtime.x": {("moorage.nri.adaptation", 1)},
+            "moorage.nri.adaptation": {("moorage.images.service", 2), ("moorage.runtime.service", 3),
+                                       ("moorage.cri.edge", 4)},
+        }
+        try:
+            test_no_import_goes_up_or_sideways()
+        except AssertionError as e:
+            msg = str(e)
+        else:
+            raise AssertionError("a layer violation went unnoticed")
+        assert "moorage.runtime.x:1 (runtime) imports moorage.nri.adaptation (nri)" in msg
+        assert "moorage.nri.adaptation:2 (nri) imports moorage.images.service (images)" in msg
+        assert "moorage.nri.adaptation:4 (nri) imports moorage.cri.edge (cri)" in msg
+        assert "runtime.service" not in msg
+    finally:
+        GRAPH = saved
 
 
 def test_nothing_imports_the_old_top_level_packages() -> None:
