@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from moorage.cri.api import api_pb2
 from moorage.cri.errors import status_for
+from moorage.cri.limits import KUBELET_MAX_MESSAGE, response_too_large
 from moorage.cri.metrics import METRICS
 
 log = logging.getLogger("moorage.cri")
@@ -52,9 +53,17 @@ def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class Edge:
-    def __init__(self, ready: Callable[[], str | None]) -> None:
+    def __init__(self, ready: Callable[[], str | None], max_response: int = KUBELET_MAX_MESSAGE) -> None:
         # ready() returns None when calls may proceed, else the reason they may not.
         self.ready = ready
+        # No message larger than this leaves: the kubelet could not read it (see cri/limits.py).
+        self.max_response = max_response
+
+    def _checked(self, method: str, resp: Any) -> Any:
+        size = resp.ByteSize()  # computed in C; the same walk serialization does
+        if size > self.max_response:
+            raise response_too_large(method, size, self.max_response)
+        return resp
 
     def _begin(self, service: str, method: str, context: grpc.aio.ServicerContext) -> trace.Span:
         tracer = trace.get_tracer("moorage")
@@ -115,7 +124,7 @@ class Edge:
     def unary(self, service: str, method: str, fn: Unary) -> Unary:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(service, method, context):
-                return await fn(request, context)
+                return self._checked(method, await fn(request, context))
 
         return handler
 
@@ -123,7 +132,7 @@ class Edge:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(service, method, context):
                 async for item in fn(request, context):
-                    yield item
+                    yield self._checked(method, item)
 
         return handler
 

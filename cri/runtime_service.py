@@ -19,6 +19,7 @@ from moorage.cri import config as configmod
 from moorage.cri import convert
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
+from moorage.cri.limits import check_metadata
 from moorage.cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, VERSION
 from moorage.runtime import model
 from moorage.runtime.records import Container, Sandbox
@@ -99,7 +100,11 @@ class RuntimeServicer:
     # -- sandboxes -------------------------------------------------------------------------------
 
     async def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context: Ctx) -> pb.RunPodSandboxResponse:
-        cfg = convert.sandbox_config(request.config)
+        c = request.config
+        # Before any other work: one oversized request must cost no more than a refused one.
+        check_metadata(f"pod sandbox {c.metadata.name[:64]!r}", c.labels, c.annotations,
+                       self.cfg.limits.max_labels_annotations_bytes)
+        cfg = convert.sandbox_config(c)
         sid = await self.rt.run_sandbox(cfg, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sid)
 
@@ -167,7 +172,10 @@ class RuntimeServicer:
     # -- containers --------------------------------------------------------------------------------
 
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: Ctx) -> pb.CreateContainerResponse:
-        cfg = convert.container_config(request.config)
+        c = request.config
+        check_metadata(f"container {c.metadata.name[:64]!r}", c.labels, c.annotations,
+                       self.cfg.limits.max_labels_annotations_bytes)
+        cfg = convert.container_config(c)
         cid = await self.rt.create_container(request.pod_sandbox_id, cfg)
         return pb.CreateContainerResponse(container_id=cid)
 

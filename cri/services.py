@@ -17,6 +17,7 @@ from moorage.cri import config as configmod
 from moorage.cri.batches import Batching
 from moorage.cri.config import RuntimeConfig, rlimit_type
 from moorage.cri.image_service import ImageServicer
+from moorage.cri.limits import EXEC_SYNC_RESERVE, KUBELET_MAX_MESSAGE, max_response_bytes
 from moorage.cri.metrics import METRICS
 from moorage.cri.reload import ReloadTargets
 from moorage.cri.rpc_stats import StatsRPCs
@@ -82,7 +83,9 @@ def runtime_spec_config(rt: RuntimeConfig) -> RuntimeSpecConfig:
     )
 
 
-def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
+def runtime_settings(cfg: configmod.Config, max_response: int = KUBELET_MAX_MESSAGE) -> RuntimeSettings:
+    # ExecSync output is capped so that the whole response fits the CRI clients' message limit.
+    exec_cap = min(cfg.runtime.exec_sync_max_output, max_response - EXEC_SYNC_RESERVE)
     return RuntimeSettings(
         root_dir=cfg.root_dir, state_dir=cfg.state_dir,
         handlers={n: h.path for n, h in cfg.runtime.handlers.items()},
@@ -90,7 +93,7 @@ def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
         default_handler=cfg.runtime.default_handler, conmon=cfg.runtime.conmon,
         infra_binary=cfg.runtime.infra_binary, cgroup_driver=cfg.runtime.cgroup_driver,
         default_cgroup_parent=cfg.runtime.default_cgroup_parent, netns_dir=cfg.netns_dir,
-        log_level=cfg.log_level, exec_sync_max_output=cfg.runtime.exec_sync_max_output,
+        log_level=cfg.log_level, exec_sync_max_output=exec_cap,
         spec=runtime_spec_config(cfg.runtime), disabled_features=tuple(cfg.runtime.disabled_features),
         enable_cdi=cfg.runtime.enable_cdi, cdi_spec_dirs=tuple(cfg.runtime.cdi_spec_dirs),
     )
@@ -121,7 +124,7 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
                      cfg.cni.network_name or None)
     images = ImageService(image_settings(cfg), store, metrics=METRICS)
     METRICS.json_routes["/debug/pulls"] = lambda: {"pulls": images.pulls.snapshot()}  # `moorage images pull` reads it
-    runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe)
+    runtime = Runtime(runtime_settings(cfg, max_response_bytes(env)), store, images, cni, observe=_observe)
     images.in_use = runtime.images_in_use
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
