@@ -205,9 +205,9 @@ class _LimitedReader:
 
 class _QuietHandler(WSGIRequestHandler):
     def setup(self) -> None:
-        # Per read: a client that stalls mid-request is dropped.
-        self.timeout = getattr(self.server, "idle_timeout", IDLE_TIMEOUT)
         super().setup()
+        # Per read: a client that stalls mid-request is dropped.
+        self.connection.settimeout(getattr(self.server, "idle_timeout", IDLE_TIMEOUT))
         self.rfile = _LimitedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: object) -> None:
