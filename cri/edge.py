@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from moorage.core.errors import InvalidArgument
 from moorage.cri.api import api_pb2
 from moorage.cri.errors import status_for
 from moorage.cri.limits import KUBELET_MAX_MESSAGE, response_too_large
@@ -121,16 +123,20 @@ class Edge:
             METRICS.rpc_in_flight.dec()
             self._finish(service, method, span, start, code, msg)
 
-    def unary(self, service: str, method: str, fn: Unary) -> Unary:
+    def unary(self, service: str, method: str, fn: Unary, req: Any = None) -> Unary:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(service, method, context):
+                if req is not None:
+                    request = await _parse(req, request)
                 return self._checked(method, await fn(request, context))
 
         return handler
 
-    def stream(self, service: str, method: str, fn: Streaming) -> Streaming:
+    def stream(self, service: str, method: str, fn: Streaming, req: Any = None) -> Streaming:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(service, method, context):
+                if req is not None:
+                    request = await _parse(req, request)
                 async for item in fn(request, context):
                     yield self._checked(method, item)
 
@@ -147,17 +153,35 @@ class Edge:
             if len(found) > 1:
                 raise TypeError(f"{service}/{m.name} is implemented by more than one servicer")
             fn = found[0] if found else None
+            # Requests arrive as bytes and are parsed inside the call (see _parse).
             if m.server_streaming:
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                    self.stream(service, m.name, fn or _unimplemented_stream(service, m.name)),
-                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                    self.stream(service, m.name, fn or _unimplemented_stream(service, m.name), req),
+                    request_deserializer=None, response_serializer=resp.SerializeToString,
                 )
             else:
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                    self.unary(service, m.name, fn or _Unimplemented(service, m.name)),
-                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                    self.unary(service, m.name, fn or _Unimplemented(service, m.name), req),
+                    request_deserializer=None, response_serializer=resp.SerializeToString,
                 )
         return grpc.method_handlers_generic_handler(desc.full_name, handlers)
+
+
+# Requests larger than this are parsed in a worker thread: the protobuf parser does not hold
+# the GIL throughout, so the event loop keeps serving other calls while a 12 MB request is read
+# (parsed on the loop, such a request stalled every call for the length of the parse).
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+async def _parse(req: Any, raw: bytes) -> Any:
+    """The request message from its wire bytes; undecodable bytes are the caller's fault."""
+    try:
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(req.FromString, raw)
+        return req.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(f"the request is not a valid {req.DESCRIPTOR.name} message "
+                              "(malformed protobuf or invalid UTF-8 in a string field)") from None
 
 
 def _unimplemented_stream(service: str, method: str) -> Streaming:

@@ -6,6 +6,7 @@ use through typed constructors and import none of their peers' wiring.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -124,12 +125,15 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
                      cfg.cni.network_name or None)
     images = ImageService(image_settings(cfg), store, metrics=METRICS)
     METRICS.json_routes["/debug/pulls"] = lambda: {"pulls": images.pulls.snapshot()}  # `moorage images pull` reads it
-    runtime = Runtime(runtime_settings(cfg, max_response_bytes(env)), store, images, cni, observe=_observe)
+    max_response = max_response_bytes(env)
+    runtime = Runtime(runtime_settings(cfg, max_response), store, images, cni, observe=_observe)
     images.in_use = runtime.images_in_use
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
     streaming = build_streaming(cfg.streaming, runtime)
+    # A stream message, too, must fit the response cap (lowered in tests): 1/16 of it to spare.
     batching = Batching.from_env(env)
+    batching = dataclasses.replace(batching, max_bytes=min(batching.max_bytes, max_response - max_response // 16))
     return Services(
         runtime=RuntimeServicer(cfg, runtime=runtime, network=cni, batching=batching),
         streaming=StreamingRPCs(runtime, streaming),
