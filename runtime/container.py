@@ -18,7 +18,7 @@ import os
 import signal
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
-from moorage.core.fs import remove_tree
+from moorage.core.fs import open_private, remove_tree
 from moorage.core.idmap import UserNS
 from moorage.core.ids import new_id
 from moorage.core.store import ImageRecord, now_ns
@@ -250,7 +250,7 @@ class Containers:
             host=self.ctx.host, cdi=cdi_req,
         )
         await self._check_handler_features(cfg, sb.metadata.runtime_handler)
-        with open(os.path.join(bundle, "config.json"), "w") as f:
+        with open_private(os.path.join(bundle, "config.json")) as f:  # it holds the env: root-only
             json.dump(restrict_oom_score_adj(c_spec), f)
         user = ContainerUser(uid=uid, gid=gid, additional_gids=list(gids))
         rec.update(lambda s: replace(s, phase=None, user=user))

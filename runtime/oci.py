@@ -55,6 +55,7 @@ from moorage.core.errors import (
     NotFound,
     RuntimeFailure,
 )
+from moorage.core.fs import private_dir
 from moorage.runtime import cgroups
 from moorage.runtime.conmon import (
     REOPEN_LOGS_EVENT,
@@ -521,6 +522,9 @@ class OCIRuntime:
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        # Root-only: the runtime's state (runc's state.json holds the whole spec, env included),
+        # conmon's persist dirs and exec process specs, exit files, attach sockets.
+        private_dir(self.state_dir)
         self.handler = _hybrid_safe(handler, self.state_dir)
         self.root = os.path.abspath(handler.root or os.path.join(self.state_dir, handler.name))
         self.conmon_path = shutil.which(conmon_path) or conmon_path
