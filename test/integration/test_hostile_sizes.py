@@ -154,6 +154,19 @@ def test_request_over_the_receive_limit_is_refused_by_grpc(env: RuntimeEnv) -> N
     env.rt.Version(pb.VersionRequest(), timeout=10)
 
 
+@pytest.mark.parametrize("raw", [b"\x0a\x05\x12\x03\xff\xfe\xfd", b"\x0a\xff\xff\xff\x7f"],
+                         ids=["invalid-utf8", "truncated"])
+def test_undecodable_request_is_invalid_argument(env: RuntimeEnv, raw: bytes) -> None:
+    ch = grpc.insecure_channel(f"unix://{env.d.socket}")
+    try:
+        call = ch.unary_unary("/runtime.v1.RuntimeService/RunPodSandbox")  # bytes in and out, unparsed
+        code, msg = _code(lambda: call(raw, timeout=10))
+    finally:
+        ch.close()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
+    assert "not a valid RunPodSandboxRequest" in msg
+
+
 # -- labels and annotations at the limit --------------------------------------------------------------
 
 @pytest.mark.parametrize("over", [0, 1])
