@@ -67,3 +67,14 @@ def test_exec_sync_cap_keeps_the_response_under_the_cap() -> None:
     small = c.loads("[runtime]\nexec_sync_max_output = 1024", "test.toml")
     assert runtime_settings(small).exec_sync_max_output == 1024
     assert runtime_settings(c.loads(""), 1 << 20).exec_sync_max_output == (1 << 20) - EXEC_SYNC_RESERVE
+
+
+def test_status_messages_are_bounded() -> None:
+    import grpc
+
+    from moorage.cri.errors import MAX_STATUS_MESSAGE, status_for
+
+    code, msg = status_for(InvalidArgument("argv: " + "x" * 200_000))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(msg) < MAX_STATUS_MESSAGE + 64 and msg.endswith("more characters cut)")
+    assert status_for(InvalidArgument("short"))[1] == "short"
