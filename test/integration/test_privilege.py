@@ -25,7 +25,7 @@ import pytest
 
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing import registry as registrymod
-from moorage.testing.cri import container_config, pod_config
+from moorage.testing.cri import container_config, pod_config, runtime_client
 from moorage.testing.daemon import DaemonProcess
 from moorage.testing.runtime_env import RuntimeEnv, make_daemon, remove_cgroup_tree
 
@@ -178,3 +178,33 @@ def test_no_secret_is_readable_by_an_unprivileged_user(priv_env: tuple[RuntimeEn
     # The container still works as its user: it reads its rootfs, /dev/shm and pod files.
     out = env.exec(cid, ["sh", "-c", "cat /etc/hostname >/dev/null && echo x > /dev/shm/x && cat /dev/shm/x"])
     assert (out.exit_code, out.stdout) == (0, b"x\n")
+
+
+def test_modes_left_loose_by_an_older_version_are_tightened_at_start(
+        priv_env: tuple[RuntimeEnv, registrymod.TestRegistry]) -> None:
+    env, reg = priv_env
+    d = env.d
+    ref = reg.ref("busybox")
+    assert d.images is not None and reg.username is not None and reg.password is not None
+    d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref),
+                                           auth=pb.AuthConfig(username=reg.username, password=reg.password)),
+                       timeout=120)
+    sid, pcfg = env.run_pod()
+    cid = env.run(sid, pcfg, ["sleep", "3600"], image=ref)
+    files = [os.path.join(d.root, "meta.db"),
+             os.path.join(d.state, "containers", cid, "bundle", "config.json"),
+             os.path.join(d.state, "sandboxes", sid, "bundle", "config.json")]
+    dirs = [os.path.join(d.root, "images"), os.path.join(d.state, "oci")]
+    d.stop()  # the pod and its container keep running
+    for p in files:
+        os.chmod(p, 0o644)
+    for p in dirs:
+        os.chmod(p, 0o755)
+    d.start()
+    env.rt = runtime_client(d)  # the old channel closed with the old daemon
+    assert [oct(stat.S_IMODE(os.stat(p).st_mode)) for p in files] == [oct(0o600)] * len(files)
+    assert [oct(stat.S_IMODE(os.stat(p).st_mode)) for p in dirs] == [oct(0o700)] * len(dirs)
+    wal = os.path.join(d.root, "meta.db-wal")  # made again by SQLite, with the database's mode
+    assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600
+    # Still the same running container, reachable as before.
+    assert env.exec(cid, ["true"]).exit_code == 0
