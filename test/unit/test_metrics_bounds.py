@@ -118,12 +118,17 @@ def test_requests_over_the_handler_cap_get_503(monkeypatch: pytest.MonkeyPatch) 
     m.json_routes["/debug/slow"] = slow
     port = m.serve("127.0.0.1:0")
     try:
-        holder = threading.Thread(target=lambda: urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                                  .open(f"http://127.0.0.1:{port}/debug/slow", timeout=10).read())
+        def hold() -> None:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://127.0.0.1:{port}/debug/slow", timeout=10) as resp:
+                resp.read()
+
+        holder = threading.Thread(target=hold)
         holder.start()
         assert entered.wait(10)
         with pytest.raises(urllib.error.HTTPError) as e:
             _scrape(port)
+        e.value.close()
         assert e.value.code == 503
         release.set()
         holder.join(10)
