@@ -132,6 +132,12 @@ class MetricsConfig:
 
 
 @dataclass
+class LimitsConfig:
+    grpc_max_recv_message_size: int = 16 * 1024 * 1024
+    max_labels_annotations_bytes: int = 512 * 1024
+
+
+@dataclass
 class TracingConfig:
     enabled: bool = False
     endpoint: str = ""  # OTLP/HTTP endpoint; empty: OTEL_EXPORTER_OTLP_ENDPOINT or nothing
@@ -155,6 +161,7 @@ class Config:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def cni_cache_dir(self) -> str:
@@ -264,6 +271,11 @@ def validate(cfg: Config, where: str = "config") -> Config:
     )
     host, _, port = cfg.metrics.address.rpartition(":")
     _check(where, "metrics.address", bool(host) and port.isdigit(), f"must be host:port, got {cfg.metrics.address!r}")
+    _check(where, "limits.grpc_max_recv_message_size", 1024 * 1024 <= cfg.limits.grpc_max_recv_message_size <= 1 << 30,
+           "must be between 1 MiB and 1 GiB")
+    _check(where, "limits.max_labels_annotations_bytes",
+           1024 <= cfg.limits.max_labels_annotations_bytes < cfg.limits.grpc_max_recv_message_size,
+           "must be at least 1024 and below limits.grpc_max_recv_message_size")
     _check(where, "tracing.sampling_ratio", 0.0 <= cfg.tracing.sampling_ratio <= 1.0, "must be between 0 and 1")
     return cfg
 
@@ -522,7 +534,9 @@ DOCS: dict[str, str] = {
     "runtime.default_cgroup_parent": "Cgroup parent of pods that name none.",
     "runtime.seccomp_default": "Apply the RuntimeDefault seccomp profile when a pod asks for none.",
     "runtime.default_capabilities": "Capabilities of a non-privileged container before the pod's add/drop.",
-    "runtime.exec_sync_max_output": "Bytes kept of each of stdout and stderr of an ExecSync (the rest is dropped).",
+    "runtime.exec_sync_max_output":
+        "Bytes kept of stdout and stderr of an ExecSync together (the rest is dropped and a marker ends\n"
+        "stderr, as CRI-O caps both at 16 MiB); never more than fits a 16 MiB response.",
     "runtime.default_sysctls": "Sysctls set in every pod sandbox (namespaced ones only; the pod's own override them).",
     "runtime.seccomp_arch": "Machine the RuntimeDefault seccomp profile is made for (x86_64, aarch64); empty: this host's.",
     "runtime.apparmor_default_profile": "AppArmor profile for RuntimeDefault; empty: no AppArmor.",
@@ -601,6 +615,13 @@ DOCS: dict[str, str] = {
     "metrics": "Prometheus metrics.",
     "metrics.enabled": "Serve /metrics.",
     "metrics.address": "host:port of the metrics endpoint.",
+    "limits": "Sizes of requests to the CRI socket (responses are capped at the kubelet's 16 MiB).",
+    "limits.grpc_max_recv_message_size":
+        "Largest CRI request accepted, bytes (gRPC max receive size; containerd's default, 16 MiB).",
+    "limits.max_labels_annotations_bytes":
+        "Labels plus annotations of one pod sandbox or container, bytes of keys and values together:\n"
+        "over it RunPodSandbox/CreateContainer answer RESOURCE_EXHAUSTED. The default is twice the\n"
+        "Kubernetes API's 256 KiB annotation limit, so every pod the API server admits fits.",
     "tracing": "OpenTelemetry tracing.",
     "tracing.enabled": "Export spans.",
     "tracing.endpoint": "OTLP/HTTP endpoint; empty: OTEL_EXPORTER_OTLP_ENDPOINT or nothing.",

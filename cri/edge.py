@@ -29,6 +29,7 @@ from moorage.core.errors import InvalidArgument
 from moorage.cri import wire
 from moorage.cri.api import api_pb2
 from moorage.cri.errors import status_for
+from moorage.cri.limits import KUBELET_MAX_MESSAGE, response_too_large
 from moorage.cri.metrics import METRICS
 
 log = logging.getLogger("moorage.cri")
@@ -39,33 +40,6 @@ Streaming: TypeAlias = Callable[[Any, Ctx], AsyncIterator[Any]]
 
 # Calls the kubelet makes every second or so: logged at debug level only.
 _POLLED = ("List", "Status", "Version", "ImageFsInfo", "ContainerStats", "PodSandboxStats", "RuntimeConfig")
-
-
-class Undecodable:
-    """A request whose bytes did not parse (invalid UTF-8 in a string field, a cut message).
-
-    grpc answers UNKNOWN with the parser's exception when a deserializer raises; the edge's
-    deserializers return this instead and the handler refuses it as INVALID_ARGUMENT.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-
-def _deserializer(cls: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return cls.FromString(data)
-        except DecodeError:
-            why = wire.explain(data, cls.DESCRIPTOR) or "the encoding is corrupt"
-            return Undecodable(f"{cls.DESCRIPTOR.full_name} does not parse: {why}")
-
-    return parse
-
-
-def _refuse_undecodable(request: Any) -> None:
-    if isinstance(request, Undecodable):
-        raise InvalidArgument(request.what)
 
 
 class _Unimplemented:
@@ -82,9 +56,17 @@ def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class Edge:
-    def __init__(self, ready: Callable[[], str | None]) -> None:
+    def __init__(self, ready: Callable[[], str | None], max_response: int = KUBELET_MAX_MESSAGE) -> None:
         # ready() returns None when calls may proceed, else the reason they may not.
         self.ready = ready
+        # No message larger than this leaves: the kubelet could not read it (see cri/limits.py).
+        self.max_response = max_response
+
+    def _checked(self, method: str, resp: Any) -> Any:
+        size = resp.ByteSize()  # computed in C; the same walk serialization does
+        if size > self.max_response:
+            raise response_too_large(method, size, self.max_response)
+        return resp
 
     def _begin(self, service: str, method: str, context: grpc.aio.ServicerContext) -> trace.Span:
         tracer = trace.get_tracer("moorage")
@@ -142,20 +124,22 @@ class Edge:
             METRICS.rpc_in_flight.dec()
             self._finish(service, method, span, start, code, msg)
 
-    def unary(self, service: str, method: str, fn: Unary) -> Unary:
+    def unary(self, service: str, method: str, fn: Unary, req: Any = None) -> Unary:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(service, method, context):
-                _refuse_undecodable(request)
-                return await fn(request, context)
+                if req is not None:
+                    request = await _parse(req, request)
+                return self._checked(method, await fn(request, context))
 
         return handler
 
-    def stream(self, service: str, method: str, fn: Streaming) -> Streaming:
+    def stream(self, service: str, method: str, fn: Streaming, req: Any = None) -> Streaming:
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._call(service, method, context):
-                _refuse_undecodable(request)
+                if req is not None:
+                    request = await _parse(req, request)
                 async for item in fn(request, context):
-                    yield item
+                    yield self._checked(method, item)
 
         return handler
 
@@ -170,17 +154,40 @@ class Edge:
             if len(found) > 1:
                 raise TypeError(f"{service}/{m.name} is implemented by more than one servicer")
             fn = found[0] if found else None
+            # Requests arrive as bytes and are parsed inside the call (see _parse).
             if m.server_streaming:
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(
-                    self.stream(service, m.name, fn or _unimplemented_stream(service, m.name)),
-                    request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString,
+                    self.stream(service, m.name, fn or _unimplemented_stream(service, m.name), req),
+                    request_deserializer=None, response_serializer=resp.SerializeToString,
                 )
             else:
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                    self.unary(service, m.name, fn or _Unimplemented(service, m.name)),
-                    request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString,
+                    self.unary(service, m.name, fn or _Unimplemented(service, m.name), req),
+                    request_deserializer=None, response_serializer=resp.SerializeToString,
                 )
         return grpc.method_handlers_generic_handler(desc.full_name, handlers)
+
+
+# Requests larger than this are parsed in a worker thread: the protobuf parser does not hold
+# the GIL throughout, so the event loop keeps serving other calls while a 12 MB request is read
+# (parsed on the loop, such a request stalled every call for the length of the parse).
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+def _decode(req: Any, raw: bytes) -> Any:
+    try:
+        return req.FromString(raw)
+    except DecodeError:
+        # Name the field when the encoding lets us (cri/wire.py walks it without decoding strings).
+        why = wire.explain(raw, req.DESCRIPTOR) or "malformed protobuf or invalid UTF-8 in a string field"
+        raise InvalidArgument(f"the request is not a valid {req.DESCRIPTOR.full_name} message: {why}") from None
+
+
+async def _parse(req: Any, raw: bytes) -> Any:
+    """The request message from its wire bytes; undecodable bytes are the caller's fault."""
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(_decode, req, raw)
+    return _decode(req, raw)
 
 
 def _unimplemented_stream(service: str, method: str) -> Streaming:

@@ -8,7 +8,6 @@ from moorage.core.errors import MoorageError, bound
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
 
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception raised below ``cri/`` to (code, message); the message is bounded, whatever
     raised it (a status over gRPC's 16 KiB metadata limit would reach the client as RESOURCE_EXHAUSTED)."""

@@ -20,6 +20,7 @@ from moorage.cri import config as configmod
 from moorage.cri import convert, validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
+from moorage.cri.limits import check_metadata
 from moorage.cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, VERSION
 from moorage.runtime import model
 from moorage.runtime.records import Container, Sandbox
@@ -101,8 +102,12 @@ class RuntimeServicer:
     # -- sandboxes -------------------------------------------------------------------------------
 
     async def RunPodSandbox(self, request: pb.RunPodSandboxRequest, context: Ctx) -> pb.RunPodSandboxResponse:
+        c = request.config
+        # Before any other work: one oversized request must cost no more than a refused one.
+        check_metadata(f"pod sandbox {c.metadata.name[:64]!r}", c.labels, c.annotations,
+                       self.cfg.limits.max_labels_annotations_bytes)
         validate.runtime_handler(request.runtime_handler)
-        cfg = convert.sandbox_config(request.config)
+        cfg = convert.sandbox_config(c)
         validate.sandbox_config(cfg)
         sid = await self.rt.run_sandbox(cfg, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sid)
@@ -177,8 +182,11 @@ class RuntimeServicer:
     # -- containers --------------------------------------------------------------------------------
 
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: Ctx) -> pb.CreateContainerResponse:
+        c = request.config
+        check_metadata(f"container {c.metadata.name[:64]!r}", c.labels, c.annotations,
+                       self.cfg.limits.max_labels_annotations_bytes)
         validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
-        cfg = convert.container_config(request.config)
+        cfg = convert.container_config(c)
         validate.container_config(cfg)
         cid = await self.rt.create_container(request.pod_sandbox_id, cfg)
         return pb.CreateContainerResponse(container_id=cid)

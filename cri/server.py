@@ -17,6 +17,7 @@ from moorage.core.errors import FailedPrecondition
 from moorage.core.store import Store
 from moorage.cri import config as configmod
 from moorage.cri.edge import Edge
+from moorage.cri.limits import KUBELET_MAX_MESSAGE, max_response_bytes
 from moorage.cri.metrics import METRICS
 from moorage.cri.notify import Notifier
 from moorage.cri.reload import Reloader
@@ -128,10 +129,14 @@ class Daemon:
             for comp in self.components:
                 await comp.start()
             _prepare_socket(cfg.socket)
-            edge = Edge(self.not_ready)
+            max_response = max_response_bytes(os.environ)
+            edge = Edge(self.not_ready, max_response)
+            # Receive: the configured request cap (gRPC itself answers RESOURCE_EXHAUSTED above it,
+            # before any of our code runs).  Send: the edge refuses larger responses with a clear
+            # message first; this is the backstop.
             self.server = grpc.aio.server(
-                options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                         ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+                options=[("grpc.max_receive_message_length", cfg.limits.grpc_max_recv_message_size),
+                         ("grpc.max_send_message_length", KUBELET_MAX_MESSAGE)]
             )
             self.server.add_generic_rpc_handlers(
                 tuple(edge.service_handler(name, *groups) for name, groups in services.rpc_groups().items())

@@ -6,6 +6,7 @@ use through typed constructors and import none of their peers' wiring.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from moorage.cri import config as configmod
 from moorage.cri.batches import Batching
 from moorage.cri.config import RuntimeConfig, rlimit_type
 from moorage.cri.image_service import ImageServicer
+from moorage.cri.limits import EXEC_SYNC_RESERVE, KUBELET_MAX_MESSAGE, max_response_bytes
 from moorage.cri.metrics import METRICS
 from moorage.cri.reload import ReloadTargets
 from moorage.cri.rpc_stats import StatsRPCs
@@ -83,7 +85,9 @@ def runtime_spec_config(rt: RuntimeConfig) -> RuntimeSpecConfig:
     )
 
 
-def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
+def runtime_settings(cfg: configmod.Config, max_response: int = KUBELET_MAX_MESSAGE) -> RuntimeSettings:
+    # ExecSync output is capped so that the whole response fits the CRI clients' message limit.
+    exec_cap = min(cfg.runtime.exec_sync_max_output, max_response - EXEC_SYNC_RESERVE)
     return RuntimeSettings(
         root_dir=cfg.root_dir, state_dir=cfg.state_dir,
         handlers={n: h.path for n, h in cfg.runtime.handlers.items()},
@@ -91,7 +95,7 @@ def runtime_settings(cfg: configmod.Config) -> RuntimeSettings:
         default_handler=cfg.runtime.default_handler, conmon=cfg.runtime.conmon,
         infra_binary=cfg.runtime.infra_binary, cgroup_driver=cfg.runtime.cgroup_driver,
         default_cgroup_parent=cfg.runtime.default_cgroup_parent, netns_dir=cfg.netns_dir,
-        log_level=cfg.log_level, exec_sync_max_output=cfg.runtime.exec_sync_max_output,
+        log_level=cfg.log_level, exec_sync_max_output=exec_cap,
         spec=runtime_spec_config(cfg.runtime), disabled_features=tuple(cfg.runtime.disabled_features),
         enable_cdi=cfg.runtime.enable_cdi, cdi_spec_dirs=tuple(cfg.runtime.cdi_spec_dirs),
     )
@@ -135,14 +139,17 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
     # NRI sits between the CRI front and the runtime: the runtime calls it through its hooks port,
     # and it sends the plugins' own updates and evictions back to the runtime.
     nri = Adaptation(nri_settings(cfg)) if cfg.nri.enable else None
-    runtime = Runtime(runtime_settings(cfg), store, images, cni, observe=_observe, hooks=nri)
+    max_response = max_response_bytes(env)
+    runtime = Runtime(runtime_settings(cfg, max_response), store, images, cni, observe=_observe, hooks=nri)
     if nri is not None:
         nri.attach(runtime)
     images.in_use = runtime.images_in_use
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
     streaming = build_streaming(cfg.streaming, runtime)
+    # A stream message, too, must fit the response cap (lowered in tests): 1/16 of it to spare.
     batching = Batching.from_env(env)
+    batching = dataclasses.replace(batching, max_bytes=min(batching.max_bytes, max_response - max_response // 16))
     return Services(
         runtime=RuntimeServicer(cfg, runtime=runtime, network=cni, batching=batching),
         streaming=StreamingRPCs(runtime, streaming),

@@ -28,6 +28,7 @@ from opentelemetry import trace
 from moorage.core import idmap
 from moorage.core import mount as mountmod
 from moorage.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoorageError, NotFound
+from moorage.core.fs import private_dir
 from moorage.core.idmap import UserNS
 from moorage.core.store import ImageRecord, Store, now_ns
 from moorage.images import content as contentmod
@@ -94,6 +95,9 @@ class ImageService:
         self.store = store
         self.metrics = metrics
         self.root = os.path.join(settings.root_dir, "images")
+        # Root-only, as containerd's root: blobs of private images, and the snapshots' upper dirs
+        # (a container's writes).  Containers reach their layers only through their own mounts.
+        private_dir(self.root)
         self.content = contentmod.ContentStore(os.path.join(self.root, "content"))
         backend = snapmod.BACKEND_OVERLAY if settings.snapshotter == "overlayfs" else snapmod.BACKEND_NATIVE
         self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), snapmod.StoreMetaStore(store),

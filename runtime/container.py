@@ -19,7 +19,7 @@ import os
 import signal
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
-from moorage.core.fs import remove_tree
+from moorage.core.fs import open_private, remove_tree
 from moorage.core.idmap import UserNS
 from moorage.core.ids import new_id
 from moorage.core.store import ImageRecord, now_ns
@@ -271,7 +271,7 @@ class Containers:
         if adjustment is not None and not adjustment.empty():
             c_spec = build(adjust=adjustment)
         await self._check_handler_features(cfg, sb.metadata.runtime_handler)
-        with open(os.path.join(bundle, "config.json"), "w") as f:
+        with open_private(os.path.join(bundle, "config.json")) as f:  # it holds the env: root-only
             json.dump(restrict_oom_score_adj(c_spec), f)
         user = ContainerUser(uid=uid, gid=gid, additional_gids=list(gids))
         rec.update(lambda s: replace(s, phase=None, user=user))

@@ -20,6 +20,7 @@ from typing import Any
 from opentelemetry import trace
 
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
+from moorage.core.fs import restrict_file
 from moorage.core.store import Store
 from moorage.runtime import cdi as cdimod
 from moorage.runtime import features as featuresmod
@@ -110,6 +111,11 @@ class RuntimeContext:
         self.cdi = cdimod.SpecDirs(settings.cdi_spec_dirs) if settings.enable_cdi else None
         for d in (self.sandbox_root(""), self.sandbox_state(""), self.container_state("")):
             os.makedirs(d, mode=0o711, exist_ok=True)
+        # Bundles stay searchable (0711: a pod's user namespace reaches its rootfs through them),
+        # but their config.json, which holds the env, is root-only; older versions wrote it 0644.
+        for d in (self.sandbox_state(""), self.container_state("")):
+            for name in os.listdir(d):
+                restrict_file(os.path.join(d, name, "bundle", "config.json"))
 
     # -- paths -------------------------------------------------------------------------
 

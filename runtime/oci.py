@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import logging
 import math
 import os
 import re
@@ -55,6 +56,7 @@ from moorage.core.errors import (
     RuntimeFailure,
     clip,
 )
+from moorage.core.fs import private_dir
 from moorage.runtime import cgroups
 from moorage.runtime.conmon import (
     REOPEN_LOGS_EVENT,
@@ -69,6 +71,8 @@ from moorage.runtime.conmon import (
     parse_exit_file,
     parse_sync_message,
 )
+
+log = logging.getLogger("moorage.oci")
 
 DEFAULT_CREATE_TIMEOUT = 240.0
 DEFAULT_COMMAND_TIMEOUT = 120.0
@@ -350,15 +354,37 @@ class _SyncPipe:
             self._file.close()
 
 
-async def _read_bounded(stream: asyncio.StreamReader, limit: int, buf: bytearray) -> None:
-    """Read *stream* to EOF, keeping at most *limit* bytes in *buf* (the rest is discarded)."""
+class _OutputBudget:
+    """One byte budget shared by an ExecSync's stdout and stderr, as CRI-O caps both together.
+
+    What does not fit is read and dropped (the process must not block on a full pipe) and
+    counted, so the caller can say how much was cut.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.dropped = 0
+
+    def take(self, chunk: bytes) -> bytes:
+        kept = chunk[:max(self.left, 0)]
+        self.left -= len(kept)
+        self.dropped += len(chunk) - len(kept)
+        return kept
+
+
+async def _read_bounded(stream: asyncio.StreamReader, budget: _OutputBudget, buf: bytearray) -> None:
+    """Read *stream* to EOF, keeping in *buf* what *budget* still allows (the rest is discarded)."""
     while True:
         chunk = await stream.read(65536)
         if not chunk:
             return
-        room = limit - len(buf)
-        if room > 0:
-            buf += chunk[:room]
+        buf += budget.take(chunk)
+
+
+def truncation_marker(dropped: int, limit: int) -> bytes:
+    """Appended to an ExecSync's stderr when output was cut, so the caller sees it was."""
+    return (f"\n[moorage: ExecSync output truncated: {dropped} bytes of stdout and stderr over the "
+            f"{limit}-byte limit were dropped]\n").encode()
 
 
 class ExecSession:
@@ -509,6 +535,9 @@ class OCIRuntime:
         command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        # Root-only: the runtime's state (runc's state.json holds the whole spec, env included),
+        # conmon's persist dirs and exec process specs, exit files, attach sockets.
+        private_dir(self.state_dir)
         self.handler = _hybrid_safe(handler, self.state_dir)
         self.root = os.path.abspath(handler.root or os.path.join(self.state_dir, handler.name))
         self.conmon_path = shutil.which(conmon_path) or conmon_path
@@ -942,8 +971,9 @@ class OCIRuntime:
     ) -> tuple[int, bytes, bytes]:
         """Run *cmd* in the running container; returns (exit code, stdout, stderr).
 
-        Each of stdout and stderr is cut at *max_output* bytes (the rest is read and
-        dropped).  *timeout* (seconds, None or <= 0 for none): when it passes, the
+        stdout and stderr together are cut at *max_output* bytes (the rest is read and
+        dropped; a ``truncation_marker`` then ends stderr and a warning is logged).
+        *timeout* (seconds, None or <= 0 for none): when it passes, the
         exec'd process and everything it started are SIGKILLed and
         ``DeadlineExceeded`` is raised — the kubelet maps that gRPC code to a
         probe timeout.  A binary the runtime cannot find or execute answers exit
@@ -982,6 +1012,7 @@ class OCIRuntime:
         sync = _SyncPipe(sync_r)
         proc = None
         out, err = bytearray(), bytearray()
+        budget = _OutputBudget(max_output)
         readers: list[asyncio.Task[None]] = []
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -993,8 +1024,8 @@ class OCIRuntime:
             sync_w = -1
             await sync.open()
             assert proc.stdout is not None and proc.stderr is not None
-            readers = [asyncio.ensure_future(_read_bounded(proc.stdout, max_output, out)),
-                       asyncio.ensure_future(_read_bounded(proc.stderr, max_output, err))]
+            readers = [asyncio.ensure_future(_read_bounded(proc.stdout, budget, out)),
+                       asyncio.ensure_future(_read_bounded(proc.stderr, budget, err))]
             exec_pid = None
             timed_out = False
             result: SyncMessage | None = None
@@ -1041,6 +1072,12 @@ class OCIRuntime:
                 )
             if result.data < 0 and result.message == TIMED_OUT_MESSAGE:
                 raise DeadlineExceeded(f"command {clip(cmd)} in container {cid} timed out; it was killed")
+            if budget.dropped:
+                # The command's name only: its arguments and output may hold anything.
+                log.warning("ExecSync output truncated", extra={"fields": {
+                    "container": cid, "command": cmd[0][:256], "kept_bytes": max_output,
+                    "dropped_bytes": budget.dropped}})
+                err += truncation_marker(budget.dropped, max_output)
             return result.data, bytes(out), bytes(err)
         finally:
             if sync_w >= 0:

@@ -19,7 +19,7 @@ import signal
 from moorage.core import mount as mountmod
 from moorage.core import netns as netnsmod
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
-from moorage.core.fs import remove_tree
+from moorage.core.fs import open_private, remove_tree
 from moorage.core.ids import new_id
 from moorage.core.network import Bandwidth, DNSConfig, PortMapping
 from moorage.core.store import now_ns
@@ -198,7 +198,7 @@ class Sandboxes:
             resolv_conf_path=os.path.join(root, "resolv.conf"), hosts_path=os.path.join(root, "hosts"),
             hostname_path=os.path.join(root, "hostname"), host=self.ctx.host,
         )
-        with open(os.path.join(bundle, "config.json"), "w") as f:
+        with open_private(os.path.join(bundle, "config.json")) as f:
             json.dump(restrict_oom_score_adj(sb_spec), f)
         rt = self.ctx.oci(meta.runtime_handler)
         rec.update(lambda s: replace(s, phase=SandboxPhase.INFRA))

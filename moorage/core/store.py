@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from moorage.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from moorage.core.fs import restrict_file
 
 DEFAULT_NAMESPACE = "k8s.io"
 DB_NAME = "meta.db"
@@ -169,6 +170,11 @@ class Store:
         self.path = os.path.join(root, DB_NAME)
         self.namespace = namespace
         self._lock = threading.RLock()
+        # Root-only: rows hold every container's environment.  SQLite gives the -wal and -shm
+        # files the database's mode when it makes them; older versions left all three 0644.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for suffix in ("", "-wal", "-shm"):
+            restrict_file(self.path + suffix)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring

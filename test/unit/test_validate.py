@@ -9,7 +9,7 @@ import pytest
 from moorage.core.errors import MAX_ECHO, MAX_MESSAGE, InvalidArgument, MoorageError, bound, clip
 from moorage.cri import convert, validate, wire
 from moorage.cri.api import api_pb2 as pb
-from moorage.cri.edge import Undecodable, _deserializer
+from moorage.cri.edge import _decode
 from moorage.cri.errors import status_for
 from moorage.runtime import model, podfiles
 from moorage.runtime.oci import exec_start_failure_code
@@ -309,13 +309,12 @@ def test_wire_explain_names_the_field() -> None:
     assert "cut short" in (wire.explain(b"\xff" * 11, pb.ExecSyncRequest.DESCRIPTOR) or "")
 
 
-def test_edge_deserializer_returns_undecodable_not_an_exception() -> None:
-    parse = _deserializer(pb.ExecSyncRequest)
+def test_edge_decode_refuses_undecodable_bytes_naming_the_field() -> None:
     good = pb.ExecSyncRequest(container_id="c", cmd=["ARGXXXXX"])
-    assert parse(good.SerializeToString()) == good
-    bad = parse(good.SerializeToString().replace(b"ARGXXXXX", b"\xff" * 8))
-    assert isinstance(bad, Undecodable)
-    assert "runtime.v1.ExecSyncRequest" in bad.what and "cmd" in bad.what
+    assert _decode(pb.ExecSyncRequest, good.SerializeToString()) == good
+    with pytest.raises(InvalidArgument) as e:
+        _decode(pb.ExecSyncRequest, good.SerializeToString().replace(b"ARGXXXXX", b"\xff" * 8))
+    assert "runtime.v1.ExecSyncRequest" in e.value.message and "cmd" in e.value.message
 
 
 def test_convert_then_validate_sees_bytes_env_values() -> None:
