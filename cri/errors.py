@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from moorage.core.errors import MoorageError
+from moorage.core.errors import MoorageError, disk_full, is_disk_full
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception raised below ``cri/`` to (code, message)."""
+    if not isinstance(exc, MoorageError) and is_disk_full(exc):
+        exc = disk_full(exc)
     if isinstance(exc, MoorageError):
         return _CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message
     if isinstance(exc, TimeoutError):
