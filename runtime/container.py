@@ -488,6 +488,8 @@ class Containers:
             await self.ctx.oci(rec.metadata.runtime_handler).delete(cid, force=True)
         except MoorageError as e:
             log.warning("deleting container %s: %s", cid, e.message)
+        sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
+        await self.ctx.release_cgroup(cid, sb.metadata.cgroup_parent if sb else "")
         rootfs = os.path.join(self.ctx.container_state(cid), "bundle", "rootfs")
         await self.ctx.images.release_rootfs(rec.metadata.snapshot_key or cid, rootfs)
         await self._unmount_image_volumes(rec)

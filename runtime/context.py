@@ -23,6 +23,7 @@ from opentelemetry import trace
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
 from moorage.core.store import Store, now_ns
 from moorage.runtime import cdi as cdimod
+from moorage.runtime import cgroups as cgroupsmod
 from moorage.runtime import features as featuresmod
 from moorage.runtime import oci as ocimod
 from moorage.runtime import records
@@ -36,7 +37,7 @@ from moorage.runtime.records import (
     SandboxMeta,
     SandboxStatus,
 )
-from moorage.runtime.spec import HostLookups, RuntimeSpecConfig
+from moorage.runtime.spec import HostLookups, RuntimeSpecConfig, cgroups_path
 
 log = logging.getLogger("moorage.runtime")
 
@@ -385,6 +386,21 @@ class RuntimeContext:
                 except MoorageError as e:
                     log.info("SIGKILL to %s: %s", obj_id, e.message)
             await asyncio.sleep(0.05)
+
+    async def release_cgroup(self, obj_id: str, parent: str) -> None:
+        """Remove the cgroup of ``obj_id`` under ``parent`` if the OCI runtime left it behind.
+
+        ``runc delete`` removes it as a rule; a runtime interrupted by a daemon crash (its
+        create or delete cut short) can leave the empty dirs, which nothing else would remove.
+        Only the cgroupfs driver's paths are ours to remove; a cgroup with processes stays.
+        """
+        if self.s.cgroup_driver != "cgroupfs":
+            return
+        try:
+            path = cgroups_path("cgroupfs", parent or self.s.default_cgroup_parent, obj_id)
+            await asyncio.to_thread(cgroupsmod.remove_cgroup, path, attempts=10)
+        except (MoorageError, OSError) as e:
+            log.warning("removing the cgroup of %s: %s", obj_id, error_text(e))
 
     async def stop_watchers(self) -> None:
         for t in list(self._watchers.values()):

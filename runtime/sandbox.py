@@ -315,6 +315,7 @@ class Sandboxes:
                 await rt.delete(sid, force=True)
             except MoorageError as e:
                 log.warning("deleting infra of %s: %s", sid, e.message)
+            await self.ctx.release_cgroup(sid, rec.metadata.cgroup_parent)
             remove_tree(self.ctx.sandbox_state(sid))
             remove_tree(self.ctx.sandbox_root(sid))
             self.ctx.forget_sandbox(sid)

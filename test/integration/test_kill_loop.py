@@ -12,11 +12,13 @@ within the sequence's measured length, and starts it again on the same dirs.  Th
 * ``moorage fsck`` finds nothing;
 * after stopping and removing everything, nothing is left: mounts, netns pins, processes
   (conmon, runc, catatonit, containers), cgroups, bundle dirs, pod dirs, exit files, runc
-  state, snapshots beyond the images' own.  (Pods here are loopback-only: no CNI, no veths.)
+  state, snapshots beyond the images' own, and on the test's own CNI bridge no veth, IP
+  reservation or CNI cache entry.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -32,10 +34,13 @@ from moorage.cri import cli_fsck, cli_root
 from moorage.cri import config as configmod
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing.cri import container_config, image_client, pod_config, runtime_client
-from moorage.testing.runtime_env import RuntimeEnv, make_daemon, remove_cgroup_tree
+from moorage.testing.netlab import NetLab, links_on_bridge
+from moorage.testing.runtime_env import RuntimeEnv, own_cgroup_parent, remove_cgroup_tree
 
 ROUNDS = int(os.environ.get("MOORAGE_KILL_LOOP_ROUNDS", "20"))
 BASE_SEED = int(os.environ.get("MOORAGE_KILL_LOOP_SEED", "1400"))
+#: Kill only inside this RPC (to replay one kind of round), e.g. StartContainer.
+ONLY_STEP = os.environ.get("MOORAGE_KILL_LOOP_STEP", "")
 
 
 def mounts() -> set[str]:
@@ -84,6 +89,9 @@ class Sequence:
             "remove_containers": rng.random() < 0.5,  # else RemovePodSandbox removes them
             "stop_pod": rng.random() < 0.8,  # else RemovePodSandbox stops it
         }
+        if ONLY_STEP:  # every step in the plan
+            self.shape.update(containers=max(1, self.shape["containers"]), stop_containers=True,
+                              remove_containers=True, stop_pod=True)
         s = self.shape
         per_container = ["CreateContainer", "StartContainer"]
         ends = (["StopContainer"] if s["stop_containers"] else []) + (
@@ -91,7 +99,7 @@ class Sequence:
         self.plan = ((["PullImage"] if s["pull_first"] else []) + ["RunPodSandbox"]
                      + per_container * s["containers"] + ([] if s["pull_first"] else ["PullImage"])
                      + ends * s["containers"] + (["StopPodSandbox"] if s["stop_pod"] else []) + ["RemovePodSandbox"])
-        self.kill_at = rng.randrange(len(self.plan))
+        self.kill_at = self.plan.index(ONLY_STEP) if ONLY_STEP in self.plan else rng.randrange(len(self.plan))
         self.at_step = threading.Event()
 
     def run(self) -> None:
@@ -166,9 +174,13 @@ def check_consistent(env: RuntimeEnv) -> list[str]:
     return problems
 
 
-def leftovers(env: RuntimeEnv, snapshots_before: set[str]) -> dict[str, object]:
+def leftovers(env: RuntimeEnv, lab: NetLab, snapshots_before: set[str]) -> dict[str, object]:
     d = env.d
     out: dict[str, object] = dict(env.leaks())
+    for what, found in (("veths", links_on_bridge(lab.bridge)), ("IP reservations", lab.reservations()),
+                        ("CNI cache entries", lab.cache_entries(d))):
+        if found:
+            out[what] = found
     for what, path in (("container bundles", os.path.join(d.state, "containers")),
                        ("sandbox state", os.path.join(d.state, "sandboxes")),
                        ("pod files", os.path.join(d.root, "sandboxes")),
@@ -185,12 +197,15 @@ def leftovers(env: RuntimeEnv, snapshots_before: set[str]) -> dict[str, object]:
 
 
 @pytest.fixture
-def loop_env(daemon_factory, registry):
-    d, parent = make_daemon(daemon_factory)
+def loop_env(daemon_factory, registry, netlab):
+    """A daemon with a cgroup parent of its own and the test's own CNI bridge network."""
+    parent, runtime_table = own_cgroup_parent()
+    d = netlab.daemon(functools.partial(daemon_factory, extra_config=runtime_table),
+                      conf=netlab.conflist(portmap=False, bandwidth=False))
     env = RuntimeEnv(d, registry, parent)
     env.pull("busybox")
     try:
-        yield env
+        yield env, netlab
     finally:
         if d.proc is not None and d.proc.poll() is None:
             env.cleanup()
@@ -211,7 +226,7 @@ def cleanup_all(env: RuntimeEnv, pull_ref: str) -> None:
 
 
 def test_kill_loop(loop_env):
-    env = loop_env
+    env, lab = loop_env
     d = env.d
     pull_ref = env.reg.images["nonroot"].ref
     env.begin()
@@ -236,7 +251,9 @@ def test_kill_loop(loop_env):
         worker.start()
         assert seq.at_step.wait(120)
         time.sleep(delay)
+        n = len(seq.done)
         d.kill9()
+        step = seq.plan[n] if n < len(seq.plan) else "nothing (the sequence had ended)"
         worker.join(120)
         assert not worker.is_alive()
         killed_in[step] = killed_in.get(step, 0) + 1
@@ -246,11 +263,11 @@ def test_kill_loop(loop_env):
         if seq.error is not None:
             problems.append(f"the sequence failed before the kill: {seq.error!r}")
         cleanup_all(env, pull_ref)
-        left = leftovers(env, snapshots_before)
+        left = leftovers(env, lab, snapshots_before)
         deadline = time.monotonic() + 10
         while left and time.monotonic() < deadline:  # processes take a moment to be reaped
             time.sleep(0.2)
-            left = leftovers(env, snapshots_before)
+            left = leftovers(env, lab, snapshots_before)
         if left:
             problems.append(f"left after removing everything: {left}")
         ok = not problems
