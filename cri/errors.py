@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from moorage.core.errors import MoorageError, bound
+from moorage.core.errors import MoorageError, bound, disk_full, is_disk_full
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception raised below ``cri/`` to (code, message); the message is bounded, whatever
@@ -16,6 +17,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if not isinstance(exc, MoorageError) and is_disk_full(exc):
+        exc = disk_full(exc)
     if isinstance(exc, MoorageError):
         return _CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message
     if isinstance(exc, TimeoutError):

@@ -52,7 +52,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from moorage.core.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from moorage.core.errors import AlreadyExists, DiskFull, FailedPrecondition, Internal, InvalidArgument, NotFound
 from moorage.core.mount import Mount, mount_points, mounts_using, unmount_all
 from moorage.core.store import SnapshotRecord, Store
 from moorage.images.digest import Digest
@@ -505,7 +505,26 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         """Remove a snapshot that has no children (unmount it first)."""
-        self.remove_dir(key, self.remove_record(key))
+        try:
+            d = self.remove_record(key)
+        except DiskFull:
+            # Even the store's reserve is gone: free what this snapshot holds first (it goes
+            # anyway; a crash now leaves a record over an empty dir, which GC removes), then
+            # drop the record, which now has room.
+            if not self._empty(key):
+                raise
+            d = self.remove_record(key)
+        self.remove_dir(key, d)
+
+    def _empty(self, key: str) -> bool:
+        """Delete an unmounted active snapshot's contents (not its record); False if not such a one."""
+        with self._lock:
+            rec = self._get(key)
+            if rec.kind != KIND_ACTIVE or mounts_using([self._dir(rec.dir_id)]):
+                return False
+            for d in (self._fs(rec), self._work(rec)):
+                shutil.rmtree(d, ignore_errors=True)
+            return True
 
     def remove_record(self, key: str) -> str:
         """The first half of remove(): check and drop the record (atomically with _create's

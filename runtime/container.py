@@ -24,7 +24,7 @@ from moorage.core.idmap import UserNS
 from moorage.core.ids import new_id
 from moorage.core.store import ImageRecord, now_ns
 from moorage.runtime import cdi, events, procsig, spec, users
-from moorage.runtime.context import RuntimeContext, error_text
+from moorage.runtime.context import LOST_STATE_MESSAGE, ExitOutcome, RuntimeContext, error_text
 from moorage.runtime.model import ContainerConfig, ImageConfig, LinuxContainerResources, Mount
 from moorage.runtime.modelio import to_plain
 from moorage.runtime.oci import OCIRuntimeAPI
@@ -43,9 +43,6 @@ from moorage.runtime.records import (
 )
 
 log = logging.getLogger("moorage.container")
-
-LOST_STATE_MESSAGE = "container state lost (conmon and runtime state are gone, e.g. after a reboot)"
-
 
 def _signal_number(name: str) -> int:
     if not name:
@@ -389,22 +386,26 @@ class Containers:
         rec = self.ctx.containers.get(cid)
         if rec is None or rec.status.state != ContainerState.RUNNING:
             return
-        status = self.ctx.oci(rec.metadata.runtime_handler).exit_status(cid)
-        if status is None:
-            rec.update(lambda s: replace(s, state=ContainerState.EXITED, exit_code=255, finished_at=now_ns(),
-                                         reason="Error",
-                                         message="exit status unavailable: conmon left no exit file"))
-        else:
-            reason = "OOMKilled" if status.oom_killed else ("Completed" if status.code == 0 else "Error")
-            rec.update(lambda s: replace(s, state=ContainerState.EXITED, exit_code=status.code,
-                                         finished_at=int(status.finished_at.timestamp() * 1e9), reason=reason))
-        self.ctx.events.publish(cid, events.EventType.STOPPED, rec.metadata.sandbox_id)
-        log.info("container exited", extra={"fields": {"id": cid, "exit_code": rec.status.exit_code,
-                                                       "reason": rec.status.reason}})
+        outcome = await self.ctx.settle_exit(cid, rec.metadata.runtime_handler)
+        if outcome is None:  # the watcher failed while conmon still supervises it: watch again
+            asyncio.get_running_loop().call_soon(self.ctx.watch_exit, cid, rec.metadata.runtime_handler,
+                                                 self._on_exit)
+            return
+        self._record_exit(rec, outcome)
         # Before a StopContainer waiting for this exit returns: plugins see stop before remove.
         sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
         if sb is not None:
             await self.ctx.hooks.stop_container(sb, rec)
+
+    def _record_exit(self, rec: Container, outcome: ExitOutcome) -> None:
+        if rec.status.state != ContainerState.RUNNING:
+            return
+        rec.update(lambda s: replace(s, state=ContainerState.EXITED, exit_code=outcome.code, phase=None,
+                                     finished_at=outcome.finished_at, reason=outcome.reason,
+                                     message=outcome.message))
+        self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.metadata.sandbox_id)
+        log.info("container exited", extra={"fields": {"id": rec.id, "exit_code": outcome.code,
+                                                       "reason": outcome.reason}})
 
     # -- StopContainer -------------------------------------------------------------------------
 
@@ -413,8 +414,24 @@ class Containers:
             rec = self.ctx.get_container(cid)
         except NotFound:
             return  # stopping what is gone succeeds, as the CRI asks
-        if rec.status.state != ContainerState.RUNNING:
-            return
+        if rec.status.state == ContainerState.RUNNING:
+            await self._stop_running(rec, timeout)
+        # Never "stopped" while the process lives: with no conmon to record an exit (it was
+        # killed, or the state was lost), runc is asked, and whatever it still runs is killed.
+        rt = self.ctx.oci(rec.metadata.runtime_handler)
+        if self.ctx.containers.get(rec.id) is not rec:
+            return  # removed meanwhile (runc delete --force ended it)
+        if rec.status.state != ContainerState.CREATED and rt.exit_status(rec.id) is None \
+                and rt.conmon_pid(rec.id) is None:
+            if not await self.ctx.end_process(rec.id, rec.metadata.runtime_handler):
+                raise FailedPrecondition(f"container {rec.id} still runs after SIGKILL (its conmon is gone)")
+            if rec.status.state == ContainerState.RUNNING:
+                outcome = await self.ctx.settle_exit(rec.id, rec.metadata.runtime_handler)
+                if outcome is not None:
+                    self.ctx.forget_watcher(rec.id)
+                    self._record_exit(rec, outcome)
+
+    async def _stop_running(self, rec: Container, timeout: int) -> None:
         rt = self.ctx.oci(rec.metadata.runtime_handler)
         if timeout > 0:
             sig = _signal_number(rec.metadata.stop_signal)
@@ -487,6 +504,8 @@ class Containers:
         await self.stop(rec.id, 0)
         async with self.ctx.lock(rec.id):
             if rec.id in self.ctx.containers:
+                if not rec.status.removing and rec.status.phase is None:
+                    rec.update(lambda s: replace(s, removing=True))  # recovery finishes it after a crash
                 await self._destroy(rec)
                 self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.metadata.sandbox_id)
                 sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
@@ -501,6 +520,8 @@ class Containers:
             await self.ctx.oci(rec.metadata.runtime_handler).delete(cid, force=True)
         except MoorageError as e:
             log.warning("deleting container %s: %s", cid, e.message)
+        sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
+        await self.ctx.release_cgroup(cid, sb.metadata.cgroup_parent if sb else "")
         rootfs = os.path.join(self.ctx.container_state(cid), "bundle", "rootfs")
         await self.ctx.images.release_rootfs(rec.metadata.snapshot_key or cid, rootfs)
         await self._unmount_image_volumes(rec)
@@ -633,8 +654,8 @@ class Containers:
     async def recover(self, rec: Container) -> None:
         phase = rec.status.phase
         handler = rec.metadata.runtime_handler
-        if phase in (ContainerPhase.CREATING, ContainerPhase.SPEC):
-            log.info("removing container %s left half-made by a crash", rec.id)
+        if phase in (ContainerPhase.CREATING, ContainerPhase.SPEC) or rec.status.removing:
+            log.info("removing container %s left half-made or half-removed by a crash", rec.id)
             await self._destroy(rec)
             return
         if phase == ContainerPhase.STARTING:
@@ -655,27 +676,14 @@ class Containers:
                     pass
                 rec.update(lambda s: replace(s, phase=None))
         if rec.status.state == ContainerState.RUNNING:
-            rt = self.ctx.oci(handler)
-            if rt.exit_status(rec.id) is None and await self._process_lost(rt, rec.id):
-                # conmon and the runtime's state are gone (a reboot wiped the state dir):
-                # no exit will ever be recorded, so record one now.
-                self._record_lost_exit(rec)
-                return
+            if self.ctx.oci(handler).conmon_pid(rec.id) is None:
+                # Nobody supervises it any more: the same rule as a live watcher's (settle_exit).
+                outcome = await self.ctx.settle_exit(rec.id, handler)
+                if outcome is not None:
+                    self._record_exit(rec, outcome)
+                    return
             # wait_exit reads conmon's exit file at once if it exited while we were down.
             self.ctx.watch_exit(rec.id, handler, self._on_exit)
-
-    async def _process_lost(self, rt: OCIRuntimeAPI, obj_id: str) -> bool:
-        """True if neither a conmon nor the OCI runtime knows a live process for ``obj_id``."""
-        if rt.conmon_pid(obj_id) is not None:
-            return False
-        try:
-            st = await rt.state(obj_id)
-        except NotFound:
-            return True
-        except MoorageError as e:
-            log.warning("state of %s: %s", obj_id, e.message)
-            return False
-        return st.status == "stopped"
 
     def _record_lost_exit(self, rec: Container) -> None:
         """Mark a RUNNING container EXITED whose exit can never be read (state lost)."""

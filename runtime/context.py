@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from opentelemetry import trace
 
 from moorage.core.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
 from moorage.core.fs import restrict_file
-from moorage.core.store import Store
+from moorage.core.store import Store, now_ns
 from moorage.runtime import cdi as cdimod
+from moorage.runtime import cgroups as cgroupsmod
 from moorage.runtime import features as featuresmod
 from moorage.runtime import oci as ocimod
 from moorage.runtime import records
@@ -36,7 +38,7 @@ from moorage.runtime.records import (
     SandboxMeta,
     SandboxStatus,
 )
-from moorage.runtime.spec import HostLookups, RuntimeSpecConfig
+from moorage.runtime.spec import HostLookups, RuntimeSpecConfig, cgroups_path
 
 log = logging.getLogger("moorage.runtime")
 
@@ -64,6 +66,22 @@ class RuntimeSettings:
     enable_cdi: bool = True
     #: CDI spec directories, lowest precedence first.
     cdi_spec_dirs: tuple[str, ...] = cdimod.DEFAULT_SPEC_DIRS
+
+
+LOST_STATE_MESSAGE = "container state lost (conmon and runtime state are gone, e.g. after a reboot)"
+CONMON_LOST_MESSAGE = ("its conmon exited while the process still ran, so nothing could collect its output "
+                       "or exit any more; moorage killed it (SIGKILL)")
+CONMON_GONE_MESSAGE = "its conmon exited without recording the exit; the exit code is unknown"
+
+
+@dataclass(frozen=True)
+class ExitOutcome:
+    """How a container's (or an infra's) process ended, as far as anyone can tell."""
+
+    code: int
+    finished_at: int  # ns
+    reason: str  # CRI reason: Completed, Error, OOMKilled
+    message: str = ""
 
 
 def error_text(exc: BaseException) -> str:
@@ -276,6 +294,8 @@ class RuntimeContext:
                     await self.oci(handler).wait_exit(obj_id)
                 except asyncio.CancelledError:
                     raise
+                except MoorageError as e:  # conmon went without an exit file: on_exit asks runc
+                    log.warning("exit watcher for %s: %s", obj_id, e.message)
                 except Exception:
                     log.exception("exit watcher for %s failed", obj_id)
                 await on_exit(obj_id)
@@ -312,6 +332,84 @@ class RuntimeContext:
             return True
         except TimeoutError:
             return False
+
+    async def settle_exit(self, obj_id: str, handler: str) -> ExitOutcome | None:
+        """The truth about a process whose exit watcher returned, or that nobody watches any more.
+
+        The one rule for a live exit watcher and for recovery alike: conmon's exit file if it
+        wrote one; while conmon still supervises the process, None (keep watching).  With no
+        conmon, runc decides: a process runc still runs is killed, because without its conmon
+        its output goes nowhere and its exit would never be recorded, and a kubelet would start
+        a replacement beside it (reported as exit 137 and why); one runc knows as stopped
+        exited unseen (255); one runc does not know is lost (255, e.g. after a reboot).
+        """
+        rt = self.oci(handler)
+        st = rt.exit_status(obj_id)
+        if st is None and rt.conmon_pid(obj_id) is not None:
+            return None
+        st = st or rt.exit_status(obj_id)  # conmon may have written it just before it went
+        if st is not None:
+            reason = "OOMKilled" if st.oom_killed else ("Completed" if st.code == 0 else "Error")
+            return ExitOutcome(st.code, int(st.finished_at.timestamp() * 1e9), reason)
+        try:
+            state = await rt.state(obj_id)
+        except NotFound:
+            return ExitOutcome(255, now_ns(), "Error", LOST_STATE_MESSAGE)
+        except MoorageError as e:
+            log.warning("state of %s with its conmon gone: %s", obj_id, e.message)
+            state = None
+        if state is not None and state.status == "stopped":
+            return ExitOutcome(255, now_ns(), "Error", CONMON_GONE_MESSAGE)
+        log.warning("conmon of %s is gone but the process still runs; killing it", obj_id)
+        await self.end_process(obj_id, handler)
+        return ExitOutcome(137, now_ns(), "Error", CONMON_LOST_MESSAGE)
+
+    async def end_process(self, obj_id: str, handler: str, timeout: float = 10.0) -> bool:
+        """SIGKILL what runc runs for ``obj_id`` and wait until runc says it stopped (or forgot it).
+
+        Used where no conmon will report the exit, so "stopped" must come from runc itself;
+        False if it still ran after ``timeout``.
+        """
+        rt = self.oci(handler)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        killed = False
+        while True:
+            try:
+                state = await rt.state(obj_id)
+            except NotFound:
+                return True
+            except MoorageError as e:
+                log.warning("state of %s: %s", obj_id, e.message)
+                return False
+            if state.status == "stopped":
+                return True
+            if loop.time() >= deadline:
+                return False
+            if not killed:
+                try:
+                    await rt.kill(obj_id, signal.SIGKILL)
+                    killed = True
+                except NotFound:
+                    return True
+                except MoorageError as e:
+                    log.info("SIGKILL to %s: %s", obj_id, e.message)
+            await asyncio.sleep(0.05)
+
+    async def release_cgroup(self, obj_id: str, parent: str) -> None:
+        """Remove the cgroup of ``obj_id`` under ``parent`` if the OCI runtime left it behind.
+
+        ``runc delete`` removes it as a rule; a runtime interrupted by a daemon crash (its
+        create or delete cut short) can leave the empty dirs, which nothing else would remove.
+        Only the cgroupfs driver's paths are ours to remove; a cgroup with processes stays.
+        """
+        if self.s.cgroup_driver != "cgroupfs":
+            return
+        try:
+            path = cgroups_path("cgroupfs", parent or self.s.default_cgroup_parent, obj_id)
+            await asyncio.to_thread(cgroupsmod.remove_cgroup, path, attempts=10)
+        except (MoorageError, OSError) as e:
+            log.warning("removing the cgroup of %s: %s", obj_id, error_text(e))
 
     async def stop_watchers(self) -> None:
         for t in list(self._watchers.values()):

@@ -42,7 +42,9 @@ Container states::
         | UNKNOWN | -------------------------------------------------------------^
         +---------+   (only decoded from a stored state this version does not know)
 
-While ``phase`` is set an object is still being made and is hidden from List*.
+While ``phase`` is set an object is still being made and is hidden from List*.  A sandbox's
+``teardown`` ("stop"/"remove") and a container's ``removing`` mark a teardown in progress, so
+that recovery completes one a crash cut short.
 Staying in the same state (updating pid, ip, phase, ...) is always allowed.
 
 The state values are the CRI enum names: existing databases and the state metrics
@@ -161,6 +163,9 @@ class SandboxStatus:
     overhead: LinuxContainerResources | None = None
     resources: LinuxContainerResources | None = None
     resources_updated: bool = False
+    #: "stop" or "remove" while StopPodSandbox / RemovePodSandbox tears the pod down; a sandbox
+    #: found so after a crash has its teardown completed by recovery.
+    teardown: str = ""
 
 
 # --- containers -----------------------------------------------------------------------------
@@ -213,6 +218,8 @@ class ContainerStatus:
     mounts: list[Mount] | None = None
     #: Resources set by UpdateContainerResources; None: as configured.
     resources: LinuxContainerResources | None = None
+    #: Set before RemoveContainer starts destroying it; recovery finishes a removal a crash cut short.
+    removing: bool = False
 
 
 # --- the records ----------------------------------------------------------------------------

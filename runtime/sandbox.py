@@ -242,6 +242,14 @@ class Sandboxes:
         rec = self.ctx.sandboxes.get(sid)
         if rec is None or rec.status.state != SandboxState.READY:
             return
+        # The same rule as for containers: without its conmon, runc says whether the infra
+        # still runs, and a live one is killed rather than reported gone.
+        if await self.ctx.settle_exit(sid, rec.metadata.runtime_handler) is None:
+            asyncio.get_running_loop().call_soon(self.ctx.watch_exit, sid, rec.metadata.runtime_handler,
+                                                 self._on_infra_exit)
+            return
+        if rec.status.state != SandboxState.READY:
+            return
         rec.update(lambda s: replace(s, state=SandboxState.NOTREADY))
         self.ctx.events.publish(sid, events.EventType.STOPPED, sid)
         log.info("pod sandbox infra process exited", extra={"fields": {"id": sid}})
@@ -263,9 +271,17 @@ class Sandboxes:
                 self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.id)
 
     async def teardown(self, rec: Sandbox, remove: bool) -> None:
-        """Stop the infra process and release the network and mounts; idempotent."""
+        """Stop the infra process and release the network and mounts; idempotent.
+
+        The intent is recorded first (``teardown``), so that a crash anywhere in here leaves a
+        sandbox whose teardown recovery completes (``recover``), not one that holds its shm,
+        netns and network while it looks stopped.
+        """
         sid = rec.id
         rt = self.ctx.oci(rec.metadata.runtime_handler)
+        intent = "remove" if remove else "stop"
+        if rec.status.phase is None and rec.status.teardown not in (intent, "remove"):
+            rec.update(lambda s: replace(s, teardown=intent))
         lost = False
         try:
             st = await rt.state(sid)
@@ -281,6 +297,11 @@ class Sandboxes:
             self.ctx.forget_watcher(sid)
         else:
             await self.ctx.wait_exited(sid, 10)
+        if rt.exit_status(sid) is None and rt.conmon_pid(sid) is None:
+            # No conmon records this exit (it was killed, or the state was lost): runc is the witness.
+            self.ctx.forget_watcher(sid)
+            if not await self.ctx.end_process(sid, rec.metadata.runtime_handler):
+                raise FailedPrecondition(f"infra process of pod sandbox {sid} still runs after SIGKILL")
         netns_path = rec.status.netns_path
         if netns_path:
             if self.ctx.network is not None:
@@ -295,7 +316,7 @@ class Sandboxes:
         if os.path.isdir(shm):
             mountmod.unmount_all(shm)
         was_ready = rec.status.state == SandboxState.READY and rec.status.phase is None
-        rec.update(lambda s: replace(s, state=SandboxState.NOTREADY))
+        rec.update(lambda s: replace(s, state=SandboxState.NOTREADY, teardown="remove" if remove else ""))
         if was_ready:  # the infra exit was not seen (e.g. state lost): say it stopped now
             self.ctx.events.publish(sid, events.EventType.STOPPED, sid)
         if remove:
@@ -303,6 +324,7 @@ class Sandboxes:
                 await rt.delete(sid, force=True)
             except MoorageError as e:
                 log.warning("deleting infra of %s: %s", sid, e.message)
+            await self.ctx.release_cgroup(sid, rec.metadata.cgroup_parent)
             remove_tree(self.ctx.sandbox_state(sid))
             remove_tree(self.ctx.sandbox_root(sid))
             self.ctx.forget_sandbox(sid)
@@ -373,18 +395,22 @@ class Sandboxes:
             log.info("removing sandbox %s left half-made by a crash (phase %s)", rec.id, rec.status.phase.value)
             await self.teardown(rec, remove=True)
             return
+        if rec.status.teardown:
+            # StopPodSandbox or RemovePodSandbox was cut short: finish what it had begun.
+            log.info("completing the %s of sandbox %s cut short by a crash", rec.status.teardown, rec.id)
+            await self.teardown(rec, remove=rec.status.teardown == "remove")
+            return
         if rec.status.state != SandboxState.READY:
             return
-        try:
-            st = await self.ctx.oci(rec.metadata.runtime_handler).state(rec.id)
-            alive = st.status in ("running", "created", "paused")
-        except NotFound:
-            alive = False
-        if alive:
-            self.ctx.watch_exit(rec.id, rec.metadata.runtime_handler, self._on_infra_exit)
-        else:
-            rec.update(lambda s: replace(s, state=SandboxState.NOTREADY))
-            self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.id)
+        handler = rec.metadata.runtime_handler
+        rt = self.ctx.oci(handler)
+        if rt.conmon_pid(rec.id) is not None:
+            self.ctx.watch_exit(rec.id, handler, self._on_infra_exit)
+            return
+        # No conmon: the same rule as a live watcher's (a live infra without one is killed).
+        await self.ctx.settle_exit(rec.id, handler)
+        rec.update(lambda s: replace(s, state=SandboxState.NOTREADY))
+        self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.id)
 
     def collect_stale_netns(self) -> None:
         try:

@@ -7,6 +7,9 @@ codes in exactly one place.  Messages are written for a person reading them in
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 #: How much of an untrusted value a message may echo (``clip``).
 MAX_ECHO = 256
 #: The longest message a status may carry: gRPC metadata is refused past 16 KiB, and a
@@ -113,3 +116,36 @@ class RuntimeFailure(MoorageError):
             cut = len(message) - self.MAX_MESSAGE
             message = f"{message[:self.MAX_MESSAGE]}... ({cut} more characters cut)"
         super().__init__(message)
+
+
+class DiskFull(ResourceExhausted):
+    """The filesystem moorage writes to is full (ENOSPC), over quota (EDQUOT), or SQLite said
+    "database or disk is full": RESOURCE_EXHAUSTED, as the caller can only wait or free space."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) is a full disk or an exceeded quota."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFull):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, sqlite3.OperationalError) and (
+                getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full(exc: BaseException, what: str = "") -> DiskFull:
+    """The domain error for a full disk; the message names what was being written (bounded)."""
+    if isinstance(exc, DiskFull):
+        return exc
+    quota = isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+    why = "disk quota exceeded" if quota else "no space left on device"
+    path = what or (exc.filename if isinstance(exc, OSError) and isinstance(exc.filename, str) else "")
+    where = f" writing {path[:256]}" if path else ""
+    return DiskFull(f"{why}{where}; free space on that filesystem and retry")

@@ -29,11 +29,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from moorage.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from moorage.core.errors import AlreadyExists, DiskFull, FailedPrecondition, NotFound, disk_full, is_disk_full
 from moorage.core.fs import restrict_file
 
 DEFAULT_NAMESPACE = "k8s.io"
 DB_NAME = "meta.db"
+#: Space kept aside next to the database so that releasing writes (deletes and state changes)
+#: still commit on a full disk: SQLite appends even a DELETE to the WAL.
+RESERVE_NAME = "meta.db-reserve"
+RESERVE_BYTES = 2 << 20
 
 
 def now_ns() -> int:
@@ -165,7 +169,8 @@ def _from_json(cls: type[R], data: str) -> R:
 class Store:
     """Typed access to the metadata database.  Thread-safe; calls are short."""
 
-    def __init__(self, root: str, namespace: str = DEFAULT_NAMESPACE, *, target_version: int = SCHEMA_VERSION):
+    def __init__(self, root: str, namespace: str = DEFAULT_NAMESPACE, *, target_version: int = SCHEMA_VERSION,
+                 reserve_bytes: int = RESERVE_BYTES):
         os.makedirs(root, mode=0o700, exist_ok=True)
         self.path = os.path.join(root, DB_NAME)
         self.namespace = namespace
@@ -180,6 +185,68 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate(target_version)
+        self.reserve_path = os.path.join(root, RESERVE_NAME)
+        self.reserve_bytes = reserve_bytes
+        self._reserve_released = True
+        self._make_reserve()  # (a full disk: the first write that needs it says so)
+
+    # -- the space reserve: cleanup never depends on free space --------------------------
+
+    def _make_reserve(self) -> None:
+        """Set the reserve aside (again) if it is not; quietly left undone while the disk is full."""
+        if self.reserve_bytes <= 0 or not self._reserve_released:
+            return
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, self.reserve_bytes)
+                except OSError as e:
+                    if is_disk_full(e):
+                        raise
+                    os.pwrite(fd, b"\0" * self.reserve_bytes, 0)  # a filesystem without fallocate
+            finally:
+                os.close(fd)
+            self._reserve_released = False
+        except OSError as e:
+            self._release_reserve()  # no half reserve holding what little space is left
+            if not is_disk_full(e):  # a filesystem where no reserve can be made: do without
+                self.reserve_bytes = 0
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve back to the filesystem; False if there was none to give."""
+        try:
+            had = os.stat(self.reserve_path).st_blocks > 0
+            os.unlink(self.reserve_path)
+        except FileNotFoundError:
+            had = False
+        self._reserve_released = True
+        return had
+
+    def _releasing(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+        """A write that frees or settles things (a delete, a state change).  On a full disk it
+        gets room the way that costs least and is tried again: first the reserve is given back,
+        then the WAL is checkpointed and restarted, so the write reuses the WAL file's own
+        space instead of growing it.  Teardown and rollback thus never depend on free space;
+        new records do not get this (they answer RESOURCE_EXHAUSTED)."""
+        attempt = 0
+        while True:
+            try:
+                with self.transaction(releasing=True) as db:
+                    return fn(db)
+            except DiskFull:
+                with self._lock:
+                    if attempt >= 2 or not ((attempt == 0 and self._release_reserve()) or self._restart_wal()):
+                        raise
+                attempt += 1
+
+    def _restart_wal(self) -> bool:
+        """Copy the WAL into the database and let the next write start the WAL over."""
+        try:
+            busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        except sqlite3.Error:
+            return False
+        return busy == 0
 
     # -- schema -------------------------------------------------------------------
 
@@ -226,16 +293,35 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; everything inside commits or nothing does."""
+    def transaction(self, releasing: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; everything inside commits or nothing does.
+
+        Only a ``releasing`` write (see ``_releasing``) may run while the reserve is spent and
+        cannot be set aside again: new work on a full disk is refused before it starts, so the
+        clean-up of whatever fails next still finds room.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not releasing and self._reserve_released and self.reserve_bytes > 0:
+                self._make_reserve()
+                if self._reserve_released:
+                    raise DiskFull(f"no space left on device for the metadata store's reserve "
+                                   f"({self.reserve_bytes >> 10} KiB) next to {self.path}; free space on "
+                                   "that filesystem and retry")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if is_disk_full(e):
+                    raise disk_full(e, f"the metadata store {self.path}") from e
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -260,13 +346,15 @@ class Store:
                 raise AlreadyExists(f"pod sandbox id {row.id} already exists") from None
 
     def update_sandbox(self, row: ObjectRow) -> None:
-        with self.transaction() as db:
+        def write(db: sqlite3.Connection) -> None:
             cur = db.execute(
                 "UPDATE sandboxes SET state=?, data=? WHERE namespace=? AND id=?",
                 (row.state, _dumps(row.data), self.namespace, row.id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"pod sandbox {row.id} not found")
+
+        self._releasing(write)
 
     def get_sandbox(self, sid: str) -> ObjectRow:
         rows = self._query("SELECT id, name, state, created_at, data FROM sandboxes WHERE namespace=? AND id=?",
@@ -281,8 +369,8 @@ class Store:
         return [_row(r) for r in rows]
 
     def delete_sandbox(self, sid: str) -> bool:
-        with self.transaction() as db:
-            return db.execute("DELETE FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid)).rowcount > 0
+        return self._releasing(lambda db: db.execute(
+            "DELETE FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid)).rowcount > 0)
 
     # -- containers ---------------------------------------------------------------------
 
@@ -301,13 +389,15 @@ class Store:
             )
 
     def update_container(self, row: ObjectRow) -> None:
-        with self.transaction() as db:
+        def write(db: sqlite3.Connection) -> None:
             cur = db.execute(
                 "UPDATE containers SET state=?, data=? WHERE namespace=? AND id=?",
                 (row.state, _dumps(row.data), self.namespace, row.id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"container {row.id} not found")
+
+        self._releasing(write)
 
     _CONTAINER_COLUMNS = "id, name, state, created_at, data, sandbox_id"
 
@@ -330,8 +420,8 @@ class Store:
         return [_row(r) for r in rows]
 
     def delete_container(self, cid: str) -> bool:
-        with self.transaction() as db:
-            return db.execute("DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0
+        return self._releasing(lambda db: db.execute(
+            "DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0)
 
     # -- images ----------------------------------------------------------------------
 
@@ -393,9 +483,11 @@ class Store:
         return [_from_json(ImageRecord, r[0]) for r in rows]
 
     def delete_image(self, iid: str) -> bool:
-        with self.transaction() as db:
+        def write(db: sqlite3.Connection) -> bool:
             db.execute("DELETE FROM image_refs WHERE namespace=? AND image_id=?", (self.namespace, iid))
             return db.execute("DELETE FROM images WHERE namespace=? AND id=?", (self.namespace, iid)).rowcount > 0
+
+        return self._releasing(write)
 
     # -- snapshots (the snapshotter's metadata protocol is a thin adapter over these) -------
 
@@ -438,12 +530,14 @@ class Store:
 
     def remove_snapshot(self, key: str) -> SnapshotRecord:
         """Delete and return the record, in one transaction; NotFound when absent."""
-        with self.transaction() as db:
+        def write(db: sqlite3.Connection) -> SnapshotRecord:
             rec = self._get_snapshot(db, key)
             if rec is None:
                 raise NotFound(f"snapshot {key!r} not found")
             db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key))
-        return rec
+            return rec
+
+        return self._releasing(write)
 
     def _get_snapshot(self, db: sqlite3.Connection, key: str) -> SnapshotRecord | None:
         row = db.execute("SELECT data FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key)).fetchone()
@@ -462,8 +556,8 @@ class Store:
         return [r[0] for r in rows]
 
     def delete_snapshot(self, key: str) -> bool:
-        with self.transaction() as db:
-            return db.execute("DELETE FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key)).rowcount > 0
+        return self._releasing(lambda db: db.execute(
+            "DELETE FROM snapshots WHERE namespace=? AND key=?", (self.namespace, key)).rowcount > 0)
 
     # -- leases: resources (blob digests, snapshot keys) held by work in flight ----------------
 
@@ -476,8 +570,8 @@ class Store:
                 )
 
     def release_lease(self, lease_id: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM leases WHERE namespace=? AND id=?", (self.namespace, lease_id))
+        self._releasing(lambda db: db.execute("DELETE FROM leases WHERE namespace=? AND id=?",
+                                              (self.namespace, lease_id)))
 
     def leased_resources(self) -> set[str]:
         return {r[0] for r in self._query("SELECT resource FROM leases WHERE namespace=?", (self.namespace,))}
