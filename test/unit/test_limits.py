@@ -72,9 +72,10 @@ def test_exec_sync_cap_keeps_the_response_under_the_cap() -> None:
 def test_status_messages_are_bounded() -> None:
     import grpc
 
-    from moorage.cri.errors import MAX_STATUS_MESSAGE, status_for
+    from moorage.core.errors import MAX_MESSAGE
+    from moorage.cri.errors import status_for
 
     code, msg = status_for(InvalidArgument("argv: " + "x" * 200_000))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
-    assert len(msg) < MAX_STATUS_MESSAGE + 64 and msg.endswith("more characters cut)")
+    assert len(msg) < MAX_MESSAGE + 64 and msg.endswith("more characters cut)")
     assert status_for(InvalidArgument("short"))[1] == "short"
