@@ -164,7 +164,7 @@ def test_undecodable_request_is_invalid_argument(env: RuntimeEnv, raw: bytes) ->
     finally:
         ch.close()
     assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
-    assert "not a valid RunPodSandboxRequest" in msg
+    assert "not a valid runtime.v1.RunPodSandboxRequest" in msg
 
 
 # -- labels and annotations at the limit --------------------------------------------------------------
