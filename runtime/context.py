@@ -63,6 +63,9 @@ class RuntimeSettings:
     enable_cdi: bool = True
     #: CDI spec directories, lowest precedence first.
     cdi_spec_dirs: tuple[str, ...] = cdimod.DEFAULT_SPEC_DIRS
+    #: Pods without a shared PID namespace (or a user namespace) get no infra process: their
+    #: namespaces are pinned files (False: every pod runs one, as before).
+    drop_infra: bool = True
 
 
 def error_text(exc: BaseException) -> str:

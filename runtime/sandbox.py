@@ -1,8 +1,10 @@
 """Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and list.
 
 A sandbox owns a pinned network namespace (CNI-configured unless host network),
-the pod's hostname/hosts/resolv.conf files, a /dev/shm tmpfs, and its infra
-process: the host's ``catatonit -P`` in an empty read-only rootfs under conmon.
+the pod's hostname/hosts/resolv.conf files, a /dev/shm tmpfs, and either an infra
+process (the host's ``catatonit -P`` in an empty read-only rootfs under conmon)
+or, with ``drop_infra`` for a pod that shares no PID namespace and has no user
+namespace, pinned IPC and UTS namespaces (``core.nspin``) its containers join.
 The pod-wide verbs that also touch containers (stop and remove) are composed by
 the ``Runtime`` facade in runtime/service.py; this module knows only sandboxes.
 """
@@ -18,11 +20,13 @@ import signal
 
 from moorage.core import mount as mountmod
 from moorage.core import netns as netnsmod
+from moorage.core import nspin
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from moorage.core.fs import remove_tree
 from moorage.core.ids import new_id
 from moorage.core.network import Bandwidth, DNSConfig, PortMapping
 from moorage.core.store import now_ns
+from moorage.runtime import cgroups as cg
 from moorage.runtime import events, podfiles, spec
 from moorage.runtime.context import RuntimeContext, error_text
 from moorage.runtime.model import LinuxContainerResources, PodSandboxConfig
@@ -83,11 +87,15 @@ class Sandboxes:
         net_mode, _pid_mode, ipc_mode = _ns_modes(cfg)
         host_net = net_mode == "NODE"
         parent = (cfg.linux.cgroup_parent if cfg.linux else "") or self.ctx.s.default_cgroup_parent
+        infra = not self.ctx.s.drop_infra or spec.sandbox_needs_infra(cfg, self.ctx.s.spec.userns_length_multiple)
+        pins = os.path.join(self.ctx.sandbox_state(sid), "ns")
+        kinds = [] if infra else [k for k, shared in (("ipc", ipc_mode == "NODE"), ("uts", host_net)) if not shared]
         meta = SandboxMeta(
             id=sid, name=name, created_at=now_ns(), config=copy.deepcopy(cfg), runtime_handler=handler,
             cgroup_parent=parent, cgroups_path=spec.cgroups_path(self.ctx.s.cgroup_driver, parent, sid),
             hostname=cfg.hostname or (os.uname().nodename if host_net else cfg.metadata.name),
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
+            infra=infra, ns_paths={k: nspin.pin_path(pins, k) for k in kinds},
         )
         # No await from this check to add_sandbox: two pods cannot both take the same host ids.
         self._check_userns_free(cfg)
@@ -172,6 +180,16 @@ class Sandboxes:
             mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
                                                           f"size={SHM_SIZE}", *ids))], meta.shm_path)
 
+        # Without an infra process the pod's IPC and UTS namespaces are pinned files (the hostname
+        # and the IPC sysctls set inside them as they are made).
+        net_sysctls: dict[str, str] = {}
+        if not meta.infra:
+            net_sysctls, ipc_sysctls = spec.split_sysctls(spec.sandbox_sysctls(cfg, self.ctx.s.spec))
+            if meta.ns_paths:
+                await asyncio.to_thread(
+                    nspin.pin_namespaces, os.path.join(state, "ns"), tuple(meta.ns_paths),
+                    hostname=hostname if "uts" in meta.ns_paths else None, sysctls=ipc_sysctls)
+
         # The network: a pinned namespace, configured by CNI when a network is set up.  A pod with
         # its own user namespace gets one its infra makes inside that user namespace (pinned and
         # configured below, before the infra starts): the pod's containers join the user namespace
@@ -182,6 +200,10 @@ class Sandboxes:
             netns_path = await asyncio.to_thread(netnsmod.create_netns, sid, self.ctx.s.netns_dir)
             rec.update(lambda s: replace(s, netns_path=netns_path, phase=SandboxPhase.NETWORK))
             await self._setup_network(rec, self.ctx.network, netns_path)
+
+        if not meta.infra:
+            await self._finish_without_infra(rec, host_net, ipc_mode, net_sysctls)
+            return
 
         # The infra process.
         bundle = os.path.join(state, "bundle")
@@ -212,6 +234,35 @@ class Sandboxes:
         self.ctx.watch_exit(sid, meta.runtime_handler, self._on_infra_exit)
         log.info("pod sandbox ready", extra={"fields": {"id": sid, "name": rec.name, "pid": pid,
                                                         "ip": rec.status.ip}})
+
+    async def _finish_without_infra(self, rec: Sandbox, host_net: bool, ipc_mode: str,
+                                    net_sysctls: dict[str, str]) -> None:
+        """A pod with pinned namespaces is READY once they exist: no process is started."""
+        meta = rec.metadata
+        root = self.ctx.sandbox_root(rec.id)
+        # The infra spec is still built (not run): it is where a pod's config is checked, so a pod
+        # is refused for the same reasons with or without an infra process.
+        spec.build_sandbox_spec(
+            meta.config, sandbox_id=rec.id, rootfs="/", infra_binary_path=self.ctx.s.infra_binary,
+            netns_path=rec.status.netns_path or None, cgroups_path=meta.cgroups_path, runtime_cfg=self.ctx.s.spec,
+            shm_path=meta.shm_path if ipc_mode != "NODE" else None,
+            resolv_conf_path=os.path.join(root, "resolv.conf"), hosts_path=os.path.join(root, "hosts"),
+            hostname_path=os.path.join(root, "hostname"), host=self.ctx.host)
+        if net_sysctls and rec.status.netns_path:
+            await asyncio.to_thread(nspin.set_sysctls_in, rec.status.netns_path, "net", net_sysctls)
+        if self.ctx.s.cgroup_driver == "cgroupfs":
+            # The pod cgroup exists from the start, as the infra's runc would have made it: pod stats
+            # read it before any container runs.
+            await asyncio.to_thread(_make_cgroup, cg.parent_of_cgroups_path(meta.cgroups_path))
+        rec.update(lambda s: replace(s, state=SandboxState.READY, phase=None))
+        log.info("pod sandbox ready", extra={"fields": {"id": rec.id, "name": rec.name, "infra": False,
+                                                        "ip": rec.status.ip}})
+
+    def pinned_alive(self, rec: Sandbox) -> bool:
+        """A pod without an infra process is alive while each of its pinned namespaces is."""
+        if rec.status.netns_path and not netnsmod.is_netns(rec.status.netns_path):
+            return False
+        return all(nspin.is_pinned(p, k) for k, p in rec.metadata.ns_paths.items())
 
     async def _setup_network(self, rec: Sandbox, net: PodNetwork | None, netns_path: str) -> None:
         if net is None:
@@ -256,22 +307,24 @@ class Sandboxes:
     async def teardown(self, rec: Sandbox, remove: bool) -> None:
         """Stop the infra process and release the network and mounts; idempotent."""
         sid = rec.id
+        infra = rec.metadata.infra
         rt = self.ctx.oci(rec.metadata.runtime_handler)
         lost = False
-        try:
-            st = await rt.state(sid)
-            if st.status in ("running", "created", "paused"):
-                await rt.kill(sid, signal.SIGKILL)
-        except NotFound:
-            # The runtime does not know the infra: with no conmon either, no exit will ever be
-            # recorded (state lost, e.g. after a reboot); do not wait for one.
-            lost = rt.conmon_pid(sid) is None
-        except MoorageError as e:
-            log.warning("killing infra of %s: %s", sid, e.message)
-        if lost:
-            self.ctx.forget_watcher(sid)
-        else:
-            await self.ctx.wait_exited(sid, 10)
+        if infra:
+            try:
+                st = await rt.state(sid)
+                if st.status in ("running", "created", "paused"):
+                    await rt.kill(sid, signal.SIGKILL)
+            except NotFound:
+                # The runtime does not know the infra: with no conmon either, no exit will ever be
+                # recorded (state lost, e.g. after a reboot); do not wait for one.
+                lost = rt.conmon_pid(sid) is None
+            except MoorageError as e:
+                log.warning("killing infra of %s: %s", sid, e.message)
+            if lost:
+                self.ctx.forget_watcher(sid)
+            else:
+                await self.ctx.wait_exited(sid, 10)
         netns_path = rec.status.netns_path
         if netns_path:
             if self.ctx.network is not None:
@@ -282,6 +335,8 @@ class Sandboxes:
                         raise
                     log.warning("CNI teardown of %s: %s", sid, e.message)
             await asyncio.to_thread(netnsmod.remove_netns, netns_path, self.ctx.s.netns_dir)
+        if rec.metadata.ns_paths:
+            await asyncio.to_thread(nspin.unpin_all, os.path.join(self.ctx.sandbox_state(sid), "ns"))
         shm = os.path.join(self.ctx.sandbox_state(sid), "shm")
         if os.path.isdir(shm):
             mountmod.unmount_all(shm)
@@ -290,10 +345,11 @@ class Sandboxes:
         if was_ready:  # the infra exit was not seen (e.g. state lost): say it stopped now
             self.ctx.events.publish(sid, events.EventType.STOPPED, sid)
         if remove:
-            try:
-                await rt.delete(sid, force=True)
-            except MoorageError as e:
-                log.warning("deleting infra of %s: %s", sid, e.message)
+            if infra:
+                try:
+                    await rt.delete(sid, force=True)
+                except MoorageError as e:
+                    log.warning("deleting infra of %s: %s", sid, e.message)
             remove_tree(self.ctx.sandbox_state(sid))
             remove_tree(self.ctx.sandbox_root(sid))
             self.ctx.forget_sandbox(sid)
@@ -333,7 +389,8 @@ class Sandboxes:
             meta, st = rec.metadata, rec.status
             overhead, resources = rec.pod_resources()
             info["info"] = json.dumps({
-                "pid": st.pid, "netNamespacePath": st.netns_path, "runtimeHandler": meta.runtime_handler,
+                "pid": st.pid, "infra": meta.infra, "namespacePaths": meta.ns_paths,
+                "netNamespacePath": st.netns_path, "runtimeHandler": meta.runtime_handler,
                 "cgroupParent": meta.cgroup_parent, "config": to_plain(meta.config), "runtimeSpec": runtime_spec,
                 "overhead": _plain_or_none(overhead), "resources": _plain_or_none(resources),
                 "image": self.ctx.s.infra_binary,
@@ -363,6 +420,11 @@ class Sandboxes:
             await self.teardown(rec, remove=True)
             return
         if rec.status.state != SandboxState.READY:
+            return
+        if not rec.metadata.infra:
+            if not self.pinned_alive(rec):  # e.g. the pins were unmounted by hand
+                rec.update(lambda s: replace(s, state=SandboxState.NOTREADY))
+                self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.id)
             return
         try:
             st = await self.ctx.oci(rec.metadata.runtime_handler).state(rec.id)
@@ -408,6 +470,11 @@ def _check_traversable(path: str) -> None:
         if d == "/":
             return
         d = os.path.dirname(d)
+
+
+def _make_cgroup(path: str) -> None:
+    for d in cg.cgroup_dirs_for_path(path).values():
+        os.makedirs(d, exist_ok=True)
 
 
 def _plain_or_none(res: LinuxContainerResources | None) -> dict | None:
