@@ -139,11 +139,20 @@ class RuntimeContext:
 
     # -- records: the store through the one codec ----------------------------------------------
 
+    # Status updates and deletes are committed without an fsync; the Runtime facade makes them
+    # durable (``durable``) before each call returns.  Inserts are durable at once (they precede
+    # the pod's files under root_dir).  See moorage/core/store.py.
+
     def _persist_sandbox(self, meta: SandboxMeta, status: SandboxStatus) -> None:
-        self.store.update_sandbox(records.sandbox_row(meta, status))
+        self.store.update_sandbox(records.sandbox_row(meta, status), durable=False)
 
     def _persist_container(self, meta: ContainerMeta, status: ContainerStatus) -> None:
-        self.store.update_container(records.container_row(meta, status))
+        self.store.update_container(records.container_row(meta, status), durable=False)
+
+    async def durable(self) -> None:
+        """Put every record change made so far on disk (one shared fsync, off the event loop)."""
+        if self.store.unsynced():
+            await asyncio.to_thread(self.store.sync)
 
     def add_sandbox(self, meta: SandboxMeta, status: SandboxStatus) -> Sandbox:
         """Store a new sandbox (reserving its name: ALREADY_EXISTS naming the holder) and index it."""
@@ -177,13 +186,13 @@ class RuntimeContext:
             self.containers[cmeta.id] = Container(cmeta, cstatus, self._persist_container)
 
     def forget_sandbox(self, sid: str) -> None:
-        self.store.delete_sandbox(sid)
+        self.store.delete_sandbox(sid, durable=False)
         self.sandboxes.pop(sid, None)
         self._locks.pop(sid, None)
         self._exit_events.pop(sid, None)
 
     def forget_container(self, cid: str) -> None:
-        self.store.delete_container(cid)
+        self.store.delete_container(cid, durable=False)
         self.containers.pop(cid, None)
         self._locks.pop(cid, None)
         ev = self._exit_events.pop(cid, None)

@@ -350,8 +350,9 @@ class Sandboxes:
                     await rt.delete(sid, force=True)
                 except MoorageError as e:
                     log.warning("deleting infra of %s: %s", sid, e.message)
-            remove_tree(self.ctx.sandbox_state(sid))
-            remove_tree(self.ctx.sandbox_root(sid))
+            # Off the event loop: unlinks on the root dir's filesystem wait for its journal.
+            await asyncio.to_thread(remove_tree, self.ctx.sandbox_state(sid))
+            await asyncio.to_thread(remove_tree, self.ctx.sandbox_root(sid))
             self.ctx.forget_sandbox(sid)
 
     # -- UpdatePodSandboxResources ------------------------------------------------------------

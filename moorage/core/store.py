@@ -9,6 +9,15 @@ record is written; a record is deleted before its dir is): with ``NORMAL`` an OS
 crash could bring back a deleted record whose files were already gone.  The
 price is one fsync of the WAL per transaction (about 0.5 ms on the test VM).
 
+The runtime's status updates and deletes may instead be written with
+``durable=False`` (``synchronous=NORMAL`` for that transaction: no fsync) and made
+durable together by :meth:`Store.sync` (one fsync of the WAL, off the event loop,
+shared by every caller waiting at that moment) before the call that wrote them
+returns.  WAL commits are ordered, so a power loss keeps a prefix of them: what is
+lost is a step inside a call that had not returned, of objects whose processes
+and state dir (a tmpfs) a power loss takes anyway.  Inserts stay durable at once:
+they precede files the caller then makes under the root dir.
+
 Image and snapshot records are dataclasses; sandbox and container rows are
 ``ObjectRow``s whose document the runtime encodes (this floor does not import
 it).  Each table keeps the columns it is queried by and a
@@ -169,6 +178,10 @@ class Store:
         self.path = os.path.join(root, DB_NAME)
         self.namespace = namespace
         self._lock = threading.RLock()
+        # Commits so far, and how many of them are known to be on disk (see sync()).
+        self._written = 0
+        self._synced = 0
+        self._sync_lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
@@ -220,16 +233,53 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; everything inside commits or nothing does."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; everything inside commits or nothing does.  ``durable=False``:
+        committed without an fsync; on disk after the next :meth:`sync` (or durable commit)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            self._written += 1
+            if durable:  # the WAL was synced: every earlier commit is on disk too
+                self._synced = self._written
+
+    def unsynced(self) -> bool:
+        """True while some commit made with ``durable=False`` may not be on disk yet."""
+        with self._lock:
+            return self._synced < self._written
+
+    def sync(self) -> None:
+        """Make every commit so far durable: one fsync of the WAL, shared by concurrent callers (a
+        caller whose commits a sync that started after them covered returns at once).  Blocking."""
+        with self._lock:
+            want = self._written
+        with self._sync_lock:
+            with self._lock:
+                if self._synced >= want:
+                    return
+                upto = self._written
+            try:
+                fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1  # checkpointed and removed: everything is in the database file, synced
+            if fd >= 0:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            with self._lock:
+                self._synced = max(self._synced, upto)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -253,8 +303,8 @@ class Store:
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"pod sandbox id {row.id} already exists") from None
 
-    def update_sandbox(self, row: ObjectRow) -> None:
-        with self.transaction() as db:
+    def update_sandbox(self, row: ObjectRow, durable: bool = True) -> None:
+        with self.transaction(durable) as db:
             cur = db.execute(
                 "UPDATE sandboxes SET state=?, data=? WHERE namespace=? AND id=?",
                 (row.state, _dumps(row.data), self.namespace, row.id),
@@ -274,8 +324,8 @@ class Store:
                            "ORDER BY created_at", (self.namespace,))
         return [_row(r) for r in rows]
 
-    def delete_sandbox(self, sid: str) -> bool:
-        with self.transaction() as db:
+    def delete_sandbox(self, sid: str, durable: bool = True) -> bool:
+        with self.transaction(durable) as db:
             return db.execute("DELETE FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid)).rowcount > 0
 
     # -- containers ---------------------------------------------------------------------
@@ -294,8 +344,8 @@ class Store:
                 (self.namespace, row.id, row.name, row.sandbox_id, row.state, row.created_at, _dumps(row.data)),
             )
 
-    def update_container(self, row: ObjectRow) -> None:
-        with self.transaction() as db:
+    def update_container(self, row: ObjectRow, durable: bool = True) -> None:
+        with self.transaction(durable) as db:
             cur = db.execute(
                 "UPDATE containers SET state=?, data=? WHERE namespace=? AND id=?",
                 (row.state, _dumps(row.data), self.namespace, row.id),
@@ -323,8 +373,8 @@ class Store:
             )
         return [_row(r) for r in rows]
 
-    def delete_container(self, cid: str) -> bool:
-        with self.transaction() as db:
+    def delete_container(self, cid: str, durable: bool = True) -> bool:
+        with self.transaction(durable) as db:
             return db.execute("DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0
 
     # -- images ----------------------------------------------------------------------
