@@ -165,6 +165,18 @@ class RuntimeContext:
         self.sandboxes[meta.id] = rec
         return rec
 
+    async def add_sandbox_off_loop(self, meta: SandboxMeta, status: SandboxStatus) -> Sandbox:
+        """``add_sandbox`` with the durable insert (an fsync) in a thread: parallel RunPodSandbox
+        calls do not wait for each other's fsync.  The index is updated back on the loop."""
+        try:
+            await asyncio.to_thread(self.store.add_sandbox, records.sandbox_row(meta, status))
+        except AlreadyExists:
+            _explain_failed_holder(meta.name, self.sandboxes.values(), "RemovePodSandbox")
+            raise
+        rec = Sandbox(meta, status, self._persist_sandbox)
+        self.sandboxes[meta.id] = rec
+        return rec
+
     def add_container(self, meta: ContainerMeta, status: ContainerStatus) -> Container:
         """Store a new container (reserving its name: ALREADY_EXISTS naming the holder) and index it."""
         try:

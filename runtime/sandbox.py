@@ -97,10 +97,13 @@ class Sandboxes:
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
             infra=infra, ns_paths={k: nspin.pin_path(pins, k) for k in kinds},
         )
-        # No await from this check to add_sandbox: two pods cannot both take the same host ids.
-        self._check_userns_free(cfg)
-        # Reserves the name, or ALREADY_EXISTS naming the holder.
-        rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
+        if self._userns(cfg) is not None:
+            # No await from this check to add_sandbox: two pods cannot both take the same host ids.
+            self._check_userns_free(cfg)
+            # Reserves the name, or ALREADY_EXISTS naming the holder.
+            rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
+        else:
+            rec = await self.ctx.add_sandbox_off_loop(meta, SandboxStatus(phase=SandboxPhase.CREATING))
         try:
             async with self.ctx.lock(sid):
                 await self._setup(rec, host_net, ipc_mode)
@@ -167,18 +170,22 @@ class Sandboxes:
         # Files the pod's containers bind-mount; in a pod user namespace, owned by the pod's root.
         owner = self._owner(cfg)
         hostname = meta.hostname
-        podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n", owner=owner)
-        podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
-            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
-        podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
-            hostname, host_net, podfiles.read_host_file("/etc/hosts")), owner=owner)
 
-        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace (root-owned as the pod sees it).
-        if ipc_mode != "NODE":
-            os.makedirs(meta.shm_path, exist_ok=True)
-            ids = (f"uid={owner[0]}", f"gid={owner[1]}") if owner else ()
-            mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
-                                                          f"size={SHM_SIZE}", *ids))], meta.shm_path)
+        def files_and_shm() -> None:
+            # In a thread: file creation on the root dir's filesystem can wait for its journal.
+            podfiles.write_atomic(os.path.join(root, "hostname"), hostname + "\n", owner=owner)
+            podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
+                cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
+            podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
+                hostname, host_net, podfiles.read_host_file("/etc/hosts")), owner=owner)
+            # A per-pod /dev/shm, unless the pod shares the host's IPC namespace (root-owned as the pod sees it).
+            if ipc_mode != "NODE":
+                os.makedirs(meta.shm_path, exist_ok=True)
+                ids = (f"uid={owner[0]}", f"gid={owner[1]}") if owner else ()
+                mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
+                                                              f"size={SHM_SIZE}", *ids))], meta.shm_path)
+
+        await asyncio.to_thread(files_and_shm)
 
         # Without an infra process the pod's IPC and UTS namespaces are pinned files (the hostname
         # and the IPC sysctls set inside them as they are made).
@@ -188,7 +195,9 @@ class Sandboxes:
             if meta.ns_paths:
                 await asyncio.to_thread(
                     nspin.pin_namespaces, os.path.join(state, "ns"), tuple(meta.ns_paths),
-                    hostname=hostname if "uts" in meta.ns_paths else None, sysctls=ipc_sysctls)
+                    # As the infra's spec: the kernel hostname only when the pod names one.
+                    hostname=cfg.hostname if cfg.hostname and "uts" in meta.ns_paths else None,
+                    sysctls=ipc_sysctls)
 
         # The network: a pinned namespace, configured by CNI when a network is set up.  A pod with
         # its own user namespace gets one its infra makes inside that user namespace (pinned and

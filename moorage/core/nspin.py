@@ -33,6 +33,7 @@ _FLAGS = {"ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS, "net": CLONE_NEWNET}
 _MS_BIND = 4096
 _MNT_DETACH = 2
 _NS_GET_NSTYPE = 0xB703
+_HOST_NAME_MAX = 64
 #: The kinds this module pins, in the order they are made.
 KINDS = ("ipc", "uts")
 
@@ -101,7 +102,9 @@ def pin_namespaces(pin_dir: str, kinds: tuple[str, ...], *, hostname: str | None
         if hostname is not None and "uts" in kinds:
             raw = hostname.encode()
             if libc.sethostname(raw, len(raw)) != 0:
-                raise _oserror(f"sethostname({hostname!r})", pin_dir)
+                err = ctypes.get_errno()
+                raise InvalidArgument(f"hostname {hostname[:80]!r} cannot be set: {os.strerror(err)}"
+                                      + (f" (longer than {_HOST_NAME_MAX} bytes)" if len(raw) > _HOST_NAME_MAX else ""))
         if sysctls:
             _write_sysctls(sysctls)
         tid = threading.get_native_id()

@@ -162,3 +162,16 @@ def test_restart_finds_pinned_pods_and_a_pod_whose_pins_are_gone_is_not_ready(da
         if d.proc is not None and d.proc.poll() is None:
             env.cleanup()
         remove_cgroup_tree(parent)
+
+
+def test_hostnames_as_with_an_infra_process(env: RuntimeEnv) -> None:
+    # no hostname asked for: the kernel keeps the node's (a long pod name is no hostname)
+    long_name = "p-" + "x" * 80
+    sid, pcfg = env.run_pod(pod_config(name=long_name, hostname=""))
+    c = env.run(sid, pcfg, ["sleep", "1000"])
+    assert env.sh(c, "hostname") == os.uname().nodename + "\n"
+    # one the kernel cannot take is INVALID_ARGUMENT naming it, and leaves nothing behind
+    with pytest.raises(grpc.RpcError) as e:
+        env.run_pod(pod_config(hostname="h" * 65))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hostname" in (e.value.details() or "")
+    assert [p.id for p in env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items] == [sid]
