@@ -139,9 +139,9 @@ class RuntimeContext:
 
     # -- records: the store through the one codec ----------------------------------------------
 
-    # Status updates and deletes are committed without an fsync; the Runtime facade makes them
-    # durable (``durable``) before each call returns.  Inserts are durable at once (they precede
-    # the pod's files under root_dir).  See moorage/core/store.py.
+    # Records are committed without an fsync; the Runtime facade makes them durable (``durable``)
+    # before each call returns, and RunPodSandbox before it writes the pod's files under root_dir.
+    # See moorage/core/store.py.
 
     def _persist_sandbox(self, meta: SandboxMeta, status: SandboxStatus) -> None:
         self.store.update_sandbox(records.sandbox_row(meta, status), durable=False)
@@ -155,21 +155,10 @@ class RuntimeContext:
             await asyncio.to_thread(self.store.sync)
 
     def add_sandbox(self, meta: SandboxMeta, status: SandboxStatus) -> Sandbox:
-        """Store a new sandbox (reserving its name: ALREADY_EXISTS naming the holder) and index it."""
+        """Store a new sandbox (reserving its name: ALREADY_EXISTS naming the holder) and index it.
+        Not yet durable: the caller awaits ``durable`` before it makes files for it."""
         try:
-            self.store.add_sandbox(records.sandbox_row(meta, status))
-        except AlreadyExists:
-            _explain_failed_holder(meta.name, self.sandboxes.values(), "RemovePodSandbox")
-            raise
-        rec = Sandbox(meta, status, self._persist_sandbox)
-        self.sandboxes[meta.id] = rec
-        return rec
-
-    async def add_sandbox_off_loop(self, meta: SandboxMeta, status: SandboxStatus) -> Sandbox:
-        """``add_sandbox`` with the durable insert (an fsync) in a thread: parallel RunPodSandbox
-        calls do not wait for each other's fsync.  The index is updated back on the loop."""
-        try:
-            await asyncio.to_thread(self.store.add_sandbox, records.sandbox_row(meta, status))
+            self.store.add_sandbox(records.sandbox_row(meta, status), durable=False)
         except AlreadyExists:
             _explain_failed_holder(meta.name, self.sandboxes.values(), "RemovePodSandbox")
             raise
@@ -178,9 +167,10 @@ class RuntimeContext:
         return rec
 
     def add_container(self, meta: ContainerMeta, status: ContainerStatus) -> Container:
-        """Store a new container (reserving its name: ALREADY_EXISTS naming the holder) and index it."""
+        """Store a new container (reserving its name: ALREADY_EXISTS naming the holder) and index it.
+        Not yet durable (its snapshot's record, written durably, and the facade's barrier follow)."""
         try:
-            self.store.add_container(records.container_row(meta, status))
+            self.store.add_container(records.container_row(meta, status), durable=False)
         except AlreadyExists:
             _explain_failed_holder(meta.name, self.containers.values(), "RemoveContainer")
             raise

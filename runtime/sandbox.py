@@ -64,6 +64,7 @@ def sandbox_name(cfg: PodSandboxConfig) -> str:
 class Sandboxes:
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx
+        self._cgroup_mounts: list[cg.CgroupMount] | None = None  # the host's, read once
 
     # -- RunPodSandbox ---------------------------------------------------------------------
 
@@ -97,14 +98,14 @@ class Sandboxes:
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
             infra=infra, ns_paths={k: nspin.pin_path(pins, k) for k in kinds},
         )
-        if self._userns(cfg) is not None:
-            # No await from this check to add_sandbox: two pods cannot both take the same host ids.
-            self._check_userns_free(cfg)
-            # Reserves the name, or ALREADY_EXISTS naming the holder.
-            rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
-        else:
-            rec = await self.ctx.add_sandbox_off_loop(meta, SandboxStatus(phase=SandboxPhase.CREATING))
+        # No await from this check to add_sandbox: two pods cannot both take the same host ids.
+        self._check_userns_free(cfg)
+        # Reserves the name, or ALREADY_EXISTS naming the holder.
+        rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
         try:
+            # On disk before anything is made for it (one fsync shared with concurrent calls, in a
+            # thread), so that recovery finds what a crash leaves half-made.
+            await self.ctx.durable()
             async with self.ctx.lock(sid):
                 await self._setup(rec, host_net, ipc_mode)
         except BaseException as exc:
@@ -262,7 +263,9 @@ class Sandboxes:
         if self.ctx.s.cgroup_driver == "cgroupfs":
             # The pod cgroup exists from the start, as the infra's runc would have made it: pod stats
             # read it before any container runs.
-            await asyncio.to_thread(_make_cgroup, cg.parent_of_cgroups_path(meta.cgroups_path))
+            if self._cgroup_mounts is None:  # parsing mountinfo is CPU work that holds the GIL
+                self._cgroup_mounts = await asyncio.to_thread(cg.host_mounts)
+            await asyncio.to_thread(_make_cgroup, cg.parent_of_cgroups_path(meta.cgroups_path), self._cgroup_mounts)
         rec.update(lambda s: replace(s, state=SandboxState.READY, phase=None))
         log.info("pod sandbox ready", extra={"fields": {"id": rec.id, "name": rec.name, "infra": False,
                                                         "ip": rec.status.ip}})
@@ -482,8 +485,8 @@ def _check_traversable(path: str) -> None:
         d = os.path.dirname(d)
 
 
-def _make_cgroup(path: str) -> None:
-    for d in cg.cgroup_dirs_for_path(path).values():
+def _make_cgroup(path: str, mounts: list[cg.CgroupMount]) -> None:
+    for d in cg.cgroup_dirs_for_path(path, mounts).values():
         os.makedirs(d, exist_ok=True)
 
 

@@ -16,7 +16,9 @@ shared by every caller waiting at that moment) before the call that wrote them
 returns.  WAL commits are ordered, so a power loss keeps a prefix of them: what is
 lost is a step inside a call that had not returned, of objects whose processes
 and state dir (a tmpfs) a power loss takes anyway.  Inserts stay durable at once:
-they precede files the caller then makes under the root dir.
+the runtime makes an insert durable with :meth:`sync` before it writes files under
+the root dir for it.  (A durable commit holds the store's lock through its fsync:
+every other writer, the event loop's included, waits for it; ``sync`` does not.)
 
 Image and snapshot records are dataclasses; sandbox and container rows are
 ``ObjectRow``s whose document the runtime encodes (this floor does not import
@@ -287,9 +289,9 @@ class Store:
 
     # -- sandboxes ------------------------------------------------------------------
 
-    def add_sandbox(self, row: ObjectRow) -> None:
+    def add_sandbox(self, row: ObjectRow, durable: bool = True) -> None:
         """Insert a sandbox; ALREADY_EXISTS naming the holder if its name is taken."""
-        with self.transaction() as db:
+        with self.transaction(durable) as db:
             holder = db.execute(
                 "SELECT id FROM sandboxes WHERE namespace=? AND name=?", (self.namespace, row.name)
             ).fetchone()
@@ -330,9 +332,9 @@ class Store:
 
     # -- containers ---------------------------------------------------------------------
 
-    def add_container(self, row: ObjectRow) -> None:
+    def add_container(self, row: ObjectRow, durable: bool = True) -> None:
         """Insert a container; ALREADY_EXISTS naming the holder if its name is taken."""
-        with self.transaction() as db:
+        with self.transaction(durable) as db:
             holder = db.execute(
                 "SELECT id FROM containers WHERE namespace=? AND name=?", (self.namespace, row.name)
             ).fetchone()
