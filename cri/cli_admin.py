@@ -133,17 +133,22 @@ def inspect_pod(r: Root, sid: str) -> dict[str, Any]:
     sid = s.meta.id
     bundle = os.path.join(r.sandbox_state(sid), "bundle")
     rt = r.oci(s.meta.runtime_handler)
+    paths = {
+        "root": _path(r.sandbox_root(sid)), "state": _path(r.sandbox_state(sid)),
+        "shm": _path(s.meta.shm_path), "netns": _path(s.status.netns_path),
+        "log_directory": _path(s.meta.config.log_directory),
+    }
+    if s.meta.infra:
+        paths.update({"bundle": _path(bundle), "conmon_dir": _path(rt.persist_dir(sid)),
+                      "exit_file": _path(rt.exit_file(sid))})
+    else:  # no process of its own: its namespaces are pinned files
+        paths.update({f"{kind}_ns": _path(p) for kind, p in sorted(s.meta.ns_paths.items())})
     return {
-        "kind": "pod", "id": sid, "name": s.meta.name, "state": s.status.state.value,
+        "kind": "pod", "id": sid, "name": s.meta.name, "state": s.status.state.value, "infra": s.meta.infra,
         "record": records.sandbox_row(s.meta, s.status).data,  # old rows in today's form
-        "spec": _read_json(os.path.join(bundle, "config.json")),
-        "paths": {
-            "root": _path(r.sandbox_root(sid)), "state": _path(r.sandbox_state(sid)), "bundle": _path(bundle),
-            "shm": _path(s.meta.shm_path), "netns": _path(s.status.netns_path),
-            "log_directory": _path(s.meta.config.log_directory),
-            "conmon_dir": _path(rt.persist_dir(sid)), "exit_file": _path(rt.exit_file(sid)),
-        },
-        "processes": _oci_processes(r, s.meta.runtime_handler, sid, s.status.pid),
+        "spec": _read_json(os.path.join(bundle, "config.json")) if s.meta.infra else None,
+        "paths": paths,
+        "processes": _oci_processes(r, s.meta.runtime_handler, sid, s.status.pid) if s.meta.infra else None,
         "containers": [c.meta.id for c in r.containers() if c.meta.sandbox_id == sid],
     }
 

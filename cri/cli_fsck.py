@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from moorage.cni.manager import CNIManager
 from moorage.core import mount as mountmod
 from moorage.core import netns as netnsmod
+from moorage.core import nspin
 from moorage.core.errors import FailedPrecondition, MoorageError, NotFound
 from moorage.core.procs import cmdlines
 from moorage.core.store import now_ns
@@ -133,10 +134,18 @@ def check_processes(r: Root) -> Iterator[Finding]:
     for s in r.sandboxes():
         if s.status.state != SandboxState.READY or s.status.phase is not None:
             continue
+        def notready(s: cli_root.SandboxRow = s) -> None:
+            r.update_sandbox(s, replace(s.status, state=SandboxState.NOTREADY))
+        if not s.meta.infra:
+            # A pod without an infra process lives in its pinned namespaces.
+            pins = [(p, k) for k, p in s.meta.ns_paths.items()]
+            if (s.status.netns_path and not netnsmod.is_netns(s.status.netns_path)) or \
+                    not all(nspin.is_pinned(p, k) for p, k in pins):
+                yield Finding("lost-process", f"pod {s.meta.id}", "READY but its pinned namespaces are gone",
+                              "mark it NOTREADY", notready)
+            continue
         rt = r.oci(s.meta.runtime_handler)
         if rt.conmon_pid(s.meta.id) is None and not alive(s.status.pid):
-            def notready(s: cli_root.SandboxRow = s) -> None:
-                r.update_sandbox(s, replace(s.status, state=SandboxState.NOTREADY))
             yield Finding("lost-process", f"pod {s.meta.id}", "READY but its infra process is gone",
                           "mark it NOTREADY", notready)
     for c in r.containers():
@@ -174,7 +183,8 @@ def check_processes(r: Root) -> Iterator[Finding]:
 def _owned_mounts(r: Root) -> list[str]:
     owned = []
     for s in r.sandboxes():
-        owned += [s.meta.shm_path, s.status.netns_path, os.path.join(r.sandbox_state(s.meta.id), "shm")]
+        owned += [s.meta.shm_path, s.status.netns_path, os.path.join(r.sandbox_state(s.meta.id), "shm"),
+                  *s.meta.ns_paths.values()]
     for c in r.containers():
         owned += [os.path.join(r.container_state(c.meta.id), "bundle", "rootfs"),
                   os.path.join(r.container_state(c.meta.id), "image-volumes")]

@@ -74,6 +74,7 @@ class RuntimeConfig:
     enable_cdi: bool = True
     cdi_spec_dirs: list[str] = field(default_factory=lambda: ["/etc/cdi", "/var/run/cdi"])
     userns_length_multiple: int = specmod.USERNS_LENGTH_MULTIPLE
+    drop_infra: bool = True
 
 
 @dataclass
@@ -561,6 +562,10 @@ DOCS: dict[str, str] = {
     "runtime.enable_cdi":
         "Resolve CDI devices (ContainerConfig.CDI_devices and cdi.k8s.io/ annotations) from the spec files\n"
         "in cdi_spec_dirs. When false, CDI requests are ignored (logged), as containerd does.",
+    "runtime.drop_infra":
+        "Pods that share no PID namespace and have no user namespace of their own run no infra process:\n"
+        "their network, IPC and UTS namespaces are pinned files (as CRI-O's drop_infra_ctr). false: every pod\n"
+        "runs catatonit as its infra process.",
     "runtime.cdi_spec_dirs":
         "Directories of CDI spec files (*.json, *.yaml), re-read when they change. A later directory\n"
         "overrides an earlier one for the same device; two files of one directory defining it conflict.",

@@ -98,6 +98,7 @@ def runtime_settings(cfg: configmod.Config, max_response: int = KUBELET_MAX_MESS
         log_level=cfg.log_level, exec_sync_max_output=exec_cap,
         spec=runtime_spec_config(cfg.runtime), disabled_features=tuple(cfg.runtime.disabled_features),
         enable_cdi=cfg.runtime.enable_cdi, cdi_spec_dirs=tuple(cfg.runtime.cdi_spec_dirs),
+        drop_infra=cfg.runtime.drop_infra,
     )
 
 

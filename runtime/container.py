@@ -113,6 +113,9 @@ def container_log_path(log_directory: str, log_path: str) -> str:
 class Containers:
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx
+        #: The runtime's init as it was before ``runc start``, per container started by this daemon:
+        #: a stop waits until the program has replaced it (runtime/procsig.py).
+        self._exec_probes: dict[str, procsig.ExecProbe] = {}
 
     # -- CreateContainer ---------------------------------------------------------------------
 
@@ -259,7 +262,7 @@ class Containers:
             runtime_cfg=s.spec, hostname_path=os.path.join(root, "hostname"),
             hosts_path=os.path.join(root, "hosts"), resolv_conf_path=os.path.join(root, "resolv.conf"),
             shm_path=sb.metadata.shm_path or None, target_pid=target_pid, hostname=sb.metadata.hostname or None,
-            host=self.ctx.host, cdi=cdi_req,
+            host=self.ctx.host, cdi=cdi_req, sandbox_ns_paths=None if sb.metadata.infra else sb.metadata.ns_paths,
         )
         c_spec = build()
         # NRI plugins see the container as the CRI config makes it and may adjust it; their
@@ -359,11 +362,13 @@ class Containers:
                 pid = await self.ctx.timed("oci_create", rt.create(
                     rec.id, bundle, log_path=log_path, name=rec.name, stdin=cfg.stdin, stdin_once=cfg.stdin_once,
                     tty=cfg.tty))
-                runtime_init = procsig.exe_identity(pid)
+                probe = procsig.ExecProbe.read(pid)
+                if probe is not None:
+                    self._exec_probes[rec.id] = probe
                 started = now_ns()
                 await self.ctx.timed("oci_start", rt.start(rec.id))
                 # Return only once the program runs: a stop must not meet the runtime's init instead.
-                if not await procsig.wait_exec(pid, runtime_init):
+                if not await procsig.wait_exec(pid, probe.exe if probe is not None else None):
                     log.warning("container %s had not exec'd its program 2 s after start", rec.id)
             except MoorageError as e:
                 failure = e.message
@@ -383,6 +388,7 @@ class Containers:
         await self.ctx.hooks.post_start_container(sb, rec)
 
     async def _on_exit(self, cid: str) -> None:
+        self._exec_probes.pop(cid, None)
         rec = self.ctx.containers.get(cid)
         if rec is None or rec.status.state != ContainerState.RUNNING:
             return
@@ -436,6 +442,10 @@ class Containers:
         if timeout > 0:
             sig = _signal_number(rec.metadata.stop_signal)
             pid = rec.status.pid
+            probe = self._exec_probes.pop(rec.id, None)
+            if probe is not None and pid:
+                # Right after start the process may still be the runtime's init, or inside execve.
+                await procsig.wait_settled(pid, probe, timeout)
             if procsig.would_be_dropped(sig, procsig.read_masks(pid) if pid else None):
                 # no handler yet: the kernel would discard it; send it once the program has one
                 if await self._signal_when_caught(rt, rec, sig, timeout):
@@ -515,6 +525,7 @@ class Containers:
 
     async def _destroy(self, rec: Container) -> None:
         cid = rec.id
+        self._exec_probes.pop(cid, None)
         self.ctx.cancel_watcher(cid)
         try:
             await self.ctx.oci(rec.metadata.runtime_handler).delete(cid, force=True)

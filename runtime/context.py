@@ -66,6 +66,9 @@ class RuntimeSettings:
     enable_cdi: bool = True
     #: CDI spec directories, lowest precedence first.
     cdi_spec_dirs: tuple[str, ...] = cdimod.DEFAULT_SPEC_DIRS
+    #: Pods without a shared PID namespace (or a user namespace) get no infra process: their
+    #: namespaces are pinned files (False: every pod runs one, as before).
+    drop_infra: bool = True
 
 
 LOST_STATE_MESSAGE = "container state lost (conmon and runtime state are gone, e.g. after a reboot)"
@@ -163,16 +166,26 @@ class RuntimeContext:
 
     # -- records: the store through the one codec ----------------------------------------------
 
+    # Records are committed without an fsync; the Runtime facade makes them durable (``durable``)
+    # before each call returns, and RunPodSandbox before it writes the pod's files under root_dir.
+    # See moorage/core/store.py.
+
     def _persist_sandbox(self, meta: SandboxMeta, status: SandboxStatus) -> None:
-        self.store.update_sandbox(records.sandbox_row(meta, status))
+        self.store.update_sandbox(records.sandbox_row(meta, status), durable=False)
 
     def _persist_container(self, meta: ContainerMeta, status: ContainerStatus) -> None:
-        self.store.update_container(records.container_row(meta, status))
+        self.store.update_container(records.container_row(meta, status), durable=False)
+
+    async def durable(self) -> None:
+        """Put every record change made so far on disk (one shared fsync, off the event loop)."""
+        if self.store.unsynced():
+            await asyncio.to_thread(self.store.sync)
 
     def add_sandbox(self, meta: SandboxMeta, status: SandboxStatus) -> Sandbox:
-        """Store a new sandbox (reserving its name: ALREADY_EXISTS naming the holder) and index it."""
+        """Store a new sandbox (reserving its name: ALREADY_EXISTS naming the holder) and index it.
+        Not yet durable: the caller awaits ``durable`` before it makes files for it."""
         try:
-            self.store.add_sandbox(records.sandbox_row(meta, status))
+            self.store.add_sandbox(records.sandbox_row(meta, status), durable=False)
         except AlreadyExists:
             _explain_failed_holder(meta.name, self.sandboxes.values(), "RemovePodSandbox")
             raise
@@ -181,9 +194,10 @@ class RuntimeContext:
         return rec
 
     def add_container(self, meta: ContainerMeta, status: ContainerStatus) -> Container:
-        """Store a new container (reserving its name: ALREADY_EXISTS naming the holder) and index it."""
+        """Store a new container (reserving its name: ALREADY_EXISTS naming the holder) and index it.
+        Not yet durable (its snapshot's record, written durably, and the facade's barrier follow)."""
         try:
-            self.store.add_container(records.container_row(meta, status))
+            self.store.add_container(records.container_row(meta, status), durable=False)
         except AlreadyExists:
             _explain_failed_holder(meta.name, self.containers.values(), "RemoveContainer")
             raise
@@ -201,13 +215,13 @@ class RuntimeContext:
             self.containers[cmeta.id] = Container(cmeta, cstatus, self._persist_container)
 
     def forget_sandbox(self, sid: str) -> None:
-        self.store.delete_sandbox(sid)
+        self.store.delete_sandbox(sid, durable=False)
         self.sandboxes.pop(sid, None)
         self._locks.pop(sid, None)
         self._exit_events.pop(sid, None)
 
     def forget_container(self, cid: str) -> None:
-        self.store.delete_container(cid)
+        self.store.delete_container(cid, durable=False)
         self.containers.pop(cid, None)
         self._locks.pop(cid, None)
         ev = self._exit_events.pop(cid, None)

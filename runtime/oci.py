@@ -200,6 +200,32 @@ def exec_start_failure_code(text: str) -> int | None:
     return None
 
 
+async def _wait_pid_exit(pid: int, timeout: float) -> None:
+    """Return once process ``pid`` has exited (or after ``timeout``); the caller re-checks."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # no pidfd (old kernel): a short sleep instead
+        await asyncio.sleep(min(timeout, 0.01))
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def exited() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, exited)
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV and not k.startswith("_OCI_")}
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -790,10 +816,13 @@ class OCIRuntime:
     async def _wait_conmon_gone(self, cid: str, grace: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.conmon_pid(cid) is not None:
-            if loop.time() >= deadline:
+        while (pid := self.conmon_pid(cid)) is not None:
+            left = deadline - loop.time()
+            if left <= 0:
                 return False
-            await asyncio.sleep(0.05)
+            # Woken by the exit itself (a pidfd turns readable), not by a poll: RemoveContainer
+            # right after a stop used to sleep 50 ms for a conmon that was just finishing.
+            await _wait_pid_exit(pid, min(left, 0.5))
         return True
 
     def _cleanup_files(self, cid: str) -> None:

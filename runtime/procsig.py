@@ -20,6 +20,19 @@ a Go program with handlers for every signal) execs the program a moment later.
 A signal in that moment is taken by runc's init and gone after the exec.
 ``wait_exec`` lets StartContainer return only once the exec happened, so a stop
 issued after StartContainer always meets the program itself.
+
+Two more ways a stop used to be lost or delayed:
+
+* ``/proc/<pid>/exe`` changes in the middle of execve(2), before the kernel resets
+  the old program's handlers to the default: a signal sent in that window finds
+  runc's init handlers (so it is not refused) and is then discarded on the way out
+  of execve (a namespace init, no handler any more).  So the stop path also
+  compares the handler mask with the runtime init's (``ExecProbe``): while they
+  are equal the exec may still be under way, and the signal waits (briefly: a Go
+  program installs the same mask again, and then it is safe to send).
+* A blocked signal is never discarded on sending (it is queued, and a program
+  that blocks signals reads them with signalfd, as catatonit does); treating it as
+  "no handler" held such a stop until SIGKILL at the end of the grace period.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ class SignalMasks:
     caught: int   # SigCgt: signals with a handler
     ignored: int  # SigIgn
     ns_init: bool  # pid 1 of its innermost PID namespace (last NSpid entry)
+    blocked: int = 0  # SigBlk: signals queued until unblocked (or read through a signalfd)
 
     def catches(self, sig: int) -> bool:
         return bool(self.caught >> (sig - 1) & 1)
@@ -41,10 +55,13 @@ class SignalMasks:
     def ignores(self, sig: int) -> bool:
         return bool(self.ignored >> (sig - 1) & 1)
 
+    def blocks(self, sig: int) -> bool:
+        return bool(self.blocked >> (sig - 1) & 1)
+
 
 def parse_status(text: str) -> SignalMasks:
     """The signal masks and namespace position from the text of /proc/<pid>/status."""
-    caught = ignored = 0
+    caught = ignored = blocked = 0
     ns_init = False
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -53,9 +70,11 @@ def parse_status(text: str) -> SignalMasks:
             caught = int(value, 16)
         elif key == "SigIgn":
             ignored = int(value, 16)
+        elif key == "SigBlk":
+            blocked = int(value, 16)
         elif key == "NSpid":
             ns_init = value.split()[-1:] == ["1"]
-    return SignalMasks(caught, ignored, ns_init)
+    return SignalMasks(caught, ignored, ns_init, blocked)
 
 
 def read_masks(pid: int) -> SignalMasks | None:
@@ -71,7 +90,7 @@ def would_be_dropped(sig: int, masks: SignalMasks | None) -> bool:
     """True when the kernel would discard ``sig`` sent now from outside the process's PID namespace."""
     if masks is None or not masks.ns_init:
         return False  # gone (its exit is on the way), or the default action applies
-    return not masks.catches(sig) and not masks.ignores(sig)
+    return not masks.catches(sig) and not masks.ignores(sig) and not masks.blocks(sig)
 
 
 def exe_identity(pid: int) -> tuple[int, int] | None:
@@ -97,3 +116,43 @@ async def wait_exec(pid: int, before: tuple[int, int] | None, timeout: float = 2
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.02)
     return True
+
+
+@dataclass(frozen=True)
+class ExecProbe:
+    """What the runtime's init looked like before ``runc start`` (exe and handler mask), to tell
+    whether the container's process is still it, or still inside its execve."""
+
+    exe: tuple[int, int] | None
+    caught: int
+
+    @classmethod
+    def read(cls, pid: int) -> ExecProbe | None:
+        masks = read_masks(pid)
+        return None if masks is None else cls(exe_identity(pid), masks.caught)
+
+    def settled(self, pid: int) -> bool:
+        """True once ``pid`` runs another executable with another handler mask (or is gone)."""
+        exe = exe_identity(pid)
+        if exe is None:
+            return True
+        masks = read_masks(pid)
+        return exe != self.exe and (masks is None or masks.caught != self.caught)
+
+
+async def wait_settled(pid: int, probe: ExecProbe, timeout: float, same_mask_grace: float = 0.05) -> None:
+    """Wait until ``probe.settled(pid)``: at most ``timeout`` while the runtime's init has not
+    exec'd, and ``same_mask_grace`` once it has but the mask is still the init's (an execve under
+    way, or a program that installs the very same handlers, which then take the signal)."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    deadline, exec_deadline = now + timeout, None
+    delay = 0.001
+    while not probe.settled(pid):
+        now = loop.time()
+        if exec_deadline is None and exe_identity(pid) != probe.exe:
+            exec_deadline = now + same_mask_grace
+        if now >= deadline or (exec_deadline is not None and now >= exec_deadline):
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)

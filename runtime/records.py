@@ -139,6 +139,10 @@ class SandboxMeta:
     cgroups_path: str = ""  # the infra's cgroup, as given to the OCI runtime
     hostname: str = ""
     shm_path: str = ""  # the pod's /dev/shm on the host ("" = none known)
+    #: Whether the pod runs an infra process; False: its namespaces are pinned files (``ns_paths``).
+    infra: bool = True
+    #: Pinned IPC/UTS namespaces of a pod without an infra process, by kind (``ipc``, ``uts``).
+    ns_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """Pod sandboxes: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and list.
 
 A sandbox owns a pinned network namespace (CNI-configured unless host network),
-the pod's hostname/hosts/resolv.conf files, a /dev/shm tmpfs, and its infra
-process: the host's ``catatonit -P`` in an empty read-only rootfs under conmon.
+the pod's hostname/hosts/resolv.conf files, a /dev/shm tmpfs, and either an infra
+process (the host's ``catatonit -P`` in an empty read-only rootfs under conmon)
+or, with ``drop_infra`` for a pod that shares no PID namespace and has no user
+namespace, pinned IPC and UTS namespaces (``core.nspin``) its containers join.
 The pod-wide verbs that also touch containers (stop and remove) are composed by
 the ``Runtime`` facade in runtime/service.py; this module knows only sandboxes.
 """
@@ -18,11 +20,13 @@ import signal
 
 from moorage.core import mount as mountmod
 from moorage.core import netns as netnsmod
+from moorage.core import nspin
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from moorage.core.fs import open_private, remove_tree
 from moorage.core.ids import new_id
 from moorage.core.network import Bandwidth, DNSConfig, PortMapping
 from moorage.core.store import now_ns
+from moorage.runtime import cgroups as cg
 from moorage.runtime import events, podfiles, spec
 from moorage.runtime.context import RuntimeContext, error_text
 from moorage.runtime.model import LinuxContainerResources, PodSandboxConfig
@@ -60,6 +64,7 @@ def sandbox_name(cfg: PodSandboxConfig) -> str:
 class Sandboxes:
     def __init__(self, ctx: RuntimeContext) -> None:
         self.ctx = ctx
+        self._cgroup_mounts: list[cg.CgroupMount] | None = None  # the host's, read once
 
     # -- RunPodSandbox ---------------------------------------------------------------------
 
@@ -83,11 +88,15 @@ class Sandboxes:
         net_mode, _pid_mode, ipc_mode = _ns_modes(cfg)
         host_net = net_mode == "NODE"
         parent = (cfg.linux.cgroup_parent if cfg.linux else "") or self.ctx.s.default_cgroup_parent
+        infra = not self.ctx.s.drop_infra or spec.sandbox_needs_infra(cfg, self.ctx.s.spec.userns_length_multiple)
+        pins = os.path.join(self.ctx.sandbox_state(sid), "ns")
+        kinds = [] if infra else [k for k, shared in (("ipc", ipc_mode == "NODE"), ("uts", host_net)) if not shared]
         meta = SandboxMeta(
             id=sid, name=name, created_at=now_ns(), config=copy.deepcopy(cfg), runtime_handler=handler,
             cgroup_parent=parent, cgroups_path=spec.cgroups_path(self.ctx.s.cgroup_driver, parent, sid),
             hostname=cfg.hostname or (os.uname().nodename if host_net else cfg.metadata.name),
             shm_path=os.path.join(self.ctx.sandbox_state(sid), "shm") if ipc_mode != "NODE" else "/dev/shm",
+            infra=infra, ns_paths={k: nspin.pin_path(pins, k) for k in kinds},
         )
         podfiles.checked_hostname(meta.hostname)  # the edge checked it; a last guard before any file
         # No await from this check to add_sandbox: two pods cannot both take the same host ids.
@@ -96,6 +105,9 @@ class Sandboxes:
             # Reserves the name, or ALREADY_EXISTS naming the holder.
             rec = self.ctx.add_sandbox(meta, SandboxStatus(phase=SandboxPhase.CREATING))
             try:
+                # On disk before anything is made for it (one fsync shared with concurrent calls, in a
+                # thread), so that recovery finds what a crash leaves half-made.
+                await self.ctx.durable()
                 async with self.ctx.lock(sid):
                     await self._setup(rec, host_net, ipc_mode)
             except BaseException as exc:
@@ -161,18 +173,34 @@ class Sandboxes:
         # Files the pod's containers bind-mount; in a pod user namespace, owned by the pod's root.
         owner = self._owner(cfg)
         hostname = meta.hostname
-        podfiles.write_atomic(os.path.join(root, "hostname"), podfiles.hostname_content(hostname), owner=owner)
-        podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
-            cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
-        podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
-            hostname, host_net, podfiles.read_host_file("/etc/hosts")), owner=owner)
 
-        # A per-pod /dev/shm, unless the pod shares the host's IPC namespace (root-owned as the pod sees it).
-        if ipc_mode != "NODE":
-            os.makedirs(meta.shm_path, exist_ok=True)
-            ids = (f"uid={owner[0]}", f"gid={owner[1]}") if owner else ()
-            mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
-                                                          f"size={SHM_SIZE}", *ids))], meta.shm_path)
+        def files_and_shm() -> None:
+            # In a thread: file creation on the root dir's filesystem can wait for its journal.
+            podfiles.write_atomic(os.path.join(root, "hostname"), podfiles.hostname_content(hostname), owner=owner)
+            podfiles.write_atomic(os.path.join(root, "resolv.conf"), podfiles.resolv_conf_content(
+                cfg.dns_config, podfiles.read_host_file("/etc/resolv.conf")), owner=owner)
+            podfiles.write_atomic(os.path.join(root, "hosts"), podfiles.hosts_content(
+                hostname, host_net, podfiles.read_host_file("/etc/hosts")), owner=owner)
+            # A per-pod /dev/shm, unless the pod shares the host's IPC namespace (root-owned as the pod sees it).
+            if ipc_mode != "NODE":
+                os.makedirs(meta.shm_path, exist_ok=True)
+                ids = (f"uid={owner[0]}", f"gid={owner[1]}") if owner else ()
+                mountmod.mount([mountmod.Mount("tmpfs", "shm", ("nosuid", "nodev", "noexec", "mode=1777",
+                                                              f"size={SHM_SIZE}", *ids))], meta.shm_path)
+
+        await asyncio.to_thread(files_and_shm)
+
+        # Without an infra process the pod's IPC and UTS namespaces are pinned files (the hostname
+        # and the IPC sysctls set inside them as they are made).
+        net_sysctls: dict[str, str] = {}
+        if not meta.infra:
+            net_sysctls, ipc_sysctls = spec.split_sysctls(spec.sandbox_sysctls(cfg, self.ctx.s.spec))
+            if meta.ns_paths:
+                await asyncio.to_thread(
+                    nspin.pin_namespaces, os.path.join(state, "ns"), tuple(meta.ns_paths),
+                    # As the infra's spec: the kernel hostname only when the pod names one.
+                    hostname=cfg.hostname if cfg.hostname and "uts" in meta.ns_paths else None,
+                    sysctls=ipc_sysctls)
 
         # The network: a pinned namespace, configured by CNI when a network is set up.  A pod with
         # its own user namespace gets one its infra makes inside that user namespace (pinned and
@@ -184,6 +212,10 @@ class Sandboxes:
             netns_path = await asyncio.to_thread(netnsmod.create_netns, sid, self.ctx.s.netns_dir)
             rec.update(lambda s: replace(s, netns_path=netns_path, phase=SandboxPhase.NETWORK))
             await self._setup_network(rec, self.ctx.network, netns_path)
+
+        if not meta.infra:
+            await self._finish_without_infra(rec, host_net, ipc_mode, net_sysctls)
+            return
 
         # The infra process.
         bundle = os.path.join(state, "bundle")
@@ -217,6 +249,37 @@ class Sandboxes:
         self.ctx.watch_exit(sid, meta.runtime_handler, self._on_infra_exit)
         log.info("pod sandbox ready", extra={"fields": {"id": sid, "name": rec.name, "pid": pid,
                                                         "ip": rec.status.ip}})
+
+    async def _finish_without_infra(self, rec: Sandbox, host_net: bool, ipc_mode: str,
+                                    net_sysctls: dict[str, str]) -> None:
+        """A pod with pinned namespaces is READY once they exist: no process is started."""
+        meta = rec.metadata
+        root = self.ctx.sandbox_root(rec.id)
+        # The infra spec is still built (not run): it is where a pod's config is checked, so a pod
+        # is refused for the same reasons with or without an infra process.
+        spec.build_sandbox_spec(
+            meta.config, sandbox_id=rec.id, rootfs="/", infra_binary_path=self.ctx.s.infra_binary,
+            netns_path=rec.status.netns_path or None, cgroups_path=meta.cgroups_path, runtime_cfg=self.ctx.s.spec,
+            shm_path=meta.shm_path if ipc_mode != "NODE" else None,
+            resolv_conf_path=os.path.join(root, "resolv.conf"), hosts_path=os.path.join(root, "hosts"),
+            hostname_path=os.path.join(root, "hostname"), host=self.ctx.host)
+        if net_sysctls and rec.status.netns_path:
+            await asyncio.to_thread(nspin.set_sysctls_in, rec.status.netns_path, "net", net_sysctls)
+        if self.ctx.s.cgroup_driver == "cgroupfs":
+            # The pod cgroup exists from the start, as the infra's runc would have made it: pod stats
+            # read it before any container runs.
+            if self._cgroup_mounts is None:  # parsing mountinfo is CPU work that holds the GIL
+                self._cgroup_mounts = await asyncio.to_thread(cg.host_mounts)
+            await asyncio.to_thread(_make_cgroup, cg.parent_of_cgroups_path(meta.cgroups_path), self._cgroup_mounts)
+        rec.update(lambda s: replace(s, state=SandboxState.READY, phase=None))
+        log.info("pod sandbox ready", extra={"fields": {"id": rec.id, "name": rec.name, "infra": False,
+                                                        "ip": rec.status.ip}})
+
+    def pinned_alive(self, rec: Sandbox) -> bool:
+        """A pod without an infra process is alive while each of its pinned namespaces is."""
+        if rec.status.netns_path and not netnsmod.is_netns(rec.status.netns_path):
+            return False
+        return all(nspin.is_pinned(p, k) for k, p in rec.metadata.ns_paths.items())
 
     async def _setup_network(self, rec: Sandbox, net: PodNetwork | None, netns_path: str) -> None:
         if net is None:
@@ -278,30 +341,32 @@ class Sandboxes:
         netns and network while it looks stopped.
         """
         sid = rec.id
+        infra = rec.metadata.infra
         rt = self.ctx.oci(rec.metadata.runtime_handler)
         intent = "remove" if remove else "stop"
         if rec.status.phase is None and rec.status.teardown not in (intent, "remove"):
             rec.update(lambda s: replace(s, teardown=intent))
         lost = False
-        try:
-            st = await rt.state(sid)
-            if st.status in ("running", "created", "paused"):
-                await rt.kill(sid, signal.SIGKILL)
-        except NotFound:
-            # The runtime does not know the infra: with no conmon either, no exit will ever be
-            # recorded (state lost, e.g. after a reboot); do not wait for one.
-            lost = rt.conmon_pid(sid) is None
-        except MoorageError as e:
-            log.warning("killing infra of %s: %s", sid, e.message)
-        if lost:
-            self.ctx.forget_watcher(sid)
-        else:
-            await self.ctx.wait_exited(sid, 10)
-        if rt.exit_status(sid) is None and rt.conmon_pid(sid) is None:
-            # No conmon records this exit (it was killed, or the state was lost): runc is the witness.
-            self.ctx.forget_watcher(sid)
-            if not await self.ctx.end_process(sid, rec.metadata.runtime_handler):
-                raise FailedPrecondition(f"infra process of pod sandbox {sid} still runs after SIGKILL")
+        if infra:
+            try:
+                st = await rt.state(sid)
+                if st.status in ("running", "created", "paused"):
+                    await rt.kill(sid, signal.SIGKILL)
+            except NotFound:
+                # The runtime does not know the infra: with no conmon either, no exit will ever be
+                # recorded (state lost, e.g. after a reboot); do not wait for one.
+                lost = rt.conmon_pid(sid) is None
+            except MoorageError as e:
+                log.warning("killing infra of %s: %s", sid, e.message)
+            if lost:
+                self.ctx.forget_watcher(sid)
+            else:
+                await self.ctx.wait_exited(sid, 10)
+            if rt.exit_status(sid) is None and rt.conmon_pid(sid) is None:
+                # No conmon records this exit (it was killed, or the state was lost): runc is the witness.
+                self.ctx.forget_watcher(sid)
+                if not await self.ctx.end_process(sid, rec.metadata.runtime_handler):
+                    raise FailedPrecondition(f"infra process of pod sandbox {sid} still runs after SIGKILL")
         netns_path = rec.status.netns_path
         if netns_path:
             if self.ctx.network is not None:
@@ -312,6 +377,8 @@ class Sandboxes:
                         raise
                     log.warning("CNI teardown of %s: %s", sid, e.message)
             await asyncio.to_thread(netnsmod.remove_netns, netns_path, self.ctx.s.netns_dir)
+        if rec.metadata.ns_paths:
+            await asyncio.to_thread(nspin.unpin_all, os.path.join(self.ctx.sandbox_state(sid), "ns"))
         shm = os.path.join(self.ctx.sandbox_state(sid), "shm")
         if os.path.isdir(shm):
             mountmod.unmount_all(shm)
@@ -320,13 +387,15 @@ class Sandboxes:
         if was_ready:  # the infra exit was not seen (e.g. state lost): say it stopped now
             self.ctx.events.publish(sid, events.EventType.STOPPED, sid)
         if remove:
-            try:
-                await rt.delete(sid, force=True)
-            except MoorageError as e:
-                log.warning("deleting infra of %s: %s", sid, e.message)
+            if infra:
+                try:
+                    await rt.delete(sid, force=True)
+                except MoorageError as e:
+                    log.warning("deleting infra of %s: %s", sid, e.message)
             await self.ctx.release_cgroup(sid, rec.metadata.cgroup_parent)
-            remove_tree(self.ctx.sandbox_state(sid))
-            remove_tree(self.ctx.sandbox_root(sid))
+            # Off the event loop: unlinks on the root dir's filesystem wait for its journal.
+            await asyncio.to_thread(remove_tree, self.ctx.sandbox_state(sid))
+            await asyncio.to_thread(remove_tree, self.ctx.sandbox_root(sid))
             self.ctx.forget_sandbox(sid)
 
     # -- UpdatePodSandboxResources ------------------------------------------------------------
@@ -366,7 +435,8 @@ class Sandboxes:
             meta, st = rec.metadata, rec.status
             overhead, resources = rec.pod_resources()
             info["info"] = json.dumps({
-                "pid": st.pid, "netNamespacePath": st.netns_path, "runtimeHandler": meta.runtime_handler,
+                "pid": st.pid, "infra": meta.infra, "namespacePaths": meta.ns_paths,
+                "netNamespacePath": st.netns_path, "runtimeHandler": meta.runtime_handler,
                 "cgroupParent": meta.cgroup_parent, "config": to_plain(meta.config), "runtimeSpec": runtime_spec,
                 "overhead": _plain_or_none(overhead), "resources": _plain_or_none(resources),
                 "image": self.ctx.s.infra_binary,
@@ -401,6 +471,11 @@ class Sandboxes:
             await self.teardown(rec, remove=rec.status.teardown == "remove")
             return
         if rec.status.state != SandboxState.READY:
+            return
+        if not rec.metadata.infra:
+            if not self.pinned_alive(rec):  # e.g. the pins were unmounted by hand
+                rec.update(lambda s: replace(s, state=SandboxState.NOTREADY))
+                self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.id)
             return
         handler = rec.metadata.runtime_handler
         rt = self.ctx.oci(handler)
@@ -445,6 +520,11 @@ def _check_traversable(path: str) -> None:
         if d == "/":
             return
         d = os.path.dirname(d)
+
+
+def _make_cgroup(path: str, mounts: list[cg.CgroupMount]) -> None:
+    for d in cg.cgroup_dirs_for_path(path, mounts).values():
+        os.makedirs(d, exist_ok=True)
 
 
 def _plain_or_none(res: LinuxContainerResources | None) -> dict | None:

@@ -97,16 +97,22 @@ class Runtime:
     # -- sandboxes -------------------------------------------------------------------------------
 
     async def run_sandbox(self, cfg: PodSandboxConfig, handler: str = "") -> str:
-        return await self.sandbox_ops.run(cfg, handler)
+        try:
+            return await self.sandbox_ops.run(cfg, handler)
+        finally:
+            await self.ctx.durable()
 
     def get_sandbox(self, sid: str) -> Sandbox:
         return self.ctx.get_sandbox(sid)
 
     async def stop_sandbox(self, sid: str) -> None:
         rec = self.ctx.get_sandbox(sid)
-        for c in [c for c in self.ctx.containers.values() if c.metadata.sandbox_id == rec.id]:
-            await self.container_ops.stop(c.id, 0)
-        await self.sandbox_ops.stop(rec)
+        try:
+            for c in [c for c in self.ctx.containers.values() if c.metadata.sandbox_id == rec.id]:
+                await self.container_ops.stop(c.id, 0)
+            await self.sandbox_ops.stop(rec)
+        finally:
+            await self.ctx.durable()
 
     async def remove_sandbox(self, sid: str) -> None:
         try:
@@ -123,10 +129,14 @@ class Runtime:
             await self.sandbox_ops.remove(rec)
         finally:
             self.ctx.removing_sandboxes.discard(rec.id)
+            await self.ctx.durable()
 
     async def update_sandbox_resources(self, sid: str, overhead: LinuxContainerResources | None,
                                        resources: LinuxContainerResources | None) -> None:
-        await self.sandbox_ops.update_resources(self.ctx.get_sandbox(sid), overhead, resources)
+        try:
+            await self.sandbox_ops.update_resources(self.ctx.get_sandbox(sid), overhead, resources)
+        finally:
+            await self.ctx.durable()
 
     def sandbox_status(self, sid: str, verbose: bool = False) -> tuple[Sandbox, dict[str, str]]:
         return self.sandbox_ops.status(sid, verbose)
@@ -138,16 +148,28 @@ class Runtime:
     # -- containers ------------------------------------------------------------------------------
 
     async def create_container(self, sandbox_id: str, cfg: ContainerConfig) -> str:
-        return await self.container_ops.create(sandbox_id, cfg)
+        try:
+            return await self.container_ops.create(sandbox_id, cfg)
+        finally:
+            await self.ctx.durable()
 
     async def start_container(self, cid: str) -> None:
-        await self.container_ops.start(cid)
+        try:
+            await self.container_ops.start(cid)
+        finally:
+            await self.ctx.durable()
 
     async def stop_container(self, cid: str, timeout: int) -> None:
-        await self.container_ops.stop(cid, timeout)
+        try:
+            await self.container_ops.stop(cid, timeout)
+        finally:
+            await self.ctx.durable()
 
     async def remove_container(self, cid: str) -> None:
-        await self.container_ops.remove(cid)
+        try:
+            await self.container_ops.remove(cid)
+        finally:
+            await self.ctx.durable()
 
     def get_container(self, cid: str) -> Container:
         return self.ctx.get_container(cid)
@@ -169,7 +191,10 @@ class Runtime:
         return await self.container_ops.exec_sync(cid, cmd, timeout)
 
     async def update_resources(self, cid: str, res: LinuxContainerResources) -> None:
-        await self.container_ops.update_resources(cid, res)
+        try:
+            await self.container_ops.update_resources(cid, res)
+        finally:
+            await self.ctx.durable()
 
     async def update_resources_unhooked(self, cid: str, res: LinuxContainerResources) -> None:
         """An update an NRI plugin asked: UpdateContainerResources' path without the NRI hooks."""
@@ -207,12 +232,14 @@ class Runtime:
         except Exception:
             log.exception("reaping leftover exec sessions failed")
         self.sandbox_ops.collect_stale_netns()
+        await self.ctx.durable()
         log.info("runtime recovered", extra={"fields": {"sandboxes": len(self.ctx.sandboxes),
                                                           "containers": len(self.ctx.containers)}})
 
     async def stop(self) -> None:
         # Containers keep running: conmon supervises them without us.
         await self.ctx.stop_watchers()
+        await self.ctx.durable()  # exits recorded since the last call
 
     def states(self) -> tuple[dict[str, int], dict[str, int]]:
         """Sandboxes and containers by state (the state metrics)."""

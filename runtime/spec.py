@@ -908,6 +908,42 @@ def pod_resource_annotations(overhead: LinuxContainerResources | None,
             ANN_SANDBOX_CPU_SHARES: str(resources.cpu_shares), ANN_SANDBOX_MEMORY: str(resources.memory_limit_in_bytes)}
 
 
+def sandbox_sysctls(cfg: PodSandboxConfig, runtime_cfg: RuntimeSpecConfig = RuntimeSpecConfig()) -> dict[str, str]:
+    """The pod's sysctls: the runtime defaults that apply to it, then the pod's own (validated)."""
+    sc = (cfg.linux.security_context if cfg.linux else None) or LinuxSandboxSecurityContext()
+    nso = sc.namespace_options or NamespaceOption()
+    host_network = _ns_mode(nso.network, "network") == "NODE"
+    host_ipc = _ns_mode(nso.ipc, "ipc") == "NODE"
+    sysctls: dict[str, str] = {}
+    for k, v in runtime_cfg.default_sysctls.items():
+        name = normalize_sysctl_name(k)
+        ns = _sysctl_namespace(name)
+        if (ns == "network" and host_network) or (ns == "ipc" and host_ipc) or ns is None:
+            continue
+        sysctls[name] = v
+    sysctls.update(validate_sysctls(cfg.linux.sysctls if cfg.linux else {}, host_network=host_network,
+                                    host_ipc=host_ipc))
+    return sysctls
+
+
+def split_sysctls(sysctls: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(network, ipc) sysctls: which pinned namespace each is written in."""
+    net = {k: v for k, v in sysctls.items() if _sysctl_namespace(k) == "network"}
+    ipc = {k: v for k, v in sysctls.items() if _sysctl_namespace(k) == "ipc"}
+    return net, ipc
+
+
+def sandbox_needs_infra(cfg: PodSandboxConfig, multiple: int = USERNS_LENGTH_MULTIPLE) -> bool:
+    """Whether a pod needs an infra process even when infra processes are dropped: a shared PID
+    namespace needs a PID 1, and a pod user namespace is made (and its network namespace owned)
+    by the infra."""
+    sc = cfg.linux.security_context if cfg.linux else None
+    nso = sc.namespace_options if sc else None
+    if nso is not None and _ns_mode(nso.pid, "pid") == "POD":
+        return True
+    return sandbox_userns(cfg, multiple) is not None
+
+
 def build_sandbox_spec(
     cfg: PodSandboxConfig,
     *,
@@ -967,15 +1003,7 @@ def build_sandbox_spec(
         namespaces.append({"type": "user"})
         uid_maps, gid_maps = _id_mappings([userns.uid]), _id_mappings([userns.gid])
 
-    # Sysctls: runtime defaults that apply here, then the pod's (validated).
-    sysctls: dict[str, str] = {}
-    for k, v in runtime_cfg.default_sysctls.items():
-        name = normalize_sysctl_name(k)
-        ns = _sysctl_namespace(name)
-        if (ns == "network" and host_network) or (ns == "ipc" and host_ipc) or ns is None:
-            continue
-        sysctls[name] = v
-    sysctls.update(validate_sysctls(linux.sysctls if linux else {}, host_network=host_network, host_ipc=host_ipc))
+    sysctls = sandbox_sysctls(cfg, runtime_cfg)
 
     # Mounts.  With host IPC the pod shares the node's /dev/shm unless told otherwise.
     if host_ipc and not shm_path:
@@ -1215,12 +1243,16 @@ def build_container_spec(
     host: HostLookups = HostLookups(),
     cdi: Injection | None = None,
     adjust: ContainerAdjustment | None = None,
+    sandbox_ns_paths: Mapping[str, str] | None = None,
 ) -> dict:
     """The spec of an application container in a running sandbox.
 
     ``sandbox_pid`` is the infra process (host pid); the container joins its
     namespaces as ``/proc/<pid>/ns/<type>`` - except the network namespace,
-    which is ``netns_path`` when given.  ``target_pid`` is the process of the
+    which is ``netns_path`` when given.  A pod without an infra process passes
+    ``sandbox_ns_paths`` (its pinned ``ipc``/``uts`` namespaces; ``{}`` for none):
+    the container joins those by path, and the host's where the pod shares the
+    host's (``NODE``), as it would through an infra process in them.  ``target_pid`` is the process of the
     container named by ``NamespaceOption.target_id`` (pid mode TARGET).
     ``uid``/``gid``/``additional_gids``/``home`` come from ``users.resolve_user``.
     ``cdi`` is the container's resolved CDI request (runtime/cdi.py): its edits are applied
@@ -1298,7 +1330,16 @@ def build_container_spec(
     pid_mode = _ns_mode(nso.pid, "pid")
     ipc_mode = _ns_mode(nso.ipc, "ipc")
 
-    def sandbox_ns(kind: str) -> str:
+    pod_nso = sb_sc.namespace_options or NamespaceOption()
+    pod_host = {"net": pod_nso.network == "NODE", "uts": pod_nso.network == "NODE", "ipc": pod_nso.ipc == "NODE"}
+
+    def sandbox_ns(kind: str) -> str | None:
+        """The path to join for the pod's namespace of ``kind``; None: the host's (no entry)."""
+        if sandbox_ns_paths is not None:
+            if kind in sandbox_ns_paths:
+                return sandbox_ns_paths[kind]
+            if pod_host.get(kind):
+                return None
         if sandbox_pid is None or sandbox_pid <= 0:
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} has no running infra process to share its {kind} namespace with; "
@@ -1307,21 +1348,26 @@ def build_container_spec(
         return f"/proc/{sandbox_pid}/ns/{kind}"
 
     namespaces: list[dict] = [{"type": "mount"}]
+
+    def join(oci_type: str, path: str | None) -> None:
+        if path is not None:
+            namespaces.append({"type": oci_type, "path": path})
+
     if net_mode == "POD":
-        namespaces.append({"type": "network", "path": netns_path or sandbox_ns("net")})
-        namespaces.append({"type": "uts", "path": sandbox_ns("uts")})
+        join("network", netns_path or sandbox_ns("net"))
+        join("uts", sandbox_ns("uts"))
     elif net_mode == "NODE":
         pass  # host network and host UTS
     else:
         raise InvalidArgument(f"network namespace mode {net_mode} is not supported for containers; use POD or NODE")
     if ipc_mode == "POD":
-        namespaces.append({"type": "ipc", "path": sandbox_ns("ipc")})
+        join("ipc", sandbox_ns("ipc"))
     elif ipc_mode == "CONTAINER":
         namespaces.append({"type": "ipc"})
     elif ipc_mode == "TARGET":
         raise InvalidArgument("ipc namespace mode TARGET is not supported; use POD, CONTAINER or NODE")
     if pid_mode == "POD":
-        namespaces.append({"type": "pid", "path": sandbox_ns("pid")})
+        join("pid", sandbox_ns("pid"))
     elif pid_mode == "CONTAINER":
         namespaces.append({"type": "pid"})
     elif pid_mode == "TARGET":
@@ -1338,7 +1384,7 @@ def build_container_spec(
     gid_maps: list[dict] = []
     userns = container_userns(nso, sandbox_cfg, runtime_cfg.userns_length_multiple)
     if userns is not None:
-        namespaces.append({"type": "user", "path": sandbox_ns("user")})
+        join("user", sandbox_ns("user"))
         uid_maps, gid_maps = _id_mappings([userns.uid]), _id_mappings([userns.gid])
 
     # --- mounts ------------------------------------------------------------------------

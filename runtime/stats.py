@@ -549,10 +549,14 @@ class StatsCollector:
         cached = self._dirs.get(key)
         if cached is not None and cached[0] == pid:
             return cached[1]
-        infra = self.dirs_for(sb.id, pid)
-        if infra is None:
-            return None
-        dirs = {k: os.path.dirname(v) for k, v in infra.items()}
+        if not sb.metadata.infra:
+            # No infra process to ask: the pod cgroup is the parent of its cgroups path.
+            dirs = cg.cgroup_dirs_for_path(cg.parent_of_cgroups_path(sb.metadata.cgroups_path), self.mounts())
+        else:
+            infra = self.dirs_for(sb.id, pid)
+            if infra is None:
+                return None
+            dirs = {k: os.path.dirname(v) for k, v in infra.items()}
         with self._lock:
             self._dirs[key] = (pid, dirs)
         return dirs

@@ -7,8 +7,11 @@ Measures (printed as a table):
   * N sequential rounds of RunPodSandbox → CreateContainer → StartContainer → StopContainer →
     RemoveContainer → StopPodSandbox → RemovePodSandbox: p50/p95 per step and per round;
   * the same with K rounds in parallel (K client threads, N rounds in all);
+  * 10 RunPodSandbox calls at once against one alone: the wall time of the ten over that of one
+    (1.0 would be perfect overlap, 10 full serialisation);
   * daemon RSS idle and with --pods running pods (one sleeping container each);
-  * memory per pod: conmon + infra (catatonit) RSS, and conmon + container RSS;
+  * memory per pod: conmon + infra (catatonit) RSS (0 for pods without an infra process,
+    runtime.drop_infra), and conmon + container RSS;
   * ListContainers / ListPodSandbox / ContainerStatus latency with --list-pods pods and two
     containers each (the kubelet relists every second).
 
@@ -150,6 +153,23 @@ def remove_pods(rt, pods: list[tuple[str, list[str]]], workers: int = 8) -> None
         list(ex.map(one, pods))
 
 
+def parallel_runp(rt, k: int = 10, reps: int = 5) -> list[tuple[float, float]]:
+    """(wall of k RunPodSandbox at once, wall of one alone) for each of ``reps`` tries."""
+    out = []
+    for r in range(reps):
+        cfgs = [pod_cfg(f"par{r}-{i}") for i in range(k)]
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(k) as ex:
+            sids = list(ex.map(lambda c: rt.RunPodSandbox(pb.RunPodSandboxRequest(config=c), timeout=120)
+                               .pod_sandbox_id, cfgs))
+        wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sids.append(rt.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_cfg(f"one{r}")), timeout=120).pod_sandbox_id)
+        out.append((wall, time.perf_counter() - t0))
+        remove_pods(rt, [(s, []) for s in sids])
+    return out
+
+
 def latency(fn, n: int) -> tuple[float, float]:
     xs = []
     for _ in range(n):
@@ -214,6 +234,14 @@ def main() -> int:
             par = list(ex.map(lambda i: b.round(f"k{i}"), range(args.n)))
         summarize(f"Parallel lifecycle ({args.n} rounds, {args.k} at a time)", par, time.perf_counter() - t0)
 
+        tries = parallel_runp(rt)
+        walls, ones = [w for w, _ in tries], [o for _, o in tries]
+        table("10 RunPodSandbox at once (5 tries)", [
+            ("wall of the 10", ms(statistics.median(walls)), ms(max(walls))),
+            ("one alone", ms(statistics.median(ones)), ms(max(ones))),
+            ("ratio (1 = full overlap, 10 = serial)", f"{statistics.median(walls) / statistics.median(ones):.1f}", ""),
+        ])
+
         idle = rss_kb(d.proc.pid)
         pods = run_pods(rt, image, args.pods, 1)
         busy = rss_kb(d.proc.pid)
@@ -224,7 +252,7 @@ def main() -> int:
             import json
 
             ipid = json.loads(st.info["info"])["pid"]
-            infra.append(rss_kb(conmons.get(sid, 0)) + rss_kb(ipid))
+            infra.append((rss_kb(conmons.get(sid, 0)) if sid in conmons else 0) + (rss_kb(ipid) if ipid else 0))
             cst = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cids[0], verbose=True))
             cpid = json.loads(cst.info["info"])["pid"]
             ctr.append(rss_kb(conmons.get(cids[0], 0)) + rss_kb(cpid))

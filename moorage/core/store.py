@@ -9,6 +9,17 @@ record is written; a record is deleted before its dir is): with ``NORMAL`` an OS
 crash could bring back a deleted record whose files were already gone.  The
 price is one fsync of the WAL per transaction (about 0.5 ms on the test VM).
 
+The runtime's status updates and deletes may instead be written with
+``durable=False`` (``synchronous=NORMAL`` for that transaction: no fsync) and made
+durable together by :meth:`Store.sync` (one fsync of the WAL, off the event loop,
+shared by every caller waiting at that moment) before the call that wrote them
+returns.  WAL commits are ordered, so a power loss keeps a prefix of them: what is
+lost is a step inside a call that had not returned, of objects whose processes
+and state dir (a tmpfs) a power loss takes anyway.  Inserts stay durable at once:
+the runtime makes an insert durable with :meth:`sync` before it writes files under
+the root dir for it.  (A durable commit holds the store's lock through its fsync:
+every other writer, the event loop's included, waits for it; ``sync`` does not.)
+
 Image and snapshot records are dataclasses; sandbox and container rows are
 ``ObjectRow``s whose document the runtime encodes (this floor does not import
 it).  Each table keeps the columns it is queried by and a
@@ -180,6 +191,10 @@ class Store:
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         for suffix in ("", "-wal", "-shm"):
             restrict_file(self.path + suffix)
+        # Commits so far, and how many of them are known to be on disk (see sync()).
+        self._written = 0
+        self._synced = 0
+        self._sync_lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
@@ -223,7 +238,7 @@ class Store:
         self._reserve_released = True
         return had
 
-    def _releasing(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+    def _releasing(self, fn: Callable[[sqlite3.Connection], R], durable: bool = True) -> R:
         """A write that frees or settles things (a delete, a state change).  On a full disk it
         gets room the way that costs least and is tried again: first the reserve is given back,
         then the WAL is checkpointed and restarted, so the write reuses the WAL file's own
@@ -232,7 +247,7 @@ class Store:
         attempt = 0
         while True:
             try:
-                with self.transaction(releasing=True) as db:
+                with self.transaction(releasing=True, durable=durable) as db:
                     return fn(db)
             except DiskFull:
                 with self._lock:
@@ -293,12 +308,13 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def transaction(self, releasing: bool = False) -> Iterator[sqlite3.Connection]:
+    def transaction(self, releasing: bool = False, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction; everything inside commits or nothing does.
 
         Only a ``releasing`` write (see ``_releasing``) may run while the reserve is spent and
         cannot be set aside again: new work on a full disk is refused before it starts, so the
-        clean-up of whatever fails next still finds room.
+        clean-up of whatever fails next still finds room.  ``durable=False``: committed without
+        an fsync; on disk after the next :meth:`sync` (or durable commit).
         """
         with self._lock:
             if not releasing and self._reserve_released and self.reserve_bytes > 0:
@@ -307,6 +323,8 @@ class Store:
                     raise DiskFull(f"no space left on device for the metadata store's reserve "
                                    f"({self.reserve_bytes >> 10} KiB) next to {self.path}; free space on "
                                    "that filesystem and retry")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -322,6 +340,39 @@ class Store:
                 if is_disk_full(e):
                     raise disk_full(e, f"the metadata store {self.path}") from e
                 raise
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            self._written += 1
+            if durable:  # the WAL was synced: every earlier commit is on disk too
+                self._synced = self._written
+
+    def unsynced(self) -> bool:
+        """True while some commit made with ``durable=False`` may not be on disk yet."""
+        with self._lock:
+            return self._synced < self._written
+
+    def sync(self) -> None:
+        """Make every commit so far durable: one fsync of the WAL, shared by concurrent callers (a
+        caller whose commits a sync that started after them covered returns at once).  Blocking."""
+        with self._lock:
+            want = self._written
+        with self._sync_lock:
+            with self._lock:
+                if self._synced >= want:
+                    return
+                upto = self._written
+            try:
+                fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1  # checkpointed and removed: everything is in the database file, synced
+            if fd >= 0:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            with self._lock:
+                self._synced = max(self._synced, upto)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -329,9 +380,9 @@ class Store:
 
     # -- sandboxes ------------------------------------------------------------------
 
-    def add_sandbox(self, row: ObjectRow) -> None:
+    def add_sandbox(self, row: ObjectRow, durable: bool = True) -> None:
         """Insert a sandbox; ALREADY_EXISTS naming the holder if its name is taken."""
-        with self.transaction() as db:
+        with self.transaction(durable=durable) as db:
             holder = db.execute(
                 "SELECT id FROM sandboxes WHERE namespace=? AND name=?", (self.namespace, row.name)
             ).fetchone()
@@ -345,7 +396,7 @@ class Store:
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"pod sandbox id {row.id} already exists") from None
 
-    def update_sandbox(self, row: ObjectRow) -> None:
+    def update_sandbox(self, row: ObjectRow, durable: bool = True) -> None:
         def write(db: sqlite3.Connection) -> None:
             cur = db.execute(
                 "UPDATE sandboxes SET state=?, data=? WHERE namespace=? AND id=?",
@@ -354,7 +405,7 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"pod sandbox {row.id} not found")
 
-        self._releasing(write)
+        self._releasing(write, durable)
 
     def get_sandbox(self, sid: str) -> ObjectRow:
         rows = self._query("SELECT id, name, state, created_at, data FROM sandboxes WHERE namespace=? AND id=?",
@@ -368,15 +419,15 @@ class Store:
                            "ORDER BY created_at", (self.namespace,))
         return [_row(r) for r in rows]
 
-    def delete_sandbox(self, sid: str) -> bool:
+    def delete_sandbox(self, sid: str, durable: bool = True) -> bool:
         return self._releasing(lambda db: db.execute(
-            "DELETE FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid)).rowcount > 0)
+            "DELETE FROM sandboxes WHERE namespace=? AND id=?", (self.namespace, sid)).rowcount > 0, durable)
 
     # -- containers ---------------------------------------------------------------------
 
-    def add_container(self, row: ObjectRow) -> None:
+    def add_container(self, row: ObjectRow, durable: bool = True) -> None:
         """Insert a container; ALREADY_EXISTS naming the holder if its name is taken."""
-        with self.transaction() as db:
+        with self.transaction(durable=durable) as db:
             holder = db.execute(
                 "SELECT id FROM containers WHERE namespace=? AND name=?", (self.namespace, row.name)
             ).fetchone()
@@ -388,7 +439,7 @@ class Store:
                 (self.namespace, row.id, row.name, row.sandbox_id, row.state, row.created_at, _dumps(row.data)),
             )
 
-    def update_container(self, row: ObjectRow) -> None:
+    def update_container(self, row: ObjectRow, durable: bool = True) -> None:
         def write(db: sqlite3.Connection) -> None:
             cur = db.execute(
                 "UPDATE containers SET state=?, data=? WHERE namespace=? AND id=?",
@@ -397,7 +448,7 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"container {row.id} not found")
 
-        self._releasing(write)
+        self._releasing(write, durable)
 
     _CONTAINER_COLUMNS = "id, name, state, created_at, data, sandbox_id"
 
@@ -419,9 +470,9 @@ class Store:
             )
         return [_row(r) for r in rows]
 
-    def delete_container(self, cid: str) -> bool:
+    def delete_container(self, cid: str, durable: bool = True) -> bool:
         return self._releasing(lambda db: db.execute(
-            "DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0)
+            "DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0, durable)
 
     # -- images ----------------------------------------------------------------------
 

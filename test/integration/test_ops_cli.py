@@ -60,6 +60,15 @@ def test_inspect_du_gc(daemon, registry):
 
     pod = json.loads(ok(daemon, "inspect", "pod", sid[:10]))
     assert pod["id"] == sid and pod["state"] == "SANDBOX_READY" and pod["containers"] == [cid]
+    # no infra process (runtime.drop_infra): its namespaces are pinned files
+    assert pod["infra"] is False and pod["spec"] is None and pod["processes"] is None
+    assert pod["paths"]["netns"]["exists"] and pod["paths"]["ipc_ns"]["exists"] and pod["paths"]["uts_ns"]["exists"]
+    # a pod sharing its PID namespace keeps its infra process
+    icfg = pod_config(linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+        namespace_options=pb.NamespaceOption(pid=pb.POD))))
+    isid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=icfg), timeout=60).pod_sandbox_id
+    pod = json.loads(ok(daemon, "inspect", "pod", isid[:10]))
+    assert pod["infra"] is True and pod["containers"] == []
     assert pod["spec"]["process"]["args"] and pod["paths"]["bundle"]["exists"] and pod["paths"]["netns"]["exists"]
     assert pod["processes"]["conmon"]["alive"] and pod["processes"]["init"]["alive"]
     assert pod["processes"]["runtime"]["status"] == "running"

@@ -19,6 +19,17 @@ from moorage.testing.runtime_env import (
 )
 
 
+def shared_pid_pod(**kw):
+    """A pod whose containers share its PID namespace: it keeps an infra process (runtime.drop_infra)."""
+    linux = kw.pop("linux", None) or pb.LinuxPodSandboxConfig()
+    linux.security_context.namespace_options.pid = pb.POD
+    return pod_config(name=f"p-{uuid.uuid4().hex[:8]}", linux=linux, **kw)
+
+
+def sandbox_info(env, sid):
+    return json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True)).info["info"])
+
+
 @pytest.fixture
 def fresh_env(daemon_factory, registry):
     d, parent = make_daemon(daemon_factory)
@@ -36,8 +47,8 @@ def fresh_env(daemon_factory, registry):
 def test_kill9_restart_finds_everything(fresh_env):
     env = fresh_env
     d = env.d
-    s1, p1 = env.run_pod()
-    s2, p2 = env.run_pod(pod_config(name=f"p-{uuid.uuid4().hex[:8]}", labels={"x": "y"}))
+    s1, p1 = env.run_pod(shared_pid_pod())  # with an infra process
+    s2, p2 = env.run_pod(pod_config(name=f"p-{uuid.uuid4().hex[:8]}", labels={"x": "y"}))  # pinned namespaces
     long1 = env.run(s1, p1, ["sleep", "1000"])
     long2 = env.run(s2, p2, ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
     # Exits (code 42) once /tmp/go exists: we let it go while the daemon is down.
@@ -46,8 +57,9 @@ def test_kill9_restart_finds_everything(fresh_env):
     stopped_pod, sp = env.run_pod()
     env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=stopped_pod))
     before = {c: env.pid(c) for c in (long1, long2, exits)}
-    infra_before = {s: json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(
-        pod_sandbox_id=s, verbose=True)).info["info"])["pid"] for s in (s1, s2)}
+    infra_before = {s1: sandbox_info(env, s1)["pid"]}
+    pins = sandbox_info(env, s2)["namespacePaths"]
+    assert sandbox_info(env, s2)["pid"] == 0 and set(pins) == {"ipc", "uts"}
 
     d.kill9()
     # The container exits while nobody watches.
@@ -65,8 +77,9 @@ def test_kill9_restart_finds_everything(fresh_env):
     assert sb[stopped_pod].state == pb.SANDBOX_NOTREADY
     assert sb[s2].labels == {"x": "y"}
     for s, pid in infra_before.items():
-        info = json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=s, verbose=True)).info["info"])
+        info = sandbox_info(env, s)
         assert info["pid"] == pid and os.path.exists(f"/proc/{pid}")
+    assert sandbox_info(env, s2)["namespacePaths"] == pins and all(os.path.exists(p) for p in pins.values())
     st = {c.id: c.state for c in env.rt.ListContainers(pb.ListContainersRequest()).containers}
     assert st == {long1: pb.CONTAINER_RUNNING, long2: pb.CONTAINER_RUNNING, exits: pb.CONTAINER_EXITED,
                   created: pb.CONTAINER_CREATED}
@@ -87,19 +100,24 @@ def test_kill9_restart_finds_everything(fresh_env):
     env.check_no_leaks()
 
 
-def test_cgroup_parent_honoured_cgroupfs(fresh_env):
+@pytest.mark.parametrize("infra", [True, False])
+def test_cgroup_parent_honoured_cgroupfs(fresh_env, infra):
     env = fresh_env
     parent = f"/kubepods-test-{uuid.uuid4().hex[:8]}/pod{uuid.uuid4().hex[:8]}"
     try:
-        pcfg = pod_config(name=f"p-{uuid.uuid4().hex[:8]}", linux=pb.LinuxPodSandboxConfig(cgroup_parent=parent))
+        linux = pb.LinuxPodSandboxConfig(cgroup_parent=parent)
+        pcfg = shared_pid_pod(linux=linux) if infra else pod_config(name=f"p-{uuid.uuid4().hex[:8]}", linux=linux)
         sid, pcfg = env.run_pod(pcfg)
+        if not infra:  # the pod cgroup is made without a process, before any container
+            assert sandbox_info(env, sid)["pid"] == 0
+            assert all(os.path.isdir(d) for d in cgroup_dirs(parent))
         cid = env.run(sid, pcfg, ["sleep", "1000"], linux=pb.LinuxContainerConfig(
             resources=pb.LinuxContainerResources(memory_limit_in_bytes=50 << 20)))
         cg = proc_cgroups(env.pid(cid))
         key = "" if "memory" not in cg else "memory"
         assert cg[key] == f"{parent}/{cid}", cg
-        info = json.loads(env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True)).info["info"])
-        assert proc_cgroups(info["pid"])[key] == f"{parent}/{sid}"
+        if infra:
+            assert proc_cgroups(sandbox_info(env, sid)["pid"])[key] == f"{parent}/{sid}"
         assert int(Path(memory_limit_file(cg)).read_text()) == 50 << 20
         env.cleanup()
         for d in cgroup_dirs(parent):
@@ -149,7 +167,7 @@ def _wipe_runtime_state(d, obj_id: str) -> None:
 def test_lost_runtime_state_after_reboot_is_exited_and_pod_removable(fresh_env):
     env = fresh_env
     d = env.d
-    sid, pcfg = env.run_pod()
+    sid, pcfg = env.run_pod(shared_pid_pod())  # an infra process whose state is lost too
     cid = env.run(sid, pcfg, ["sleep", "1000"])
     d.kill9()
     _wipe_runtime_state(d, cid)

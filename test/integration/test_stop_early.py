@@ -67,3 +67,26 @@ def test_hundreds_of_start_stop_pairs_never_wait_out_the_timeout(env: RuntimeEnv
     print(f"{pairs} start->stop pairs: stop p50 {statistics.median(times) * 1000:.0f} ms, "
           f"max {times[-1] * 1000:.0f} ms, waited out the timeout: {len(slow)}, not by the handler: {len(killed)}")
     assert not slow and not killed, (slow, killed)
+
+
+def test_start_then_stop_of_a_signalfd_init_ends_by_sigterm_every_time(env: RuntimeEnv) -> None:
+    """catatonit as the container's PID 1 blocks every signal and reads them from a signalfd, so
+    it has no handler to see in SigCgt: the stop signal must still go out at once (it is queued,
+    not dropped), every time.  Counted by how each container ended: 143 is SIGTERM reaching the
+    child through catatonit, 137 would be the SIGKILL at the end of the (long) grace period."""
+    rounds = 100
+    sid, pcfg = env.run_pod()
+    codes = []
+    for _ in range(rounds):
+        cid = env.create(sid, pcfg, ["/usr/bin/catatonit", "--", "sleep", "100000"])
+        try:
+            env.start(cid)
+            env.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=GRACE), timeout=GRACE + 60)
+            st = env.status(cid).status
+            assert st.state == pb.CONTAINER_EXITED
+            codes.append(st.exit_code)
+        finally:
+            env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=120)
+    by_code = {c: codes.count(c) for c in set(codes)}
+    print(f"{rounds} start->stop rounds of a catatonit init, exit codes: {by_code}")
+    assert by_code == {143: rounds}, by_code

@@ -29,6 +29,7 @@ SNIPPETS = [
     '[runtime]\ndefault_handler = "crun"',
     '[runtime]\nconmon = "/opt/bin/conmon"',
     '[runtime]\ninfra_binary = "/opt/bin/catatonit"',
+    '[runtime]\ndrop_infra = false',
     '[runtime]\ncgroup_driver = "systemd"',
     '[runtime]\ndefault_cgroup_parent = "/elsewhere"',
     '[runtime]\nexec_sync_max_output = 1024',

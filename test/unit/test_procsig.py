@@ -8,7 +8,13 @@ import subprocess
 import sys
 import time
 
-from moorage.runtime.procsig import SignalMasks, parse_status, read_masks, would_be_dropped
+from moorage.runtime.procsig import (
+    ExecProbe,
+    SignalMasks,
+    parse_status,
+    read_masks,
+    would_be_dropped,
+)
 
 TERM = int(signal.SIGTERM)
 STATUS = """Name:\tsh
@@ -101,3 +107,43 @@ def test_wait_exec_returns_once_the_process_runs_another_program() -> None:
             p.stdin.close()
     assert asyncio.run(wait_exec(p.pid, before, timeout=1))  # gone counts as done
     assert asyncio.run(wait_exec(p.pid, None))
+
+
+def test_a_blocked_signal_is_not_dropped() -> None:
+    # catatonit blocks every signal and reads them from a signalfd: the kernel queues them
+    assert parse_status(STATUS.replace("SigBlk:\t0000000000000000", "SigBlk:\t0000000000004000")).blocks(TERM)
+    assert not would_be_dropped(TERM, SignalMasks(0, 0, True, blocked=bit(TERM)))
+    assert would_be_dropped(TERM, SignalMasks(0, 0, True, blocked=bit(int(signal.SIGINT))))
+
+
+def test_exec_probe_settles_only_once_the_program_replaced_the_runtime_init() -> None:
+    # a stand-in for runc's init: handlers installed, waits, then execs a program without handlers
+    code = ("import os, signal, sys; signal.signal(signal.SIGTERM, lambda *a: None); "
+            "signal.signal(signal.SIGUSR1, lambda *a: None); print('ready', flush=True); sys.stdin.readline(); "
+            "os.execv('/bin/sleep', ['sleep', '30'])")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
+        probe = ExecProbe.read(p.pid)
+        assert probe is not None and probe.caught & bit(TERM)
+        assert not probe.settled(p.pid)
+        # the same executable with another mask is not settled either (it has not exec'd)
+        assert not ExecProbe(probe.exe, 0).settled(p.pid)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + 10
+        while not probe.settled(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert probe.settled(p.pid)
+        # an exec'd program that still shows the init's mask is not settled (execve under way)
+        masks = read_masks(p.pid)
+        assert masks is not None and not ExecProbe(probe.exe, masks.caught).settled(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+        for f in (p.stdin, p.stdout):
+            if f is not None:
+                f.close()
+    assert ExecProbe((0, 0), 0).settled(p.pid)  # gone
+

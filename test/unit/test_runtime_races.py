@@ -297,6 +297,7 @@ def test_failed_container_rollback_is_visible_and_removable(harness):
 
 def test_failed_sandbox_rollback_is_visible_and_removable(harness):
     rt, oci = harness
+    rt.ctx.s.drop_infra = False  # the failure injected is the infra's runc create
     pod = PodSandboxMetadata(name="web", namespace="ns", uid="u1")
     cfg = PodSandboxConfig(metadata=pod, linux=LinuxPodSandboxConfig(security_context=LinuxSandboxSecurityContext(
         namespace_options=NamespaceOption(network="NODE", ipc="NODE"))))

@@ -771,6 +771,32 @@ def test_sandbox_not_running():
         build(sandbox_pid=None)
 
 
+PINS = {"ipc": "/run/moorage/sandboxes/s1/ns/ipc", "uts": "/run/moorage/sandboxes/s1/ns/uts"}
+
+
+def test_pinned_namespaces_of_a_pod_without_infra_are_joined_by_path():
+    n = ns(build(sandbox_pid=None, sandbox_ns_paths=PINS))
+    assert n == {"mount": None, "network": "/run/netns/cni-123", "uts": PINS["uts"], "ipc": PINS["ipc"], "pid": None}
+    # only the kinds pinned: a host-IPC pod pins no IPC namespace, a private IPC needs none
+    n = ns(build(with_ns(ipc="CONTAINER"), sandbox_pid=None, sandbox_ns_paths={"uts": PINS["uts"]}))
+    assert n["uts"] == PINS["uts"] and n["ipc"] is None
+    # a namespace that is neither pinned nor held by an infra process cannot be joined
+    with pytest.raises(FailedPrecondition, match="infra process to share its pid namespace"):
+        build(with_ns(pid="POD"), sandbox_pid=None, sandbox_ns_paths=PINS)
+    with pytest.raises(FailedPrecondition, match="ipc namespace"):
+        build(sandbox_pid=None, sandbox_ns_paths={"uts": PINS["uts"]})
+
+
+def test_a_pod_without_infra_on_host_namespaces_gives_its_containers_the_hosts():
+    sb = sandbox_cfg()
+    sb.linux.security_context.namespace_options = NamespaceOption(network="NODE", ipc="NODE")
+    # the container says POD (the default): the pod's are the host's, so no entry at all
+    assert ns(build(sandbox=sb, sandbox_pid=None, netns_path=None, sandbox_ns_paths={})) == {"mount": None, "pid": None}
+    sb.linux.security_context.namespace_options = NamespaceOption(network="NODE")
+    n = ns(build(sandbox=sb, sandbox_pid=None, netns_path=None, sandbox_ns_paths={"ipc": PINS["ipc"]}))
+    assert n == {"mount": None, "ipc": PINS["ipc"], "pid": None}
+
+
 def test_cgroup_namespace_optional():
     assert "cgroup" not in ns(build())
     assert "cgroup" in ns(build(runtime_cfg=RuntimeSpecConfig(cgroupns=True)))

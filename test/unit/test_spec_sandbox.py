@@ -7,6 +7,7 @@ import json
 import pytest
 
 from moorage.core.errors import InvalidArgument, NotFound
+from moorage.core.nspin import proc_sys_path
 from moorage.runtime.model import (
     IDMapping,
     ImageConfig,
@@ -29,6 +30,9 @@ from moorage.runtime.spec import (
     build_sandbox_spec,
     cgroups_path,
     normalize_sysctl_name,
+    sandbox_needs_infra,
+    sandbox_sysctls,
+    split_sysctls,
     validate_sysctls,
 )
 
@@ -273,6 +277,39 @@ def test_sysctls_in_sandbox_spec():
         "kernel.shm_rmid_forced": "1",
         "net.ipv4.conf.eth0/100.forwarding": "1",
     }
+
+
+def test_sandbox_sysctls_and_their_namespaces():
+    rc = RuntimeSpecConfig(default_sysctls={"net.ipv4.ip_unprivileged_port_start": "0", "kernel.msgmax": "9"})
+    got = sandbox_sysctls(pod(sysctls={"kernel.msgmax": "10", "fs.mqueue.msg_max": "20", "kernel.sem": "1 2 3 4"}),
+                          rc)
+    assert got == build(pod(sysctls={"kernel.msgmax": "10", "fs.mqueue.msg_max": "20", "kernel.sem": "1 2 3 4"}),
+                        runtime_cfg=rc)["linux"]["sysctl"]
+    net, ipc = split_sysctls(got)
+    assert net == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    assert ipc == {"kernel.msgmax": "10", "fs.mqueue.msg_max": "20", "kernel.sem": "1 2 3 4"}
+    assert split_sysctls({}) == ({}, {})
+    with pytest.raises(InvalidArgument, match="not namespaced"):
+        sandbox_sysctls(pod(sysctls={"vm.swappiness": "1"}))
+
+
+def test_which_pods_need_an_infra_process():
+    assert not sandbox_needs_infra(pod())
+    assert not sandbox_needs_infra(pod(network="NODE", ipc="NODE"))
+    assert not sandbox_needs_infra(PodSandboxConfig(metadata=PodSandboxMetadata(name="p", uid="u", namespace="n")))
+    assert sandbox_needs_infra(pod(pid="POD"))  # a shared PID namespace needs its PID 1
+    userns = UserNamespace(mode="POD", uids=[IDMapping(100000, 0, 65536)], gids=[IDMapping(100000, 0, 65536)])
+    p = pod()
+    p.linux.security_context.namespace_options.userns_options = userns
+    assert sandbox_needs_infra(p)
+
+
+def test_proc_sys_paths_stay_under_proc_sys():
+    assert proc_sys_path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
+    assert proc_sys_path("net.ipv4.conf.eth0/100.forwarding") == "/proc/sys/net/ipv4/conf/eth0.100/forwarding"
+    for bad in ("net.//.x", "net./.x", "net..x", "", "net.a\x00"):
+        with pytest.raises(InvalidArgument):
+            proc_sys_path(bad)
 
 
 def test_default_sysctls_merged_and_skipped_when_host_shared():

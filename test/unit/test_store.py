@@ -113,6 +113,39 @@ def test_kill9_mid_transaction_loses_nothing_committed(tmp_path):
     assert ids == {f"s{i}" for i in range(50)}
 
 
+def test_writes_without_fsync_are_visible_at_once_and_on_disk_after_sync(tmp_path, monkeypatch):
+    s = Store(str(tmp_path))
+    s.add_sandbox(_row("s1", "n1"))  # an insert is durable at once
+    assert not s.unsynced()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    s.sync()
+    assert synced == []  # nothing pending: no fsync at all
+    # zero, one and many deferred writes: each is visible at once, one fsync covers them all
+    for n in (1, 5):
+        for i in range(n):
+            s.update_sandbox(dataclasses.replace(_row("s1", "n1"), state=f"S{n}-{i}"), durable=False)
+            assert s.get_sandbox("s1").state == f"S{n}-{i}"
+        assert s.unsynced()
+        s.sync()
+        assert not s.unsynced()
+        s.sync()
+    assert len(synced) == 2
+    # a durable commit puts the deferred ones before it on disk too (the WAL is ordered)
+    s.update_sandbox(_row("s1", "n1"), durable=False)
+    s.add_sandbox(_row("s2", "n2"))
+    assert not s.unsynced()
+    # the connection is back to synchronous=FULL after a deferred write, also after a failed one
+    with pytest.raises(NotFound):
+        s.update_sandbox(_row("nope", "x"), durable=False)
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert s.delete_sandbox("s2", durable=False) and s.unsynced()
+    s.close()
+    s = Store(str(tmp_path))
+    assert [r.id for r in s.list_sandboxes()] == ["s1"]
+
+
 def test_migration_from_schema_1(tmp_path):
     old = Store(str(tmp_path), target_version=1)
     assert old.schema_version() == 1
