@@ -54,8 +54,8 @@ class FullDisk:
         real = store.transaction
 
         @contextmanager
-        def transaction(releasing: bool = False):  # type: ignore[no-untyped-def]
-            with real(releasing) as db:
+        def transaction(releasing: bool = False, durable: bool = True):  # type: ignore[no-untyped-def]
+            with real(releasing, durable) as db:
                 yield db
                 if self.fails:
                     self.fails -= 1
