@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from moorage.cri.api import api_pb2
 from moorage.cri.errors import status_for
 from moorage.cri.metrics import METRICS
+from moorage.cri.wire import serialize
 
 log = logging.getLogger("moorage.cri")
 
@@ -128,12 +129,13 @@ class Edge:
         return handler
 
     def service_handler(self, service: str, *impls: object) -> grpc.GenericRpcHandler:
-        """A generic handler for ``runtime.v1.<service>`` backed by the methods of ``impls``."""
+        """A generic handler for ``runtime.v1.<service>`` backed by the methods of ``impls``.
+
+        A method returns its response message, or the message already serialized (``cri.wire``)."""
         desc = api_pb2.DESCRIPTOR.services_by_name[service]
         handlers = {}
         for m in desc.methods:
             req = getattr(api_pb2, m.input_type.name)
-            resp = getattr(api_pb2, m.output_type.name)
             found = [getattr(impl, m.name) for impl in impls if hasattr(impl, m.name)]
             if len(found) > 1:
                 raise TypeError(f"{service}/{m.name} is implemented by more than one servicer")
@@ -141,12 +143,12 @@ class Edge:
             if m.server_streaming:
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(
                     self.stream(service, m.name, fn or _unimplemented_stream(service, m.name)),
-                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                    request_deserializer=req.FromString, response_serializer=serialize,
                 )
             else:
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(
                     self.unary(service, m.name, fn or _Unimplemented(service, m.name)),
-                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString,
+                    request_deserializer=req.FromString, response_serializer=serialize,
                 )
         return grpc.method_handlers_generic_handler(desc.full_name, handlers)
 

@@ -114,6 +114,11 @@ class ImageService:
                 log.warning("ignoring invalid pinned image reference %r", ref)
         self._pinned = frozenset(pinned)
 
+    def view_version(self) -> tuple[object, ...]:
+        """Changes whenever what ``status``/``list`` show may have changed (records or pins):
+        callers keep ready-made answers while it stays the same."""
+        return (*self.store.images_version(), self._pinned)
+
     def is_pinned(self, rec: ImageRecord) -> bool:
         """Whether a configured pinned reference names this image (by tag, digest or id)."""
         return rec.id in self._pinned or any(t in self._pinned for t in rec.repo_tags + rec.repo_digests)

@@ -173,6 +173,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._image_writes = 0  # see images_version()
         self._migrate(target_version)
 
     # -- schema -------------------------------------------------------------------
@@ -329,6 +330,13 @@ class Store:
 
     # -- images ----------------------------------------------------------------------
 
+    def images_version(self) -> tuple[int, int]:
+        """Changes when an image or image reference may have changed: cached views of images
+        compare it.  Our own writes bump the counter; SQLite's ``data_version`` moves when another
+        connection (an offline ``moorage images import``) commits anything."""
+        with self._lock:
+            return self._image_writes, self._db.execute("PRAGMA data_version").fetchone()[0]
+
     def put_image(self, rec: ImageRecord) -> None:
         """Insert or replace an image and point its tags and digests at it.
 
@@ -336,6 +344,7 @@ class Store:
         other references (an image left with none is the caller's to remove).
         """
         with self.transaction() as db:
+            self._image_writes += 1
             self._put_image(db, rec)
 
     def update_image(self, iid: str, change: Callable[[ImageRecord | None], ImageRecord]) -> ImageRecord:
@@ -343,6 +352,7 @@ class Store:
         store that (with its refs, as put_image), all in one transaction: two pulls that add
         different tags to one image both keep theirs.  ``change`` must be quick and pure."""
         with self.transaction() as db:
+            self._image_writes += 1
             rec = change(self._get_image(db, iid))
             if rec.id != iid:
                 raise ValueError(f"update_image({iid!r}) returned image {rec.id!r}")
@@ -388,6 +398,7 @@ class Store:
 
     def delete_image(self, iid: str) -> bool:
         with self.transaction() as db:
+            self._image_writes += 1
             db.execute("DELETE FROM image_refs WHERE namespace=? AND image_id=?", (self.namespace, iid))
             return db.execute("DELETE FROM images WHERE namespace=? AND id=?", (self.namespace, iid)).rowcount > 0
 
