@@ -77,6 +77,11 @@ class Runtime:
         """Ids of the images containers were created from (image GC keeps them)."""
         return {c.metadata.image_ref for c in self.ctx.containers.values()}
 
+    def layer_tokens(self) -> dict[str, object]:
+        """Snapshot key -> its container's status object, which is replaced on every change of
+        state: the image service measures a writable layer again when its token changes."""
+        return {(c.metadata.snapshot_key or c.id): c.status for c in self.ctx.containers.values()}
+
     def set_log_level(self, level: str) -> None:
         """conmon's log level for containers created from now on (a daemon reload)."""
         self.ctx.s.log_level = level
