@@ -182,6 +182,7 @@ class Runtime:
     async def start(self) -> None:
         """Load the store and reconcile it with what is really running (after a restart)."""
         self.ctx.load()
+        await self.container_ops.finish_removals()
         for sb in list(self.ctx.sandboxes.values()):
             try:
                 await self.sandbox_ops.recover(sb)
@@ -201,6 +202,8 @@ class Runtime:
                                                           "containers": len(self.ctx.containers)}})
 
     async def stop(self) -> None:
+        # Removals in flight finish (a crash instead leaves them to the journal and the next start).
+        await self.container_ops.wait_removed()
         # Containers keep running: conmon supervises them without us.
         await self.ctx.stop_watchers()
 
