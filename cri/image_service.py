@@ -14,7 +14,7 @@ from moorage.core.store import ImageRecord
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
 from moorage.cri.wire import Encoded, field
-from moorage.images.registry import Credentials
+from moorage.images.credentials import Credentials
 from moorage.images.service import ImageService
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs

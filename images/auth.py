@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moorage.core.errors import FailedPrecondition, Unavailable
-from moorage.images.registry import Credentials
+from moorage.images.credentials import Credentials
 
 log = logging.getLogger(__name__)
 

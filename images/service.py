@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
@@ -34,10 +34,13 @@ from moorage.images import content as contentmod
 from moorage.images import oci
 from moorage.images import snapshotter as snapmod
 from moorage.images.auth import NodeCredentials
+from moorage.images.credentials import Credentials
 from moorage.images.progress import PullProgress, PullTracker
 from moorage.images.reference import Reference, parse_reference
-from moorage.images.registry import Credentials, RegistryClient
 from moorage.images.unpack import MODE_OVERLAY, apply_layer
+
+if TYPE_CHECKING:
+    from moorage.images.registry import RegistryClient
 
 log = logging.getLogger("moorage.images")
 
@@ -89,9 +92,7 @@ class ImageService:
         self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), snapmod.StoreMetaStore(store),
                                              backend=backend, container_root=settings.container_root or None)
         self.node_credentials = NodeCredentials(settings.auth_file, settings.credential_helper_timeout)
-        self.client = RegistryClient(hosts_dir=settings.hosts_dir, insecure_hosts=settings.insecure_registries,
-                                     retries=settings.retries, stall_timeout=settings.stall_timeout,
-                                     node_credentials=self.node_credentials.lookup)
+        self._client: RegistryClient | None = None  # made at the first pull: see ``client``
         self._pulls: dict[str, asyncio.Future] = {}
         self._chain_locks: dict[str, asyncio.Lock] = {}
         self._inflight_chains: dict[str, int] = {}  # chain IDs a pull or import in flight stands on
@@ -198,7 +199,20 @@ class ImageService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def client(self) -> RegistryClient:
+        """The registry client, made on first use: its HTTP stack is imported only then (a node
+        that never pulls, or not yet, does not pay for it in start-up time and memory)."""
+        if self._client is None:
+            from moorage.images.registry import RegistryClient
+
+            self._client = RegistryClient(hosts_dir=self.s.hosts_dir, insecure_hosts=self.s.insecure_registries,
+                                          retries=self.s.retries, stall_timeout=self.s.stall_timeout,
+                                          node_credentials=self.node_credentials.lookup)
+        return self._client
 
     async def reconfigure_registries(self, hosts_dir: str, insecure_registries: Sequence[str]) -> None:
         """Re-read the registry hosts config (a daemon reload): hosts.toml, certificates, insecure hosts.
@@ -207,7 +221,8 @@ class ImageService:
         """
         self.s.hosts_dir = hosts_dir
         self.s.insecure_registries = list(insecure_registries)
-        await self.client.reconfigure(hosts_dir, self.s.insecure_registries, idle=not self._pulls)
+        if self._client is not None:  # else the client is made with these when first needed
+            await self._client.reconfigure(hosts_dir, self.s.insecure_registries, idle=not self._pulls)
 
     # -- lookup ---------------------------------------------------------------------------
 
