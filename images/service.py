@@ -106,6 +106,8 @@ class ImageService:
         self._layers: dict[str, _Measured] = {}
         self._layers_lock = threading.Lock()
         self._refresher: asyncio.Task | None = None
+        self._layers_gen = 0  # bumped when the background refresh changes an account
+        self._fs_rows: tuple[object, builtins.list[tuple[str, int, int]]] | None = None  # (stamp, rows)
         self.in_use: Callable[[], set[str]] = set  # image ids used by containers (set by the runtime)
         #: snapshot key -> its container's state token (set by the runtime); a changed token re-measures
         self.layer_tokens: Callable[[], Mapping[str, object]] = dict
@@ -781,11 +783,18 @@ class ImageService:
 
     async def fs_info(self) -> builtins.list[tuple[str, int, int]]:
         """[(mountpoint, bytes, inodes)] for the image filesystem, then the container one."""
+        # Nothing the sums depend on moved (records, the containers' states - ids of live token
+        # objects, which the accounts keep alive -, the background accounts, the blobs): the last
+        # answer stands.
         tokens = self.layer_tokens()
+        stamp = (self.store.version(), tuple(map(id, tokens.values())), self._layers_gen, self.content.stamp())
+        if self._fs_rows is not None and self._fs_rows[0] == stamp and self.s.fs_usage_period > 0:
+            return self._fs_rows[1]
         rows = self._fs_info(tokens, measure=False)
         if rows is None:  # a layer to measure first: not on the event loop
             rows = await asyncio.to_thread(self._fs_info, tokens, True)
             assert rows is not None  # measuring never gives up
+        self._fs_rows = (stamp, rows)
         return rows
 
     def _fs_info(self, tokens: Mapping[str, object] | None = None,
@@ -857,3 +866,4 @@ class ImageService:
                 m = self._layers.get(key)
                 if m is not None and m.token is token:  # not re-measured for a state change meanwhile
                     self._layers[key] = _Measured(u, token, time.monotonic())
+                    self._layers_gen += 1

@@ -174,6 +174,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
         self._db.execute("PRAGMA foreign_keys=ON")
         self._image_writes = 0  # see images_version()
+        self._writes = 0  # see version()
         self._migrate(target_version)
 
     # -- schema -------------------------------------------------------------------
@@ -225,6 +226,7 @@ class Store:
         """One write transaction; everything inside commits or nothing does."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            self._writes += 1  # see version()
             try:
                 yield self._db
             except BaseException:
@@ -329,6 +331,12 @@ class Store:
             return db.execute("DELETE FROM containers WHERE namespace=? AND id=?", (self.namespace, cid)).rowcount > 0
 
     # -- images ----------------------------------------------------------------------
+
+    def version(self) -> tuple[int, int]:
+        """Changes when anything in the store may have changed (any write of ours, or a commit by
+        another connection): cached views of several tables compare it."""
+        with self._lock:
+            return self._writes, self._db.execute("PRAGMA data_version").fetchone()[0]
 
     def images_version(self) -> tuple[int, int]:
         """Changes when an image or image reference may have changed: cached views of images

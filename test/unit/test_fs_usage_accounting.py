@@ -56,9 +56,12 @@ def test_layers_are_walked_when_new_or_their_container_changed(tmp_path: Path) -
         write(svc, k, "f", 50_000)
     total = containers(svc)[0]
     assert total >= 400_000 and sorted(walked) == ["c1", "c1", "c2", "c3"]
+    listed = []
+    real_list = svc.store.list_snapshots
+    svc.store.list_snapshots = lambda: listed.append(1) or real_list()  # type: ignore[method-assign]
     for _ in range(3):
         assert containers(svc)[0] == total
-    assert len(walked) == 4
+    assert len(walked) == 4 and listed == []  # nothing moved: the last answer, not even a store read
     svc.snapshots.remove("c2")
     assert containers(svc)[0] <= total - 50_000  # a removed layer leaves the sum at once
     assert len(walked) == 4 and "c2" not in svc._layers
