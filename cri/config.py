@@ -92,6 +92,7 @@ class ImagesConfig:
     pinned_images: list[str] = field(default_factory=list)
     container_root: str = ""  # empty: containers' writable layers beside the image snapshots
     sync_snapshots: bool = True
+    fs_usage_period: float = 10.0  # seconds between background measurements of writable layers
 
 
 @dataclass
@@ -362,6 +363,7 @@ def _validate_images(cfg: Config, where: str) -> None:
         _check(where, "images.container_root", ctr != root and not ctr.startswith(os.path.join(root, "images") + "/")
                and ctr != os.path.join(root, "images"), f"must not be root_dir or lie under {root}/images")
     _check(where, "images.credential_helper_timeout", im.credential_helper_timeout > 0, "must be positive")
+    _check(where, "images.fs_usage_period", 0 <= im.fs_usage_period <= 3600, "must be 0 to 3600 seconds")
     for i, ref in enumerate(im.pinned_images):
         try:
             parse_reference(ref)
@@ -593,6 +595,10 @@ DOCS: dict[str, str] = {
         "separate image and container filesystems); empty: beside the image snapshots under root_dir.\n"
         "Change it only with no containers on the node.",
     "images.sync_snapshots": "syncfs each unpacked layer before its snapshot is committed (crash-safe pulls).",
+    "images.fs_usage_period":
+        "Seconds between background measurements of running containers' writable layers: ImageFsInfo\n"
+        "sums accounted figures, so their writes show within this bound (a layer is measured again at\n"
+        "once when its container starts or exits). 0: walk every layer on each ImageFsInfo.",
     "cni": "Pod networking.",
     "cni.conf_dir": "CNI network configurations.",
     "cni.bin_dirs": "Where the CNI plugin binaries are looked up.",

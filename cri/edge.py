@@ -28,6 +28,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from moorage.core.errors import InvalidArgument
 from moorage.cri import wire
 from moorage.cri.api import api_pb2
+from moorage.cri.encoded import serialize
 from moorage.cri.errors import status_for
 from moorage.cri.limits import KUBELET_MAX_MESSAGE, response_too_large
 from moorage.cri.metrics import METRICS
@@ -63,7 +64,8 @@ class Edge:
         self.max_response = max_response
 
     def _checked(self, method: str, resp: Any) -> Any:
-        size = resp.ByteSize()  # computed in C; the same walk serialization does
+        # Ready-made bytes (cri/encoded.py) have their size; a message's is computed in C.
+        size = len(resp) if isinstance(resp, bytes) else resp.ByteSize()
         if size > self.max_response:
             raise response_too_large(method, size, self.max_response)
         return resp
@@ -144,12 +146,13 @@ class Edge:
         return handler
 
     def service_handler(self, service: str, *impls: object) -> grpc.GenericRpcHandler:
-        """A generic handler for ``runtime.v1.<service>`` backed by the methods of ``impls``."""
+        """A generic handler for ``runtime.v1.<service>`` backed by the methods of ``impls``.
+
+        A method returns its response message, or the message already serialized (``cri.wire``)."""
         desc = api_pb2.DESCRIPTOR.services_by_name[service]
         handlers = {}
         for m in desc.methods:
             req = getattr(api_pb2, m.input_type.name)
-            resp = getattr(api_pb2, m.output_type.name)
             found = [getattr(impl, m.name) for impl in impls if hasattr(impl, m.name)]
             if len(found) > 1:
                 raise TypeError(f"{service}/{m.name} is implemented by more than one servicer")
@@ -158,12 +161,12 @@ class Edge:
             if m.server_streaming:
                 handlers[m.name] = grpc.unary_stream_rpc_method_handler(
                     self.stream(service, m.name, fn or _unimplemented_stream(service, m.name), req),
-                    request_deserializer=None, response_serializer=resp.SerializeToString,
+                    request_deserializer=None, response_serializer=serialize,
                 )
             else:
                 handlers[m.name] = grpc.unary_unary_rpc_method_handler(
                     self.unary(service, m.name, fn or _Unimplemented(service, m.name), req),
-                    request_deserializer=None, response_serializer=resp.SerializeToString,
+                    request_deserializer=None, response_serializer=serialize,
                 )
         return grpc.method_handlers_generic_handler(desc.full_name, handlers)
 

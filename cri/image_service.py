@@ -14,10 +14,13 @@ from moorage.core.store import ImageRecord
 from moorage.cri import validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
-from moorage.images.registry import Credentials
+from moorage.cri.encoded import Encoded, field
+from moorage.images.credentials import Credentials
 from moorage.images.service import ImageService
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
+#: ImageStatus answers kept per reference (any string a client sends): bounded.
+STATUS_CACHE_MAX = 1024
 
 
 log = logging.getLogger("moorage.images")
@@ -30,6 +33,17 @@ class ImageServicer:
         self.batching = batching or Batching()
         #: Configured runtime handlers: a pull may name one (``ImageSpec.runtime_handler``).
         self.handlers = frozenset(handlers)
+        # Ready-to-send answers while the image store and the pins stay the same (the kubelet asks
+        # for every pod's images and lists them all often; they change only on pull/remove/GC).
+        self._version: object = None
+        self._list: Encoded | None = None
+        self._statuses: dict[str, Encoded] = {}
+
+    def _cached(self) -> None:
+        """Forget the ready answers if images or pins changed since they were made."""
+        version = self.images.view_version()
+        if version != self._version:
+            self._version, self._list, self._statuses = version, None, {}
 
     @staticmethod
     def _image(rec: ImageRecord) -> pb.Image:
@@ -49,16 +63,32 @@ class ImageServicer:
         validate.image_ref(ref, "filter.image.image")
         return [self._image(r) for r in self.images.list(ref or None)]
 
-    async def ListImages(self, request: pb.ListImagesRequest, context: Ctx) -> pb.ListImagesResponse:
-        return pb.ListImagesResponse(images=self._images(request.filter if request.HasField("filter") else None))
+    async def ListImages(self, request: pb.ListImagesRequest, context: Ctx) -> pb.ListImagesResponse | Encoded:
+        if request.HasField("filter") and request.filter.image.image:
+            return pb.ListImagesResponse(images=self._images(request.filter))
+        self._cached()
+        if self._list is None:  # ListImagesResponse: images = 1
+            self._list = Encoded(b"".join(field(1, i.SerializeToString()) for i in self._images(None)))
+        return self._list
 
     async def StreamImages(self, request: pb.StreamImagesRequest, context: Ctx) -> AsyncIterator[pb.StreamImagesResponse]:
         for batch in self.batching.split(self._images(request.filter if request.HasField("filter") else None)):
             yield pb.StreamImagesResponse(images=batch)
 
-    async def ImageStatus(self, request: pb.ImageStatusRequest, context: Ctx) -> pb.ImageStatusResponse:
-        validate.image_ref(request.image.image, "image.image")
-        rec = self.images.status(request.image.image)
+    async def ImageStatus(self, request: pb.ImageStatusRequest, context: Ctx) -> pb.ImageStatusResponse | Encoded:
+        ref = request.image.image
+        validate.image_ref(ref, "image.image")
+        if not request.verbose:
+            self._cached()
+            hit = self._statuses.get(ref)
+            if hit is None:
+                rec = self.images.status(ref)  # ImageStatusResponse: image = 1; none: "not present"
+                hit = Encoded(field(1, self._image(rec).SerializeToString()) if rec is not None else b"")
+                if len(self._statuses) >= STATUS_CACHE_MAX:
+                    self._statuses.clear()
+                self._statuses[ref] = hit
+            return hit
+        rec = self.images.status(ref)
         if rec is None:
             return pb.ImageStatusResponse()  # the CRI's "not present": no image, no error
         info = {"info": self.images.verbose_info(rec)} if request.verbose else {}

@@ -20,14 +20,17 @@ from moorage.cri import config as configmod
 from moorage.cri import convert, validate
 from moorage.cri.api import api_pb2 as pb
 from moorage.cri.batches import Batching
+from moorage.cri.encoded import Encoded, field
 from moorage.cri.limits import check_metadata
+from moorage.cri.readcache import ObjectCache, Slot
 from moorage.cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, VERSION
 from moorage.runtime import model
 from moorage.runtime.records import Container, Sandbox
 from moorage.runtime.service import Runtime
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # Any to mypy: grpc ships no stubs
-ImageMemo = dict[str, tuple[str, str, str]]  # image ref -> (image_ref, image_id, first repo tag)
+ImageView = tuple[str, str, str]  # (image_ref, image_id, first repo tag)
+ImageMemo = dict[str, ImageView]  # image ref -> its view
 
 
 class Network(Protocol):
@@ -48,6 +51,16 @@ class RuntimeServicer:
         self.rt = runtime
         self.network = network
         self.batching = batching or Batching()
+        # Ready-to-send messages per object (cri/readcache.py): the kubelet polls these.
+        self.sandbox_items: ObjectCache[Sandbox, pb.PodSandbox] = ObjectCache(
+            lambda rec, _: self._build_sandbox_item(rec))
+        self.sandbox_statuses: ObjectCache[Sandbox, pb.PodSandboxStatus] = ObjectCache(
+            lambda rec, _: self._build_sandbox_status(rec))
+        self.container_items: ObjectCache[Container, pb.Container] = ObjectCache(self._build_container_item)
+        self.container_statuses: ObjectCache[Container, pb.ContainerStatus] = ObjectCache(
+            self._build_container_status)
+        self._image_views: ImageMemo = {}
+        self._image_views_version: object = None
 
     def network_status(self) -> tuple[bool, str, str]:
         if self.network is None:
@@ -136,6 +149,9 @@ class RuntimeServicer:
         return pb.UpdatePodSandboxResourcesResponse()
 
     def _sandbox_status(self, rec: Sandbox) -> pb.PodSandboxStatus:
+        return self.sandbox_statuses.get(rec).msg
+
+    def _build_sandbox_status(self, rec: Sandbox) -> pb.PodSandboxStatus:
         meta, st = rec.metadata, rec.status
         cfg = meta.config
         sc = cfg.linux.security_context if cfg.linux else None
@@ -148,35 +164,48 @@ class RuntimeServicer:
             labels=meta.labels, annotations=meta.annotations, runtime_handler=meta.runtime_handler,
         )
 
-    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Ctx) -> pb.PodSandboxStatusResponse:
+    async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Ctx) -> Encoded:
         validate.object_id(request.pod_sandbox_id, "pod_sandbox_id")
         rec, info = self.rt.sandbox_status(request.pod_sandbox_id, request.verbose)
-        memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet asks often)
-        statuses = [self._container_status(c, memo) for c in self.rt.list_containers(sandbox_id=rec.id)
-                    if c.metadata.sandbox_id == rec.id]
-        return pb.PodSandboxStatusResponse(status=self._sandbox_status(rec), info=info,
-                                           containers_statuses=statuses, timestamp=time.time_ns())
+        memo = self._image_memo()  # one image look-up per image, not per container (the kubelet asks often)
+        # PodSandboxStatusResponse: status = 1, info = 2, containers_statuses = 3, timestamp = 4.
+        parts = [self.sandbox_statuses.get(rec).entry]
+        if info:
+            parts.append(pb.PodSandboxStatusResponse(info=info).SerializeToString())
+        parts += [field(3, self._container_status_slot(c, memo).raw)
+                  for c in self.rt.list_containers(sandbox_id=rec.id) if c.metadata.sandbox_id == rec.id]
+        parts.append(pb.PodSandboxStatusResponse(timestamp=time.time_ns()).SerializeToString())
+        return Encoded(b"".join(parts))
 
-    def _sandbox_item(self, rec: Sandbox) -> pb.PodSandbox:
+    def _build_sandbox_item(self, rec: Sandbox) -> pb.PodSandbox:
         meta = rec.metadata
         return pb.PodSandbox(id=rec.id, metadata=convert.to_pb(pb.PodSandboxMetadata, meta.config.metadata),
                              state=convert.sandbox_state_pb(rec.status.state), created_at=meta.created_at,
                              labels=meta.labels, annotations=meta.annotations, runtime_handler=meta.runtime_handler)
 
-    def _sandboxes(self, f: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
+    def _sandbox_slots(self, f: pb.PodSandboxFilter | None) -> list[Slot[pb.PodSandbox]]:
         kw: dict[str, Any] = {}
         if f is not None:
             kw = dict(id_prefix=f.id, labels=dict(f.label_selector))
             if f.HasField("state"):
                 kw["state"] = convert.sandbox_state_from_pb(f.state.state)
-        return [self._sandbox_item(r) for r in self.rt.list_sandboxes(**kw)]
+        recs = self.rt.list_sandboxes(**kw)
+        slots = [self.sandbox_items.get(r) for r in recs]
+        if not kw:  # everything there is: forget the removed
+            live = {r.id for r in recs}
+            self.sandbox_items.prune(live)
+            self.sandbox_statuses.prune(live)
+        return slots
 
-    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx) -> pb.ListPodSandboxResponse:
-        return pb.ListPodSandboxResponse(items=self._sandboxes(request.filter if request.HasField("filter") else None))
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx) -> Encoded:
+        # ListPodSandboxResponse: items = 1.
+        slots = self._sandbox_slots(request.filter if request.HasField("filter") else None)
+        return Encoded(b"".join(s.entry for s in slots))
 
     async def StreamPodSandboxes(self, request: pb.StreamPodSandboxesRequest,
                                  context: Ctx) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
-        for batch in self.batching.split(self._sandboxes(request.filter if request.HasField("filter") else None)):
+        items = [s.msg for s in self._sandbox_slots(request.filter if request.HasField("filter") else None)]
+        for batch in self.batching.split(items):
             yield pb.StreamPodSandboxesResponse(pod_sandboxes=batch)
 
     # -- containers --------------------------------------------------------------------------------
@@ -206,7 +235,14 @@ class RuntimeServicer:
         await self.rt.remove_container(request.container_id)
         return pb.RemoveContainerResponse()
 
-    def _image_ref(self, rec: Container, memo: ImageMemo | None = None) -> tuple[str, str, str]:
+    def _image_memo(self) -> ImageMemo:
+        """Image views valid now: kept until the image store changes (one look-up per image)."""
+        version = self.rt.images.store.images_version()
+        if version != self._image_views_version:
+            self._image_views, self._image_views_version = {}, version
+        return self._image_views
+
+    def _image_ref(self, rec: Container, memo: ImageMemo | None = None) -> ImageView:
         """(image_ref, image_id, first repo tag) for a container: the repo digest where there is one."""
         image_ref = rec.metadata.image_ref
         if memo is not None and image_ref in memo:
@@ -228,8 +264,8 @@ class RuntimeServicer:
         user = rec.metadata.config.user_specified_image
         return pb.ImageSpec(image=tag or user or rec.metadata.image_name, user_specified_image=user)
 
-    def _container_item(self, rec: Container, memo: ImageMemo | None = None) -> pb.Container:
-        ref, iid, tag = self._image_ref(rec, memo)
+    def _build_container_item(self, rec: Container, view: ImageView) -> pb.Container:
+        ref, iid, tag = view
         meta = rec.metadata
         return pb.Container(id=rec.id, pod_sandbox_id=meta.sandbox_id,
                             metadata=convert.to_pb(pb.ContainerMetadata, meta.config.metadata),
@@ -237,10 +273,16 @@ class RuntimeServicer:
                             state=convert.container_state_pb(rec.status.state), created_at=meta.created_at,
                             labels=meta.labels, annotations=meta.annotations)
 
-    def _container_status(self, rec: Container, memo: ImageMemo | None = None) -> pb.ContainerStatus:
+    def _container_status_slot(self, rec: Container, memo: ImageMemo) -> Slot[pb.ContainerStatus]:
+        return self.container_statuses.get(rec, self._image_ref(rec, memo))
+
+    def _container_status(self, rec: Container, memo: ImageMemo) -> pb.ContainerStatus:
+        return self._container_status_slot(rec, memo).msg
+
+    def _build_container_status(self, rec: Container, view: ImageView) -> pb.ContainerStatus:
         meta, st = rec.metadata, rec.status
         cfg = rec.effective_config()
-        ref, iid, tag = self._image_ref(rec, memo)
+        ref, iid, tag = view
         res = cfg.linux.resources if cfg.linux and cfg.linux.resources else None
         user = st.user
         sig = meta.stop_signal.upper()
@@ -260,26 +302,39 @@ class RuntimeServicer:
             stop_signal=f"SIGNAL_{sig}" if f"SIGNAL_{sig}" in pb.Signal.keys() else "SIGNAL_RUNTIME_DEFAULT",
         )
 
-    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx) -> pb.ContainerStatusResponse:
+    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx) -> Encoded:
         validate.object_id(request.container_id, "container_id")
         rec, info = self.rt.container_status(request.container_id, request.verbose)
-        return pb.ContainerStatusResponse(status=self._container_status(rec), info=info)
+        slot = self._container_status_slot(rec, self._image_memo())
+        # ContainerStatusResponse: status = 1, info = 2.
+        if info:
+            return Encoded(slot.entry + pb.ContainerStatusResponse(info=info).SerializeToString())
+        return Encoded(slot.entry)
 
-    def _containers(self, f: pb.ContainerFilter | None) -> list[pb.Container]:
+    def _container_slots(self, f: pb.ContainerFilter | None) -> list[Slot[pb.Container]]:
         kw: dict[str, Any] = {}
         if f is not None:
             kw = dict(id_prefix=f.id, sandbox_id=f.pod_sandbox_id, labels=dict(f.label_selector))
             if f.HasField("state"):
                 kw["state"] = convert.container_state_from_pb(f.state.state)
-        memo: ImageMemo = {}  # one image look-up per image, not per container (the kubelet lists every second)
-        return [self._container_item(r, memo) for r in self.rt.list_containers(**kw)]
+        memo = self._image_memo()  # one image look-up per image, not per container (the kubelet lists every second)
+        recs = self.rt.list_containers(**kw)
+        slots = [self.container_items.get(r, self._image_ref(r, memo)) for r in recs]
+        if not kw:  # everything there is: forget the removed
+            live = {r.id for r in recs}
+            self.container_items.prune(live)
+            self.container_statuses.prune(live)
+        return slots
 
-    async def ListContainers(self, request: pb.ListContainersRequest, context: Ctx) -> pb.ListContainersResponse:
-        return pb.ListContainersResponse(containers=self._containers(request.filter if request.HasField("filter") else None))
+    async def ListContainers(self, request: pb.ListContainersRequest, context: Ctx) -> Encoded:
+        # ListContainersResponse: containers = 1.
+        slots = self._container_slots(request.filter if request.HasField("filter") else None)
+        return Encoded(b"".join(s.entry for s in slots))
 
     async def StreamContainers(self, request: pb.StreamContainersRequest,
                                context: Ctx) -> AsyncIterator[pb.StreamContainersResponse]:
-        for batch in self.batching.split(self._containers(request.filter if request.HasField("filter") else None)):
+        items = [s.msg for s in self._container_slots(request.filter if request.HasField("filter") else None)]
+        for batch in self.batching.split(items):
             yield pb.StreamContainersResponse(containers=batch)
 
     async def UpdateContainerResources(self, request: pb.UpdateContainerResourcesRequest,
@@ -323,7 +378,7 @@ class RuntimeServicer:
                     ctrs = self.rt.list_containers(sandbox_id=sb.id) if sb is not None else []
                 if sb is not None:
                     sandbox_status = self._sandbox_status(sb)
-                    memo: ImageMemo = {}
+                    memo = self._image_memo()
                     statuses = [self._container_status(c, memo) for c in ctrs]
                 yield pb.ContainerEventResponse(
                     container_id=ev.container_id, container_event_type=convert.event_type_pb(ev.type),

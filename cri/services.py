@@ -111,6 +111,7 @@ def image_settings(cfg: configmod.Config) -> ImageSettings:
         pinned_refs=configmod.pinned_refs(cfg), auth_file=cfg.images.auth_file,
         credential_helper_timeout=cfg.images.credential_helper_timeout,
         container_root=cfg.images.container_root, sync_snapshots=cfg.images.sync_snapshots,
+        fs_usage_period=cfg.images.fs_usage_period,
     )
 
 
@@ -145,6 +146,7 @@ def build_services(cfg: configmod.Config, store: Store, env: Mapping[str, str] =
     if nri is not None:
         nri.attach(runtime)
     images.in_use = runtime.images_in_use
+    images.layer_tokens = runtime.layer_tokens
     METRICS.states.sandbox_states = lambda: runtime.states()[0]
     METRICS.states.container_states = lambda: runtime.states()[1]
     streaming = build_streaming(cfg.streaming, runtime)

@@ -8,7 +8,8 @@ OTEL_TRACES_EXPORTER=none (spans are made but not exported).  Export is OTLP ove
 HTTP/protobuf in batches.
 
 With tracing off no tracer provider is installed: ``trace.get_tracer`` hands out
-OpenTelemetry's no-op tracer, whose spans cost a function call and record nothing.
+OpenTelemetry's no-op tracer, whose spans cost a function call and record nothing, and the SDK
+is not even imported (``cri/tracing_sdk.py`` holds what needs it at module level).
 
 ``MOORAGE_TRACE_FILE=<path>`` (for tests) also writes every finished span as one
 JSON line to that file, synchronously.
@@ -16,61 +17,23 @@ JSON line to that file, synchronously.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Tracer
 
 from moorage.cri import logs
+
+if TYPE_CHECKING:  # the SDK is imported only when tracing is on (it costs start-up time and memory)
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 _provider: TracerProvider | None = None
 
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def span_dict(span: ReadableSpan) -> dict:
-    """A finished SDK span as a plain dict (ids in lowercase hex)."""
-    ctx = span.get_span_context()
-    assert ctx is not None  # only spans the SDK made reach here, and those always have one
-    return {
-        "name": span.name,
-        "trace_id": format(ctx.trace_id, "032x"),
-        "span_id": format(ctx.span_id, "016x"),
-        "parent_span_id": format(span.parent.span_id, "016x") if span.parent is not None else None,
-        "kind": span.kind.name,
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "status": span.status.status_code.name,
-        "attributes": dict(span.attributes or {}),
-        "service": (span.resource.attributes or {}).get("service.name") if span.resource else None,
-    }
-
-
-class JSONLinesFileExporter(SpanExporter):
-    """A SpanExporter that appends one JSON object per span to a file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(span_dict(s), default=str) + "\n" for s in spans)
-        with self._lock, open(self.path, "a") as f:
-            f.write(lines)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
 
 def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, service_name: str = "moorage",
@@ -82,6 +45,7 @@ def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, servic
     if _env_true("OTEL_SDK_DISABLED") or not (enabled or env_endpoint or exporter is not None):
         return trace.NoOpTracer()
     from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
@@ -106,6 +70,8 @@ def setup(enabled: bool, endpoint: str = "", sampling_ratio: float = 1.0, servic
             otlp = OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_* or http://localhost:4318/v1/traces
         provider.add_span_processor(BatchSpanProcessor(otlp))
     if trace_file:
+        from moorage.cri.tracing_sdk import JSONLinesFileExporter
+
         provider.add_span_processor(SimpleSpanProcessor(JSONLinesFileExporter(trace_file)))
     _provider = provider
     trace.set_tracer_provider(provider)

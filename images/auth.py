@@ -41,7 +41,7 @@ from typing import Any
 
 from moorage.core import safejson
 from moorage.core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from moorage.images.registry import Credentials
+from moorage.images.credentials import Credentials
 
 log = logging.getLogger(__name__)
 

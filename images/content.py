@@ -282,6 +282,16 @@ class ContentStore:
             with self._lease_guard:
                 self._lease_watch = None
 
+    def stamp(self) -> tuple[int, ...]:
+        """Changes when a blob is added or removed (the blob dirs' mtimes): cached sums compare it."""
+        out = []
+        for algo in ALGORITHMS:
+            try:
+                out.append(os.stat(os.path.join(self.blobs_dir, algo)).st_mtime_ns)
+            except FileNotFoundError:
+                out.append(0)
+        return tuple(out)
+
     def list(self) -> list[BlobInfo]:
         out = []
         for algo, n in ALGORITHMS.items():

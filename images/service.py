@@ -19,9 +19,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
@@ -35,10 +35,13 @@ from moorage.images import content as contentmod
 from moorage.images import oci
 from moorage.images import snapshotter as snapmod
 from moorage.images.auth import NodeCredentials
+from moorage.images.credentials import Credentials
 from moorage.images.progress import PullProgress, PullTracker
 from moorage.images.reference import Reference, parse_reference
-from moorage.images.registry import Credentials, RegistryClient
 from moorage.images.unpack import MODE_OVERLAY, apply_layer
+
+if TYPE_CHECKING:
+    from moorage.images.registry import RegistryClient
 
 log = logging.getLogger("moorage.images")
 
@@ -87,6 +90,16 @@ class ImageSettings:
     credential_helper_timeout: float = 10.0
     container_root: str = ""  # writable layers of containers; "" = beside the image snapshots
     sync_snapshots: bool = True  # syncfs each unpacked layer before its snapshot is committed
+    # Writable layers are re-measured in the background this often (ImageFsInfo's staleness bound
+    # for a running container's writes); 0: measured on every ImageFsInfo.
+    fs_usage_period: float = 10.0
+
+
+@dataclass(slots=True)
+class _Measured:
+    usage: snapmod.Usage
+    token: object  # the owner's state when measured (a container's status object)
+    at: float  # time.monotonic()
 
 
 class ImageService:
@@ -103,9 +116,7 @@ class ImageService:
         self.snapshots = snapmod.Snapshotter(os.path.join(self.root, "snapshotter"), snapmod.StoreMetaStore(store),
                                              backend=backend, container_root=settings.container_root or None)
         self.node_credentials = NodeCredentials(settings.auth_file, settings.credential_helper_timeout)
-        self.client = RegistryClient(hosts_dir=settings.hosts_dir, insecure_hosts=settings.insecure_registries,
-                                     retries=settings.retries, stall_timeout=settings.stall_timeout,
-                                     node_credentials=self.node_credentials.lookup)
+        self._client: RegistryClient | None = None  # made at the first pull: see ``client``
         self._pulls: dict[str, asyncio.Future] = {}
         self._chain_locks: dict[str, asyncio.Lock] = {}
         self._inflight_chains: dict[str, int] = {}  # chain IDs a pull or import in flight stands on
@@ -115,7 +126,15 @@ class ImageService:
         self._gc_touched: set[str] | None = None  # chains registered since a running GC began
         self._download_slots = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._usage_cache: dict[str, snapmod.Usage] = {}
+        # Writable layers' usage for ImageFsInfo (see "Disk usage accounting" below).
+        self._layers: dict[str, _Measured] = {}
+        self._layers_lock = threading.Lock()
+        self._refresher: asyncio.Task | None = None
+        self._layers_gen = 0  # bumped when the background refresh changes an account
+        self._fs_rows: tuple[object, builtins.list[tuple[str, int, int]]] | None = None  # (stamp, rows)
         self.in_use: Callable[[], set[str]] = set  # image ids used by containers (set by the runtime)
+        #: snapshot key -> its container's state token (set by the runtime); a changed token re-measures
+        self.layer_tokens: Callable[[], Mapping[str, object]] = dict
         self.pulls = PullTracker()  # per-pull progress, served by the daemon at /debug/pulls
         self._pinned: frozenset[str] = frozenset()
         self.set_pinned(settings.pinned_refs)
@@ -137,6 +156,11 @@ class ImageService:
             except InvalidArgument:
                 log.warning("ignoring invalid pinned image reference %r", ref)
         self._pinned = frozenset(pinned)
+
+    def view_version(self) -> tuple[object, ...]:
+        """Changes whenever what ``status``/``list`` show may have changed (records or pins):
+        callers keep ready-made answers while it stays the same."""
+        return (*self.store.images_version(), self._pinned)
 
     def is_pinned(self, rec: ImageRecord) -> bool:
         """Whether a configured pinned reference names this image (by tag, digest or id)."""
@@ -175,6 +199,8 @@ class ImageService:
         removed = await asyncio.to_thread(self._start_clean)
         if removed is not None and any(removed.values()):
             log.info("cleaned leftovers of interrupted pulls", extra={"fields": removed})
+        if self.s.fs_usage_period > 0:
+            self._refresher = asyncio.create_task(self._refresh_layers_loop(), name="fs-usage")
 
     def _start_clean(self) -> dict[str, int] | None:
         with self.gc_lock(blocking=False) as got:
@@ -194,7 +220,25 @@ class ImageService:
                 **{k: len(v) for k, v in removed.items()}}
 
     async def stop(self) -> None:
-        await self.client.aclose()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def client(self) -> RegistryClient:
+        """The registry client, made on first use: its HTTP stack is imported only then (a node
+        that never pulls, or not yet, does not pay for it in start-up time and memory)."""
+        if self._client is None:
+            from moorage.images.registry import RegistryClient
+
+            self._client = RegistryClient(hosts_dir=self.s.hosts_dir, insecure_hosts=self.s.insecure_registries,
+                                          retries=self.s.retries, stall_timeout=self.s.stall_timeout,
+                                          node_credentials=self.node_credentials.lookup)
+        return self._client
 
     async def reconfigure_registries(self, hosts_dir: str, insecure_registries: Sequence[str]) -> None:
         """Re-read the registry hosts config (a daemon reload): hosts.toml, certificates, insecure hosts.
@@ -203,7 +247,8 @@ class ImageService:
         """
         self.s.hosts_dir = hosts_dir
         self.s.insecure_registries = list(insecure_registries)
-        await self.client.reconfigure(hosts_dir, self.s.insecure_registries, idle=not self._pulls)
+        if self._client is not None:  # else the client is made with these when first needed
+            await self._client.reconfigure(hosts_dir, self.s.insecure_registries, idle=not self._pulls)
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -759,32 +804,99 @@ class ImageService:
         except NotFound:
             return None
 
-    # -- fs info -----------------------------------------------------------------------------------
+    # -- disk usage accounting (ImageFsInfo) -------------------------------------------------------
+    #
+    # A walk of every writable layer per call grew with the containers and their files (seconds for
+    # a layer of 300 000 files).  As containerd's snapshot syncer, usage is accounted instead:
+    # committed layers never change and are measured once; a writable layer is measured when it is
+    # first seen and again whenever its container changes state (the token ``layer_tokens`` gives,
+    # so the final size of an exited container shows at once), and in the background every
+    # ``fs_usage_period`` seconds while it runs.  A running container's writes therefore show
+    # within one period (plus the walk's own time); a call only sums.
 
     async def fs_info(self) -> builtins.list[tuple[str, int, int]]:
         """[(mountpoint, bytes, inodes)] for the image filesystem, then the container one."""
-        return await asyncio.to_thread(self._fs_info)
+        # Nothing the sums depend on moved (records, the containers' states - ids of live token
+        # objects, which the accounts keep alive -, the background accounts, the blobs): the last
+        # answer stands.
+        tokens = self.layer_tokens()
+        stamp = (self.store.version(), tuple(map(id, tokens.values())), self._layers_gen, self.content.stamp())
+        if self._fs_rows is not None and self._fs_rows[0] == stamp and self.s.fs_usage_period > 0:
+            return self._fs_rows[1]
+        rows = self._fs_info(tokens, measure=False)
+        if rows is None:  # a layer to measure first: not on the event loop
+            rows = await asyncio.to_thread(self._fs_info, tokens, True)
+            assert rows is not None  # measuring never gives up
+        self._fs_rows = (stamp, rows)
+        return rows
 
-    def _fs_info(self) -> builtins.list[tuple[str, int, int]]:
+    def _fs_info(self, tokens: Mapping[str, object] | None = None,
+                 measure: bool = True) -> builtins.list[tuple[str, int, int]] | None:
+        """The sums from the accounts; None if a layer needs measuring and ``measure`` is false."""
+        tokens = tokens or {}
         img_bytes = img_inodes = ctr_bytes = ctr_inodes = 0
-        for rec in self.store.list_snapshots():
-            try:
-                if rec.kind == "committed":
-                    u = self._usage_cache.get(rec.key)
-                    if u is None:
-                        u = self.snapshots.usage(rec.key)
-                        self._usage_cache[rec.key] = u  # committed snapshots never change
-                    img_bytes += u.size
-                    img_inodes += u.inodes
-                elif not rec.key.startswith(EXTRACT_PREFIX):
-                    u = self.snapshots.usage(rec.key)
-                    ctr_bytes += u.size
-                    ctr_inodes += u.inodes
-            except (NotFound, FileNotFoundError):
-                continue  # removed while we looked
+        always = self.s.fs_usage_period <= 0
+        active = set()
+        # On the event loop (not measuring) never wait for a thread that is measuring.
+        if not self._layers_lock.acquire(blocking=measure):
+            return None
+        try:
+            for rec in self.store.list_snapshots():
+                try:
+                    if rec.kind == "committed":
+                        u = self._usage_cache.get(rec.key)
+                        if u is None:
+                            if not measure:
+                                return None
+                            u = self.snapshots.usage(rec.key)
+                            self._usage_cache[rec.key] = u  # committed snapshots never change
+                        img_bytes += u.size
+                        img_inodes += u.inodes
+                    elif not rec.key.startswith(EXTRACT_PREFIX):
+                        active.add(rec.key)
+                        token = tokens.get(rec.key)
+                        m = self._layers.get(rec.key)
+                        if m is None or m.token is not token or always:
+                            if not measure:
+                                return None
+                            m = _Measured(self.snapshots.usage(rec.key), token, time.monotonic())
+                            self._layers[rec.key] = m
+                        ctr_bytes += m.usage.size
+                        ctr_inodes += m.usage.inodes
+                except (NotFound, FileNotFoundError):
+                    continue  # removed while we looked
+            for key in [k for k in self._layers if k not in active]:
+                del self._layers[key]
+        finally:
+            self._layers_lock.release()
         for info in self.content.list():
             img_bytes += info.size
             img_inodes += 1
         # The image filesystem is the snapshotter root (content and committed layers); the
         # container one is where writable layers live: the same dir unless container_root is set.
         return [(self.snapshots.root, img_bytes, img_inodes), (self.snapshots.container_dir(), ctr_bytes, ctr_inodes)]
+
+    async def _refresh_layers_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.fs_usage_period)
+            try:
+                await asyncio.to_thread(self._refresh_layers)
+            except Exception:  # the accounting must outlive one bad walk
+                log.exception("refreshing the writable layers' disk usage failed")
+
+    def _refresh_layers(self) -> None:
+        """Re-measure the writable layers measured longer than a period ago (the walks run
+        outside the lock: a call meanwhile sums the previous figures)."""
+        cutoff = time.monotonic() - self.s.fs_usage_period
+        with self._layers_lock:
+            due = [(k, m.token) for k, m in self._layers.items() if m.at <= cutoff]
+        for key, token in due:
+            try:
+                u = self.snapshots.usage(key)
+            except (NotFound, FileNotFoundError):
+                continue
+            with self._layers_lock:
+                m = self._layers.get(key)
+                if m is not None and m.token is token:  # not re-measured for a state change meanwhile
+                    self._layers[key] = _Measured(u, token, time.monotonic())
+                    self._layers_gen += 1

@@ -27,8 +27,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from moorage.core.errors import FailedPrecondition, InvalidArgument
 
 ANNOTATION_PREFIX = "cdi.k8s.io/"
@@ -371,12 +369,17 @@ def _kind_of(v: Any) -> str:
 
 def decode(text: str | bytes, path: str) -> Any:
     """The document of a spec file: JSON for ``.json``, YAML (a superset) otherwise."""
-    try:
-        if path.endswith(".json"):
+    if path.endswith(".json"):
+        try:
             return json.loads(text)
+        except ValueError as e:
+            raise SpecError(path, f"not valid JSON: {e}") from None
+    import yaml  # only when a YAML spec file exists: most nodes have none, or JSON ones
+
+    try:
         return yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise SpecError(path, f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+        raise SpecError(path, f"not valid YAML: {e}") from None
 
 
 def parse_spec(text: str | bytes, path: str, priority: int = 0) -> Spec:

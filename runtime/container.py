@@ -16,7 +16,9 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
+from collections.abc import Callable
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from moorage.core.fs import open_private, remove_tree
@@ -56,6 +58,12 @@ def _signal_number(name: str) -> int:
         return int(signal.Signals[n])
     except KeyError:
         return signal.SIGTERM
+
+
+_ID = re.compile(r"[0-9a-f]{64}")
+#: RemoveContainer's pending clean-ups, one JSON file per container, under <root_dir> (they must
+#: outlive a reboot: the writable layer they release lives under root_dir too).
+REMOVING_DIR = "removing"
 
 
 def _image_volume_key(cid: str, index: int) -> str:
@@ -116,6 +124,8 @@ class Containers:
         #: The runtime's init as it was before ``runc start``, per container started by this daemon:
         #: a stop waits until the program has replaced it (runtime/procsig.py).
         self._exec_probes: dict[str, procsig.ExecProbe] = {}
+        # RemoveContainer's background work: container id -> (its sandbox id, the task)
+        self._cleanups: dict[str, tuple[str, asyncio.Task]] = {}
 
     # -- CreateContainer ---------------------------------------------------------------------
 
@@ -507,6 +517,10 @@ class Containers:
     # -- RemoveContainer --------------------------------------------------------------------------
 
     async def remove(self, cid: str) -> None:
+        """The runtime's state (and so the container's cgroup) and the record go before this
+        returns (id and name are free); the rootfs and its writable layer, image volumes and the
+        state dir go in the background, journalled so that a restart finishes them
+        (``finish_removals``)."""
         try:
             rec = self.ctx.get_container(cid)
         except NotFound:
@@ -516,12 +530,87 @@ class Containers:
             if rec.id in self.ctx.containers:
                 if not rec.status.removing and rec.status.phase is None:
                     rec.update(lambda s: replace(s, removing=True))  # recovery finishes it after a crash
-                await self._destroy(rec)
-                self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.metadata.sandbox_id)
+                self._exec_probes.pop(rec.id, None)
+                self.ctx.cancel_watcher(rec.id)
+                try:
+                    await self.ctx.oci(rec.metadata.runtime_handler).delete(rec.id, force=True)
+                except MoorageError as e:
+                    log.warning("deleting container %s: %s", rec.id, e.message)
                 sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
+                await self.ctx.release_cgroup(rec.id, sb.metadata.cgroup_parent if sb else "")
+                job = {"id": rec.id, "snapshot_key": rec.metadata.snapshot_key or rec.id,
+                       "image_volumes": [i for i, m in enumerate(rec.metadata.config.mounts) if m.image is not None]}
+                await asyncio.to_thread(self._write_journal, job)
+                self.ctx.forget_container(rec.id)
+                self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.metadata.sandbox_id)
+                task = asyncio.create_task(self._clean_removed(job), name=f"remove-{rec.id[:12]}")
+                self._cleanups[rec.id] = (rec.metadata.sandbox_id, task)
+                task.add_done_callback(self._cleaned(rec.id))
                 if sb is not None:
                     await self.ctx.hooks.stop_container(sb, rec)  # once per container: a no-op if seen
                     await self.ctx.hooks.remove_container(sb, rec)
+
+    def _cleaned(self, cid: str) -> Callable[[asyncio.Task], None]:
+        def done(_task: asyncio.Task) -> None:
+            self._cleanups.pop(cid, None)
+        return done
+
+    def _journal(self, cid: str) -> str:
+        return os.path.join(self.ctx.s.root_dir, REMOVING_DIR, f"{cid}.json")
+
+    def _write_journal(self, job: dict) -> None:
+        """On disk before the record is deleted: a crash in between leaves work, never a leak."""
+        path = self._journal(job["id"])
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(job, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    async def _clean_removed(self, job: dict) -> None:
+        """The file work of _destroy, after the record is gone; each step tolerates a repeat."""
+        cid = job["id"]
+        try:
+            rootfs = os.path.join(self.ctx.container_state(cid), "bundle", "rootfs")
+            await self.ctx.images.release_rootfs(job["snapshot_key"], rootfs)
+            for i in job["image_volumes"]:
+                await self.ctx.images.unmount_image_volume(_image_volume_key(cid, i), self.image_volume_dir(cid, i))
+            await asyncio.to_thread(remove_tree, self.ctx.container_state(cid))
+        except Exception:
+            log.exception("cleaning up after removed container %s failed; the next start retries", cid)
+            return
+        try:
+            os.unlink(self._journal(cid))
+        except FileNotFoundError:
+            pass
+
+    async def wait_removed(self, sandbox_id: str | None = None) -> None:
+        """Wait for the background clean-ups of the removed containers of a sandbox (all: None)."""
+        tasks = [t for sid, t in list(self._cleanups.values()) if sandbox_id is None or sid == sandbox_id]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def finish_removals(self) -> None:
+        """At start: finish the clean-ups a previous daemon journalled and did not complete."""
+        d = os.path.join(self.ctx.s.root_dir, REMOVING_DIR)
+        try:
+            names = sorted(os.listdir(d))
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(d, name)
+            job = _read_journal(path)
+            if job is None:
+                log.warning("removing unreadable clean-up journal %s", path)
+                os.unlink(path)
+                continue
+            if job["id"] in self.ctx.containers:
+                os.unlink(path)  # not removed after all (the delete never committed): keep it
+                continue
+            log.info("finishing the clean-up of removed container %s", job["id"])
+            await self._clean_removed(job)
 
     async def _destroy(self, rec: Container) -> None:
         cid = rec.id
@@ -705,3 +794,22 @@ class Containers:
         self.ctx.forget_watcher(rec.id)
         self.ctx.events.publish(rec.id, events.EventType.STOPPED, rec.metadata.sandbox_id)
         log.warning("container state lost; marked exited", extra={"fields": {"id": rec.id}})
+
+
+def _read_journal(path: str) -> dict | None:
+    """A clean-up journal, checked: ids are ours to build paths from, nothing else is trusted."""
+    name = os.path.basename(path)
+    if not name.endswith(".json") or not _ID.fullmatch(name.removesuffix(".json")):
+        return None
+    try:
+        with open(path) as f:
+            job = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(job, dict) or job.get("id") != name.removesuffix(".json"):
+        return None
+    key, vols = job.get("snapshot_key"), job.get("image_volumes")
+    if not (isinstance(key, str) and _ID.fullmatch(key)
+            and isinstance(vols, list) and all(isinstance(i, int) and 0 <= i < 4096 for i in vols)):
+        return None
+    return job

@@ -79,6 +79,11 @@ class Runtime:
         """Ids of the images containers were created from (image GC keeps them)."""
         return {c.metadata.image_ref for c in self.ctx.containers.values()}
 
+    def layer_tokens(self) -> dict[str, object]:
+        """Snapshot key -> its container's status object, which is replaced on every change of
+        state: the image service measures a writable layer again when its token changes."""
+        return {(c.metadata.snapshot_key or c.id): c.status for c in self.ctx.containers.values()}
+
     def set_log_level(self, level: str) -> None:
         """conmon's log level for containers created from now on (a daemon reload)."""
         self.ctx.s.log_level = level
@@ -217,6 +222,7 @@ class Runtime:
     async def start(self) -> None:
         """Load the store and reconcile it with what is really running (after a restart)."""
         self.ctx.load()
+        await self.container_ops.finish_removals()
         for sb in list(self.ctx.sandboxes.values()):
             try:
                 await self.sandbox_ops.recover(sb)
@@ -237,6 +243,8 @@ class Runtime:
                                                           "containers": len(self.ctx.containers)}})
 
     async def stop(self) -> None:
+        # Removals in flight finish (a crash instead leaves them to the journal and the next start).
+        await self.container_ops.wait_removed()
         # Containers keep running: conmon supervises them without us.
         await self.ctx.stop_watchers()
         await self.ctx.durable()  # exits recorded since the last call

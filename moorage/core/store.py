@@ -199,6 +199,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._image_writes = 0  # see images_version()
+        self._writes = 0  # see version()
         self._migrate(target_version)
         self.reserve_path = os.path.join(root, RESERVE_NAME)
         self.reserve_bytes = reserve_bytes
@@ -325,6 +327,7 @@ class Store:
                                    "that filesystem and retry")
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
+            self._writes += 1  # see version()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -476,6 +479,19 @@ class Store:
 
     # -- images ----------------------------------------------------------------------
 
+    def version(self) -> tuple[int, int]:
+        """Changes when anything in the store may have changed (any write of ours, or a commit by
+        another connection): cached views of several tables compare it."""
+        with self._lock:
+            return self._writes, self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def images_version(self) -> tuple[int, int]:
+        """Changes when an image or image reference may have changed: cached views of images
+        compare it.  Our own writes bump the counter; SQLite's ``data_version`` moves when another
+        connection (an offline ``moorage images import``) commits anything."""
+        with self._lock:
+            return self._image_writes, self._db.execute("PRAGMA data_version").fetchone()[0]
+
     def put_image(self, rec: ImageRecord) -> None:
         """Insert or replace an image and point its tags and digests at it.
 
@@ -483,6 +499,7 @@ class Store:
         other references (an image left with none is the caller's to remove).
         """
         with self.transaction() as db:
+            self._image_writes += 1
             self._put_image(db, rec)
 
     def update_image(self, iid: str, change: Callable[[ImageRecord | None], ImageRecord]) -> ImageRecord:
@@ -490,6 +507,7 @@ class Store:
         store that (with its refs, as put_image), all in one transaction: two pulls that add
         different tags to one image both keep theirs.  ``change`` must be quick and pure."""
         with self.transaction() as db:
+            self._image_writes += 1
             rec = change(self._get_image(db, iid))
             if rec.id != iid:
                 raise ValueError(f"update_image({iid!r}) returned image {rec.id!r}")
@@ -535,6 +553,7 @@ class Store:
 
     def delete_image(self, iid: str) -> bool:
         def write(db: sqlite3.Connection) -> bool:
+            self._image_writes += 1
             db.execute("DELETE FROM image_refs WHERE namespace=? AND image_id=?", (self.namespace, iid))
             return db.execute("DELETE FROM images WHERE namespace=? AND id=?", (self.namespace, iid)).rowcount > 0
 

@@ -403,6 +403,24 @@ class Builder:
         return out
 
 
+def build_random_layers(out_dir: str, name: str = "big", layers: int = 10, layer_bytes: int = 10_000_000,
+                        seed: int = 0) -> LayoutInfo:
+    """An image of *layers* gzip layers of incompressible data (busybox first), for pull benchmarks.
+
+    Random bytes do not compress, so the blobs are as large as the data: the pull moves what the
+    caller asked for.  *seed* makes the content (and so the digests) reproducible.
+    """
+    import random
+    rng = random.Random(seed)
+    b = Builder(out_dir)
+    made = [_layer(b.busybox_tar(), "gzip")]
+    for i in range(layers - 1):
+        data = rng.randbytes(layer_bytes)
+        made.append(_layer(tar_bytes([Entry(f"data{i}", "dir", mode=0o755),
+                                      Entry(f"data{i}/random.bin", data=data)]), "gzip"))
+    return b._single(name, made, ["latest"], history=["busybox"] + [f"random {i}" for i in range(layers - 1)])
+
+
 def build_all(out_dir: str, include_evil: bool = False) -> dict[str, LayoutInfo]:
     """Build every test image under *out_dir*; returns name -> LayoutInfo."""
     b = Builder(out_dir)

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from moorage.cri.api import api_pb2 as pb
-from moorage.testing.cri import container_config, pod_config, run_container, wait_exited
+from moorage.testing.cri import container_config, pod_config, run_container, wait_exited, wait_for
 from moorage.testing.daemon import REPO
 from moorage.testing.imagesenv import pull, status
 from moorage.testing.registry import TEST_IDENTITY_TOKEN, TEST_PASSWORD, TEST_USER
@@ -197,5 +197,6 @@ def test_split_image_and_container_filesystems(daemon_factory, registry, contain
     assert len(layers) == 1 and layers[0].startswith("c")
     assert os.path.getsize(os.path.join(container_tmpfs, "snapshots", layers[0], "fs", "big")) == 2_000_000
     d.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
-    assert os.listdir(os.path.join(container_tmpfs, "snapshots")) == []
+    # the writable layer goes in RemoveContainer's background clean-up
+    wait_for(lambda: os.listdir(os.path.join(container_tmpfs, "snapshots")) == [], what="the writable layer to go")
     assert d.images.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=30).container_filesystems[0].used_bytes.value == 0

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from moorage.cri.api import api_pb2 as pb
+from moorage.testing.cri import wait_for
 
 SLEEP = ["sleep", "1000"]
 VOL = "/mnt/image-volume"
@@ -64,7 +65,8 @@ def test_image_volume_is_mounted_read_only_executable_and_reported(env):
     assert env.exec(cid, ["test", "-e", "/layer2.txt"]).exit_code != 0
 
     env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=120)
-    assert view_snapshot_dirs(env) == before
+    # the volume's view goes in RemoveContainer's background clean-up
+    wait_for(lambda: view_snapshot_dirs(env) == before, what="the volume's view snapshot to go")
 
 
 def test_image_sub_path_mounts_only_that_directory(env):
@@ -144,4 +146,4 @@ def test_volume_survives_removal_of_its_image(env):
     env.d.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=ml)), timeout=60)
     assert env.sh(cid, f"cat {VOL}/layer3.txt") == "layer3\n"
     env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=120)
-    assert len(view_snapshot_dirs(env)) <= len(before)
+    wait_for(lambda: len(view_snapshot_dirs(env)) <= len(before), what="the volume's layers to go")

@@ -78,6 +78,7 @@ SNIPPETS = [
     '[images]\npinned_images = ["registry.k8s.io/pause:3.10"]',
     '[images]\ncontainer_root = "/var/lib/moorage-containers"',
     '[images]\nsync_snapshots = false',
+    '[images]\nfs_usage_period = 2.5',
 ]
 
 

@@ -28,6 +28,9 @@ class CountingStore:
         self.lookups += 1
         return Img()
 
+    def images_version(self):
+        return (0, 0)
+
 
 class FakeRuntime:
     def __init__(self, n: int) -> None:
@@ -47,7 +50,8 @@ class FakeRuntime:
 def test_pod_sandbox_status_looks_each_image_up_once():
     rt = FakeRuntime(5)
     svc = RuntimeServicer(cfg=None, runtime=rt)
-    r = asyncio.run(svc.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=rt.sb.id), None))
+    r = asyncio.run(svc.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=rt.sb.id), None)).parse(
+        pb.PodSandboxStatusResponse)
     assert len(r.containers_statuses) == 5
     assert rt.images.store.lookups == 1
     assert {s.image.image for s in r.containers_statuses} == {"registry.local/busybox:1"}

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from moorage.cri import tracing
+from moorage.cri import tracing, tracing_sdk
 from moorage.runtime.context import RuntimeContext
 
 EXPORTER = InMemorySpanExporter()
@@ -74,7 +74,7 @@ def test_setup_off_is_a_noop_tracer(monkeypatch):
 
 def test_json_lines_exporter(tmp_path, spans):
     path = tmp_path / "spans.jsonl"
-    exp = tracing.JSONLinesFileExporter(str(path))
+    exp = tracing_sdk.JSONLinesFileExporter(str(path))
     with trace.get_tracer("t").start_as_current_span("outer") as outer:
         with trace.get_tracer("t").start_as_current_span("inner", attributes={"k": 1}):
             pass
