@@ -271,6 +271,8 @@ class Sandboxes:
             if self._cgroup_mounts is None:  # parsing mountinfo is CPU work that holds the GIL
                 self._cgroup_mounts = await asyncio.to_thread(cg.host_mounts)
             await asyncio.to_thread(_make_cgroup, cg.parent_of_cgroups_path(meta.cgroups_path), self._cgroup_mounts)
+        # NRI plugins see the pod while it is still hidden and not ready; a plugin error fails the call.
+        await self.ctx.hooks.run_pod_sandbox(rec)
         rec.update(lambda s: replace(s, state=SandboxState.READY, phase=None))
         log.info("pod sandbox ready", extra={"fields": {"id": rec.id, "name": rec.name, "infra": False,
                                                         "ip": rec.status.ip}})

@@ -52,6 +52,8 @@ def pod(sb: Sandbox) -> nri.PodSandbox:
     out.linux.cgroups_path = sb.metadata.cgroups_path
     if st.netns_path:
         out.linux.namespaces.add(type="network", path=st.netns_path)
+    for kind, path in sorted(sb.metadata.ns_paths.items()):  # a pod without an infra process: pid 0
+        out.linux.namespaces.add(type=kind, path=path)
     overhead, resources = sb.pod_resources()
     if overhead is not None:
         out.linux.pod_overhead.CopyFrom(resources_from_model(overhead))
