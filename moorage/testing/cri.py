@@ -35,6 +35,13 @@ def pod_config(name: str = "", namespace: str = "default", log_dir: str = "", **
         hostname=kw.pop("hostname", name), log_directory=log_dir, **kw)
 
 
+def with_infra(**kw: Any) -> pb.LinuxPodSandboxConfig:
+    """A pod's Linux config with a shared PID namespace: such a pod keeps its infra process (the
+    PID 1 the namespace needs), where others run none (``runtime.drop_infra``)."""
+    return pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+        namespace_options=pb.NamespaceOption(pid=pb.POD)), **kw)
+
+
 def container_config(image: str, command: list[str] | None = None, name: str = "", log_path: str = "",
                      **kw: Any) -> pb.ContainerConfig:
     return pb.ContainerConfig(

@@ -12,7 +12,7 @@ import os
 import signal
 
 from moorage.cri.api import api_pb2 as pb
-from moorage.testing.cri import wait_for
+from moorage.testing.cri import pod_config, wait_for, with_infra
 from moorage.testing.runtime_env import CGROUP_ROOT, RuntimeEnv, cgroup_v2, proc_cgroups
 
 SLEEP = ["sleep", "1000"]
@@ -99,7 +99,7 @@ def test_stop_container_right_after_conmon_died_ends_the_process(env):
 
 
 def test_stop_pod_sandbox_ends_containers_and_infra_without_conmon(env):
-    sid, pcfg = env.run_pod()
+    sid, pcfg = env.run_pod(pod_config(linux=with_infra()))
     cid = env.run(sid, pcfg, SLEEP)
     other = env.run(sid, pcfg, SLEEP)  # keeps its conmon: stopped as usual
     pids = {cid: env.pid(cid), other: env.pid(other), sid: infra_pid(env, sid)}

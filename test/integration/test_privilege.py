@@ -25,7 +25,7 @@ import pytest
 
 from moorage.cri.api import api_pb2 as pb
 from moorage.testing import registry as registrymod
-from moorage.testing.cri import container_config, pod_config, runtime_client
+from moorage.testing.cri import container_config, pod_config, runtime_client, with_infra
 from moorage.testing.daemon import DaemonProcess
 from moorage.testing.runtime_env import RuntimeEnv, make_daemon, remove_cgroup_tree
 
@@ -138,7 +138,7 @@ def test_no_secret_is_readable_by_an_unprivileged_user(priv_env: tuple[RuntimeEn
                                            auth=pb.AuthConfig(username=reg.username, password=reg.password)),
                        timeout=120)
     logdir = env.log_dir()
-    sid, pcfg = env.run_pod(pod_config(log_dir=logdir))
+    sid, pcfg = env.run_pod(pod_config(log_dir=logdir, linux=with_infra()))  # an infra bundle too
     cfg = container_config(ref, ["sh", "-c", "touch /tmp/ready; exec sleep 3600"], log_path="c.log",
                            envs=[pb.KeyValue(key="API_TOKEN", value=secret.encode())])
     cid = env.rt.CreateContainer(pb.CreateContainerRequest(pod_sandbox_id=sid, config=cfg, sandbox_config=pcfg),
@@ -189,7 +189,7 @@ def test_modes_left_loose_by_an_older_version_are_tightened_at_start(
     d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref),
                                            auth=pb.AuthConfig(username=reg.username, password=reg.password)),
                        timeout=120)
-    sid, pcfg = env.run_pod()
+    sid, pcfg = env.run_pod(pod_config(linux=with_infra()))
     cid = env.run(sid, pcfg, ["sleep", "3600"], image=ref)
     files = [os.path.join(d.root, "meta.db"),
              os.path.join(d.state, "containers", cid, "bundle", "config.json"),

@@ -43,8 +43,20 @@ def test_container_status_fields_and_verbose_info(env):
     assert st.state == pb.CONTAINER_EXITED and st.finished_at >= st.started_at and st.exit_code == 137
 
 
+def test_pod_sandbox_status_verbose_without_an_infra_process(env):
+    sid, _ = env.run_pod(pod_config(name=f"p-{uuid.uuid4().hex[:8]}"))
+    r = env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True))
+    info = json.loads(r.info["info"])
+    assert info["pid"] == 0 and info["infra"] is False and info["runtimeSpec"] is None
+    assert set(info["namespacePaths"]) == {"ipc", "uts"} and all(os.path.exists(p) for p in info["namespacePaths"].values())
+    assert info["netNamespacePath"] and os.path.exists(info["netNamespacePath"])
+
+
 def test_pod_sandbox_status_verbose(env):
-    pcfg = pod_config(name=f"p-{uuid.uuid4().hex[:8]}", labels={"tier": "web"}, annotations={"a": "b"})
+    # A shared PID namespace needs a PID 1: such a pod keeps its infra process.
+    pcfg = pod_config(name=f"p-{uuid.uuid4().hex[:8]}", labels={"tier": "web"}, annotations={"a": "b"},
+                      linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(
+                          namespace_options=pb.NamespaceOption(pid=pb.POD))))
     sid, pcfg = env.run_pod(pcfg)
     r = env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True))
     st = r.status

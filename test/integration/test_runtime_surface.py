@@ -247,8 +247,10 @@ def test_pod_resources_recorded_and_passed_on_as_containerd_does(env):
     overhead = pb.LinuxContainerResources(cpu_shares=10, memory_limit_in_bytes=20 << 20)
     res = pb.LinuxContainerResources(cpu_period=100000, cpu_quota=50000, cpu_shares=512,
                                      memory_limit_in_bytes=256 << 20)
+    # A shared PID namespace keeps the infra process, whose spec carries the sizing annotations.
     pcfg = pod_config(name=f"p-{uuid.uuid4().hex[:8]}", linux=pb.LinuxPodSandboxConfig(
-        cgroup_parent=pod_cg, overhead=overhead, resources=res))
+        cgroup_parent=pod_cg, overhead=overhead, resources=res, security_context=pb.LinuxSandboxSecurityContext(
+            namespace_options=pb.NamespaceOption(pid=pb.POD))))
     try:
         sid, pcfg = env.run_pod(pcfg)
         info = sandbox_info(env, sid)
