@@ -6,8 +6,9 @@ thread: RunPodSandbox, CreateContainer, StartContainer, StopContainer, RemoveCon
 StopPodSandbox, RemovePodSandbox, in a random shape, SIGKILLs the daemon after a random delay
 within the sequence's measured length, and starts it again on the same dirs.  Then:
 
-* every record the daemon lists agrees with runc and the mounts: a READY pod's infra runs and
-  holds its shm and netns; a NOTREADY one holds neither (recovery completed its stop); a RUNNING
+* every record the daemon lists agrees with runc and the mounts: a READY pod's infra runs (or,
+  without one, its IPC/UTS pins are mounted) and it holds its shm and netns; a NOTREADY one holds
+  none of them (recovery completed its stop); a RUNNING
   container runs; any other is not running in runc;
 * ``moorage fsck`` finds nothing;
 * after stopping and removing everything, nothing is left: mounts, netns pins, processes
@@ -33,7 +34,7 @@ import pytest
 from moorage.cri import cli_fsck, cli_root
 from moorage.cri import config as configmod
 from moorage.cri.api import api_pb2 as pb
-from moorage.testing.cri import container_config, image_client, pod_config, runtime_client
+from moorage.testing.cri import container_config, image_client, pod_config, runtime_client, with_infra
 from moorage.testing.netlab import NetLab, links_on_bridge
 from moorage.testing.runtime_env import RuntimeEnv, own_cgroup_parent, remove_cgroup_tree
 
@@ -88,6 +89,7 @@ class Sequence:
             "stop_containers": rng.random() < 0.5,  # else StopPodSandbox stops them
             "remove_containers": rng.random() < 0.5,  # else RemovePodSandbox removes them
             "stop_pod": rng.random() < 0.8,  # else RemovePodSandbox stops it
+            "infra": rng.random() < 0.5,  # a shared PID namespace: the pod runs an infra process
         }
         if ONLY_STEP:  # every step in the plan
             self.shape.update(containers=max(1, self.shape["containers"]), stop_containers=True,
@@ -107,6 +109,9 @@ class Sequence:
             self._run()
         except grpc.RpcError as e:
             if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+                self.error = e
+        except ValueError as e:  # the killer closed the shared channel between two calls
+            if "closed channel" not in str(e):
                 self.error = e
         except BaseException as e:  # reported by the test
             self.error = e
@@ -128,7 +133,7 @@ class Sequence:
         s = self.shape
         if s["pull_first"]:
             self._call("PullImage", img.PullImage, pb.PullImageRequest(image=pb.ImageSpec(image=self.pull_ref)))
-        pcfg = pod_config(name=f"k-{uuid.uuid4().hex[:8]}")
+        pcfg = pod_config(name=f"k-{uuid.uuid4().hex[:8]}", linux=with_infra() if s.get("infra") else None)
         sid = self._call("RunPodSandbox", rt.RunPodSandbox, pb.RunPodSandboxRequest(config=pcfg)).pod_sandbox_id
         cids = []
         for i in range(s["containers"]):
@@ -160,10 +165,13 @@ def check_consistent(env: RuntimeEnv) -> list[str]:
     for sb in rt.ListPodSandbox(pb.ListPodSandboxRequest()).items:
         shm = os.path.join(d.state, "sandboxes", sb.id, "shm")
         holds = {"shm": shm in mnt, "netns": os.path.exists(os.path.join(netns_dir, sb.id))}
+        # A pod without an infra process (runtime.drop_infra) is its pinned IPC/UTS namespaces.
+        pins = {k: os.path.join(d.state, "sandboxes", sb.id, "ns", k) in mnt for k in ("ipc", "uts")}
         if sb.state == pb.SANDBOX_READY:
-            if states.get(sb.id) != "running" or not all(holds.values()):
-                problems.append(f"READY pod {sb.id[:12]}: runc {states.get(sb.id)}, holds {holds}")
-        elif any(holds.values()) or states.get(sb.id) == "running":
+            alive = states.get(sb.id) == "running" or (sb.id not in states and all(pins.values()))
+            if not alive or not all(holds.values()):
+                problems.append(f"READY pod {sb.id[:12]}: runc {states.get(sb.id)}, pins {pins}, holds {holds}")
+        elif any(holds.values()) or any(pins.values()) or states.get(sb.id) == "running":
             problems.append(f"NOTREADY pod {sb.id[:12]}: runc {states.get(sb.id)}, still holds {holds}")
     for c in rt.ListContainers(pb.ListContainersRequest()).containers:
         running = states.get(c.id) == "running"
