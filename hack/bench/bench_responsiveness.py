@@ -173,6 +173,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--pods", type=int, default=10, help="pods started while the image is pulled")
     ap.add_argument("--idle-seconds", type=float, default=3.0)
+    ap.add_argument("--daemon-log", default="", help="keep the daemon's log at this path")
+    ap.add_argument("--asyncio-debug", action="store_true",
+                    help="run the daemon with PYTHONASYNCIODEBUG=1 (its log names callbacks that block the loop)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -183,6 +186,8 @@ def main() -> int:
     reg = TestRegistry(host="", scheme="http", base_dir=os.path.join(work, "registry"))
     parent = f"/moorage-resp-{uuid.uuid4().hex[:8]}"
     d = DaemonProcess(base=os.path.join(work, "d"), extra_config=f'[runtime]\ndefault_cgroup_parent = "{parent}"\n')
+    if args.asyncio_debug:
+        d.env["PYTHONASYNCIODEBUG"] = "1"
     os.makedirs(d.base)
     pollers: list[subprocess.Popen] = []
     try:
@@ -240,6 +245,8 @@ def main() -> int:
             if d.proc is not None and d.proc.poll() is None:
                 d.cleanup_pods()
         finally:
+            if args.daemon_log and d.log_file and os.path.exists(d.log_file):
+                shutil.copyfile(d.log_file, args.daemon_log)
             teardown(d)
             _stop_process(reg.proc)
             shutil.rmtree(work, ignore_errors=True)
