@@ -6,8 +6,10 @@ offline test image) and a generated image of ``--size-mb`` MB (default 200; ``--
 gzip layers of half random bytes and half text).  A separate poller process (so the
 benchmark's own threads do not skew it) calls ListContainers and ContainerStatus in a loop
 
-* idle (one pod with one container, nothing else happening), then
-* while the big image is cold-pulled and ``--pods`` pods (one container each) start at once,
+* idle (one pod with one container, nothing else happening),
+* while the big image is cold-pulled alone, while ``--pods`` pods (one container each) start
+  at once alone, and while both happen together (the image is removed between, so each pull
+  is cold),
 
 and prints p50/p95/p99/max per call and phase, the pull time and the pod start time.  It
 asserts nothing.  Everything it starts is stopped and every temp dir removed at the end.
@@ -33,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from typing import Any
 
 import grpc
 
@@ -209,9 +212,8 @@ def main() -> int:
         pollers.append(p)
         time.sleep(args.idle_seconds)
         idle = finish_poller(p, stop, out)
+        work_dir = work
 
-        p, stop, out = run_poller(d, cid, work, "busy")
-        pollers.append(p)
         times: dict[str, float] = {}
 
         def pull() -> None:
@@ -223,19 +225,31 @@ def main() -> int:
         def pods() -> None:
             t = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(args.pods) as ex:
-                list(ex.map(lambda i: start_pod(rt, busybox, f"p{i}"), range(args.pods)))
+                list(ex.map(lambda i: start_pod(rt, busybox, f"p{len(times)}-{i}"), range(args.pods)))
             times["pods"] = time.perf_counter() - t
 
-        threads = [threading.Thread(target=pull), threading.Thread(target=pods)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        busy = finish_poller(p, stop, out)
-        print(f"cold pull {times.get('pull', float('nan')):.2f} s; {args.pods} pods started in "
-              f"{times.get('pods', float('nan')):.2f} s (at the same time)")
-        report("idle", idle)
-        report(f"pull + {args.pods} pods", busy)
+        def phase(name: str, *work: Any) -> dict[str, list[float]]:
+            p, stop, out = run_poller(d, cid, work_dir, name.replace(" ", "_"))
+            pollers.append(p)
+            threads = [threading.Thread(target=w) for w in work]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return finish_poller(p, stop, out)
+
+        results = {"idle": idle}
+        results["pull only"] = phase("pull only", pull)
+        pull_alone = times.pop("pull")
+        assert d.images is not None
+        d.images.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=big)), timeout=300)  # cold again
+        results[f"{args.pods} pods only"] = phase("pods only", pods)
+        pods_alone = times.pop("pods")
+        results[f"pull + {args.pods} pods"] = phase("both", pull, pods)
+        print(f"cold pull {pull_alone:.2f} s alone, {times['pull']:.2f} s with the pods; {args.pods} pods "
+              f"started in {pods_alone:.2f} s alone, {times['pods']:.2f} s during the pull")
+        for name, res in results.items():
+            report(name, res)
     finally:
         for p in pollers:
             if p.poll() is None:
