@@ -124,7 +124,6 @@ class ImageService:
         # GC decides, per snapshot and under this lock, whether it is still unused (in a thread).
         self._chains_lock = threading.Lock()
         self._gc_touched: set[str] | None = None  # chains registered since a running GC began
-        self._download_slots = asyncio.Semaphore(settings.max_concurrent_downloads)
         self._usage_cache: dict[str, snapmod.Usage] = {}
         # Writable layers' usage for ImageFsInfo (see "Disk usage accounting" below).
         self._layers: dict[str, _Measured] = {}
@@ -364,7 +363,10 @@ class ImageService:
                         lease.add(layer.digest)
                     # Downloads run in parallel; layer i is unpacked as soon as it and layer i-1 are
                     # done, so unpacking overlaps the remaining downloads.
-                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds, prog))
+                    # images.max_concurrent_downloads bounds each pull (as its doc and containerd
+                    # say); tasks queue on the slots in layer order, so the first layers come first.
+                    slots = asyncio.Semaphore(self.s.max_concurrent_downloads)
+                    tasks = [asyncio.ensure_future(self._fetch_layer_traced(resolved.repo, l, creds, prog, slots))
                              for l in manifest.layers]
                     try:
                         with _span("image.unpack", **{"image.ref": shown, "image.layers": len(manifest.layers)}):
@@ -425,16 +427,17 @@ class ImageService:
         return await asyncio.to_thread(self.content.read_bytes, desc.digest, oci.MAX_CONFIG_SIZE)
 
     async def _fetch_layer_traced(self, repo: Any, desc: Any, creds: Credentials | None,
-                                  prog: PullProgress | None = None) -> int:
+                                  prog: PullProgress | None, slots: asyncio.Semaphore) -> int:
         with _span("image.fetch_layer", **{"image.layer.digest": str(desc.digest),
                                            "image.layer.size": int(desc.size)}) as span:
-            n = await self._fetch_layer(repo, desc, creds, prog)
+            n = await self._fetch_layer(repo, desc, creds, prog, slots)
             span.set_attribute("image.layer.downloaded_bytes", n)
             return n
 
     async def _fetch_layer(self, repo: Any, desc: Any, creds: Credentials | None,
-                           prog: PullProgress | None = None) -> int:
-        """Download one blob unless present; returns the bytes downloaded."""
+                           prog: PullProgress | None, slots: asyncio.Semaphore) -> int:
+        """Download one blob unless present, holding one of *slots* meanwhile; returns the
+        bytes downloaded."""
         digest = str(desc.digest)
         if self.content.exists(desc.digest):
             if prog is not None:
@@ -445,8 +448,10 @@ class ImageService:
                 if prog is not None:  # a concurrent pull fetched it while we waited
                     prog.layer_finished(digest, present=True)
                 return 0
-            async with self._download_slots:
-                w = self.content.writer(desc.digest, desc.size)
+            async with slots:
+                # fetch_blob checks size and digest before its stream ends, and the commit
+                # follows the stream's end: hashing the bytes again here would double the cost.
+                w = self.content.writer(desc.digest, desc.size, source_verified=True)
                 n = 0
                 try:
                     async for chunk in self.client.fetch_blob(repo, desc, credentials=creds):

@@ -52,13 +52,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import gzip
 import hashlib
 import logging
 import os
 import shutil
 import stat
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Literal, Protocol, cast, overload
@@ -67,6 +65,7 @@ import zstandard
 
 from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted, Unavailable
 from moorage.images.digest import Digest
+from moorage.images.gzipio import GZIP_ERRORS, open_gzip
 from moorage.images.tarstream import TarCorrupt, TarEntry, TarLimits, TarReader, TarRefused, shown
 
 log = logging.getLogger(__name__)
@@ -82,6 +81,8 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
+# what a corrupt or truncated compressed stream raises
+_DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (*GZIP_ERRORS, zstandard.ZstdError)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ALLOWED_XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.")
 _IS_ROOT = os.geteuid() == 0
@@ -141,6 +142,16 @@ class _Prefixed:
             return data
         return self._src.read(n)
 
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """isal's gzip reader (written in C) fills its buffer through readinto."""
+        if not self._prefix:
+            readinto = getattr(self._src, "readinto", None)
+            if readinto is not None:
+                return int(readinto(buf))
+        data = self.read(len(buf))
+        memoryview(buf)[:len(data)] = data
+        return len(data)
+
     def readable(self) -> bool:
         return True
 
@@ -199,7 +210,7 @@ def open_decompressed(src: BinaryIO) -> tuple[_Reader, str]:
     # Their stubs want a seekable file; reading forward, as here, they only ever call read().
     stream = cast(IO[bytes], pre)
     if head[:2] == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=stream, mode="rb"), "gzip"
+        return open_gzip(stream), "gzip"
     if head == _ZSTD_MAGIC:
         return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True), "zstd"
     return pre, "none"
@@ -798,7 +809,7 @@ def apply_layer(
             raise LayerError(e.message) from None
         except MoorageError:
             raise
-        except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError, EOFError) as e:
+        except _DECOMPRESS_ERRORS as e:
             at = hashing.count if hashing is not None else 0
             raise CorruptLayer(f"layer {label}: corrupt or truncated archive (after {at} uncompressed "
                                f"bytes): {str(e)[:200]}") from None

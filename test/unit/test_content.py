@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from moorage.core.errors import FailedPrecondition, NotFound
+from moorage.core.errors import FailedPrecondition, Internal, NotFound
 from moorage.images.content import (
     BlobTooLarge,
     ContentStore,
@@ -77,6 +77,23 @@ def test_size_mismatch_short_and_long(store):
         with store.writer(dg(data), 3) as w:
             w.write(data)
     assert ingest_files(store) == [] and store.list() == []
+
+
+def test_source_verified_writer_checks_size_but_does_not_hash(store):
+    """For a source that proves the digest itself (the registry stream): one sha256 pass, not two."""
+    data = b"verified upstream"
+    with store.writer(dg(data), len(data), source_verified=True) as w:
+        w.write(data)
+        with pytest.raises(Internal, match="does not hash"):
+            w.digest()
+        w.commit()
+    assert store.read_bytes(dg(data), 100) == data
+    for size, written, msg in ((5, b"abcdef", "more than the expected 5"), (7, b"abcdef", "expected 7 bytes, got 6")):
+        with pytest.raises(SizeMismatch, match=msg):
+            with store.writer(dg(written), size, source_verified=True) as w:
+                w.write(written)
+                w.commit()
+    assert ingest_files(store) == [] and [b.digest for b in store.list()] == [dg(data)]
 
 
 def test_unknown_size(store):
