@@ -239,6 +239,11 @@ class ImageService:
                                           node_credentials=self.node_credentials.lookup)
         return self._client
 
+    @client.setter
+    def client(self, client: RegistryClient) -> None:
+        """Another client (tests fake the registry with one)."""
+        self._client = client
+
     async def reconfigure_registries(self, hosts_dir: str, insecure_registries: Sequence[str]) -> None:
         """Re-read the registry hosts config (a daemon reload): hosts.toml, certificates, insecure hosts.
 

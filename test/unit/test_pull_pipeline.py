@@ -103,7 +103,7 @@ def make_svc(tmp_path: Any) -> Iterator[Any]:
         stores.append(store)
         svc = ImageService(ImageSettings(root_dir=root, snapshotter="native", max_concurrent_downloads=limit,
                                          sync_snapshots=False), store)
-        svc.client = client  # type: ignore[assignment]
+        svc.client = client
         real_apply = svc._apply
 
         def apply(layer_digest: str, *a: Any) -> None:
