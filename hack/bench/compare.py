@@ -46,7 +46,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from sidebyside import Containerd, Moorage, Network, Registry, Runtime, ensure_containerd, log, missing_tools, pct
+from sidebyside import (
+    Containerd,
+    Moorage,
+    Network,
+    Registry,
+    Runtime,
+    descendants,
+    ensure_containerd,
+    log,
+    missing_tools,
+    pct,
+)
 
 from moorage.core.procs import cmdlines
 from moorage.cri.api import api_pb2 as pb
@@ -164,23 +175,6 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _descendants(roots: list[int]) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, stack = [], list(roots)
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(kids.get(pid, []))
-    return out
-
-
 def daemon_pid(r: Runtime) -> int:
     if isinstance(r, Moorage):
         assert r.d.proc is not None
@@ -202,7 +196,7 @@ def per_pod_roots(r: Runtime) -> list[int]:
 def memory_kb(r: Runtime) -> tuple[int, int, int]:
     """(daemon RSS, RSS of daemon + per-pod processes, PSS of the same) in KiB."""
     d = daemon_pid(r)
-    pids = set(_descendants([d] + per_pod_roots(r)))
+    pids = set(descendants([d] + per_pod_roots(r)))
     return (_status_kb(d, "VmRSS:"), sum(_status_kb(p, "VmRSS:") for p in pids), sum(_pss_kb(p) for p in pids))
 
 

@@ -48,8 +48,8 @@ def pct(values: list[float], p: float) -> float:
     return s[k]
 
 
-def kill_tree(roots: list[int]) -> None:
-    """SIGKILL the given processes and all their descendants, leaves first."""
+def descendants(roots: list[int]) -> list[int]:
+    """The given processes and all their descendants, parents before children."""
     kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -63,7 +63,12 @@ def kill_tree(roots: list[int]) -> None:
         pid = stack.pop()
         tree.append(pid)
         stack.extend(kids.get(pid, []))
-    for pid in reversed(tree):
+    return tree
+
+
+def kill_tree(roots: list[int]) -> None:
+    """SIGKILL the given processes and all their descendants, leaves first."""
+    for pid in reversed(descendants(roots)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

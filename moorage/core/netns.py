@@ -165,7 +165,11 @@ def pin_netns(name: str, source: str, pin_dir: str = DEFAULT_PIN_DIR) -> str:
 
 def remove_netns(path_or_name: str, pin_dir: str = DEFAULT_PIN_DIR) -> None:
     """Unmount and unlink a pin.  Idempotent: a missing or unmounted pin is fine."""
-    path = path_or_name if "/" in path_or_name else netns_path(path_or_name, pin_dir)
+    unpin(path_or_name if "/" in path_or_name else netns_path(path_or_name, pin_dir), "network namespace pin")
+
+
+def unpin(path: str, what: str = "namespace pin") -> None:
+    """Unmount and unlink a namespace pin (any kind); idempotent: a missing or unmounted pin is fine."""
     libc = _c()
     # A pin may have been mounted more than once (unlikely); unmount until it is plain.
     for _ in range(8):
@@ -173,13 +177,13 @@ def remove_netns(path_or_name: str, pin_dir: str = DEFAULT_PIN_DIR) -> None:
             err = ctypes.get_errno()
             if err in (errno.EINVAL, errno.ENOENT):
                 break
-            raise Internal(f"could not unmount network namespace {path}: {os.strerror(err)}")
+            raise Internal(f"could not unmount {what} {path}: {os.strerror(err)}")
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise Internal(f"could not remove network namespace pin {path}: {exc.strerror}") from exc
+        raise Internal(f"could not remove {what} {path}: {exc.strerror}") from exc
 
 
 def list_netns(pin_dir: str = DEFAULT_PIN_DIR) -> list[str]:

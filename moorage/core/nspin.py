@@ -17,21 +17,19 @@ they are only checked here not to leave ``/proc/sys``.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import threading
 from collections.abc import Mapping
 
 from moorage.core.errors import Internal, InvalidArgument, NotFound
-from moorage.core.netns import _c, _in_thread, _oserror
+from moorage.core.netns import _c, _in_thread, _oserror, unpin
 
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
 _FLAGS = {"ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS, "net": CLONE_NEWNET}
 _MS_BIND = 4096
-_MNT_DETACH = 2
 _NS_GET_NSTYPE = 0xB703
 _HOST_NAME_MAX = 64
 #: The kinds this module pins, in the order they are made.
@@ -147,23 +145,6 @@ def set_sysctls_in(path: str, kind: str, sysctls: Mapping[str, str]) -> None:
         _in_thread(enter_and_write, "nspin-sysctl")
     finally:
         os.close(fd)
-
-
-def unpin(path: str) -> None:
-    """Unmount and unlink one pin; idempotent (a missing or unmounted pin is fine)."""
-    libc = _c()
-    for _ in range(8):
-        if libc.umount2(path.encode(), _MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINVAL, errno.ENOENT):
-                break
-            raise Internal(f"could not unmount namespace pin {path}: {os.strerror(err)}")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise Internal(f"could not remove namespace pin {path}: {exc.strerror}") from exc
 
 
 def unpin_all(pin_dir: str) -> None:
