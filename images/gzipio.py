@@ -10,23 +10,51 @@ measures both.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import zlib
+from types import ModuleType
 from typing import IO, cast
 
-try:
-    from isal import igzip as _igzip
-    from isal import isal_zlib as _isal_zlib
-except ImportError:  # pragma: no cover -- exercised by the fallback test through monkeypatching
-    _igzip = None  # type: ignore[assignment]
-    _isal_zlib = None  # type: ignore[assignment]
 
-BACKEND = "isal" if _igzip is not None else "zlib"
+@functools.cache
+def _isal() -> tuple[ModuleType | None, ModuleType | None]:
+    """(igzip, isal_zlib), or Nones without a usable install.
 
-# What a corrupt or truncated gzip stream raises, from either implementation.
-GZIP_ERRORS: tuple[type[Exception], ...] = (gzip.BadGzipFile, zlib.error, EOFError)
-if _isal_zlib is not None:
-    GZIP_ERRORS += (_isal_zlib.error,)  # type: ignore[operator]  # its stub calls the class an instance
+    Imported at the first gzip layer, not at start-up: a daemon that pulls nothing does not
+    carry the extension's pages (part of the fresh-start RSS budget, see docs/architecture.md).
+    """
+    try:
+        from isal import igzip, isal_zlib
+    except ImportError:  # pragma: no cover -- exercised by the fallback test through monkeypatching
+        return None, None
+    return igzip, isal_zlib
+
+
+def backend() -> str:
+    """The default implementation: ``"isal"`` when it imports, else ``"zlib"``."""
+    return "isal" if _isal()[0] is not None else "zlib"
+
+
+def gzip_errors() -> tuple[type[Exception], ...]:
+    """What a corrupt or truncated gzip stream raises, from either implementation."""
+    errors: tuple[type[Exception], ...] = (gzip.BadGzipFile, zlib.error, EOFError)
+    isal_zlib = _isal()[1]
+    if isal_zlib is not None:
+        errors += (isal_zlib.error,)
+    return errors
+
+
+def __getattr__(name: str) -> object:
+    # The module's constants of old, now computed at first use (above).
+    if name == "BACKEND":
+        return backend()
+    if name == "GZIP_ERRORS":
+        return gzip_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_default_backend = backend  # open_gzip's parameter shadows the name
 
 
 def open_gzip(stream: IO[bytes], backend: str | None = None) -> IO[bytes]:
@@ -34,9 +62,10 @@ def open_gzip(stream: IO[bytes], backend: str | None = None) -> IO[bytes]:
 
     *backend* forces ``"isal"`` or ``"zlib"`` (benchmarks and tests); default: the fastest.
     """
-    use = backend or BACKEND
-    if use == "isal" and _igzip is not None:
-        return cast(IO[bytes], _igzip.IGzipFile(fileobj=stream, mode="rb"))
+    use = backend or _default_backend()
+    igzip = _isal()[0]
+    if use == "isal" and igzip is not None:
+        return cast(IO[bytes], igzip.IGzipFile(fileobj=stream, mode="rb"))
     if use not in ("isal", "zlib"):
         raise ValueError(f"unknown gzip backend {use!r}")
     return cast(IO[bytes], gzip.GzipFile(fileobj=stream, mode="rb"))

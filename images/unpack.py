@@ -57,15 +57,14 @@ import logging
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Literal, Protocol, cast, overload
 
-import zstandard
-
 from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted, Unavailable
 from moorage.images.digest import Digest
-from moorage.images.gzipio import GZIP_ERRORS, open_gzip
+from moorage.images.gzipio import gzip_errors, open_gzip
 from moorage.images.tarstream import TarCorrupt, TarEntry, TarLimits, TarReader, TarRefused, shown
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,15 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
-# what a corrupt or truncated compressed stream raises
-_DECOMPRESS_ERRORS: tuple[type[Exception], ...] = (*GZIP_ERRORS, zstandard.ZstdError)
+
+
+def _decompress_errors() -> tuple[type[Exception], ...]:
+    """What a corrupt or truncated compressed stream raises (evaluated only when one is raised)."""
+    errors = gzip_errors()
+    zstandard = sys.modules.get("zstandard")  # not imported: no zstd stream can have raised
+    return errors if zstandard is None else (*errors, zstandard.ZstdError)
+
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ALLOWED_XATTR_PREFIXES = ("user.", "security.", "trusted.", "system.")
 _IS_ROOT = os.geteuid() == 0
@@ -212,6 +218,8 @@ def open_decompressed(src: BinaryIO) -> tuple[_Reader, str]:
     if head[:2] == _GZIP_MAGIC:
         return open_gzip(stream), "gzip"
     if head == _ZSTD_MAGIC:
+        import zstandard  # at the first zstd layer: not part of a fresh daemon's RSS
+
         return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True), "zstd"
     return pre, "none"
 
@@ -809,7 +817,7 @@ def apply_layer(
             raise LayerError(e.message) from None
         except MoorageError:
             raise
-        except _DECOMPRESS_ERRORS as e:
+        except _decompress_errors() as e:
             at = hashing.count if hashing is not None else 0
             raise CorruptLayer(f"layer {label}: corrupt or truncated archive (after {at} uncompressed "
                                f"bytes): {str(e)[:200]}") from None
