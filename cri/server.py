@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 
 import grpc
@@ -228,7 +229,26 @@ class Daemon:
             self._heartbeat = None
 
 
+def _has_pidfd() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 async def run(cfg: configmod.Config, load: Callable[[], configmod.LoadedConfig] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    if sys.version_info < (3, 12) and _has_pidfd():
+        # 3.11's default watcher starts a thread per child and the loop waits for it to run
+        # (ms on a busy host); a pidfd is just another readable fd (3.12 does this by default).
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(loop)
+        asyncio.set_child_watcher(watcher)
+    if loop.get_debug():
+        # PYTHONASYNCIODEBUG=1 is for finding what blocks the loop: the default 100 ms threshold
+        # only names disasters, while a read call's budget is a few ms.
+        loop.slow_callback_duration = 0.005
     d = Daemon(cfg, load, Notifier.from_env())  # takes NOTIFY_SOCKET & co. out of the environment for children
     await d.start()
     await d.wait()

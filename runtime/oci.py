@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
+from moorage.core import procs
 from moorage.core.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -626,26 +627,15 @@ class OCIRuntime:
     async def _run(self, args: list[str], *, cid: str, action: str, input: bytes | None = None,
                    timeout: float | None = None) -> bytes:
         argv = [self.handler.path, f"--root={self.root}", *args]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_child_env(),
-        )
+        limit = timeout or self.command_timeout
         try:
-            out, err = await asyncio.wait_for(proc.communicate(input), timeout or self.command_timeout)
-        except (TimeoutError, asyncio.CancelledError) as e:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            if isinstance(e, asyncio.CancelledError):
-                raise
+            rc, out, err = await procs.run_captured(argv, input=input, env=_child_env(), timeout=limit)
+        except TimeoutError:
             raise DeadlineExceeded(
                 f"{self.handler.name} {args[0]} for container {cid} did not finish within "
-                f"{timeout or self.command_timeout:g}s and was killed"
+                f"{limit:g}s and was killed"
             ) from None
-        if proc.returncode != 0:
+        if rc != 0:
             text = clean_runtime_error(err) or clean_runtime_error(out)
             raise _classify(text, cid, f"{self.handler.name} {action}", self.root)
         return out
@@ -758,10 +748,15 @@ class OCIRuntime:
                 err = OCIRuntimeError(f"{self.handler.name} create container {cid}: {text}", stderr=text)
             raise err
         pid = msg.data
-        try:
+
+        def record_cgroups() -> None:
             dirs = cgroups.cgroup_dirs_for_pid(pid)
             with open(os.path.join(pdir, "cgroup.json"), "w") as f:
                 json.dump(dirs, f)
+
+        try:
+            # mountinfo grows with every container's mounts; parsing it took ms of loop time
+            await asyncio.to_thread(record_cgroups)
         except (MoorageError, OSError):
             pass
         return pid

@@ -23,6 +23,8 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import socket
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +38,10 @@ _CLONE_NEWNET = 0x40000000
 _MS_BIND = 4096
 _MNT_DETACH = 2
 _NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs fd, Linux >= 4.11
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ_SIZE = 40  # struct ifreq: a 16-byte name, then a 24-byte union (ifr_flags first)
 
 T = TypeVar("T")
 
@@ -103,12 +109,22 @@ def _in_thread(fn: Callable[[], T], name: str) -> T:
 
 
 def _lo_up() -> None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname="lo")
-        if idx:
-            ipr.link("set", index=idx[0], state="up")
+    """Bring up ``lo`` of the calling thread's network namespace.  Two ioctls, not a netlink
+    session: pyroute2's IPRoute ran milliseconds of Python per pod in this thread, holding the
+    GIL the event loop needs while pods start."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        req = bytearray(_IFREQ_SIZE)
+        req[:2] = b"lo"
+        try:
+            fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req)
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # no loopback device: nothing to bring up
+                return
+            raise
+        flags = struct.unpack_from("H", req, 16)[0]
+        if not flags & _IFF_UP:
+            struct.pack_into("H", req, 16, flags | _IFF_UP)
+            fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, req)
 
 
 def create_netns(name: str, pin_dir: str = DEFAULT_PIN_DIR) -> str:

@@ -17,8 +17,10 @@ returns.  WAL commits are ordered, so a power loss keeps a prefix of them: what 
 lost is a step inside a call that had not returned, of objects whose processes
 and state dir (a tmpfs) a power loss takes anyway.  Inserts stay durable at once:
 the runtime makes an insert durable with :meth:`sync` before it writes files under
-the root dir for it.  (A durable commit holds the store's lock through its fsync:
-every other writer, the event loop's included, waits for it; ``sync`` does not.)
+the root dir for it.  A durable commit is a commit without an fsync followed by that
+same :meth:`sync` before it returns: the store's lock is not held through the fsync,
+so a snapshot commit in a worker thread does not stall the event loop's status writes
+and reads for the length of an fsync (tens of ms while a pull writes layers).
 
 Image and snapshot records are dataclasses; sandbox and container rows are
 ``ObjectRow``s whose document the runtime encodes (this floor does not import
@@ -197,11 +199,13 @@ class Store:
         self._sync_lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # durable on return: see the module docstring
+        self._db.execute("PRAGMA synchronous=FULL")  # the migrations: durable on return
         self._db.execute("PRAGMA foreign_keys=ON")
         self._image_writes = 0  # see images_version()
         self._writes = 0  # see version()
         self._migrate(target_version)
+        # From here every commit is fsynced by sync(), outside the lock: see the module docstring.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self.reserve_path = os.path.join(root, RESERVE_NAME)
         self.reserve_bytes = reserve_bytes
         self._reserve_released = True
@@ -316,7 +320,8 @@ class Store:
         Only a ``releasing`` write (see ``_releasing``) may run while the reserve is spent and
         cannot be set aside again: new work on a full disk is refused before it starts, so the
         clean-up of whatever fails next still finds room.  ``durable=False``: committed without
-        an fsync; on disk after the next :meth:`sync` (or durable commit).
+        an fsync; on disk after the next :meth:`sync` (or durable commit).  Durable: that
+        :meth:`sync` runs before this returns, after the lock is released.
         """
         with self._lock:
             if not releasing and self._reserve_released and self.reserve_bytes > 0:
@@ -325,8 +330,6 @@ class Store:
                     raise DiskFull(f"no space left on device for the metadata store's reserve "
                                    f"({self.reserve_bytes >> 10} KiB) next to {self.path}; free space on "
                                    "that filesystem and retry")
-            if not durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
             self._writes += 1  # see version()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -343,12 +346,9 @@ class Store:
                 if is_disk_full(e):
                     raise disk_full(e, f"the metadata store {self.path}") from e
                 raise
-            finally:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
             self._written += 1
-            if durable:  # the WAL was synced: every earlier commit is on disk too
-                self._synced = self._written
+        if durable:
+            self.sync()
 
     def unsynced(self) -> bool:
         """True while some commit made with ``durable=False`` may not be on disk yet."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import os
 
 import pytest
 
@@ -101,10 +102,16 @@ def test_a_failed_sync_commits_nothing(tmp_path, test_image_layouts, monkeypatch
         svc.store.close()
 
 
-def test_store_transactions_are_durable_on_return(tmp_path):
+def test_store_transactions_are_durable_on_return(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
     try:
-        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        with store.transaction() as db:
+            db.execute("INSERT INTO leases (namespace, id, resource, created_at) VALUES ('k8s.io', 'l1', 'r', 0)")
+        assert synced == [store.path + "-wal"] and not store.unsynced()
     finally:
         store.close()

@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -135,15 +136,39 @@ def test_writes_without_fsync_are_visible_at_once_and_on_disk_after_sync(tmp_pat
     # a durable commit puts the deferred ones before it on disk too (the WAL is ordered)
     s.update_sandbox(_row("s1", "n1"), durable=False)
     s.add_sandbox(_row("s2", "n2"))
-    assert not s.unsynced()
-    # the connection is back to synchronous=FULL after a deferred write, also after a failed one
+    assert not s.unsynced() and len(synced) == 3
+    # a failed deferred write leaves nothing pending, and the next durable write still syncs
     with pytest.raises(NotFound):
         s.update_sandbox(_row("nope", "x"), durable=False)
-    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert not s.unsynced()
+    s.update_sandbox(_row("s2", "n2"))
+    assert not s.unsynced() and len(synced) == 4
     assert s.delete_sandbox("s2", durable=False) and s.unsynced()
     s.close()
     s = Store(str(tmp_path))
     assert [r.id for r in s.list_sandboxes()] == ["s1"]
+
+
+def test_a_durable_commit_does_not_hold_the_lock_through_its_fsync(tmp_path, monkeypatch):
+    s = Store(str(tmp_path))
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        # another thread reads meanwhile: the row is committed and the lock is free
+        t = threading.Thread(target=lambda: seen.append([r.id for r in s.list_sandboxes()]))
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "a reader waited for the lock through the fsync"
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    s.add_sandbox(_row("s1", "n1"))
+    assert seen == [["s1"]] and not s.unsynced()
+    with s.transaction() as db:  # zero rows changed: still one commit, synced before return
+        db.execute("DELETE FROM sandboxes WHERE id='nope'")
+    assert len(seen) == 2 and not s.unsynced()
+    s.close()
 
 
 def test_migration_from_schema_1(tmp_path):
