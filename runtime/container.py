@@ -444,7 +444,10 @@ class Containers:
         sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
         await self.ctx.release_cgroup(rec.id, sb.metadata.cgroup_parent if sb else "")
         if self.ctx.containers.get(rec.id) is rec:  # no await between check and write
-            rec.update(lambda s: replace(s, released=True))
+            try:
+                rec.update(lambda s: replace(s, released=True))
+            except NotFound:
+                pass  # RemoveContainer deleted the row meanwhile (its journal covers this release)
         return True
 
     def _runtime_released(self, rec: Container) -> bool:
@@ -571,8 +574,10 @@ class Containers:
         await self.stop(rec.id, 0)
         async with self.ctx.lock(rec.id):
             if rec.id in self.ctx.containers:
-                if not rec.status.removing and rec.status.phase is None:
-                    rec.update(lambda s: replace(s, removing=True))  # recovery finishes it after a crash
+                released = self._runtime_released(rec)
+                if not released and not rec.status.removing and rec.status.phase is None:
+                    # runc's state goes before the record: recovery finishes it after a crash
+                    rec.update(lambda s: replace(s, removing=True))
                 self._exec_probes.pop(rec.id, None)
                 self.ctx.cancel_watcher(rec.id)
                 sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
@@ -580,7 +585,7 @@ class Containers:
                 job: dict = {"id": rec.id, "snapshot_key": rec.metadata.snapshot_key or rec.id,
                              "image_volumes": [i for i, m in enumerate(rec.metadata.config.mounts)
                                                if m.image is not None]}
-                if not self._runtime_released(rec):
+                if not released:
                     # It may still run (or its conmon is lost): killed and deleted before we return.
                     try:
                         await self.ctx.oci(rec.metadata.runtime_handler).delete(rec.id, force=True)
@@ -591,8 +596,9 @@ class Containers:
                     # Exited, its release still in flight: the background clean-up (or the next
                     # start, from the journal) makes sure runc's state and the cgroup go.
                     job["runtime"] = {"handler": rec.metadata.runtime_handler, "cgroup_parent": parent}
-                await asyncio.to_thread(self._write_journal, job)
-                self.ctx.forget_container(rec.id)
+                # One hop off the loop: the journal on disk before the record's deletion is.
+                await asyncio.to_thread(self._journal_and_delete, job)
+                self.ctx.forget_container(rec.id, stored=False)
                 self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.metadata.sandbox_id)
                 task = asyncio.create_task(self._clean_removed(job), name=f"remove-{rec.id[:12]}")
                 self._cleanups[rec.id] = (rec.metadata.sandbox_id, task)
@@ -608,6 +614,12 @@ class Containers:
 
     def _journal(self, cid: str) -> str:
         return os.path.join(self.ctx.s.root_dir, REMOVING_DIR, f"{cid}.json")
+
+    def _journal_and_delete(self, job: dict) -> None:
+        """Blocking: the journal, then the record's deletion committed durably (so the call's
+        closing barrier has nothing left to sync)."""
+        self._write_journal(job)
+        self.ctx.store.delete_container(job["id"])
 
     def _write_journal(self, job: dict) -> None:
         """On disk before the record is deleted: a crash in between leaves work, never a leak."""
