@@ -61,6 +61,8 @@ def _signal_number(name: str) -> int:
 
 
 _ID = re.compile(r"[0-9a-f]{64}")
+#: A runtime handler name as a journal may carry it ("" is the default handler).
+_HANDLER = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 #: RemoveContainer's pending clean-ups, one JSON file per container, under <root_dir> (they must
 #: outlive a reboot: the writable layer they release lives under root_dir too).
 REMOVING_DIR = "removing"
@@ -126,6 +128,8 @@ class Containers:
         self._exec_probes: dict[str, procsig.ExecProbe] = {}
         # RemoveContainer's background work: container id -> (its sandbox id, the task)
         self._cleanups: dict[str, tuple[str, asyncio.Task]] = {}
+        # The runtime's state released after an exit, in flight: container id -> the task (True: done)
+        self._releases: dict[str, asyncio.Task[bool]] = {}
 
     # -- CreateContainer ---------------------------------------------------------------------
 
@@ -412,6 +416,48 @@ class Containers:
         sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
         if sb is not None:
             await self.ctx.hooks.stop_container(sb, rec)
+        if self.ctx.containers.get(cid) is rec:
+            self._release_soon(rec)
+
+    def _release_soon(self, rec: Container) -> None:
+        """Release the runtime's state of an exited container in the background: runc delete
+        (~20 ms of exec) and the cgroup then cost RemoveContainer nothing.  Not awaited by the
+        exit path, so StopContainer returns as soon as the exit is recorded."""
+        if rec.status.state != ContainerState.EXITED or rec.id in self._releases or rec.status.released:
+            return
+        task = asyncio.create_task(self._release_runtime(rec), name=f"release-{rec.id[:12]}")
+        self._releases[rec.id] = task
+
+        def done(_task: asyncio.Task[bool]) -> None:
+            if self._releases.get(rec.id) is task:
+                self._releases.pop(rec.id, None)
+        task.add_done_callback(done)
+
+    async def _release_runtime(self, rec: Container) -> bool:
+        """runc delete and the cgroup of an exited container; True once both are done.  The mark
+        is set only after it succeeded: a failure (or a crash) leaves the work to Remove."""
+        try:
+            await self.ctx.oci(rec.metadata.runtime_handler).delete(rec.id, force=True)
+        except MoorageError as e:
+            log.warning("deleting exited container %s: %s", rec.id, e.message)
+            return False
+        sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
+        await self.ctx.release_cgroup(rec.id, sb.metadata.cgroup_parent if sb else "")
+        if self.ctx.containers.get(rec.id) is rec:  # no await between check and write
+            try:
+                rec.update(lambda s: replace(s, released=True))
+            except NotFound:
+                pass  # RemoveContainer deleted the row meanwhile (its journal covers this release)
+        return True
+
+    def _runtime_released(self, rec: Container) -> bool:
+        """The exit is recorded and runc's state is gone (or going): nothing runs, nothing to ask runc."""
+        return rec.status.state == ContainerState.EXITED and (rec.status.released or rec.id in self._releases)
+
+    async def wait_released(self) -> None:
+        """Wait for the releases in flight (daemon shutdown)."""
+        if self._releases:
+            await asyncio.gather(*list(self._releases.values()), return_exceptions=True)
 
     def _record_exit(self, rec: Container, outcome: ExitOutcome) -> None:
         if rec.status.state != ContainerState.RUNNING:
@@ -437,8 +483,8 @@ class Containers:
         rt = self.ctx.oci(rec.metadata.runtime_handler)
         if self.ctx.containers.get(rec.id) is not rec:
             return  # removed meanwhile (runc delete --force ended it)
-        if rec.status.state != ContainerState.CREATED and rt.exit_status(rec.id) is None \
-                and rt.conmon_pid(rec.id) is None:
+        if rec.status.state != ContainerState.CREATED and not self._runtime_released(rec) \
+                and rt.exit_status(rec.id) is None and rt.conmon_pid(rec.id) is None:
             if not await self.ctx.end_process(rec.id, rec.metadata.runtime_handler):
                 raise FailedPrecondition(f"container {rec.id} still runs after SIGKILL (its conmon is gone)")
             if rec.status.state == ContainerState.RUNNING:
@@ -528,20 +574,31 @@ class Containers:
         await self.stop(rec.id, 0)
         async with self.ctx.lock(rec.id):
             if rec.id in self.ctx.containers:
-                if not rec.status.removing and rec.status.phase is None:
-                    rec.update(lambda s: replace(s, removing=True))  # recovery finishes it after a crash
+                released = self._runtime_released(rec)
+                if not released and not rec.status.removing and rec.status.phase is None:
+                    # runc's state goes before the record: recovery finishes it after a crash
+                    rec.update(lambda s: replace(s, removing=True))
                 self._exec_probes.pop(rec.id, None)
                 self.ctx.cancel_watcher(rec.id)
-                try:
-                    await self.ctx.oci(rec.metadata.runtime_handler).delete(rec.id, force=True)
-                except MoorageError as e:
-                    log.warning("deleting container %s: %s", rec.id, e.message)
                 sb = self.ctx.sandboxes.get(rec.metadata.sandbox_id)
-                await self.ctx.release_cgroup(rec.id, sb.metadata.cgroup_parent if sb else "")
-                job = {"id": rec.id, "snapshot_key": rec.metadata.snapshot_key or rec.id,
-                       "image_volumes": [i for i, m in enumerate(rec.metadata.config.mounts) if m.image is not None]}
-                await asyncio.to_thread(self._write_journal, job)
-                self.ctx.forget_container(rec.id)
+                parent = sb.metadata.cgroup_parent if sb else ""
+                job: dict = {"id": rec.id, "snapshot_key": rec.metadata.snapshot_key or rec.id,
+                             "image_volumes": [i for i, m in enumerate(rec.metadata.config.mounts)
+                                               if m.image is not None]}
+                if not released:
+                    # It may still run (or its conmon is lost): killed and deleted before we return.
+                    try:
+                        await self.ctx.oci(rec.metadata.runtime_handler).delete(rec.id, force=True)
+                    except MoorageError as e:
+                        log.warning("deleting container %s: %s", rec.id, e.message)
+                    await self.ctx.release_cgroup(rec.id, parent)
+                elif not rec.status.released:
+                    # Exited, its release still in flight: the background clean-up (or the next
+                    # start, from the journal) makes sure runc's state and the cgroup go.
+                    job["runtime"] = {"handler": rec.metadata.runtime_handler, "cgroup_parent": parent}
+                # One hop off the loop: the journal on disk before the record's deletion is.
+                await asyncio.to_thread(self._journal_and_delete, job)
+                self.ctx.forget_container(rec.id, stored=False)
                 self.ctx.events.publish(rec.id, events.EventType.DELETED, rec.metadata.sandbox_id)
                 task = asyncio.create_task(self._clean_removed(job), name=f"remove-{rec.id[:12]}")
                 self._cleanups[rec.id] = (rec.metadata.sandbox_id, task)
@@ -558,6 +615,12 @@ class Containers:
     def _journal(self, cid: str) -> str:
         return os.path.join(self.ctx.s.root_dir, REMOVING_DIR, f"{cid}.json")
 
+    def _journal_and_delete(self, job: dict) -> None:
+        """Blocking: the journal, then the record's deletion committed durably (so the call's
+        closing barrier has nothing left to sync)."""
+        self._write_journal(job)
+        self.ctx.store.delete_container(job["id"])
+
     def _write_journal(self, job: dict) -> None:
         """On disk before the record is deleted: a crash in between leaves work, never a leak."""
         path = self._journal(job["id"])
@@ -573,6 +636,8 @@ class Containers:
         """The file work of _destroy, after the record is gone; each step tolerates a repeat."""
         cid = job["id"]
         try:
+            if "runtime" in job:
+                await self._finish_release(cid, job["runtime"])
             rootfs = os.path.join(self.ctx.container_state(cid), "bundle", "rootfs")
             await self.ctx.images.release_rootfs(job["snapshot_key"], rootfs)
             for i in job["image_volumes"]:
@@ -585,6 +650,23 @@ class Containers:
             os.unlink(self._journal(cid))
         except FileNotFoundError:
             pass
+
+    async def _finish_release(self, cid: str, runtime: dict) -> None:
+        """The runtime part of a removal whose exit-time release was in flight: wait for it, and
+        do it again if it failed or was cut (a restart)."""
+        task = self._releases.get(cid)
+        if task is not None and (await asyncio.gather(task, return_exceptions=True))[0] is True:
+            return
+        try:
+            rt = self.ctx.oci(runtime["handler"])
+        except InvalidArgument as e:  # a handler no longer configured: nothing we can ask
+            log.warning("removed container %s: %s", cid, e.message)
+            return
+        try:
+            await rt.delete(cid, force=True)
+        except MoorageError as e:
+            log.warning("deleting removed container %s: %s", cid, e.message)
+        await self.ctx.release_cgroup(cid, runtime["cgroup_parent"])
 
     async def wait_removed(self, sandbox_id: str | None = None) -> None:
         """Wait for the background clean-ups of the removed containers of a sandbox (all: None)."""
@@ -811,5 +893,12 @@ def _read_journal(path: str) -> dict | None:
     key, vols = job.get("snapshot_key"), job.get("image_volumes")
     if not (isinstance(key, str) and _ID.fullmatch(key)
             and isinstance(vols, list) and all(isinstance(i, int) and 0 <= i < 4096 for i in vols)):
+        return None
+    runtime = job.get("runtime")
+    if runtime is not None and not (
+            isinstance(runtime, dict) and set(runtime) == {"handler", "cgroup_parent"}
+            and isinstance(runtime["handler"], str) and _HANDLER.fullmatch(runtime["handler"])
+            and isinstance(runtime["cgroup_parent"], str) and len(runtime["cgroup_parent"]) <= 4096
+            and "\0" not in runtime["cgroup_parent"] and ".." not in runtime["cgroup_parent"].split("/")):
         return None
     return job

@@ -220,8 +220,10 @@ class RuntimeContext:
         self._locks.pop(sid, None)
         self._exit_events.pop(sid, None)
 
-    def forget_container(self, cid: str) -> None:
-        self.store.delete_container(cid, durable=False)
+    def forget_container(self, cid: str, stored: bool = True) -> None:
+        """Drop a container from the indexes and (``stored``) its row from the store."""
+        if stored:
+            self.store.delete_container(cid, durable=False)
         self.containers.pop(cid, None)
         self._locks.pop(cid, None)
         ev = self._exit_events.pop(cid, None)

@@ -224,6 +224,9 @@ class ContainerStatus:
     resources: LinuxContainerResources | None = None
     #: Set before RemoveContainer starts destroying it; recovery finishes a removal a crash cut short.
     removing: bool = False
+    #: The OCI runtime's state and the cgroup were released after the exit (runc delete), so
+    #: RemoveContainer has no runtime work left to wait on.
+    released: bool = False
 
 
 # --- the records ----------------------------------------------------------------------------

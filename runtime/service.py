@@ -245,6 +245,7 @@ class Runtime:
     async def stop(self) -> None:
         # Removals in flight finish (a crash instead leaves them to the journal and the next start).
         await self.container_ops.wait_removed()
+        await self.container_ops.wait_released()  # else the next Remove of these does it
         # Containers keep running: conmon supervises them without us.
         await self.ctx.stop_watchers()
         await self.ctx.durable()  # exits recorded since the last call

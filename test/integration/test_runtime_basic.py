@@ -103,6 +103,32 @@ def test_stop_and_remove_are_idempotent(env):
     env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id="0" * 64), timeout=60)
 
 
+def test_exit_releases_runc_state_and_cgroup_before_remove(env):
+    """runc delete runs at the exit (RemoveContainer then has no runtime work); the record keeps
+    the exit, and Stop and Remove of the released containers still answer OK."""
+    from moorage.testing.cri import wait_for
+    from moorage.testing.runtime_env import cgroup_dirs
+
+    sid, pcfg = env.run_pod()
+    cids = [env.run(sid, pcfg, ["sh", "-c", f"exit {i}"]) for i in range(3)]  # many
+    for i, cid in enumerate(cids):
+        assert env.wait_exited(cid).exit_code == i
+    runc_root = os.path.join(env.d.state, "oci", "runc")
+
+    def cgroups_of(cid: str) -> list[str]:
+        return [dp for d in cgroup_dirs(env.cgroup_parent) for dp, _, _ in os.walk(d) if os.path.basename(dp) == cid]
+
+    wait_for(lambda: not any(os.path.exists(os.path.join(runc_root, c)) or cgroups_of(c) for c in cids),
+             what="runc's state and the cgroups of the exited containers to go")
+    for i, cid in enumerate(cids):
+        st = env.status(cid).status
+        assert st.state == pb.CONTAINER_EXITED and st.exit_code == i
+        env.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0), timeout=60)
+        env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+    assert not env.rt.ListContainers(pb.ListContainersRequest(
+        filter=pb.ContainerFilter(pod_sandbox_id=sid))).containers
+
+
 def test_remove_stops_a_running_container(env):
     sid, pcfg = env.run_pod()
     cid = env.run(sid, pcfg, ["sleep", "1000"])
