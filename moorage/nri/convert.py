@@ -404,6 +404,9 @@ def _intel_rdt(lin: nri.LinuxContainerAdjustment) -> dict[str, Any] | None:
             out["schemata"] = [_text(x, "RDT schemata line") for x in r.schemata.value]
         if r.HasField("enable_monitoring"):
             out["enableMonitoring"] = r.enable_monitoring.value
+    # the CLOS id names a directory under /sys/fs/resctrl: it must stay one name there
+    if out.get("closID") in (".", ".."):
+        raise InvalidArgument(f"NRI adjustment: RDT value {out['closID']!r} is not a class name")
     for v in (out.get("closID", ""), *out.get("schemata", ())):
         if "/" in v or "\n" in v:
             raise InvalidArgument(f"NRI adjustment: RDT value {clean_text(v, 80)!r} has a '/' or a newline")

@@ -155,6 +155,8 @@ def _bad(kind: str) -> nri.ContainerAdjustment:
         a.linux.net_devices["eth0"].name = "n" * 16
     elif kind == "rdt":
         a.linux.rdt.clos_id.value = "../x"
+    elif kind == "rdt dots":
+        a.linux.resources.rdt_class.value = ".."
     elif kind == "cdi":
         a.CDI_devices.add(name="")
     return a
@@ -164,7 +166,7 @@ def _bad(kind: str) -> nri.ContainerAdjustment:
     ("ns type", "namespace type"), ("ns path", "namespace path"), ("seccomp action", "seccomp default action"),
     ("seccomp no names", "names no syscall"), ("sched none", "scheduler policy is SCHED_NONE"),
     ("ioprio none", "I/O priority class is IOPRIO_CLASS_NONE"), ("netdev", "net device host name"),
-    ("netdev long", "net device name"), ("rdt", "RDT value"), ("cdi", "CDI device name"),
+    ("netdev long", "net device name"), ("rdt", "RDT value"), ("rdt dots", "not a class name"), ("cdi", "CDI device name"),
 ])
 def test_bad_values_are_invalid_argument_naming_the_field(kind: str, field: str) -> None:
     with pytest.raises(InvalidArgument, match=field):
