@@ -73,6 +73,22 @@ class ContainerAdjustment:
     cgroups_path: str | None = None
     oom_score_adj: int | None = None
     sysctl: Mapping[str, str] = field(default_factory=dict)
+    #: CDI devices to inject (fully qualified names), resolved by the runtime as CRI ``cdi_devices``
+    cdi_devices: tuple[str, ...] = ()
+    #: ``linux.namespaces`` entries (type, path; path "" for a new one) replacing those of their type
+    namespaces: tuple[tuple[str, str], ...] = ()
+    remove_namespaces: tuple[str, ...] = ()
+    #: whole OCI objects, each replacing what the spec had: ``linux.seccomp``, ``process.scheduler``,
+    #: ``process.ioPriority``, ``linux.memoryPolicy``; ``linux.intelRdt`` is merged per key
+    seccomp: Mapping[str, Any] | None = None
+    scheduler: Mapping[str, Any] | None = None
+    io_priority: Mapping[str, Any] | None = None
+    memory_policy: Mapping[str, Any] | None = None
+    intel_rdt: Mapping[str, Any] | None = None
+    remove_intel_rdt: bool = False
+    #: ``linux.netDevices``: host interface name -> name in the container
+    net_devices: Mapping[str, str] = field(default_factory=dict)
+    remove_net_devices: tuple[str, ...] = ()
 
     def empty(self) -> bool:
         return self == ContainerAdjustment()

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from moorage.core.errors import FailedPrecondition, InvalidArgument, MoorageError, NotFound
 from moorage.core.fs import open_private, remove_tree
@@ -215,12 +215,18 @@ class Containers:
         except MoorageError as e:
             log.warning("recording the failed creation of container %s: %s", rec.id, e.message)
 
-    async def _resolve_cdi(self, cfg: ContainerConfig) -> cdi.Injection | None:
-        """The container's CDI devices (``CDI_devices``, then ``cdi.k8s.io/`` annotations) resolved
-        against the spec directories, which are re-read first if they changed."""
-        names = cdi.requested_devices(cfg.cdi_devices, cfg.annotations)
+    async def _resolve_cdi(self, cfg: ContainerConfig, extra: Sequence[str] = (),
+                           required: bool = False) -> cdi.Injection | None:
+        """The container's CDI devices (``CDI_devices``, then ``cdi.k8s.io/`` annotations, then
+        ``extra`` from NRI plugins) resolved against the spec directories, which are re-read first
+        if they changed.  ``required``: FAILED_PRECONDITION rather than a warning when CDI is off
+        (a plugin asked for the devices; nothing sends them another way)."""
+        names = list(dict.fromkeys([*cdi.requested_devices(cfg.cdi_devices, cfg.annotations), *extra]))
         if not names:
             return None
+        if self.ctx.cdi is None and required:
+            raise FailedPrecondition(f"an NRI plugin injects CDI devices {', '.join(extra)[:300]!r} into container "
+                                     f"{cfg.metadata.name}, but runtime.enable_cdi is false")
         if self.ctx.cdi is None:
             # As containerd with enable_cdi off: the kubelet also sends such devices as plain
             # Devices where a device plugin can, so the request is not refused.
@@ -283,7 +289,10 @@ class Containers:
         # changes go through the same pure builder.  A plugin error fails the create.
         adjustment = await self.ctx.hooks.create_container(sb, rec, c_spec)
         if adjustment is not None and not adjustment.empty():
-            c_spec = build(adjust=adjustment)
+            if adjustment.cdi_devices:
+                # Plugins' CDI devices join the CRI's, resolved the same way (same errors).
+                cdi_req = await self._resolve_cdi(cfg, extra=adjustment.cdi_devices, required=True)
+            c_spec = build(adjust=adjustment, cdi=cdi_req)
         await self._check_handler_features(cfg, sb.metadata.runtime_handler)
         with open_private(os.path.join(bundle, "config.json")) as f:  # it holds the env: root-only
             json.dump(restrict_oom_score_adj(c_spec), f)

@@ -1608,6 +1608,38 @@ def apply_adjustment(out: dict, adj: ContainerAdjustment) -> None:
         linux["cgroupsPath"] = adj.cgroups_path
     if adj.sysctl:
         linux.setdefault("sysctl", {}).update(adj.sysctl)
+    _apply_adjustment_kinds(out, proc, linux, adj)
+
+
+def _apply_adjustment_kinds(out: dict, proc: dict, linux: dict, adj: ContainerAdjustment) -> None:
+    """The OCI fields NRI sets as containerd's adaptation does: namespaces replace those of their
+    type, seccomp/scheduler/ioPriority/memoryPolicy replace the whole object, intelRdt merges per
+    key, netDevices per host interface.  (CDI devices are resolved by the caller into ``cdi``.)"""
+    if adj.remove_namespaces or adj.namespaces:
+        gone = set(adj.remove_namespaces) | {t for t, _ in adj.namespaces}
+        nss = [n for n in linux.get("namespaces", []) if n["type"] not in gone]
+        for t, path in adj.namespaces:
+            nss.append({"type": t, "path": _clean_abs(path, f"NRI {t} namespace path")} if path else {"type": t})
+        linux["namespaces"] = nss
+    if adj.seccomp is not None:
+        linux["seccomp"] = copy.deepcopy(dict(adj.seccomp))
+    if adj.scheduler is not None:
+        proc["scheduler"] = copy.deepcopy(dict(adj.scheduler))
+    if adj.io_priority is not None:
+        proc["ioPriority"] = dict(adj.io_priority)
+    if adj.memory_policy is not None:
+        linux["memoryPolicy"] = copy.deepcopy(dict(adj.memory_policy))
+    if adj.remove_intel_rdt:
+        linux.pop("intelRdt", None)
+    if adj.intel_rdt:
+        _deep_merge(linux.setdefault("intelRdt", {}), adj.intel_rdt)
+    if adj.remove_net_devices or adj.net_devices:
+        nd = {k: v for k, v in linux.get("netDevices", {}).items() if k not in adj.remove_net_devices}
+        nd.update({host: {"name": name} for host, name in adj.net_devices.items()})
+        if nd:
+            linux["netDevices"] = nd
+        else:
+            linux.pop("netDevices", None)
 
 
 def _cdi_device(n: CdiDeviceNode, host: HostLookups) -> dict:

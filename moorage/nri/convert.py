@@ -292,17 +292,150 @@ def adjustment(a: nri.ContainerAdjustment) -> adjust.ContainerAdjustment:
         cgroups_path=lin.cgroups_path or None,
         oom_score_adj=lin.oom_score_adj.value if lin.HasField("oom_score_adj") else None,
         sysctl={_text(k, "sysctl name"): v for k, v in lin.sysctl.items()},
+        **extra_kinds(a),
     )
 
 
 def unsupported(a: nri.ContainerAdjustment) -> list[str]:
-    """Adjustments moorage does not apply (refused rather than dropped silently)."""
-    lin = a.linux
-    out = [name for name, present in (
-        ("CDI_devices", bool(a.CDI_devices)), ("linux.io_priority", lin.HasField("io_priority")),
-        ("linux.seccomp_policy", lin.HasField("seccomp_policy")), ("linux.namespaces", bool(lin.namespaces)),
-        ("linux.net_devices", bool(lin.net_devices)), ("linux.scheduler", lin.HasField("scheduler")),
-        ("linux.rdt", lin.HasField("rdt")), ("linux.memory_policy", lin.HasField("memory_policy")),
-        ("linux.resources.blockio_class", lin.resources.HasField("blockio_class")),
-        ("linux.resources.rdt_class", lin.resources.HasField("rdt_class"))) if present]
+    """Adjustments moorage does not apply (refused rather than dropped silently): a block I/O
+    class needs a class configuration (containerd's blockio config file), which moorage has not."""
+    return ["linux.resources.blockio_class"] if a.linux.resources.HasField("blockio_class") else []
+
+
+#: the Linux namespace types an adjustment may set or remove (OCI names)
+NAMESPACE_TYPES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+
+
+def _namespaces(lin: nri.LinuxContainerAdjustment) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    add: list[tuple[str, str]] = []
+    remove: list[str] = []
+    for ns in lin.namespaces:
+        kind = ns.type[len(REMOVAL_MARK):] if ns.type.startswith(REMOVAL_MARK) else ns.type
+        if kind not in NAMESPACE_TYPES:
+            raise InvalidArgument(f"NRI adjustment: namespace type {clean_text(ns.type, 40)!r} is not one of "
+                                  f"{', '.join(sorted(NAMESPACE_TYPES))}")
+        if ns.type.startswith(REMOVAL_MARK):
+            remove.append(kind)
+        else:
+            add.append((kind, _abs_path(ns.path, "namespace path") if ns.path else ""))
+    return tuple(add), tuple(remove)
+
+
+def _seccomp(sp: nri.LinuxSeccomp) -> dict[str, Any]:
+    """NRI's LinuxSeccomp as OCI ``linux.seccomp`` (the whole policy, as containerd sets it)."""
+    def action(v: str, what: str) -> str:
+        if not _text(v, what).startswith("SCMP_ACT_"):
+            raise InvalidArgument(f"NRI adjustment: {what} {clean_text(v, 40)!r} is not SCMP_ACT_*")
+        return v
+    out: dict[str, Any] = {"defaultAction": action(sp.default_action, "seccomp default action")}
+    if sp.HasField("default_errno"):
+        out["defaultErrnoRet"] = sp.default_errno.value
+    if sp.architectures:
+        out["architectures"] = [_text(x, "seccomp architecture") for x in sp.architectures]
+    if sp.flags:
+        out["flags"] = [_text(x, "seccomp flag") for x in sp.flags]
+    if sp.listener_path:
+        out["listenerPath"] = _abs_path(sp.listener_path, "seccomp listener path")
+    if sp.listener_metadata:
+        out["listenerMetadata"] = _text(sp.listener_metadata, "seccomp listener metadata")
+    calls = []
+    for sc in sp.syscalls:
+        c: dict[str, Any] = {"names": [_text(n, "seccomp syscall name") for n in sc.names],
+                             "action": action(sc.action, "seccomp syscall action")}
+        if not sc.names:
+            raise InvalidArgument("NRI adjustment: a seccomp syscall rule names no syscall")
+        if sc.HasField("errno_ret"):
+            c["errnoRet"] = sc.errno_ret.value
+        if sc.args:
+            c["args"] = [{"index": x.index, "value": x.value, "valueTwo": x.value_two,
+                          "op": _text(x.op, "seccomp argument op")} for x in sc.args]
+        calls.append(c)
+    if calls:
+        out["syscalls"] = calls
     return out
+
+
+def _enum_name(enum: Any, value: int, what: str, none: str | None = None) -> str:
+    """The OCI spelling of an NRI enum value (the same identifiers); the unset value is refused."""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        raise InvalidArgument(f"NRI adjustment: {what} {value} is not a known value") from None
+    if name == none:
+        raise InvalidArgument(f"NRI adjustment: {what} is {name}; name one")
+    return name
+
+
+def _scheduler(s: nri.LinuxScheduler) -> dict[str, Any]:
+    out: dict[str, Any] = {"policy": _enum_name(nri.LinuxSchedulerPolicy, s.policy, "scheduler policy", "SCHED_NONE")}
+    for key, val in (("nice", s.nice), ("priority", s.priority), ("runtime", s.runtime),
+                     ("deadline", s.deadline), ("period", s.period)):
+        if val:
+            out[key] = val
+    if s.flags:
+        out["flags"] = [_enum_name(nri.LinuxSchedulerFlag, f, "scheduler flag") for f in s.flags]
+    return out
+
+
+def _io_priority(p: nri.LinuxIOPriority) -> dict[str, Any]:
+    return {"class": _enum_name(nri.IOPrioClass, getattr(p, "class"), "I/O priority class",
+                                "IOPRIO_CLASS_NONE"), "priority": p.priority}
+
+
+def _memory_policy(m: nri.LinuxMemoryPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {"mode": _enum_name(nri.MpolMode, m.mode, "memory policy mode")}
+    if m.nodes:
+        out["nodes"] = _text(m.nodes, "memory policy nodes")
+    if m.flags:
+        out["flags"] = [_enum_name(nri.MpolFlag, f, "memory policy flag") for f in m.flags]
+    return out
+
+
+def _intel_rdt(lin: nri.LinuxContainerAdjustment) -> dict[str, Any] | None:
+    """``linux.intelRdt`` keys from ``rdt`` and ``resources.rdt_class`` (the class is the CLOS id)."""
+    out: dict[str, Any] = {}
+    if lin.resources.HasField("rdt_class"):
+        out["closID"] = _text(lin.resources.rdt_class.value, "RDT class")
+    r = lin.rdt
+    if lin.HasField("rdt"):
+        if r.HasField("clos_id"):
+            out["closID"] = _text(r.clos_id.value, "RDT CLOS id")
+        if r.HasField("schemata"):
+            out["schemata"] = [_text(x, "RDT schemata line") for x in r.schemata.value]
+        if r.HasField("enable_monitoring"):
+            out["enableMonitoring"] = r.enable_monitoring.value
+    # the CLOS id names a directory under /sys/fs/resctrl: it must stay one name there
+    if out.get("closID") in (".", ".."):
+        raise InvalidArgument(f"NRI adjustment: RDT value {out['closID']!r} is not a class name")
+    for v in (out.get("closID", ""), *out.get("schemata", ())):
+        if "/" in v or "\n" in v:
+            raise InvalidArgument(f"NRI adjustment: RDT value {clean_text(v, 80)!r} has a '/' or a newline")
+    return out or None
+
+
+def extra_kinds(a: nri.ContainerAdjustment) -> dict[str, Any]:
+    """The adjustment's CDI devices, namespaces, seccomp, scheduler, I/O priority, RDT, memory policy and
+    net devices, as ``adjust.ContainerAdjustment`` keyword arguments (checked)."""
+    lin = a.linux
+    ns_add, ns_remove = _namespaces(lin)
+    nd_add, nd_remove = _split_removals(lin.net_devices)
+    for d in (*nd_add, *nd_remove):
+        _ifname(d, "net device host name")
+    return dict(
+        cdi_devices=tuple(dict.fromkeys(_text(d.name, "CDI device name") for d in a.CDI_devices)),
+        namespaces=ns_add, remove_namespaces=ns_remove,
+        seccomp=_seccomp(lin.seccomp_policy) if lin.HasField("seccomp_policy") else None,
+        scheduler=_scheduler(lin.scheduler) if lin.HasField("scheduler") else None,
+        io_priority=_io_priority(lin.io_priority) if lin.HasField("io_priority") else None,
+        memory_policy=_memory_policy(lin.memory_policy) if lin.HasField("memory_policy") else None,
+        intel_rdt=_intel_rdt(lin), remove_intel_rdt=lin.HasField("rdt") and lin.rdt.remove,
+        net_devices={d: _ifname(lin.net_devices[d].name or d, "net device name") for d in nd_add},
+        remove_net_devices=tuple(nd_remove),
+    )
+
+
+def _ifname(name: str, what: str) -> str:
+    """A network interface name as the kernel takes it: 1-15 bytes, no '/', ':' or space."""
+    if not name or len(name.encode()) > 15 or any(c in name for c in "/: \t\n\0") or name in (".", ".."):
+        raise InvalidArgument(f"NRI adjustment: {what} {clean_text(name, 40)!r} is not a valid interface name")
+    return name

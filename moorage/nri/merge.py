@@ -3,7 +3,9 @@
 As NRI specifies, plugins are consulted in ascending index order and each
 adjustable field belongs to the first plugin that touches it: a second plugin
 touching the same field -- the same annotation key, env name, mount destination,
-device path, rlimit type, sysctl, resource value, the args or the cgroups path --
+device path, rlimit type, sysctl, resource value, CDI device, namespace type, net
+device, the args, the cgroups path or a whole object (seccomp policy, scheduler, I/O
+priority, RDT, memory policy) --
 is a conflict, and the request fails naming both plugins.  Removing an entry
 (NRI's "-key" mark) touches it too.  OCI hooks only accumulate.  Once the
 claims are checked, protobuf's own MergeFrom unions the messages: no two of
@@ -54,6 +56,8 @@ def adjustment_fields(a: nri.ContainerAdjustment) -> list[str]:
     out += ["cgroups path"] if lin.cgroups_path else []
     out += [f for f in ("oom_score_adj", "io_priority", "seccomp_policy", "scheduler", "rdt", "memory_policy")
             if lin.HasField(f)]
+    # an RDT class is the CLOS id: one owner for both ways of setting it
+    out += ["rdt"] if lin.resources.HasField("rdt_class") and not lin.HasField("rdt") else []
     if lin.HasField("resources"):
         out += resource_fields(lin.resources)
     return out

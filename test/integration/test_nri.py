@@ -35,8 +35,9 @@ ZERO = os.stat("/dev/zero")
 
 
 class NRIEnv:
-    def __init__(self, env: RuntimeEnv) -> None:
+    def __init__(self, env: RuntimeEnv, cdi_dir: str) -> None:
         self.env = env
+        self.cdi_dir = cdi_dir  # the daemon's only runtime.cdi_spec_dirs entry (empty)
         self.plugins: list[NRIPlugin] = []
 
     @property
@@ -61,12 +62,16 @@ class NRIEnv:
 
 def _daemon(registry: registrymod.TestRegistry, nri_config: str) -> Iterator[NRIEnv]:
     parent, runtime_table = own_cgroup_parent()
-    d = DaemonProcess(base=new_base(), extra_config=runtime_table, nri_config=nri_config)
+    base = new_base()
+    cdi_dir = os.path.join(base, "cdi")
+    os.makedirs(cdi_dir)
+    d = DaemonProcess(base=base, extra_config=runtime_table + f'cdi_spec_dirs = ["{cdi_dir}"]\n',
+                      nri_config=nri_config)
     try:
         d.start()
         env = RuntimeEnv(d, registry, parent)
         env.pull("busybox")
-        yield NRIEnv(env)
+        yield NRIEnv(env, cdi_dir)
     finally:
         teardown(d)
         remove_cgroup_tree(parent)
@@ -208,6 +213,50 @@ def test_every_kind_of_adjustment_lands_in_the_spec_and_the_container(nenv: NRIE
     # the plugin saw the container as the CRI config made it, before its own changes
     seen = p.seen("CreateContainer")[0].container
     assert "DROPPED=1" in seen.env and "nri.test/adjusted" not in seen.annotations
+
+
+def test_cdi_devices_seccomp_and_namespaces_from_a_plugin(nenv: NRIEnv) -> None:
+    env = nenv.env
+    kind = f"moorage.test/nri{uuid.uuid4().hex[:6]}"
+    path = os.path.join(nenv.cdi_dir, "nri.json")
+    with open(path, "w") as f:
+        json.dump({"cdiVersion": "0.6.0", "kind": kind, "devices": [{"name": "zero", "containerEdits": {
+            "deviceNodes": [{"path": "/dev/nri-cdi-zero", "type": "c", "major": os.major(ZERO.st_rdev),
+                             "minor": os.minor(ZERO.st_rdev), "permissions": "rw"}],
+            "env": ["NRI_CDI=zero"]}}]}, f)
+    wanted = [f"{kind}=zero"]
+
+    def adjust(req: Any) -> nri.CreateContainerResponse:
+        a = nri.ContainerAdjustment(CDI_devices=[nri.CDIDevice(name=n) for n in wanted])
+        sp = a.linux.seccomp_policy
+        sp.default_action = "SCMP_ACT_ALLOW"
+        sp.syscalls.add(names=["mkdir", "mkdirat"], action="SCMP_ACT_ERRNO").errno_ret.value = 1  # EPERM
+        a.linux.namespaces.add(type="-cgroup")
+        return nri.CreateContainerResponse(adjust=a)
+
+    try:
+        nenv.plugin("cdi", handlers={"CreateContainer": adjust})
+        sid, pcfg = env.run_pod()
+        cid = env.run(sid, pcfg, SLEEP)
+        spec = nenv.spec(cid)
+        assert "NRI_CDI=zero" in spec["process"]["env"]
+        assert any(d["path"] == "/dev/nri-cdi-zero" for d in spec["linux"]["devices"])
+        assert spec["linux"]["seccomp"] == {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+        assert "cgroup" not in {n["type"] for n in spec["linux"]["namespaces"]}
+        assert "mount" in {n["type"] for n in spec["linux"]["namespaces"]}
+        # ... and in the running container
+        assert env.sh(cid, "echo $NRI_CDI; head -c 2 /dev/nri-cdi-zero | tr '\\0' z") == "zero\nzz"
+        assert "Operation not permitted" in env.sh(cid, "mkdir /tmp/nri-denied 2>&1; true")
+        assert os.readlink(f"/proc/{env.pid(cid)}/ns/cgroup") == os.readlink(f"/proc/{os.getpid()}/ns/cgroup")
+        # an unknown CDI device from a plugin is the same error as from the CRI
+        wanted[:] = [f"{kind}=missing"]
+        with pytest.raises(grpc.RpcError) as e:
+            env.create(sid, pcfg, SLEEP)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"{kind}=missing" in (e.value.details() or "")
+    finally:
+        os.unlink(path)
 
 
 def test_updates_from_update_container_resources_and_from_the_plugin(nenv: NRIEnv) -> None:
