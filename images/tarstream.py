@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from moorage.core.errors import InvalidArgument, MoorageError
+from moorage.core.errors import DataLoss, InvalidArgument
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -60,11 +60,9 @@ _KIND = {PAX_EXTENDED: "PAX extended", PAX_GLOBAL: "PAX global",
          GNU_LONGNAME: "GNU long name", GNU_LONGLINK: "GNU long link"}
 
 
-class TarCorrupt(MoorageError):
+class TarCorrupt(DataLoss):
     """The bytes are not a valid tar archive.  DATA_LOSS: retrying cannot help, the content
     (whose digest matched) is itself broken."""
-
-    code = "DATA_LOSS"
 
 
 class TarRefused(InvalidArgument):

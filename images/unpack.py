@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Literal, Protocol, cast, overload
 
-from moorage.core.errors import Internal, InvalidArgument, MoorageError, ResourceExhausted, Unavailable
+from moorage.core.errors import DataLoss, Internal, InvalidArgument, MoorageError, ResourceExhausted, Unavailable
 from moorage.images.digest import Digest
 from moorage.images.gzipio import gzip_errors, open_gzip
 from moorage.images.tarstream import TarCorrupt, TarEntry, TarLimits, TarReader, TarRefused, shown
@@ -100,11 +100,10 @@ class LayerError(InvalidArgument):
     """The layer is malformed or tries something it may not do."""
 
 
-class CorruptLayer(LayerError):
+class CorruptLayer(DataLoss, LayerError):
     """The layer's bytes are not a valid (compressed) tar archive: DATA_LOSS, with the byte
-    offset of the bad header; the image itself is broken, so retrying cannot help."""
-
-    code = "DATA_LOSS"
+    offset of the bad header; the image itself is broken, so retrying cannot help.  Still a
+    ``LayerError`` (a refused layer) for the callers that clean up after one."""
 
 
 class DiffIDMismatch(InvalidArgument):
